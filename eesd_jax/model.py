@@ -1,0 +1,261 @@
+"""A functional LLaMA-family decoder over explicit param pytrees.
+
+Axis glossary (used in names, einsum strings and `PARAM_AXES`):
+  B batch, T new tokens in this call, S cache length, D model width,
+  H query heads, K kv heads, G query heads per kv head (H = K * G), E head dim,
+  F ffn width, V vocab, L layers.
+
+Per-layer params are stacked on a leading L axis, so "the first N layers" and
+"layers N..L" are ranges run by one `lax.scan` (`run_layers`). Weights are stored
+(out, in) as in Hugging Face checkpoints: contracting the last axis was measured
+faster for the one-token matmuls that dominate decoding on CPU (see PLATFORM.md).
+
+Everything else — prefill, an incremental step, drafting through an early exit,
+verifying a draft block — composes `embed`, `run_layers`, `final_norm` and
+`lm_head`. The hidden state after any layer n (an exit) is what `run_layers`
+returns for the first n layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from eesd_jax.kv_cache import KVCache
+
+Params = dict[str, Any]
+
+# Logical axes of every param leaf; sharding.py maps them to mesh axes.
+PARAM_AXES = {
+    "embed": ("vocab", "embed"),
+    "final_norm": ("embed",),
+    "lm_head": ("vocab", "embed"),
+    "layers": {
+        "attn_norm": ("layers", "embed"),
+        "wq": ("layers", "heads", "head_dim", "embed"),
+        "wk": ("layers", "kv_heads", "head_dim", "embed"),
+        "wv": ("layers", "kv_heads", "head_dim", "embed"),
+        "bq": ("layers", "heads", "head_dim"),
+        "bk": ("layers", "kv_heads", "head_dim"),
+        "bv": ("layers", "kv_heads", "head_dim"),
+        "wo": ("layers", "embed", "heads", "head_dim"),
+        "mlp_norm": ("layers", "embed"),
+        "w_gate": ("layers", "mlp", "embed"),
+        "w_up": ("layers", "mlp", "embed"),
+        "w_down": ("layers", "embed", "mlp"),
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a LLaMA-family model (LLaMA-2/3, SmolLM2, Mistral, Qwen2)."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 adds biases to the q/k/v projections.
+    max_seq_len: int = 4096
+    dtype: str = "float32"  # Activation and param dtype.
+    name: str = "llama"  # Free-form identity, recorded in exit files.
+
+    def __post_init__(self):
+        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"ModelConfig.{field} must be >= 1, got {getattr(self, field)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params:
+    """Random params (tests and tiny configs); real weights come from loading.py."""
+    L, D, H, K, E, F, V = (
+        cfg.n_layers,
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.ffn_dim,
+        cfg.vocab_size,
+    )
+    shapes = {
+        "wq": (L, H, E, D),
+        "wk": (L, K, E, D),
+        "wv": (L, K, E, D),
+        "wo": (L, D, H, E),
+        "w_gate": (L, F, D),
+        "w_up": (L, F, D),
+        "w_down": (L, D, F),
+    }
+    if cfg.qkv_bias:
+        shapes.update(bq=(L, H, E), bk=(L, K, E), bv=(L, K, E))
+    keys = iter(jax.random.split(key, len(shapes) + 2))
+    dt = cfg.jnp_dtype
+    layers = {name: (scale * jax.random.normal(next(keys), s)).astype(dt) for name, s in shapes.items()}
+    layers["attn_norm"] = jnp.ones((L, D), dt)
+    layers["mlp_norm"] = jnp.ones((L, D), dt)
+    params = {
+        "embed": (scale * jax.random.normal(next(keys), (V, D))).astype(dt),
+        "final_norm": jnp.ones((D,), dt),
+        "layers": layers,
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = (scale * jax.random.normal(next(keys), (V, D))).astype(dt)
+    return params
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+
+def rms_norm(x_btd: jax.Array, scale_d: jax.Array, eps: float) -> jax.Array:
+    x32 = x_btd.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale_d.astype(jnp.float32)).astype(x_btd.dtype)
+
+
+def rope(x_bthe: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half convention (Hugging Face LLaMA)."""
+    half = x_bthe.shape[-1] // 2
+    inv_freq_f = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq_f
+    sin = jnp.sin(angles_btf)[:, :, None, :]
+    cos = jnp.cos(angles_btf)[:, :, None, :]
+    x1, x2 = x_bthe[..., :half].astype(jnp.float32), x_bthe[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_bthe.dtype)
+
+
+def embed(params: Params, tokens_bt: jax.Array) -> jax.Array:
+    """[B, T] token ids -> [B, T, D] embeddings."""
+    return jnp.take(params["embed"], tokens_bt, axis=0)
+
+
+def final_norm(params: Params, cfg: ModelConfig, x_btd: jax.Array) -> jax.Array:
+    return rms_norm(x_btd, params["final_norm"], cfg.rms_eps)
+
+
+def lm_head(params: Params, x_btd: jax.Array) -> jax.Array:
+    """[B, T, D] normed hidden -> [B, T, V] float32 logits (tied or untied head)."""
+    w_vd = params["lm_head"] if "lm_head" in params else params["embed"]
+    return jnp.einsum("btd,vd->btv", x_btd, w_vd, preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------- one block
+
+
+def block(
+    cfg: ModelConfig,
+    p: Params,
+    x_btd: jax.Array,
+    positions_bt: jax.Array,
+    k_lbske: jax.Array,
+    v_lbske: jax.Array,
+    layer_idx: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One pre-norm transformer block over T new tokens.
+
+    Writes the new tokens' keys/values into layer `layer_idx` of the stacked
+    cache at their positions (a scatter of T slots per row, so the rest of the
+    cache is updated in place)
+    (per row; positions past the cache are dropped), then attends causally by
+    position: a query at position p sees cache slots s <= p. Slots past a row's
+    accepted length are never visible before being overwritten, which is what
+    makes rollback a pure length update.
+
+    Returns (x_btd, k_lbske, v_lbske).
+    """
+    B, T, _ = x_btd.shape
+    K, G = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
+    h = rms_norm(x_btd, p["attn_norm"], cfg.rms_eps)
+    q_bthe = jnp.einsum("btd,hed->bthe", h, p["wq"])
+    k_btke = jnp.einsum("btd,ked->btke", h, p["wk"])
+    v_btke = jnp.einsum("btd,ked->btke", h, p["wv"])
+    if cfg.qkv_bias:
+        q_bthe, k_btke, v_btke = q_bthe + p["bq"], k_btke + p["bk"], v_btke + p["bv"]
+    q_bthe = rope(q_bthe, positions_bt, cfg.rope_theta)
+    k_btke = rope(k_btke, positions_bt, cfg.rope_theta)
+
+    rows_bt = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    k_lbske = k_lbske.at[layer_idx, rows_bt, positions_bt].set(k_btke.astype(k_lbske.dtype), mode="drop")
+    v_lbske = v_lbske.at[layer_idx, rows_bt, positions_bt].set(v_btke.astype(v_lbske.dtype), mode="drop")
+    k_bske, v_bske = k_lbske[layer_idx], v_lbske[layer_idx]
+
+    S = k_bske.shape[1]
+    q_btkge = q_bthe.reshape(B, T, K, G, -1)
+    scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske, preferred_element_type=jnp.float32)
+    scores = scores * (cfg.head_dim**-0.5)
+    visible_bts = jnp.arange(S)[None, None, :] <= positions_bt[:, :, None]
+    scores = jnp.where(visible_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
+    o_btkge = jnp.einsum("bkgts,bske->btkge", probs, v_bske)
+    x_btd = x_btd + jnp.einsum("bthe,dhe->btd", o_btkge.reshape(B, T, cfg.n_heads, -1), p["wo"])
+
+    h = rms_norm(x_btd, p["mlp_norm"], cfg.rms_eps)
+    gate_btf = jnp.einsum("btd,fd->btf", h, p["w_gate"])
+    up_btf = jnp.einsum("btd,fd->btf", h, p["w_up"])
+    x_btd = x_btd + jnp.einsum("btf,df->btd", jax.nn.silu(gate_btf) * up_btf, p["w_down"])
+    return x_btd, k_lbske, v_lbske
+
+
+def run_layers(
+    cfg: ModelConfig,
+    layers: Params,
+    x_btd: jax.Array,
+    positions_bt: jax.Array,
+    cache: KVCache,
+    first_layer: int = 0,
+) -> tuple[jax.Array, KVCache]:
+    """Run a contiguous range of layers over T new tokens; the forward primitive.
+
+    `layers` is a stacked per-layer pytree ([n, ...] leaves): the model's
+    `params["layers"]` or a slice of it made once outside jit (`split_layers`),
+    because slicing stacked weights inside a jitted function copies them. They
+    are layers first_layer .. first_layer + n - 1 of `cache`, whose k, v are
+    [L', B, S, K, E]. Returns the hidden state after the last layer and the cache
+    with those layers' slots written.
+    """
+    n = jax.tree.leaves(layers)[0].shape[0]
+    if not 0 <= first_layer < first_layer + n <= cache.k.shape[0]:
+        raise ValueError(f"layers [{first_layer}, {first_layer + n}) are outside the cache's {cache.k.shape[0]}")
+
+    def one_layer(carry, xs):
+        x, k_all, v_all = carry
+        p, layer_idx = xs
+        return block(cfg, p, x, positions_bt, k_all, v_all, layer_idx), None
+
+    xs = (layers, jnp.arange(first_layer, first_layer + n))
+    (x_btd, k, v), _ = jax.lax.scan(one_layer, (x_btd, cache.k, cache.v), xs)
+    return x_btd, cache.replace(k=k, v=v)
+
+
+def split_layers(layers: Params, n: int) -> tuple[Params, Params]:
+    """(layers [0, n), layers [n, L)) of a stacked pytree; call outside jit."""
+    return jax.tree.map(lambda w: w[:n], layers), jax.tree.map(lambda w: w[n:], layers)
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    tokens_bt: jax.Array,
+    positions_bt: jax.Array,
+    cache: KVCache,
+) -> tuple[jax.Array, KVCache]:
+    """Full forward over T new tokens: ([B, T, V] float32 logits, cache)."""
+    x, cache = run_layers(cfg, params["layers"], embed(params, tokens_bt), positions_bt, cache)
+    return lm_head(params, final_norm(params, cfg, x)), cache

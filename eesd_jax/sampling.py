@@ -1,0 +1,122 @@
+"""Token choice: greedy, temperature / top-k / top-p sampling, speculative acceptance.
+
+The same warping (`warp`) is applied to draft and target logits, so speculative
+sampling reproduces exactly the distribution vanilla sampling draws from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen. temperature == 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # Keep the k most likely tokens; 0 = off.
+    top_p: float = 1.0  # Keep the smallest set with mass >= top_p; 1.0 = off.
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def warp(logits_xv: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Float32 log-probabilities after temperature, top-k, top-p (-inf outside support)."""
+    logits = logits_xv.astype(jnp.float32) / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, cfg.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    if cfg.top_p < 1.0:
+        sorted_logp = jnp.sort(logp, axis=-1)[..., ::-1]
+        mass_before = jnp.cumsum(jnp.exp(sorted_logp), axis=-1) - jnp.exp(sorted_logp)
+        # The least likely token still needed to reach top_p; ties with it are kept.
+        n_keep = jnp.sum(mass_before < cfg.top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logp, n_keep - 1, axis=-1)
+        logp = jax.nn.log_softmax(jnp.where(logp < cutoff, NEG_INF, logp), axis=-1)
+    return logp
+
+
+def probs(logits_xv: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """The distribution tokens are drawn from; one-hot of the argmax when greedy."""
+    if cfg.greedy:
+        return jax.nn.one_hot(jnp.argmax(logits_xv, axis=-1), logits_xv.shape[-1], dtype=jnp.float32)
+    return jnp.exp(warp(logits_xv, cfg))
+
+
+def choose(key: jax.Array, logits_xv: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Next token ids [...] from logits [..., V]."""
+    if cfg.greedy:
+        return jnp.argmax(logits_xv, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, warp(logits_xv, cfg), axis=-1).astype(jnp.int32)
+
+
+def leading_true(ok_bk: jax.Array) -> jax.Array:
+    """[B, K] bool -> [B] length of the all-True prefix."""
+    return jnp.sum(jnp.cumprod(ok_bk.astype(jnp.int32), axis=-1), axis=-1)
+
+
+def accept_greedy(draft_bk: jax.Array, n_draft_b: jax.Array, target_logits_bkv: jax.Array):
+    """Greedy verification of a draft block.
+
+    draft_bk: [B, K] draft tokens d_1..d_K; n_draft_b: [B] how many are real;
+    target_logits_bkv: [B, K+1, V] target logits at block positions 0..K.
+    Returns (n_accepted [B], next_token [B]): the longest prefix where d_{i+1}
+    equals the target's argmax at i, and the target's token after it.
+    """
+    target_bk1 = jnp.argmax(target_logits_bkv, axis=-1).astype(jnp.int32)
+    K = draft_bk.shape[1]
+    ok = (draft_bk == target_bk1[:, :K]) & (jnp.arange(K)[None] < n_draft_b[:, None])
+    n_acc = leading_true(ok)
+    return n_acc, jnp.take_along_axis(target_bk1, n_acc[:, None], axis=1)[:, 0]
+
+
+def accept_sampled(
+    key: jax.Array,
+    draft_bk: jax.Array,
+    n_draft_b: jax.Array,
+    draft_logp_bkv: jax.Array,
+    target_logits_bkv: jax.Array,
+    cfg: SamplingConfig,
+):
+    """Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
+
+    Accept d_{i+1} with probability min(1, p_i(d)/q_i(d)); at the first rejection
+    draw from norm(max(0, p_i - q_i)); if every real draft is accepted draw the
+    bonus token from p_k. draft_logp_bkv: [B, K, V] warped draft log-probs q.
+    Returns (n_accepted [B], next_token [B]).
+    """
+    B, K = draft_bk.shape
+    key_u, key_next = jax.random.split(key)
+    p_bkv = jnp.exp(warp(target_logits_bkv, cfg))  # [B, K+1, V]
+    q_bkv = jnp.exp(draft_logp_bkv)
+    p_d = jnp.take_along_axis(p_bkv[:, :K], draft_bk[..., None], axis=-1)[..., 0]
+    q_d = jnp.take_along_axis(q_bkv, draft_bk[..., None], axis=-1)[..., 0]
+    u = jax.random.uniform(key_u, (B, K))
+    ok = (u * q_d < p_d) & (jnp.arange(K)[None] < n_draft_b[:, None])
+    n_acc = leading_true(ok)
+
+    p_next = jnp.take_along_axis(p_bkv, n_acc[:, None, None], axis=1)[:, 0]
+    q_next = jnp.take_along_axis(q_bkv, jnp.minimum(n_acc, K - 1)[:, None, None], axis=1)[:, 0]
+    rejected = (n_acc < n_draft_b)[:, None]
+    residual = jnp.where(rejected, jnp.maximum(p_next - q_next, 0.0), p_next)
+    # A rejection has probability 0 when p == q, so an all-zero residual is never
+    # sampled from in exact arithmetic; fall back to p against rounding.
+    residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_next)
+    next_token = jax.random.categorical(key_next, jnp.log(residual), axis=-1).astype(jnp.int32)
+    return n_acc, next_token
