@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import decoding
+from eesd_jax import decoding, eesd
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.sampling import SamplingConfig
 
@@ -103,4 +103,73 @@ def generate_ar(
         prefill_seconds=t1 - t0,
         decode_seconds=t2 - t1,
         stats={"forward_passes": int(state.steps) + 1},
+    )
+
+
+def speculation_stats(rounds, drafted, accepted) -> dict:
+    """Hardware-independent figures of an EESD run (summed over rows)."""
+    rounds, drafted, accepted = int(np.sum(rounds)), int(np.sum(drafted)), int(np.sum(accepted))
+    return {
+        "rounds": rounds,
+        "drafted": drafted,
+        "accepted": accepted,
+        "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+        # tau: tokens a round yields, the bonus / correction token included.
+        "mean_accepted_per_round": round((accepted + rounds) / rounds, 4) if rounds else 0.0,
+        "mean_draft_length": round(drafted / rounds, 4) if rounds else 0.0,
+    }
+
+
+def generate_eesd(
+    cfg: ModelConfig,
+    params: Params,
+    exit_params: Params,
+    ecfg: eesd.EESDConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_ids: Sequence[int] = (),
+    seed: int = 0,
+    on_tokens: Callable[[list[list[int]]], None] | None = None,
+    chunk: int = 1,
+    split: tuple[Params, Params] | None = None,
+) -> Generation:
+    """Early-exiting speculative decoding; same output as generate_ar (greedy) or its distribution.
+
+    `split` = eesd.split_params(params, ecfg.exit_layer) may be passed to reuse
+    the pre-sliced layer stacks across calls.
+    """
+    ecfg.validate(cfg)
+    req = decoding.make_request(cfg, prompts, max_new_tokens, slack=ecfg.max_draft + 1)
+    eos = tuple(int(e) for e in eos_ids)
+    lower, upper = split or eesd.split_params(params, ecfg.exit_layer)
+    t0 = time.perf_counter()
+    cache, logits, hidden = decoding.prefill(
+        cfg, params, jnp.asarray(req.tokens_bp), jnp.asarray(req.prompt_lens_b), req.cache_len, (lower, upper)
+    )
+    state = eesd.eesd_init(cfg, ecfg, params, exit_params, cache, hidden, logits, jnp.asarray(req.max_new_b),
+                           jax.random.key(seed), sampling, eos, req.max_new)
+    jax.block_until_ready(state)
+    t1 = time.perf_counter()
+    state = stream_loop(
+        state,
+        lambda s, n: eesd.eesd_decode(cfg, ecfg, params, lower, upper, exit_params, s, sampling, eos, n),
+        on_tokens,
+        chunk,
+    )
+    t2 = time.perf_counter()
+    return Generation(
+        tokens=_rows(np.asarray(state.tokens), np.asarray(state.n_new)),
+        mode="eesd",
+        prompt_tokens=req.prompt_lens_b.tolist(),
+        prefill_seconds=t1 - t0,
+        decode_seconds=t2 - t1,
+        stats={
+            **speculation_stats(state.rounds, state.drafted, state.accepted),
+            "per_row": {
+                "rounds": np.asarray(state.rounds).tolist(),
+                "drafted": np.asarray(state.drafted).tolist(),
+                "accepted": np.asarray(state.accepted).tolist(),
+            },
+        },
     )

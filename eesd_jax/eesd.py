@@ -1,0 +1,249 @@
+"""The EESD draft/verify loop: one jitted lax.while_loop over rounds.
+
+One round, for a row whose newest accepted token x sits at position p:
+  1. Draft. Block token 0 is x. For i = 0, 1, ...: run block token i through
+     layers [0, N) (writing the shared cache) and keep its layer-N hidden state;
+     then the exit drafts d_{i+1} from it, and the controller decides whether to
+     keep d_{i+1} (it becomes block token i + 1) or stop. At most max_draft.
+  2. Verify. Layers [N, L) run over the k + 1 block positions p .. p + k from the
+     stored layer-N hidden states: the first N layers are never recomputed. The
+     block is padded to the smallest bucket size >= k + 1 (lax.switch), so the
+     cost follows the drafted length, not max_draft.
+  3. Accept. Greedy: longest prefix matching the target's argmax, then the
+     target's token. Sampling: speculative rejection sampling (sampling.py).
+  4. Update. The kept tokens are appended (EOS / budget cut them per row); both
+     caches roll back by setting their lengths: no copies.
+Rows are independent: positions, acceptance, caches and controller posteriors
+are per row; a finished row rides along unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from eesd_jax import control, exits, model, sampling
+from eesd_jax.decoding import append_tokens, finish_block, start_state
+from eesd_jax.kv_cache import KVCache, init_cache
+from eesd_jax.model import ModelConfig, Params
+from eesd_jax.sampling import SamplingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class EESDConfig:
+    exit_layer: int  # N.
+    max_draft: int = 8  # K: draft tokens per round at most.
+    controller: control.ControllerConfig = control.ControllerConfig()
+    buckets: tuple[int, ...] = ()  # Verify block sizes; () = powers of two up to K + 1.
+
+    def validate(self, cfg: ModelConfig) -> None:
+        exits.ExitConfig(self.exit_layer).validate(cfg)
+        if self.max_draft < 1:
+            raise ValueError(f"max_draft must be >= 1, got {self.max_draft}")
+        if self.buckets and (sorted(self.buckets) != list(self.buckets) or self.buckets[-1] != self.max_draft + 1):
+            raise ValueError(f"buckets must be increasing and end at max_draft + 1, got {self.buckets}")
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        if self.buckets:
+            return self.buckets
+        sizes = [1]
+        while sizes[-1] * 2 < self.max_draft + 1:
+            sizes.append(sizes[-1] * 2)
+        return (*sizes, self.max_draft + 1)
+
+
+@flax.struct.dataclass
+class EESDState:
+    """Loop state of EESD decoding; every array field is per row unless noted."""
+
+    tokens: jax.Array  # [B, M] generated ids, PAD past n_new.
+    n_new: jax.Array  # [B] tokens generated so far.
+    max_new: jax.Array  # [B] per-row budget.
+    last: jax.Array  # [B] newest accepted token, not yet fed through the model.
+    done: jax.Array  # [B] bool: hit EOS or budget; the row no longer changes.
+    cache: KVCache  # The LLM's cache, all L layers; lengths = positions processed and accepted.
+    exit_cache: KVCache  # The exit block's own one-layer cache; same lengths.
+    ctrl: control.ControllerState  # Draft-length controller posterior.
+    key: jax.Array  # PRNG key (drafting, controller, acceptance).
+    rounds: jax.Array  # [B] draft/verify rounds run while the row was live.
+    drafted: jax.Array  # [B] draft tokens proposed.
+    accepted: jax.Array  # [B] draft tokens accepted (bonus/correction tokens not counted).
+    steps: jax.Array  # [] int32 rounds run by the loop (for chunked streaming).
+
+
+@flax.struct.dataclass
+class Draft:
+    """The draft block of one round (inner-loop carry)."""
+
+    i: jax.Array  # [] block index being processed.
+    token: jax.Array  # [B] block token i.
+    hidden: jax.Array  # [B, K+1, D] layer-N hidden state of block tokens 0..K.
+    tokens: jax.Array  # [B, K] draft tokens d_1..d_K (valid below n_draft).
+    logp: jax.Array  # [B, K, V] warped draft log-probs when sampling, else [B, K, 1] unused.
+    confidence: jax.Array  # [B, K] q(d_i), for the controller update.
+    n_draft: jax.Array  # [B] tokens kept so far.
+    drafting: jax.Array  # [B] bool: the row kept its last draft and goes on.
+    cache: KVCache
+    exit_cache: KVCache
+    key: jax.Array
+
+
+def split_params(params: Params, exit_layer: int) -> tuple[Params, Params]:
+    """(layers [0, N), layers [N, L)), made once outside jit (see model.run_layers)."""
+    return model.split_layers(params["layers"], exit_layer)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "ecfg", "sampling_cfg", "eos_ids", "max_new"),
+                   donate_argnames=("cache",))
+def eesd_init(cfg, ecfg, params, exit_params, cache, hidden_bpd, first_logits_bv, max_new_b, key,
+              sampling_cfg, eos_ids, max_new) -> EESDState:
+    """State after prefill: run the exit over the prompt's layer-N states, choose token 1."""
+    B, P, _ = hidden_bpd.shape
+    exit_cache = init_cache(1, B, cache.max_len, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
+    positions = jnp.broadcast_to(jnp.arange(P), (B, P))
+    _, exit_cache = model.run_layers(cfg, exit_params["block"], hidden_bpd, positions, exit_cache)
+    tokens, n_new, last, done, key = start_state(first_logits_bv, max_new_b, key, max_new, sampling_cfg, eos_ids)
+    zeros = jnp.zeros((B,), jnp.int32)
+    return EESDState(
+        tokens=tokens, n_new=n_new, max_new=max_new_b, last=last, done=done, cache=cache,
+        exit_cache=exit_cache.replace(lengths=cache.lengths), ctrl=control.init(ecfg.controller, B), key=key,
+        rounds=zeros, drafted=zeros, accepted=zeros, steps=jnp.int32(0),
+    )
+
+
+def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) -> Draft:
+    """Step 1: draft up to K tokens, running block tokens 0..k through layers [0, N)."""
+    B, K, V = s.last.shape[0], ecfg.max_draft, cfg.vocab_size
+    pos0 = s.cache.lengths
+    remaining = s.max_new - s.n_new  # The round yields n_draft + 1 tokens at most.
+
+    def exit_step(d: Draft, h_b1d):
+        logits, exit_cache = exits.exit_logits(cfg, params, exit_params, h_b1d, (pos0 + d.i)[:, None], d.exit_cache)
+        logits = logits[:, 0]
+        key, k_tok, k_ctrl = jax.random.split(d.key, 3)
+        if sampling_cfg.greedy:
+            logp = jax.nn.log_softmax(logits)
+            tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        else:
+            logp = sampling.warp(logits, sampling_cfg)
+            tok = jax.random.categorical(k_tok, logp).astype(jnp.int32)
+        tok_logp = jnp.take_along_axis(logp, tok[:, None], axis=1)[:, 0]
+        probs = jnp.exp(logp)
+        entropy = -jnp.sum(jnp.where(probs > 0, probs * logp, 0.0), -1)
+        feats = control.DraftFeatures(prob=jnp.exp(tok_logp), entropy=entropy, step=d.i)
+        keep = d.drafting & (d.i < remaining - 1) & control.decide(ecfg.controller, s.ctrl, feats, k_ctrl)
+        return d.replace(
+            token=tok,
+            tokens=d.tokens.at[:, d.i].set(tok),
+            logp=d.logp if sampling_cfg.greedy else d.logp.at[:, d.i].set(logp),
+            confidence=d.confidence.at[:, d.i].set(feats.prob),
+            n_draft=d.n_draft + keep,
+            drafting=keep,
+            exit_cache=exit_cache,
+            key=key,
+        )
+
+    def body(d: Draft) -> Draft:
+        h_b1d, cache = model.run_layers(cfg, lower, model.embed(params, d.token[:, None]), (pos0 + d.i)[:, None],
+                                        d.cache)
+        d = d.replace(hidden=d.hidden.at[:, d.i].set(h_b1d[:, 0]), cache=cache)
+        # Block token K can only be verified, never extended: skip the exit there.
+        d = jax.lax.cond(d.i < K, exit_step, lambda d, _: d.replace(drafting=jnp.zeros_like(d.drafting)), d, h_b1d)
+        return d.replace(i=d.i + 1)
+
+    def cond(d: Draft):
+        return d.drafting.any()
+
+    init = Draft(
+        i=jnp.int32(0),
+        token=s.last,
+        hidden=jnp.zeros((B, K + 1, cfg.d_model), cfg.jnp_dtype),
+        tokens=jnp.zeros((B, K), jnp.int32),
+        logp=jnp.zeros((B, K, 1 if sampling_cfg.greedy else V), jnp.float32),
+        confidence=jnp.zeros((B, K), jnp.float32),
+        n_draft=jnp.zeros((B,), jnp.int32),
+        drafting=~s.done,
+        cache=s.cache,
+        exit_cache=s.exit_cache,
+        key=s.key,
+    )
+    return jax.lax.while_loop(cond, body, init)
+
+
+def _verify(cfg, ecfg, params, upper, d: Draft, pos0_b) -> tuple[jax.Array, KVCache]:
+    """Step 2: layers [N, L) over the block, padded to a bucket size. Returns ([B, K+1, V] logits, cache)."""
+    K = ecfg.max_draft
+    sizes = ecfg.block_sizes
+
+    def branch(size):
+        def run(hidden, cache):
+            positions = pos0_b[:, None] + jnp.arange(size)[None]
+            x, cache = model.run_layers(cfg, upper, hidden[:, :size], positions, cache, ecfg.exit_layer)
+            logits = model.lm_head(params, model.final_norm(params, cfg, x))
+            return jnp.pad(logits, ((0, 0), (0, K + 1 - size), (0, 0))), cache
+
+        return run
+
+    needed = jnp.max(d.n_draft) + 1
+    which = jnp.sum(jnp.asarray(sizes) < needed)
+    return jax.lax.switch(which, [branch(n) for n in sizes], d.hidden, d.cache)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "ecfg", "sampling_cfg", "eos_ids"), donate_argnames=("state",))
+def eesd_decode(
+    cfg: ModelConfig,
+    ecfg: EESDConfig,
+    params: Params,
+    lower: Params,
+    upper: Params,
+    exit_params: Params,
+    state: EESDState,
+    sampling_cfg: SamplingConfig,
+    eos_ids: tuple[int, ...],
+    max_steps: jax.Array,
+) -> EESDState:
+    """Run draft/verify rounds until every row is done or max_steps rounds ran.
+
+    lower, upper = split_params(params, ecfg.exit_layer).
+    """
+    K = ecfg.max_draft
+
+    def round_(s: EESDState) -> EESDState:
+        pos0 = s.cache.lengths
+        d = _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s)
+        logits, cache = _verify(cfg, ecfg, params, upper, d, pos0)
+        key, k_acc = jax.random.split(d.key)
+        if sampling_cfg.greedy:
+            n_acc, nxt = sampling.accept_greedy(d.tokens, d.n_draft, logits)
+        else:
+            n_acc, nxt = sampling.accept_sampled(k_acc, d.tokens, d.n_draft, d.logp, logits, sampling_cfg)
+        idx = jnp.arange(K + 1)[None]
+        drafts = jnp.pad(d.tokens, ((0, 0), (0, 1)))
+        new_bk = jnp.where(idx < n_acc[:, None], drafts, nxt[:, None])
+        live = ~s.done
+        n_keep, done = finish_block(new_bk, (n_acc + 1) * live, s.n_new, s.max_new, eos_ids)
+        lengths = pos0 + n_keep
+        last = jnp.take_along_axis(new_bk, jnp.maximum(n_keep - 1, 0)[:, None], axis=1)[:, 0]
+        return EESDState(
+            tokens=append_tokens(s.tokens, s.n_new, new_bk, n_keep),
+            n_new=s.n_new + n_keep,
+            max_new=s.max_new,
+            last=jnp.where(live, last, s.last),
+            done=s.done | (done & live),
+            cache=cache.replace(lengths=lengths),
+            exit_cache=d.exit_cache.replace(lengths=lengths),
+            ctrl=control.update(ecfg.controller, s.ctrl, d.n_draft, n_acc, d.confidence, live),
+            key=key,
+            rounds=s.rounds + live,
+            drafted=s.drafted + d.n_draft * live,
+            accepted=s.accepted + jnp.minimum(n_acc, n_keep) * live,
+            steps=s.steps + 1,
+        )
+
+    stop_at = state.steps + max_steps
+    return jax.lax.while_loop(lambda s: (~s.done).any() & (s.steps < stop_at), round_, state)

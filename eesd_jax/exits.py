@@ -1,0 +1,131 @@
+"""The early-exiting layer: one block + final norm (+ optional own LM head) on top of layer N.
+
+Exit params are their own pytree, saved as a safetensors file whose metadata
+names the base model (fingerprint) and N, so an exit trained for another model
+or another layer is refused before any compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eesd_jax import model
+from eesd_jax.kv_cache import KVCache
+from eesd_jax.model import ModelConfig, Params
+
+FORMAT = "eesd_jax.exit/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitConfig:
+    """Where the exit sits and what it owns."""
+
+    layer: int  # N: the exit reads the hidden state after the first N layers.
+    own_head: bool = False  # Own LM head (trainable) instead of sharing the LLM's frozen one.
+
+    def validate(self, cfg: ModelConfig) -> None:
+        if not 1 <= self.layer < cfg.n_layers:
+            raise ValueError(f"exit layer N={self.layer} must be in [1, {cfg.n_layers}) for a {cfg.n_layers}-layer model")
+
+
+def init_exit(cfg: ModelConfig, params: Params, exit_cfg: ExitConfig) -> Params:
+    """An exit initialized from the LLM's last block, final norm (and LM head).
+
+    At N = L - 1 this untrained exit computes exactly the LLM's own output.
+    """
+    exit_cfg.validate(cfg)
+    exit_params = {
+        "block": jax.tree.map(lambda w: jnp.array(w[-1:]), params["layers"]),  # [1, ...] leaves
+        "norm": jnp.array(params["final_norm"]),
+    }
+    if exit_cfg.own_head:
+        exit_params["head"] = jnp.array(params["lm_head"] if "lm_head" in params else params["embed"])
+    return exit_params
+
+
+def exit_logits(
+    cfg: ModelConfig,
+    params: Params,
+    exit_params: Params,
+    hidden_btd: jax.Array,
+    positions_bt: jax.Array,
+    exit_cache: KVCache,
+) -> tuple[jax.Array, KVCache]:
+    """Draft logits [B, T, V] from layer-N hidden states; writes the exit's own cache."""
+    x, exit_cache = model.run_layers(cfg, exit_params["block"], hidden_btd, positions_bt, exit_cache)
+    x = model.rms_norm(x, exit_params["norm"], cfg.rms_eps)
+    head = {"lm_head": exit_params["head"]} if "head" in exit_params else params
+    return model.lm_head(head, x), exit_cache
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_exit(path: str | os.PathLike, exit_params: Params, exit_cfg: ExitConfig, base_name: str, base_fingerprint: str,
+              extra: dict | None = None) -> None:
+    """Write the exit atomically as safetensors with its identity in the metadata."""
+    from safetensors.numpy import save_file
+
+    from eesd_jax.loading import _flatten, atomic_write
+
+    meta = {
+        "format": FORMAT,
+        "exit_layer": str(exit_cfg.layer),
+        "own_head": str(exit_cfg.own_head),
+        "base_name": base_name,
+        "base_fingerprint": base_fingerprint,
+        "extra": json.dumps(extra or {}),
+    }
+    flat = {k: np.asarray(v) for k, v in _flatten(jax.device_get(exit_params)).items()}
+    atomic_write(pathlib.Path(path), lambda tmp: save_file(flat, tmp, metadata=meta))
+
+
+def read_exit_metadata(path: str | os.PathLike) -> dict:
+    from safetensors import safe_open
+
+    path = pathlib.Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path.name}: exits are loaded only from .safetensors files")
+    if not path.is_file():
+        raise ValueError(f"no such exit file: {path}")
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path.name} is not an eesd_jax exit file (metadata format={meta.get('format')!r})")
+    return meta
+
+
+def load_exit(path: str | os.PathLike, cfg: ModelConfig, base_fingerprint: str,
+              layer: int | None = None) -> tuple[ExitConfig, Params]:
+    """Load an exit, refusing one made for another base model or another N."""
+    from safetensors.numpy import load_file
+
+    from eesd_jax.loading import _unflatten
+
+    meta = read_exit_metadata(path)
+    exit_cfg = ExitConfig(layer=int(meta["exit_layer"]), own_head=meta["own_head"] == "True")
+    if meta["base_fingerprint"] != base_fingerprint:
+        raise ValueError(
+            f"{pathlib.Path(path).name} was trained for base model {meta['base_name']!r} "
+            f"(fingerprint {meta['base_fingerprint'][:12]}), not this one ({base_fingerprint[:12]})"
+        )
+    if layer is not None and layer != exit_cfg.layer:
+        raise ValueError(f"{pathlib.Path(path).name} is an exit after layer {exit_cfg.layer}, not {layer}")
+    exit_cfg.validate(cfg)
+    params = jax.tree.map(jnp.asarray, _unflatten(load_file(str(path))))
+    expected = jax.eval_shape(lambda p: init_exit(cfg, p, exit_cfg), _shapes_only(cfg))
+    got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    if jax.tree.structure(expected) != jax.tree.structure(got) or jax.tree.leaves(expected) != jax.tree.leaves(got):
+        raise ValueError(f"{pathlib.Path(path).name}: tensor names or shapes do not match this model's exit")
+    return exit_cfg, params
+
+
+def _shapes_only(cfg: ModelConfig) -> Params:
+    return jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
