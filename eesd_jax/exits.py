@@ -29,24 +29,42 @@ class ExitConfig:
 
     layer: int  # N: the exit reads the hidden state after the first N layers.
     own_head: bool = False  # Own LM head (trainable) instead of sharing the LLM's frozen one.
+    # Draft only among this many tokens (0 = the whole vocabulary). The exit then
+    # owns a head of draft_vocab rows: with a 49k vocabulary the full head costs
+    # as much as ~8 SmolLM2 layers per draft token. Tokens outside it get q = 0,
+    # which changes speed only (verification is exact for any q).
+    draft_vocab: int = 0
 
     def validate(self, cfg: ModelConfig) -> None:
         if not 1 <= self.layer < cfg.n_layers:
             raise ValueError(f"exit layer N={self.layer} must be in [1, {cfg.n_layers}) for a {cfg.n_layers}-layer model")
+        if not 0 <= self.draft_vocab <= cfg.vocab_size:
+            raise ValueError(f"draft_vocab must be in [0, {cfg.vocab_size}], got {self.draft_vocab}")
 
 
-def init_exit(cfg: ModelConfig, params: Params, exit_cfg: ExitConfig) -> Params:
-    """An exit initialized from the LLM's last block, final norm (and LM head).
+def init_exit(cfg: ModelConfig, params: Params, exit_cfg: ExitConfig, vocab_ids=None) -> Params:
+    """An exit initialized from the LLM's last block, final norm (and LM head rows).
 
-    At N = L - 1 this untrained exit computes exactly the LLM's own output.
+    With draft_vocab > 0, `vocab_ids` ([draft_vocab] token ids, e.g. the most
+    frequent in the LLM's own outputs) choose the head rows. At N = L - 1 an
+    untrained full-vocabulary exit computes exactly the LLM's own output.
     """
     exit_cfg.validate(cfg)
     exit_params = {
         "block": jax.tree.map(lambda w: jnp.array(w[-1:]), params["layers"]),  # [1, ...] leaves
         "norm": jnp.array(params["final_norm"]),
     }
-    if exit_cfg.own_head:
-        exit_params["head"] = jnp.array(params["lm_head"] if "lm_head" in params else params["embed"])
+    head_vd = params["lm_head"] if "lm_head" in params else params["embed"]
+    if exit_cfg.draft_vocab:
+        if vocab_ids is None or len(vocab_ids) != exit_cfg.draft_vocab:
+            raise ValueError(f"draft_vocab={exit_cfg.draft_vocab} needs that many vocab_ids")
+        ids = np.asarray(vocab_ids, np.int32)
+        if len(np.unique(ids)) != len(ids) or ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ValueError("vocab_ids must be distinct token ids of the model")
+        exit_params["vocab"] = jnp.asarray(ids)
+        exit_params["head"] = jnp.take(head_vd, ids, axis=0)
+    elif exit_cfg.own_head:
+        exit_params["head"] = jnp.array(head_vd)
     return exit_params
 
 
@@ -62,7 +80,11 @@ def exit_logits(
     x, exit_cache = model.run_layers(cfg, exit_params["block"], hidden_btd, positions_bt, exit_cache)
     x = model.rms_norm(x, exit_params["norm"], cfg.rms_eps)
     head = {"lm_head": exit_params["head"]} if "head" in exit_params else params
-    return model.lm_head(head, x), exit_cache
+    logits = model.lm_head(head, x)
+    if "vocab" in exit_params:  # Scatter the draft vocabulary's logits into the full one.
+        full = jnp.full((*logits.shape[:-1], cfg.vocab_size), -jnp.inf, logits.dtype)
+        logits = full.at[..., exit_params["vocab"]].set(logits)
+    return logits, exit_cache
 
 
 # ----------------------------------------------------------------------------- files
@@ -79,6 +101,7 @@ def save_exit(path: str | os.PathLike, exit_params: Params, exit_cfg: ExitConfig
         "format": FORMAT,
         "exit_layer": str(exit_cfg.layer),
         "own_head": str(exit_cfg.own_head),
+        "draft_vocab": str(exit_cfg.draft_vocab),
         "base_name": base_name,
         "base_fingerprint": base_fingerprint,
         "extra": json.dumps(extra or {}),
@@ -110,7 +133,9 @@ def load_exit(path: str | os.PathLike, cfg: ModelConfig, base_fingerprint: str,
     from eesd_jax.loading import _unflatten
 
     meta = read_exit_metadata(path)
-    exit_cfg = ExitConfig(layer=int(meta["exit_layer"]), own_head=meta["own_head"] == "True")
+    exit_cfg = ExitConfig(
+        layer=int(meta["exit_layer"]), own_head=meta["own_head"] == "True", draft_vocab=int(meta.get("draft_vocab", 0))
+    )
     if meta["base_fingerprint"] != base_fingerprint:
         raise ValueError(
             f"{pathlib.Path(path).name} was trained for base model {meta['base_name']!r} "
@@ -120,7 +145,8 @@ def load_exit(path: str | os.PathLike, cfg: ModelConfig, base_fingerprint: str,
         raise ValueError(f"{pathlib.Path(path).name} is an exit after layer {exit_cfg.layer}, not {layer}")
     exit_cfg.validate(cfg)
     params = jax.tree.map(jnp.asarray, _unflatten(load_file(str(path))))
-    expected = jax.eval_shape(lambda p: init_exit(cfg, p, exit_cfg), _shapes_only(cfg))
+    ids = np.arange(exit_cfg.draft_vocab) if exit_cfg.draft_vocab else None
+    expected = jax.eval_shape(lambda p: init_exit(cfg, p, exit_cfg, ids), _shapes_only(cfg))
     got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
     if jax.tree.structure(expected) != jax.tree.structure(got) or jax.tree.leaves(expected) != jax.tree.leaves(got):
         raise ValueError(f"{pathlib.Path(path).name}: tensor names or shapes do not match this model's exit")

@@ -1,0 +1,124 @@
+"""EESD decoding is lossless: greedy output equals AR token for token (DESIGN.md §7.3)."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from eesd_jax import control, eesd, exits, generate, model
+
+CFG = model.ModelConfig(
+    vocab_size=96, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=256
+)
+EOS = 7  # A frequent token for this random model, so rows stop mid-block.
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init_params(CFG, jax.random.key(0), scale=0.3)
+
+
+def make_prompts(batch, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = [3, 11, 6][:batch] if batch > 1 else [5]
+    return [rng.integers(0, CFG.vocab_size, size=n).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def ar_outputs(params):
+    return {b: generate.generate_ar(CFG, params, make_prompts(b), 24, eos_ids=(EOS,)).tokens for b in (1, 3)}
+
+
+def eesd_tokens(params, prompts, exit_layer, max_draft, kind, exit_params=None, **kw):
+    ecfg = eesd.EESDConfig(exit_layer, max_draft, control.ControllerConfig(kind=kind))
+    if exit_params is None:
+        exit_params = exits.init_exit(CFG, params, exits.ExitConfig(exit_layer))
+    return generate.generate_eesd(CFG, params, exit_params, ecfg, prompts, 24, eos_ids=(EOS,), **kw)
+
+
+GRID = list(itertools.product(control.KINDS, [1, 2, 3], [1, 4, 8]))
+
+
+@pytest.mark.parametrize("kind,exit_layer,max_draft", GRID)
+def test_greedy_eesd_equals_ar_batch3(params, ar_outputs, kind, exit_layer, max_draft):
+    out = eesd_tokens(params, make_prompts(3), exit_layer, max_draft, kind)
+    assert out.tokens == ar_outputs[3]
+    per_row = out.stats["per_row"]
+    assert all(d <= max_draft * r for d, r in zip(per_row["drafted"], per_row["rounds"], strict=True))
+
+
+@pytest.mark.parametrize("kind,exit_layer,max_draft", [(k, n, 4) for k in control.KINDS for n in (1, 3)])
+def test_greedy_eesd_equals_ar_batch1(params, ar_outputs, kind, exit_layer, max_draft):
+    assert eesd_tokens(params, make_prompts(1), exit_layer, max_draft, kind).tokens == ar_outputs[1]
+
+
+def test_outputs_stop_at_eos_inside_a_block(params, ar_outputs):
+    """The grid must really exercise EOS: some row stops early on EOS."""
+    rows = ar_outputs[3]
+    assert any(r[-1] == EOS and len(r) < 24 for r in rows), rows
+    assert any(len(r) == 24 for r in rows)
+
+
+def test_trained_like_exit_equals_ar(params, ar_outputs):
+    """A perturbed exit (as after training) drafts differently but outputs the same tokens."""
+    ep = exits.init_exit(CFG, params, exits.ExitConfig(2, own_head=True))
+    ep = jax.tree.map(lambda w: w + 0.05 * jax.random.normal(jax.random.key(1), w.shape), ep)
+    out = eesd_tokens(params, make_prompts(3), 2, 4, "beta-ts", exit_params=ep)
+    assert out.tokens == ar_outputs[3]
+    assert 0 < out.stats["acceptance_rate"] < 1
+
+
+def test_oracle_drafter_is_always_accepted(params):
+    """At N = L-1 the untrained exit is the LLM's own last block: every draft is accepted."""
+    prompts = make_prompts(3)
+    out = generate.generate_eesd(
+        CFG, params, exits.init_exit(CFG, params, exits.ExitConfig(3)), eesd.EESDConfig(3, 4, control.ControllerConfig("fixed")),
+        prompts, 21, eos_ids=(),
+    )
+    assert out.stats["acceptance_rate"] == 1.0
+    # 21 tokens: 1 from prefill, then 4 rounds of K + 1 = 5 tokens.
+    assert out.stats["per_row"]["rounds"] == [4, 4, 4]
+    assert out.stats["mean_accepted_per_round"] == 5.0
+
+
+def test_streaming_chunks_give_the_same_tokens(params, ar_outputs):
+    seen = [[] for _ in range(3)]
+
+    def on_tokens(rows):
+        for acc, new in zip(seen, rows, strict=True):
+            acc.extend(new)
+
+    out = eesd_tokens(params, make_prompts(3), 2, 4, "beta-ts", on_tokens=on_tokens)
+    assert seen == out.tokens == ar_outputs[3]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(exit_layer=0), r"exit layer N=0 must be in \[1, 4\)"),
+        (dict(exit_layer=4), r"exit layer N=4 must be in \[1, 4\)"),
+        (dict(exit_layer=2, max_draft=0), "max_draft must be >= 1"),
+    ],
+)
+def test_bad_engine_config_is_refused(params, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate.generate_eesd(CFG, params, {}, eesd.EESDConfig(**kwargs), make_prompts(1), 8)
+
+
+def test_exit_files_round_trip_and_refuse_other_models(params, tmp_path):
+    ep = exits.init_exit(CFG, params, exits.ExitConfig(2, own_head=True))
+    path = tmp_path / "exit.safetensors"
+    exits.save_exit(path, ep, exits.ExitConfig(2, own_head=True), "tiny", "a" * 64)
+    exit_cfg, loaded = exits.load_exit(path, CFG, "a" * 64)
+    assert exit_cfg == exits.ExitConfig(2, own_head=True)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), ep, loaded))
+    with pytest.raises(ValueError, match="trained for base model 'tiny'"):
+        exits.load_exit(path, CFG, "b" * 64)
+    with pytest.raises(ValueError, match="exit after layer 2, not 3"):
+        exits.load_exit(path, CFG, "a" * 64, layer=3)
+    with pytest.raises(ValueError, match="only from .safetensors"):
+        exits.load_exit(tmp_path / "exit.pt", CFG, "a" * 64)
+    other = model.ModelConfig(**{**CFG.__dict__, "d_model": 48})
+    with pytest.raises(ValueError, match="do not match"):
+        exits.load_exit(path, other, "a" * 64)
