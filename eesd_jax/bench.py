@@ -15,7 +15,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from eesd_jax import eesd, exits, generate, model
 from eesd_jax.kv_cache import init_cache
@@ -148,9 +147,13 @@ def format_table(report: dict) -> str:
             f"{e.get('mean_draft_length', float('nan')):6.2f}"
         )
     if "speedup" in report:
-        lines.append(f"speedup EESD/AR: {report['speedup']:.3f}x (median {report['median_speedup']:.3f}x), "
-                     f"identical: {report['identical']}")
+        lines.append(
+            f"speedup EESD/AR: {report['speedup']:.3f}x (median {report['median_speedup']:.3f}x), "
+            f"identical: {report['identical']}"
+        )
     if "cost_ratio" in report:
-        lines.append(f"draft step {report['draft_step_ms']:.1f} ms, target step {report['target_step_ms']:.1f} ms, "
-                     f"cost ratio c = {report['cost_ratio']:.3f}")
+        lines.append(
+            f"draft step {report['draft_step_ms']:.1f} ms, target step {report['target_step_ms']:.1f} ms, "
+            f"cost ratio c = {report['cost_ratio']:.3f}"
+        )
     return "\n".join(lines)

@@ -109,7 +109,7 @@ def prefill(
     else:
         lower, upper = split
         hidden, cache = model.run_layers(cfg, lower, x, positions, cache)
-        x, cache = model.run_layers(cfg, upper, hidden, positions, cache, jax.tree.leaves(lower)[0].shape[0])
+        x, cache = model.run_layers(cfg, upper, hidden, positions, cache, model.num_layers(lower))
     logits = last_logits(cfg, params, x, prompt_lens_b - 1)
     return cache.replace(lengths=prompt_lens_b), logits, hidden
 

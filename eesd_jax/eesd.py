@@ -98,10 +98,12 @@ def split_params(params: Params, exit_layer: int) -> tuple[Params, Params]:
     return model.split_layers(params["layers"], exit_layer)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "ecfg", "sampling_cfg", "eos_ids", "max_new"),
-                   donate_argnames=("cache",))
-def eesd_init(cfg, ecfg, params, exit_params, cache, hidden_bpd, first_logits_bv, max_new_b, key,
-              sampling_cfg, eos_ids, max_new) -> EESDState:
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "ecfg", "sampling_cfg", "eos_ids", "max_new"), donate_argnames=("cache",)
+)
+def eesd_init(
+    cfg, ecfg, params, exit_params, cache, hidden_bpd, first_logits_bv, max_new_b, key, sampling_cfg, eos_ids, max_new
+) -> EESDState:
     """State after prefill: run the exit over the prompt's layer-N states, choose token 1."""
     B, P, _ = hidden_bpd.shape
     exit_cache = init_cache(1, B, cache.max_len, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
@@ -110,9 +112,19 @@ def eesd_init(cfg, ecfg, params, exit_params, cache, hidden_bpd, first_logits_bv
     tokens, n_new, last, done, key = start_state(first_logits_bv, max_new_b, key, max_new, sampling_cfg, eos_ids)
     zeros = jnp.zeros((B,), jnp.int32)
     return EESDState(
-        tokens=tokens, n_new=n_new, max_new=max_new_b, last=last, done=done, cache=cache,
-        exit_cache=exit_cache.replace(lengths=cache.lengths), ctrl=control.init(ecfg.controller, B), key=key,
-        rounds=zeros, drafted=zeros, accepted=zeros, steps=jnp.int32(0),
+        tokens=tokens,
+        n_new=n_new,
+        max_new=max_new_b,
+        last=last,
+        done=done,
+        cache=cache,
+        exit_cache=exit_cache.replace(lengths=cache.lengths),
+        ctrl=control.init(ecfg.controller, B),
+        key=key,
+        rounds=zeros,
+        drafted=zeros,
+        accepted=zeros,
+        steps=jnp.int32(0),
     )
 
 
@@ -148,12 +160,19 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
             key=key,
         )
 
+    def exit_cache_only(d: Draft, h_b1d):
+        _, exit_cache = model.run_layers(cfg, exit_params["block"], h_b1d, (pos0 + d.i)[:, None], d.exit_cache)
+        return d.replace(drafting=jnp.zeros_like(d.drafting), exit_cache=exit_cache)
+
     def body(d: Draft) -> Draft:
-        h_b1d, cache = model.run_layers(cfg, lower, model.embed(params, d.token[:, None]), (pos0 + d.i)[:, None],
-                                        d.cache)
+        h_b1d, cache = model.run_layers(
+            cfg, lower, model.embed(params, d.token[:, None]), (pos0 + d.i)[:, None], d.cache
+        )
         d = d.replace(hidden=d.hidden.at[:, d.i].set(h_b1d[:, 0]), cache=cache)
-        # Block token K can only be verified, never extended: skip the exit there.
-        d = jax.lax.cond(d.i < K, exit_step, lambda d, _: d.replace(drafting=jnp.zeros_like(d.drafting)), d, h_b1d)
+        # Block token K can only be verified, never extended: skip the draft head
+        # there, but still write its slot of the exit's cache (the next round
+        # attends to it if every draft is accepted).
+        d = jax.lax.cond(d.i < K, exit_step, exit_cache_only, d, h_b1d)
         return d.replace(i=d.i + 1)
 
     def cond(d: Draft):

@@ -37,7 +37,9 @@ class ExitConfig:
 
     def validate(self, cfg: ModelConfig) -> None:
         if not 1 <= self.layer < cfg.n_layers:
-            raise ValueError(f"exit layer N={self.layer} must be in [1, {cfg.n_layers}) for a {cfg.n_layers}-layer model")
+            raise ValueError(
+                f"exit layer N={self.layer} must be in [1, {cfg.n_layers}) for a {cfg.n_layers}-layer model"
+            )
         if not 0 <= self.draft_vocab <= cfg.vocab_size:
             raise ValueError(f"draft_vocab must be in [0, {cfg.vocab_size}], got {self.draft_vocab}")
 
@@ -51,7 +53,7 @@ def init_exit(cfg: ModelConfig, params: Params, exit_cfg: ExitConfig, vocab_ids=
     """
     exit_cfg.validate(cfg)
     exit_params = {
-        "block": jax.tree.map(lambda w: jnp.array(w[-1:]), params["layers"]),  # [1, ...] leaves
+        "block": jax.tree.map(lambda w: jnp.array(w[None]), _last_layer(params["layers"])),  # [1, ...] leaves
         "norm": jnp.array(params["final_norm"]),
     }
     head_vd = params["lm_head"] if "lm_head" in params else params["embed"]
@@ -66,6 +68,10 @@ def init_exit(cfg: ModelConfig, params: Params, exit_cfg: ExitConfig, vocab_ids=
     elif exit_cfg.own_head:
         exit_params["head"] = jnp.array(head_vd)
     return exit_params
+
+
+def _last_layer(layers: model.Layers) -> Params:
+    return layers[-1] if isinstance(layers, list) else jax.tree.map(lambda w: w[-1], layers)
 
 
 def exit_logits(
@@ -90,8 +96,14 @@ def exit_logits(
 # ----------------------------------------------------------------------------- files
 
 
-def save_exit(path: str | os.PathLike, exit_params: Params, exit_cfg: ExitConfig, base_name: str, base_fingerprint: str,
-              extra: dict | None = None) -> None:
+def save_exit(
+    path: str | os.PathLike,
+    exit_params: Params,
+    exit_cfg: ExitConfig,
+    base_name: str,
+    base_fingerprint: str,
+    extra: dict | None = None,
+) -> None:
     """Write the exit atomically as safetensors with its identity in the metadata."""
     from safetensors.numpy import save_file
 
@@ -125,8 +137,9 @@ def read_exit_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_exit(path: str | os.PathLike, cfg: ModelConfig, base_fingerprint: str,
-              layer: int | None = None) -> tuple[ExitConfig, Params]:
+def load_exit(
+    path: str | os.PathLike, cfg: ModelConfig, base_fingerprint: str, layer: int | None = None
+) -> tuple[ExitConfig, Params]:
     """Load an exit, refusing one made for another base model or another N."""
     from safetensors.numpy import load_file
 

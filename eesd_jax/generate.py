@@ -89,12 +89,12 @@ def generate_ar(
     cache, logits, _ = decoding.prefill(
         cfg, params, jnp.asarray(req.tokens_bp), jnp.asarray(req.prompt_lens_b), req.cache_len
     )
-    state = decoding.ar_init(logits, cache, jnp.asarray(req.max_new_b), jax.random.key(seed), sampling, eos, req.max_new)
+    state = decoding.ar_init(
+        logits, cache, jnp.asarray(req.max_new_b), jax.random.key(seed), sampling, eos, req.max_new
+    )
     jax.block_until_ready(state)
     t1 = time.perf_counter()
-    state = stream_loop(
-        state, lambda s, n: decoding.ar_decode(cfg, params, s, sampling, eos, n), on_tokens, chunk
-    )
+    state = stream_loop(state, lambda s, n: decoding.ar_decode(cfg, params, s, sampling, eos, n), on_tokens, chunk)
     t2 = time.perf_counter()
     return Generation(
         tokens=_rows(np.asarray(state.tokens), np.asarray(state.n_new)),
@@ -147,8 +147,20 @@ def generate_eesd(
     cache, logits, hidden = decoding.prefill(
         cfg, params, jnp.asarray(req.tokens_bp), jnp.asarray(req.prompt_lens_b), req.cache_len, (lower, upper)
     )
-    state = eesd.eesd_init(cfg, ecfg, params, exit_params, cache, hidden, logits, jnp.asarray(req.max_new_b),
-                           jax.random.key(seed), sampling, eos, req.max_new)
+    state = eesd.eesd_init(
+        cfg,
+        ecfg,
+        params,
+        exit_params,
+        cache,
+        hidden,
+        logits,
+        jnp.asarray(req.max_new_b),
+        jax.random.key(seed),
+        sampling,
+        eos,
+        req.max_new,
+    )
     jax.block_until_ready(state)
     t1 = time.perf_counter()
     state = stream_loop(

@@ -180,12 +180,14 @@ def block(
 
     Returns (x_btd, k_lbske, v_lbske).
     """
-    B, T, _ = x_btd.shape
-    K, G = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
+    B, T, D = x_btd.shape
+    H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    # Projections are 2-D matmuls against the stored (out, in) weights: head-shaped
+    # einsums made XLA:CPU copy a transposed weight every layer and step.
     h = rms_norm(x_btd, p["attn_norm"], cfg.rms_eps)
-    q_bthe = jnp.einsum("btd,hed->bthe", h, p["wq"])
-    k_btke = jnp.einsum("btd,ked->btke", h, p["wk"])
-    v_btke = jnp.einsum("btd,ked->btke", h, p["wv"])
+    q_bthe = jnp.einsum("btd,nd->btn", h, p["wq"].reshape(H * E, D)).reshape(B, T, H, E)
+    k_btke = jnp.einsum("btd,nd->btn", h, p["wk"].reshape(K * E, D)).reshape(B, T, K, E)
+    v_btke = jnp.einsum("btd,nd->btn", h, p["wv"].reshape(K * E, D)).reshape(B, T, K, E)
     if cfg.qkv_bias:
         q_bthe, k_btke, v_btke = q_bthe + p["bq"], k_btke + p["bk"], v_btke + p["bv"]
     q_bthe = rope(q_bthe, positions_bt, cfg.rope_theta)
@@ -197,14 +199,14 @@ def block(
     k_bske, v_bske = k_lbske[layer_idx], v_lbske[layer_idx]
 
     S = k_bske.shape[1]
-    q_btkge = q_bthe.reshape(B, T, K, G, -1)
+    q_btkge = q_bthe.reshape(B, T, K, H // K, E)
     scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske, preferred_element_type=jnp.float32)
-    scores = scores * (cfg.head_dim**-0.5)
+    scores = scores * (E**-0.5)
     visible_bts = jnp.arange(S)[None, None, :] <= positions_bt[:, :, None]
     scores = jnp.where(visible_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
-    o_btkge = jnp.einsum("bkgts,bske->btkge", probs, v_bske)
-    x_btd = x_btd + jnp.einsum("bthe,dhe->btd", o_btkge.reshape(B, T, cfg.n_heads, -1), p["wo"])
+    o_btn = jnp.einsum("bkgts,bske->btkge", probs, v_bske).reshape(B, T, H * E)
+    x_btd = x_btd + jnp.einsum("btn,dn->btd", o_btn, p["wo"].reshape(D, H * E))
 
     h = rms_norm(x_btd, p["mlp_norm"], cfg.rms_eps)
     gate_btf = jnp.einsum("btd,fd->btf", h, p["w_gate"])
@@ -213,9 +215,16 @@ def block(
     return x_btd, k_lbske, v_lbske
 
 
+Layers = Params | list[Params]  # Stacked [n, ...] leaves, or one pytree per layer.
+
+
+def num_layers(layers: Layers) -> int:
+    return len(layers) if isinstance(layers, list) else jax.tree.leaves(layers)[0].shape[0]
+
+
 def run_layers(
     cfg: ModelConfig,
-    layers: Params,
+    layers: Layers,
     x_btd: jax.Array,
     positions_bt: jax.Array,
     cache: KVCache,
@@ -223,16 +232,26 @@ def run_layers(
 ) -> tuple[jax.Array, KVCache]:
     """Run a contiguous range of layers over T new tokens; the forward primitive.
 
-    `layers` is a stacked per-layer pytree ([n, ...] leaves): the model's
-    `params["layers"]` or a slice of it made once outside jit (`split_layers`),
-    because slicing stacked weights inside a jitted function copies them. They
-    are layers first_layer .. first_layer + n - 1 of `cache`, whose k, v are
-    [L', B, S, K, E]. Returns the hidden state after the last layer and the cache
-    with those layers' slots written.
+    `layers` are layers first_layer .. first_layer + n - 1 of `cache` (k, v:
+    [L', B, S, K, E]), in one of two layouts with identical results:
+      * stacked ([n, ...] leaves, as stored and sharded): one lax.scan, a small
+        program that compiles fast;
+      * a list of per-layer pytrees (`unstack`): unrolled. XLA:CPU copies a
+        layer's weights out of a stacked array on every step (a dot cannot read
+        a slice at a traced index), which made decoding ~3x slower on CPU, so
+        the decode loops run on this layout there.
+    Returns the hidden state after the last layer and the cache with those
+    layers' slots written.
     """
-    n = jax.tree.leaves(layers)[0].shape[0]
+    n = num_layers(layers)
     if not 0 <= first_layer < first_layer + n <= cache.k.shape[0]:
         raise ValueError(f"layers [{first_layer}, {first_layer + n}) are outside the cache's {cache.k.shape[0]}")
+    k, v = cache.k, cache.v
+    if isinstance(layers, list) or n == 1:
+        per_layer = layers if isinstance(layers, list) else [jax.tree.map(lambda w: w.reshape(w.shape[1:]), layers)]
+        for i, p in enumerate(per_layer):
+            x_btd, k, v = block(cfg, p, x_btd, positions_bt, k, v, first_layer + i)
+        return x_btd, cache.replace(k=k, v=v)
 
     def one_layer(carry, xs):
         x, k_all, v_all = carry
@@ -240,12 +259,22 @@ def run_layers(
         return block(cfg, p, x, positions_bt, k_all, v_all, layer_idx), None
 
     xs = (layers, jnp.arange(first_layer, first_layer + n))
-    (x_btd, k, v), _ = jax.lax.scan(one_layer, (x_btd, cache.k, cache.v), xs)
+    (x_btd, k, v), _ = jax.lax.scan(one_layer, (x_btd, k, v), xs)
     return x_btd, cache.replace(k=k, v=v)
 
 
-def split_layers(layers: Params, n: int) -> tuple[Params, Params]:
-    """(layers [0, n), layers [n, L)) of a stacked pytree; call outside jit."""
+def unstack(params: Params) -> Params:
+    """params with `layers` as a list of per-layer pytrees (the fast CPU layout); outside jit."""
+    layers = params["layers"]
+    if isinstance(layers, list):
+        return params
+    return {**params, "layers": [jax.tree.map(lambda w, i=i: w[i], layers) for i in range(num_layers(layers))]}
+
+
+def split_layers(layers: Layers, n: int) -> tuple[Layers, Layers]:
+    """(layers [0, n), layers [n, L)) in the same layout; call outside jit."""
+    if isinstance(layers, list):
+        return layers[:n], layers[n:]
     return jax.tree.map(lambda w: w[:n], layers), jax.tree.map(lambda w: w[n:], layers)
 
 

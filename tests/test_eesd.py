@@ -73,13 +73,26 @@ def test_oracle_drafter_is_always_accepted(params):
     """At N = L-1 the untrained exit is the LLM's own last block: every draft is accepted."""
     prompts = make_prompts(3)
     out = generate.generate_eesd(
-        CFG, params, exits.init_exit(CFG, params, exits.ExitConfig(3)), eesd.EESDConfig(3, 4, control.ControllerConfig("fixed")),
-        prompts, 21, eos_ids=(),
+        CFG,
+        params,
+        exits.init_exit(CFG, params, exits.ExitConfig(3)),
+        eesd.EESDConfig(3, 4, control.ControllerConfig("fixed")),
+        prompts,
+        21,
+        eos_ids=(),
     )
     assert out.stats["acceptance_rate"] == 1.0
     # 21 tokens: 1 from prefill, then 4 rounds of K + 1 = 5 tokens.
     assert out.stats["per_row"]["rounds"] == [4, 4, 4]
     assert out.stats["mean_accepted_per_round"] == 5.0
+
+
+def test_unstacked_layers_give_identical_outputs(params, ar_outputs):
+    """The per-layer list layout (fast on CPU) decodes exactly like the stacked one."""
+    fast = model.unstack(params)
+    assert isinstance(fast["layers"], list) and len(fast["layers"]) == CFG.n_layers
+    assert generate.generate_ar(CFG, fast, make_prompts(3), 24, eos_ids=(EOS,)).tokens == ar_outputs[3]
+    assert eesd_tokens(fast, make_prompts(3), 2, 4, "calibration-ts").tokens == ar_outputs[3]
 
 
 def test_streaming_chunks_give_the_same_tokens(params, ar_outputs):

@@ -1,0 +1,101 @@
+"""Draft-length controllers: posterior arithmetic, convergence, limits (DESIGN.md §7.6)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eesd_jax import control
+
+
+def feats(prob, step=0):
+    prob = jnp.asarray(prob, jnp.float32)
+    return control.DraftFeatures(prob=prob, entropy=jnp.zeros_like(prob), step=jnp.int32(step))
+
+
+def test_beta_ts_update_counts_accepts_and_one_rejection():
+    cfg = control.ControllerConfig("beta-ts", prior_alpha=2.0, prior_beta=3.0)
+    s = control.init(cfg, 3)
+    drafted, accepted = jnp.array([4, 4, 2]), jnp.array([4, 1, 0])
+    live = jnp.array([True, True, False])
+    s = control.update(cfg, s, drafted, accepted, jnp.zeros((3, 4)), live)
+    np.testing.assert_allclose(s.alpha[:, 0], [2 + 4, 2 + 1, 2])  # Row 2 is not live: unchanged.
+    np.testing.assert_allclose(s.beta[:, 0], [3 + 0, 3 + 1, 3])
+
+
+def test_discount_shrinks_old_counts_towards_the_prior():
+    cfg = control.ControllerConfig("beta-ts", discount=0.5)
+    s = control.ControllerState(alpha=jnp.array([[9.0]]), beta=jnp.array([[5.0]]))
+    s = control.update(cfg, s, jnp.array([3]), jnp.array([2]), jnp.zeros((1, 3)), jnp.array([True]))
+    np.testing.assert_allclose(s.alpha[0, 0], 1 + 0.5 * 8 + 2)
+    np.testing.assert_allclose(s.beta[0, 0], 1 + 0.5 * 4 + 1)
+
+
+def test_calibration_ts_updates_only_judged_tokens_in_their_bins():
+    cfg = control.ControllerConfig("calibration-ts", n_bins=4, prior_strength=2.0)
+    s = control.init(cfg, 1)
+    np.testing.assert_allclose(s.alpha[0], 2.0 * np.array([0.125, 0.375, 0.625, 0.875]))
+    conf = jnp.array([[0.9, 0.6, 0.1, 0.95]])  # bins 3, 2, 0, 3
+    s2 = control.update(cfg, s, jnp.array([4]), jnp.array([1]), conf, jnp.array([True]))
+    # Token 1 accepted (bin 3), token 2 rejected (bin 2); tokens 3, 4 never judged.
+    np.testing.assert_allclose(s2.alpha[0] - s.alpha[0], [0, 0, 0, 1])
+    np.testing.assert_allclose(s2.beta[0] - s.beta[0], [0, 0, 1, 0])
+
+
+def test_fixed_and_confidence_decisions():
+    key = jax.random.key(0)
+    fixed = control.ControllerConfig("fixed")
+    assert control.decide(fixed, control.init(fixed, 2), feats([0.0, 1.0]), key).all()
+    conf = control.ControllerConfig("confidence", threshold=0.4)
+    keep = control.decide(conf, control.init(conf, 3), feats([0.1, 0.4, 0.9]), key)
+    assert keep.tolist() == [False, True, True]
+
+
+def simulate(cfg, theta_true, rounds, max_draft=8, seed=0):
+    """Draft/verify against a synthetic source where each draft is accepted w.p. theta_true."""
+    rng = np.random.default_rng(seed)
+    s = control.init(cfg, 1)
+    key = jax.random.key(seed)
+    decide = jax.jit(lambda s, f, k: control.decide(cfg, s, f, k))
+    lengths = []
+    for _ in range(rounds):
+        n = 0
+        while n < max_draft:
+            key, sub = jax.random.split(key)
+            if not bool(decide(s, feats([0.5], n), sub)[0]):
+                break
+            n += 1
+        judged = rng.random(n) < theta_true
+        accepted = int(np.argmin(judged)) if not judged.all() else n
+        s = control.update(
+            cfg, s, jnp.array([n]), jnp.array([accepted]), jnp.full((1, max_draft), 0.5), jnp.array([True])
+        )
+        lengths.append(n)
+        assert n <= max_draft
+    return s, np.array(lengths)
+
+
+@pytest.mark.parametrize("theta_true", [0.3, 0.8])
+def test_beta_ts_converges_on_a_bernoulli_source(theta_true):
+    cfg = control.ControllerConfig("beta-ts")
+    s, lengths = simulate(cfg, theta_true, rounds=300)
+    a, b = float(s.alpha[0, 0]), float(s.beta[0, 0])
+    assert abs(a / (a + b) - theta_true) < 0.06
+    assert a + b > 100  # The posterior really concentrated (~120 judged drafts at theta = 0.3).
+    # Once converged it keeps each next draft w.p. ~theta: E[length] = sum_{j=1..K} theta^j.
+    expected = sum(theta_true**j for j in range(1, 9))
+    assert abs(lengths[100:].mean() - expected) < 0.25 * expected + 0.1
+
+
+def test_calibration_ts_learns_a_miscalibrated_bin():
+    cfg = control.ControllerConfig("calibration-ts", n_bins=4)
+    s, _ = simulate(cfg, 0.9, rounds=200)  # Draft says 0.5 (bin 2), truth is 0.9.
+    a, b = float(s.alpha[0, 2]), float(s.beta[0, 2])
+    assert abs(a / (a + b) - 0.9) < 0.06
+    np.testing.assert_allclose(s.alpha[0, [0, 1, 3]], control.init(cfg, 1).alpha[0, [0, 1, 3]])
+
+
+@pytest.mark.parametrize("bad", [dict(kind="greedy"), dict(threshold=1.5), dict(discount=0.0), dict(prior_alpha=0)])
+def test_bad_controller_config_is_refused(bad):
+    with pytest.raises(ValueError):
+        control.ControllerConfig(**bad)
