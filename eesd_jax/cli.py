@@ -1,0 +1,460 @@
+"""The `eesd` command.
+
+    eesd generate --prompt "Write a short poem about the sea."
+    eesd generate --prompt "def fib(n):" --no-chat --max-new-tokens 64 --json
+
+Structure, so that new modes and subcommands are small additions:
+  * `build_parser()` declares subcommands; shared option groups are `add_*_args` helpers.
+  * `validate_*` functions check arguments before the model is loaded (exit code 2).
+  * `load_session(model)` loads weights (as jax arrays, once) and the tokenizer.
+  * `MODES` maps a --mode name to a function running one generation.
+  * `main()` turns ValueError (CheckpointError included) into a one-line message, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+
+from eesd_jax import __version__
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class UsageError(ValueError):
+    """Bad command-line input, detected before any model is loaded."""
+
+
+# ----------------------------------------------------------------------------- model + tokenizer
+
+
+@dataclasses.dataclass
+class Session:
+    """A loaded model, its params on device and its tokenizer, shared by all commands."""
+
+    lm: object  # loading.LoadedModel (params left as loaded; use `params`).
+    params: dict  # The same params as jax arrays (per-layer list on CPU).
+    tokenizer: object
+    load_seconds: float
+    engine: tuple | None = None  # EESD (config, exit params, split layers, exit path), built on first use.
+
+    @property
+    def cfg(self):
+        return self.lm.cfg
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        eos = self.tokenizer.eos_token_id
+        return () if eos is None else (int(eos),)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk (next to the converted params), so that repeated
+    `eesd` invocations skip most of the JIT compile. JAX_COMPILATION_CACHE_DIR overrides."""
+    import jax
+
+    from eesd_jax import loading
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(loading.cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def load_session(model: str | None) -> Session:
+    """Load weights from an HF folder / GGUF file (None: the bundled SmolLM2) and the tokenizer."""
+    import jax
+    import jax.numpy as jnp
+
+    from eesd_jax import loading
+    from eesd_jax.model import unstack
+
+    enable_compilation_cache()
+    t0 = time.perf_counter()
+    lm = loading.load_model(model)
+    params = jax.tree.map(jnp.asarray, lm.params)
+    if jax.default_backend() == "cpu":  # Per-layer weights decode ~2x faster on XLA:CPU (model.run_layers).
+        params = unstack(params)
+    tokenizer = lm.tokenizer()
+    return Session(lm=lm, params=params, tokenizer=tokenizer, load_seconds=time.perf_counter() - t0)
+
+
+def encode_prompt(session: Session, text: str, chat: bool | None) -> list[int]:
+    """Token ids of one prompt; chat=None applies the chat template when the tokenizer has one."""
+    from eesd_jax import prompts
+
+    use_chat = session.has_chat_template if chat is None else chat
+    return prompts.encode(session.tokenizer, text, use_chat)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+class TextStreamer:
+    """Prints decoded text as tokens arrive.
+
+    Decodes the whole sequence so far and prints only the new suffix, so tokens that
+    carry part of a UTF-8 character or leading whitespace come out right. A trailing
+    replacement character (an incomplete byte sequence) is held back until completed.
+    """
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out = tokenizer, out
+        self.tokens: list[int] = []
+        self.printed = ""
+
+    def __call__(self, new_tokens_per_row: list[list[int]]) -> None:
+        self.tokens.extend(new_tokens_per_row[0])
+        self._emit(final=False)
+
+    def _emit(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not final:
+            text = text.rstrip("\ufffd")
+        if text.startswith(self.printed) and len(text) > len(self.printed):
+            self.out.write(text[len(self.printed) :])
+            self.out.flush()
+            self.printed = text
+
+    def finish(self) -> None:
+        self._emit(final=True)
+        self.out.write("\n")
+        self.out.flush()
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+def run_ar(session: Session, prompt_ids: list[int], args, on_tokens: Callable | None):
+    """Vanilla autoregressive decoding (the baseline)."""
+    from eesd_jax import generate
+
+    return generate.generate_ar(
+        session.cfg,
+        session.params,
+        [prompt_ids],
+        args.max_new_tokens,
+        sampling=sampling_config(args),
+        eos_ids=session.eos_ids,
+        seed=args.seed,
+        on_tokens=on_tokens,
+    )
+
+
+def eesd_engine(session: Session, args):
+    """(EESDConfig, exit params) from --exit / --exit-layer / --controller / --max-draft (built once)."""
+    from eesd_jax import control, eesd, exits, shipped
+
+    if getattr(session, "engine", None) is None:
+        exit_path = args.exit or shipped.default_exit(session.lm)
+        if exit_path:
+            exit_cfg, exit_params = exits.load_exit(exit_path, session.cfg, session.lm.fingerprint, args.exit_layer)
+        else:  # Untrained: the LLM's last block on top of layer N. Correct, but drafts poorly.
+            exit_cfg = exits.ExitConfig(args.exit_layer or max(1, session.cfg.n_layers // 4))
+            exit_params = exits.init_exit(session.cfg, session.params, exit_cfg)
+        ecfg = eesd.EESDConfig(
+            exit_layer=exit_cfg.layer,
+            max_draft=args.max_draft,
+            controller=control.ControllerConfig(kind=args.controller),
+        )
+        ecfg.validate(session.cfg)
+        session.engine = (ecfg, exit_params, eesd.split_params(session.params, ecfg.exit_layer), exit_path)
+    return session.engine
+
+
+def run_eesd(session: Session, prompt_ids: list[int], args, on_tokens: Callable | None):
+    """Early-exiting speculative decoding: same tokens as AR (greedy) or the same distribution."""
+    from eesd_jax import generate
+
+    ecfg, exit_params, split, _ = eesd_engine(session, args)
+    return generate.generate_eesd(
+        session.cfg,
+        session.params,
+        exit_params,
+        ecfg,
+        [prompt_ids],
+        args.max_new_tokens,
+        sampling=sampling_config(args),
+        eos_ids=session.eos_ids,
+        seed=args.seed,
+        on_tokens=on_tokens,
+        split=split,
+    )
+
+
+# Each mode: (session, prompt ids, parsed args, on_tokens or None) -> generate.Generation.
+MODES: dict[str, Callable] = {"ar": run_ar, "eesd": run_eesd}
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH",
+        help="Hugging Face folder (config.json + safetensors) or .gguf file; default: bundled SmolLM2-135M-Instruct",
+    )
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens; 0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass; 1.0 = off")
+    g.add_argument("--seed", type=int, default=0, metavar="S", help="PRNG seed for sampling (default 0)")
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt; '-' reads it from stdin")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap the prompt in the tokenizer's chat template (default: on when the tokenizer has one)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        metavar="N",
+        help=f"generate at most N tokens (default {DEFAULT_MAX_NEW_TOKENS}); stops earlier at EOS",
+    )
+
+
+def add_eesd_args(p: argparse.ArgumentParser) -> None:
+    from eesd_jax import control
+
+    g = p.add_argument_group("EESD")
+    g.add_argument(
+        "--exit",
+        default=None,
+        metavar="PATH",
+        help="trained exit (.safetensors); default: the shipped exit for the bundled model, "
+        "else an untrained exit (correct but slow)",
+    )
+    g.add_argument(
+        "--exit-layer",
+        type=int,
+        default=None,
+        metavar="N",
+        help="exit after the first N layers (default: the exit file's, or L/4 untrained)",
+    )
+    g.add_argument("--controller", choices=control.KINDS, default="beta-ts", help="draft-length controller")
+    g.add_argument("--max-draft", type=int, default=6, metavar="K", help="draft tokens per round at most (default 6)")
+
+
+def validate_eesd(args) -> None:
+    if args.max_draft < 1:
+        raise UsageError(f"--max-draft must be >= 1, got {args.max_draft}")
+    if args.exit_layer is not None and args.exit_layer < 1:
+        raise UsageError(f"--exit-layer must be >= 1, got {args.exit_layer}")
+    if args.exit is not None and not pathlib.Path(args.exit).is_file():
+        raise UsageError(f"--exit {args.exit}: no such file")
+
+
+def sampling_config(args):
+    from eesd_jax.sampling import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def validate_generate(args) -> None:
+    """Everything checkable without the model; raises UsageError."""
+    if args.prompt == "-":
+        args.prompt = sys.stdin.read()
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    try:
+        sampling_config(args)
+    except ValueError as e:
+        msg = str(e)
+        for field in ("temperature", "top_k", "top_p"):
+            msg = msg.replace(field, "--" + field.replace("_", "-"))
+        raise UsageError(msg) from None
+    if args.model is not None and not pathlib.Path(args.model).exists():
+        raise UsageError(f"--model {args.model}: no such file or folder")
+    validate_eesd(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eesd", description="Early-exiting speculative decoding in JAX.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text for one prompt", description="Generate text for one prompt.")
+    add_prompt_args(g)
+    add_sampling_args(g)
+    add_model_args(g)
+    add_eesd_args(g)
+    g.add_argument("--mode", choices=sorted(MODES), default="eesd", help="decoding algorithm (default: eesd)")
+    g.add_argument("--compare", action="store_true", help="run AR and EESD on the prompt in one process and compare")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.set_defaults(func=cmd_generate, validate=validate_generate)
+
+    b = sub.add_parser(
+        "bench",
+        help="benchmark AR against EESD on a prompt set",
+        description="Benchmark AR against EESD on the same prompts, after warm-up.",
+    )
+    b.add_argument(
+        "--prompts",
+        default="chat",
+        metavar="SOURCE",
+        help="humaneval, chat, or a file (JSONL with a 'prompt' field, or one prompt per line)",
+    )
+    b.add_argument(
+        "--split", choices=("all", "train", "heldout"), default="heldout", help="prompt split (default heldout)"
+    )
+    b.add_argument("--n", type=int, default=8, metavar="N", help="number of prompts (default 8)")
+    b.add_argument("--max-new-tokens", type=int, default=128, metavar="M")
+    b.add_argument("--modes", default="ar,eesd", help="comma-separated modes (default ar,eesd)")
+    b.add_argument("--batch", type=int, default=1, metavar="B")
+    b.add_argument("--repeats", type=int, default=1, metavar="R", help="timed runs per prompt; medians reported")
+    b.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="chat template (default: on for instructions, off for HumanEval completions)",
+    )
+    add_sampling_args(b)
+    add_model_args(b)
+    add_eesd_args(b)
+    b.add_argument("--json", action="store_true", help="print only the final JSON line")
+    b.set_defaults(func=cmd_bench, validate=validate_bench)
+    return parser
+
+
+def validate_bench(args) -> None:
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or set(modes) - set(MODES):
+        raise UsageError(f"--modes must name some of {', '.join(sorted(MODES))}, got {args.modes!r}")
+    args.modes = modes
+    for flag in ("n", "max_new_tokens", "batch", "repeats"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    try:
+        sampling_config(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    validate_eesd(args)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def generation_json(session: Session, gen) -> dict:
+    stats = {k: v for k, v in gen.summary().items() if k != "per_row"}
+    stats["load_seconds"] = round(session.load_seconds, 4)
+    text = session.tokenizer.decode(gen.tokens[0], skip_special_tokens=True)
+    return {"text": text, "tokens": gen.tokens[0], "mode": gen.mode, "stats": stats}
+
+
+def cmd_generate(args) -> int:
+    session = load_session(args.model)
+    prompt_ids = encode_prompt(session, args.prompt, args.chat)
+    if args.compare:
+        return compare(session, prompt_ids, args)
+    streamer = None if args.json else TextStreamer(session.tokenizer)
+    gen = MODES[args.mode](session, prompt_ids, args, streamer)
+    if streamer is not None:
+        streamer.finish()
+        return 0
+    print(json.dumps(generation_json(session, gen), ensure_ascii=False))
+    return 0
+
+
+def compare(session: Session, prompt_ids: list[int], args) -> int:
+    """AR then EESD on one prompt, each after a compile warm-up run; speeds side by side."""
+    results = {}
+    for mode in ("ar", "eesd"):
+        if not args.json:
+            print(f"[{mode}] compiling...", file=sys.stderr, flush=True)
+        MODES[mode](session, prompt_ids, args, None)  # Warm-up: compile outside the timing.
+        streamer = None if args.json else TextStreamer(session.tokenizer)
+        if streamer is not None:
+            print(f"--- {mode} ---", flush=True)
+        gen = MODES[mode](session, prompt_ids, args, streamer)
+        if streamer is not None:
+            streamer.finish()
+        results[mode] = generation_json(session, gen)
+    ar, es = results["ar"]["stats"], results["eesd"]["stats"]
+    out = {
+        **results,
+        "speedup": round(es["tokens_per_second"] / max(ar["tokens_per_second"], 1e-9), 3),
+        "identical": results["ar"]["tokens"] == results["eesd"]["tokens"],
+    }
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    exit_path = session.engine[3] or "untrained (LLM's last block)"
+    print(f"\nexit: {exit_path}, N={session.engine[0].exit_layer}, controller {args.controller}, K={args.max_draft}")
+    print(f"AR   {ar['tokens_per_second']:7.2f} tok/s   ({ar['new_tokens']} tokens)")
+    print(
+        f"EESD {es['tokens_per_second']:7.2f} tok/s   alpha={es['acceptance_rate']:.2f} "
+        f"tau={es['mean_accepted_per_round']:.2f}   speedup {out['speedup']:.2f}x   identical: {out['identical']}"
+    )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from eesd_jax import bench, prompts
+
+    session = load_session(args.model)
+    chosen = prompts.load_prompts(args.prompts, split=args.split, n=args.n)
+    ids = [encode_prompt(session, p.text, p.chat if args.chat is None else args.chat) for p in chosen]
+    ecfg, exit_params, _, exit_path = eesd_engine(session, args)
+    setup = bench.BenchSetup(session.cfg, session.params, exit_params, ecfg, session.eos_ids)
+
+    def progress(mode, gen):
+        if not args.json:
+            print(f"  {mode}: {gen.new_tokens} tokens, {gen.tokens_per_second:.2f} tok/s", file=sys.stderr, flush=True)
+
+    report = bench.run(
+        setup,
+        ids,
+        args.max_new_tokens,
+        args.modes,
+        args.batch,
+        sampling_config(args),
+        args.repeats,
+        args.seed,
+        progress,
+    )
+    report["config"].update(prompts=args.prompts, split=args.split, exit=exit_path or "untrained")
+    if not args.json:
+        print(bench.format_table(report))
+    print(json.dumps(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # transformers is only our tokenizer; its notices (e.g. "PyTorch was not found") are noise here.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.validate(args)
+        return args.func(args)
+    except ValueError as e:  # UsageError, CheckpointError and the library's input checks.
+        print(f"eesd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
