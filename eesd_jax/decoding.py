@@ -47,13 +47,23 @@ def make_request(
     """
     if isinstance(prompts, (str, bytes)) or not len(prompts):
         raise ValueError("prompts must be a non-empty list of token-id lists")
-    prompts = [list(map(int, p)) for p in prompts]
+    checked = []
     for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} is empty")
-        if min(p) < 0 or max(p) >= cfg.vocab_size:
+        if isinstance(p, (str, bytes)) or not len(p):
+            raise ValueError(f"prompt {i} is empty" if not len(p) else f"prompt {i} must be a list of token ids")
+        ids = np.asarray(p)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"prompt {i} has non-integer token ids (a flat list of ints is expected)")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
             raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
-    limits = np.broadcast_to(np.asarray(max_new_tokens, dtype=np.int64), (len(prompts),))
+        checked.append(ids.tolist())
+    prompts = checked
+    limits = np.asarray(max_new_tokens)
+    if not np.issubdtype(limits.dtype, np.integer):
+        raise ValueError(f"max_new_tokens must be an integer or a list of integers, got {max_new_tokens!r}")
+    if limits.ndim > 1 or (limits.ndim == 1 and len(limits) != len(prompts)):
+        raise ValueError(f"max_new_tokens has {limits.size} entries for {len(prompts)} prompts")
+    limits = np.broadcast_to(limits.astype(np.int64), (len(prompts),))
     if limits.min() <= 0:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     lens = np.array([len(p) for p in prompts], np.int32)

@@ -87,6 +87,41 @@ def _stack_hf_layers(cfg: ModelConfig, get) -> Params:
     return _map(lambda a: np.asarray(a, dtype=dt), params)
 
 
+# Buffers some checkpoints carry that the model recomputes (from rope_theta).
+_IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _params_from_tensors(source: str, cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Params:
+    """Our params from HF-named tensors; refuses a checkpoint with tensors our architecture has no place for.
+
+    An unused tensor means the checkpoint's architecture differs from ours (an o_proj or MLP
+    bias, an extra norm, RoPE frequency factors): running without it would give wrong logits.
+    """
+    used: set[str] = set()
+
+    def get(key):
+        if key not in tensors:
+            raise CheckpointError(f"{source}: tensor {key!r} is missing")
+        used.add(key)
+        return tensors[key]
+
+    params = _stack_hf_layers(cfg, get)
+    unused = sorted(
+        k
+        for k in tensors
+        if k not in used
+        and not k.endswith(_IGNORED_TENSOR_SUFFIXES)
+        and not (cfg.tie_embeddings and k == "lm_head.weight")  # Tied: the embedding is the head.
+    )
+    if unused:
+        raise CheckpointError(
+            f"{source}: {len(unused)} tensor(s) that eesd_jax's LLaMA architecture has no place for "
+            f"({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}); this model differs "
+            "(extra biases or norms, RoPE factors) and would run wrong"
+        )
+    return params
+
+
 def _map(fn, tree):
     return {k: _map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
@@ -105,6 +140,10 @@ def config_from_hf(hf: dict[str, Any], name: str = "", dtype: str = "float32") -
     if rope_type not in ("default", None):
         raise CheckpointError(f"unsupported RoPE scaling {rope_type!r}; only plain RoPE is implemented")
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    lacking = [key for key in required if not isinstance(hf.get(key), int)]
+    if lacking:
+        raise CheckpointError(f"config.json lacks integer {', '.join(lacking)} (model_type {model_type!r})")
     heads = hf["num_attention_heads"]
     max_len = hf.get("max_position_embeddings", 4096)
     if hf.get("sliding_window") and hf.get("use_sliding_window", model_type == "mistral"):
@@ -142,18 +181,23 @@ def load_hf_folder(path: str | os.PathLike, dtype: str = "float32") -> LoadedMod
     from safetensors import safe_open
 
     folder = pathlib.Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"no such model folder: {folder}")
+    _refuse_pickles(folder)  # First: a pickle-only folder is refused whatever else it lacks.
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json")
-    _refuse_pickles(folder)
-    config_bytes = (folder / "config.json").read_bytes()
-    cfg = config_from_hf(json.loads(config_bytes), name=folder.name, dtype=dtype)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [name for name in files if not (folder / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shards named in {index.name} are missing: {', '.join(missing)}")
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder} has no *.safetensors weights")
+    config_bytes = (folder / "config.json").read_bytes()
+    cfg = config_from_hf(json.loads(config_bytes), name=folder.name, dtype=dtype)
 
     tensors: dict[str, np.ndarray] = {}
     fingerprint = hashlib.sha256(config_bytes)
@@ -166,14 +210,9 @@ def load_hf_folder(path: str | os.PathLike, dtype: str = "float32") -> LoadedMod
             fingerprint.update(fh.read(header_len))
         fingerprint.update(str((folder / name).stat().st_size).encode())
 
-    def get(key):
-        if key not in tensors:
-            raise CheckpointError(f"{folder}: tensor {key!r} is missing")
-        return tensors[key]
-
     if cfg.tie_embeddings is False and "lm_head.weight" not in tensors:
         cfg = dataclasses.replace(cfg, tie_embeddings=True)
-    params = _stack_hf_layers(cfg, get)
+    params = _params_from_tensors(str(folder), cfg, tensors)
     return LoadedModel(cfg=cfg, params=params, fingerprint=fingerprint.hexdigest(), source=str(folder))
 
 
@@ -240,7 +279,12 @@ def _convert_gguf(path: pathlib.Path) -> tuple[ModelConfig, dict[str, np.ndarray
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         tensors[_gguf_name_to_hf(t.name)] = data.reshape([int(d) for d in reversed(t.shape)])
+    if "model.embed_tokens.weight" not in tensors:
+        raise CheckpointError(f"{path.name}: tensor 'token_embd.weight' is missing")
     heads = _gguf_field(reader, "llama.attention.head_count")
+    if not isinstance(heads, int) or heads < 1:
+        raise CheckpointError(f"{path.name}: metadata llama.attention.head_count is missing or invalid")
+    scaling = _gguf_field(reader, "llama.rope.scaling.type", "none")
     kv_heads = _gguf_field(reader, "llama.attention.head_count_kv", heads)
     d_model = _gguf_field(reader, "llama.embedding_length")
     hf = {
@@ -256,6 +300,7 @@ def _convert_gguf(path: pathlib.Path) -> tuple[ModelConfig, dict[str, np.ndarray
         "rms_norm_eps": _gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5),
         "max_position_embeddings": _gguf_field(reader, "llama.context_length", 4096),
         "tie_word_embeddings": "lm_head.weight" not in tensors,
+        "rope_scaling": {"rope_type": "default" if scaling in ("none", None) else scaling},
     }
     cfg = config_from_hf(hf, name=_gguf_field(reader, "general.name", path.stem))
     for i in range(cfg.n_layers):
@@ -316,13 +361,7 @@ def load_gguf(path: str | os.PathLike, use_cache: bool = True) -> LoadedModel:
             cfg = ModelConfig(**json.loads(f.metadata()["model_config"]))
         return LoadedModel(cfg=cfg, params=_unflatten(load_file(str(cached))), fingerprint=digest, source=str(path))
     cfg, tensors = _convert_gguf(path)
-
-    def get(key):
-        if key not in tensors:
-            raise CheckpointError(f"{path.name}: tensor for {key!r} is missing")
-        return tensors[key]
-
-    params = _stack_hf_layers(cfg, get)
+    params = _params_from_tensors(path.name, cfg, tensors)
     if use_cache:
         meta = {"model_config": json.dumps(dataclasses.asdict(cfg)), "source_sha256": digest}
         atomic_write(cached, lambda tmp: save_file(_flatten(params), tmp, metadata=meta))

@@ -1,0 +1,174 @@
+"""The forward pass: equal to transformers' PyTorch models, and cached decoding equal to a full forward."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import HF_KINDS, full_forward, random_tokens, torch_logits
+
+from eesd_jax import decoding, loading, model
+from eesd_jax.kv_cache import init_cache
+
+# ----------------------------------------------------------------------------- vs transformers
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("kind", sorted(HF_KINDS))
+def test_forward_matches_transformers(hf_models, kind):
+    torch_model, folder = hf_models(kind)
+    hf = torch_model.config
+    loaded = loading.load_model(folder)
+    cfg = loaded.cfg
+
+    # The config is read as transformers reads it.
+    assert (cfg.vocab_size, cfg.d_model, cfg.n_layers) == (hf.vocab_size, hf.hidden_size, hf.num_hidden_layers)
+    assert (cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim) == (
+        hf.num_attention_heads,
+        hf.num_key_value_heads,
+        hf.intermediate_size,
+    )
+    assert cfg.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+    assert cfg.rope_theta == pytest.approx(hf.rope_parameters["rope_theta"])
+    assert cfg.rms_eps == pytest.approx(hf.rms_norm_eps)
+    assert cfg.tie_embeddings == bool(hf.tie_word_embeddings)
+    assert ("lm_head" in loaded.params) == (not hf.tie_word_embeddings)
+    assert cfg.qkv_bias == kind.startswith("qwen2")
+
+    tokens = random_tokens(cfg.vocab_size, (2, 13), seed=1)
+    ours = full_forward(cfg, loaded.params, tokens)
+    ref = torch_logits(torch_model, tokens)
+    assert ours.shape == ref.shape
+    assert np.abs(ref).max() > 0.5  # Non-trivial logits, so the tolerance means something.
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.torch
+def test_sharded_checkpoint_matches_transformers(hf_models):
+    torch_model, folder = hf_models("llama_gqa", shard=True)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == shards
+
+    loaded = loading.load_model(folder)
+    tokens = random_tokens(loaded.cfg.vocab_size, (2, 9), seed=2)
+    np.testing.assert_allclose(
+        full_forward(loaded.cfg, loaded.params, tokens), torch_logits(torch_model, tokens), rtol=0, atol=1e-5
+    )
+    # Same weights as the single-file save of the same model.
+    _, single = hf_models("llama_gqa")
+    unsharded = loading.load_model(single)
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, unsharded.params)
+
+
+@pytest.mark.torch
+def test_fingerprint_identifies_weights(hf_models):
+    a = loading.load_model(hf_models("llama_gqa")[1])
+    assert loading.load_model(hf_models("llama_gqa")[1]).fingerprint == a.fingerprint
+    assert loading.load_model(hf_models("llama_mha")[1]).fingerprint != a.fingerprint
+
+
+# ----------------------------------------------------------------------------- cached == uncached
+
+# One jitted step for every test below: calls of equal shapes share a compile.
+forward_step = jax.jit(model.forward, static_argnums=0)
+CACHE_SLOTS = 40  # Longer than any sequence here: unwritten slots must stay invisible.
+
+
+@pytest.mark.parametrize(
+    ("prefill_len", "layout"), [(1, "stacked"), (3, "stacked"), (7, "stacked"), (16, "stacked"), (3, "unstacked")]
+)
+def test_incremental_decoding_equals_full_forward(tiny, prefill_len, layout):
+    """Prefill, then alternating 1-token and 3-token steps, equals one (stacked) forward over everything."""
+    cfg, params = tiny
+    sizes = [prefill_len] + [1, 3] * 4
+    total = sum(sizes)
+    tokens = random_tokens(cfg.vocab_size, (2, total), seed=prefill_len)
+    expected = full_forward(cfg, params, tokens)
+
+    if layout == "unstacked":
+        params = model.unstack(params)
+        assert isinstance(params["layers"], list) and len(params["layers"]) == cfg.n_layers
+    cache = init_cache(cfg.n_layers, 2, CACHE_SLOTS, cfg.n_kv_heads, cfg.head_dim)
+    got, start = [], 0
+    for size in sizes:
+        pos = jnp.broadcast_to(jnp.arange(start, start + size), (2, size))
+        logits, cache = forward_step(cfg, params, jnp.asarray(tokens[:, start : start + size], jnp.int32), pos, cache)
+        got.append(np.asarray(logits))
+        start += size
+    # Equal up to float32 rounding (the softmax sums over a different number of masked slots).
+    np.testing.assert_allclose(np.concatenate(got, axis=1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ragged_rows_decode_like_each_row_alone(tiny):
+    """Rows at different positions in one batch: right-padded prefill, then 1-token steps per row."""
+    cfg, params = tiny
+    lens, n_steps = [11, 2], 8
+    seqs = random_tokens(cfg.vocab_size, (2, max(lens) + n_steps), seed=10)
+    padded = np.zeros((2, 16), np.int32)
+    for b, n in enumerate(lens):
+        padded[b, :n] = seqs[b, :n]
+    cache, logits, _ = decoding.prefill(cfg, params, jnp.asarray(padded), jnp.asarray(lens, jnp.int32), CACHE_SLOTS)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lens)
+    got = [np.asarray(logits)]
+    for t in range(n_steps):
+        pos = np.array(lens)[:, None] + t
+        toks = np.take_along_axis(seqs, pos, axis=1)
+        out, cache = forward_step(cfg, params, jnp.asarray(toks, jnp.int32), jnp.asarray(pos, jnp.int32), cache)
+        got.append(np.asarray(out[:, 0]))
+    got = np.stack(got, axis=1)  # [B, 1 + n_steps, V]
+    full = full_forward(cfg, params, seqs)  # Each row's own sequence, no padding in the middle.
+    for b, n in enumerate(lens):
+        np.testing.assert_allclose(got[b], full[b, n - 1 : n + n_steps], rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_split_equals_unsplit(tiny):
+    """Prefill through (layers [0, n), layers [n, L)) gives the same cache and logits, and the exit hidden."""
+    cfg, params = tiny
+    tokens = jnp.asarray(random_tokens(cfg.vocab_size, (2, 16), seed=3), jnp.int32)
+    lens = jnp.asarray([16, 9], jnp.int32)
+    cache, logits, hidden = decoding.prefill(cfg, params, tokens, lens, CACHE_SLOTS)
+    assert hidden is None
+    np.testing.assert_allclose(
+        np.asarray(logits), full_forward(cfg, params, tokens)[[0, 1], [15, 8]], rtol=1e-5, atol=1e-5
+    )
+    split = model.split_layers(params["layers"], 1)
+    cache2, logits2, hidden2 = decoding.prefill(cfg, params, tokens, lens, CACHE_SLOTS, split)
+    np.testing.assert_allclose(np.asarray(logits2), np.asarray(logits), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cache2.k), np.asarray(cache.k), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cache2.v), np.asarray(cache.v), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cache2.lengths), np.asarray(lens))
+
+    # The hidden state after layer 1: model.block on layer 0 directly (not through run_layers).
+    layer0 = jax.tree.map(lambda w: w[0], params["layers"])
+    fresh = init_cache(1, 2, 16, cfg.n_kv_heads, cfg.head_dim)
+    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    x, _, _ = model.block(cfg, layer0, model.embed(params, tokens), positions, fresh.k, fresh.v, 0)
+    np.testing.assert_allclose(np.asarray(hidden2), np.asarray(x), rtol=1e-5, atol=1e-5)
+
+
+def test_run_layers_rejects_layers_outside_cache(tiny):
+    cfg, params = tiny
+    cache = init_cache(cfg.n_layers, 1, 8, cfg.n_kv_heads, cfg.head_dim)
+    x = model.embed(params, jnp.zeros((1, 1), jnp.int32))
+    with pytest.raises(ValueError, match="outside the cache"):
+        model.run_layers(cfg, params["layers"], x, jnp.zeros((1, 1), jnp.int32), cache, first_layer=1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("n_kv_heads", 3, "multiple of n_kv_heads"),
+        ("head_dim", 7, "head_dim must be even"),
+        ("n_layers", 0, "n_layers must be >= 1"),
+    ],
+)
+def test_model_config_rejects_bad_shapes(tiny, field, value, message):
+    import dataclasses
+
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(tiny[0], **{field: value})
