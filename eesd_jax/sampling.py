@@ -37,6 +37,8 @@ class SamplingConfig:
 
 def warp(logits_xv: jax.Array, cfg: SamplingConfig) -> jax.Array:
     """Float32 log-probabilities after temperature, top-k, top-p (-inf outside support)."""
+    if cfg.greedy:
+        raise ValueError("warp needs temperature > 0; greedy decoding takes the argmax")
     logits = logits_xv.astype(jnp.float32) / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, cfg.top_k)[0][..., -1:]
