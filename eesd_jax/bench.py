@@ -29,6 +29,7 @@ class BenchSetup:
     exit_params: Params
     ecfg: eesd.EESDConfig
     eos_ids: tuple[int, ...]
+    mesh: jax.sharding.Mesh | None = None
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -83,7 +84,9 @@ def run(
 
     def one(mode, rows):
         if mode == "ar":
-            return generate.generate_ar(cfg, params, rows, max_new_tokens, sampling, setup.eos_ids, seed)
+            return generate.generate_ar(
+                cfg, params, rows, max_new_tokens, sampling, setup.eos_ids, seed, mesh=setup.mesh
+            )
         return generate.generate_eesd(
             cfg, params, setup.exit_params, setup.ecfg, rows, max_new_tokens, sampling, setup.eos_ids, seed, split=split
         )

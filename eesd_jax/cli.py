@@ -43,6 +43,7 @@ class Session:
     tokenizer: object
     load_seconds: float
     engine: tuple | None = None  # EESD (config, exit params, split layers, exit path), built on first use.
+    mesh: object = None  # jax.sharding.Mesh from --mesh, or None (one device).
 
     @property
     def cfg(self):
@@ -70,12 +71,12 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def load_session(model: str | None) -> Session:
+def load_session(model: str | None, mesh_spec: str | None = None) -> Session:
     """Load weights from an HF folder / GGUF file (None: the bundled SmolLM2) and the tokenizer."""
     import jax
     import jax.numpy as jnp
 
-    from eesd_jax import loading
+    from eesd_jax import loading, sharding
     from eesd_jax.model import unstack
 
     enable_compilation_cache()
@@ -84,8 +85,11 @@ def load_session(model: str | None) -> Session:
     params = jax.tree.map(jnp.asarray, lm.params)
     if jax.default_backend() == "cpu":  # Per-layer weights decode ~2x faster on XLA:CPU (model.run_layers).
         params = unstack(params)
+    mesh = sharding.mesh_from_spec(mesh_spec)
+    if mesh is not None:  # Megatron tensor parallel over 'model', batch over 'data'.
+        params = sharding.shard_params(params, mesh)
     tokenizer = lm.tokenizer()
-    return Session(lm=lm, params=params, tokenizer=tokenizer, load_seconds=time.perf_counter() - t0)
+    return Session(lm=lm, params=params, tokenizer=tokenizer, load_seconds=time.perf_counter() - t0, mesh=mesh)
 
 
 def encode_prompt(session: Session, text: str, chat: bool | None) -> list[int]:
@@ -147,6 +151,7 @@ def run_ar(session: Session, prompt_ids: list[int], args, on_tokens: Callable | 
         eos_ids=session.eos_ids,
         seed=args.seed,
         on_tokens=on_tokens,
+        mesh=session.mesh,
     )
 
 
@@ -161,6 +166,10 @@ def eesd_engine(session: Session, args):
         else:  # Untrained: the LLM's last block on top of layer N. Correct, but drafts poorly.
             exit_cfg = exits.ExitConfig(args.exit_layer or max(1, session.cfg.n_layers // 4))
             exit_params = exits.init_exit(session.cfg, session.params, exit_cfg)
+        if session.mesh is not None:
+            from eesd_jax import sharding
+
+            exit_params = sharding.shard_exit_params(exit_params, session.mesh)
         ecfg = eesd.EESDConfig(
             exit_layer=exit_cfg.layer,
             max_draft=args.max_draft,
@@ -188,6 +197,7 @@ def run_eesd(session: Session, prompt_ids: list[int], args, on_tokens: Callable 
         seed=args.seed,
         on_tokens=on_tokens,
         split=split,
+        mesh=session.mesh,
     )
 
 
@@ -196,6 +206,25 @@ MODES: dict[str, Callable] = {"ar": run_ar, "eesd": run_eesd}
 
 
 # ----------------------------------------------------------------------------- arguments
+
+
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="data=D,model=M",
+        help="shard over a device mesh: rows over 'data', tensor parallel over 'model' (default: one device)",
+    )
+
+
+def validate_mesh(args) -> None:
+    if args.mesh is not None:
+        from eesd_jax import sharding
+
+        try:
+            sharding.parse_mesh(args.mesh)
+        except ValueError as e:
+            raise UsageError(f"--mesh: {e}") from None
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -287,6 +316,7 @@ def validate_generate(args) -> None:
     if args.model is not None and not pathlib.Path(args.model).exists():
         raise UsageError(f"--model {args.model}: no such file or folder")
     validate_eesd(args)
+    validate_mesh(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(g)
     add_model_args(g)
     add_eesd_args(g)
+    add_mesh_args(g)
     g.add_argument("--mode", choices=sorted(MODES), default="eesd", help="decoding algorithm (default: eesd)")
     g.add_argument("--compare", action="store_true", help="run AR and EESD on the prompt in one process and compare")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -332,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(b)
     add_model_args(b)
     add_eesd_args(b)
+    add_mesh_args(b)
     b.add_argument("--json", action="store_true", help="print only the final JSON line")
     b.set_defaults(func=cmd_bench, validate=validate_bench)
     return parser
@@ -350,6 +382,7 @@ def validate_bench(args) -> None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     validate_eesd(args)
+    validate_mesh(args)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -363,7 +396,7 @@ def generation_json(session: Session, gen) -> dict:
 
 
 def cmd_generate(args) -> int:
-    session = load_session(args.model)
+    session = load_session(args.model, args.mesh)
     prompt_ids = encode_prompt(session, args.prompt, args.chat)
     if args.compare:
         return compare(session, prompt_ids, args)
@@ -412,11 +445,11 @@ def compare(session: Session, prompt_ids: list[int], args) -> int:
 def cmd_bench(args) -> int:
     from eesd_jax import bench, prompts
 
-    session = load_session(args.model)
+    session = load_session(args.model, args.mesh)
     chosen = prompts.load_prompts(args.prompts, split=args.split, n=args.n)
     ids = [encode_prompt(session, p.text, p.chat if args.chat is None else args.chat) for p in chosen]
     ecfg, exit_params, _, exit_path = eesd_engine(session, args)
-    setup = bench.BenchSetup(session.cfg, session.params, exit_params, ecfg, session.eos_ids)
+    setup = bench.BenchSetup(session.cfg, session.params, exit_params, ecfg, session.eos_ids, session.mesh)
 
     def progress(mode, gen):
         if not args.json:
@@ -445,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from eesd_jax import sharding
+
+    sharding.maybe_initialize_distributed()  # Multi-host (TPU pod slices): a no-op in one process.
     try:
         args.validate(args)
         return args.func(args)

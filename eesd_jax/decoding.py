@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import model, sampling
+from eesd_jax import model, sampling, sharding
 from eesd_jax.kv_cache import KVCache, init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.sampling import SamplingConfig
@@ -111,6 +111,7 @@ def prefill(
     """
     B, P = tokens_bp.shape
     cache = init_cache(cfg.n_layers, B, cache_len, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
+    cache = sharding.constrain_cache(cache)  # Under a mesh: batch over 'data', kv heads over 'model'.
     positions = jnp.broadcast_to(jnp.arange(P), (B, P))
     x = model.embed(params, tokens_bp)
     hidden = None

@@ -26,7 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from eesd_jax import control, exits, model, sampling
+from eesd_jax import control, exits, model, sampling, sharding
 from eesd_jax.decoding import append_tokens, finish_block, start_state
 from eesd_jax.kv_cache import KVCache, init_cache
 from eesd_jax.model import ModelConfig, Params
@@ -107,6 +107,7 @@ def eesd_init(
     """State after prefill: run the exit over the prompt's layer-N states, choose token 1."""
     B, P, _ = hidden_bpd.shape
     exit_cache = init_cache(1, B, cache.max_len, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
+    exit_cache = sharding.constrain_cache(exit_cache)  # Same layout as the LLM's cache under a mesh.
     positions = jnp.broadcast_to(jnp.arange(P), (B, P))
     _, exit_cache = model.run_layers(cfg, exit_params["block"], hidden_bpd, positions, exit_cache)
     tokens, n_new, last, done, key = start_state(first_logits_bv, max_new_b, key, max_new, sampling_cfg, eos_ids)

@@ -8,6 +8,7 @@ to the callback as they are produced (the CLI streams text this way).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import decoding, eesd
+from eesd_jax import decoding, eesd, sharding
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.sampling import SamplingConfig
 
@@ -52,6 +53,16 @@ class Generation:
         }
 
 
+def _mesh_context(mesh):
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def _batch_inputs(req: decoding.Request, mesh):
+    """The request's arrays, rows split over the mesh's 'data' axis when there is a mesh."""
+    inputs = (jnp.asarray(req.tokens_bp), jnp.asarray(req.prompt_lens_b), jnp.asarray(req.max_new_b))
+    return inputs if mesh is None else sharding.shard_batch(inputs, mesh)
+
+
 def _rows(tokens_bm: np.ndarray, n_new_b: np.ndarray) -> list[list[int]]:
     return [tokens_bm[b, : n_new_b[b]].tolist() for b in range(len(n_new_b))]
 
@@ -81,28 +92,28 @@ def generate_ar(
     seed: int = 0,
     on_tokens: Callable[[list[list[int]]], None] | None = None,
     chunk: int = 4,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Generation:
     """Vanilla autoregressive decoding of a batch of prompts (token ids)."""
     req = decoding.make_request(cfg, prompts, max_new_tokens)
     eos = tuple(int(e) for e in eos_ids)
-    t0 = time.perf_counter()
-    cache, logits, _ = decoding.prefill(
-        cfg, params, jnp.asarray(req.tokens_bp), jnp.asarray(req.prompt_lens_b), req.cache_len
-    )
-    state = decoding.ar_init(
-        logits, cache, jnp.asarray(req.max_new_b), jax.random.key(seed), sampling, eos, req.max_new
-    )
-    jax.block_until_ready(state)
-    t1 = time.perf_counter()
-    state = stream_loop(state, lambda s, n: decoding.ar_decode(cfg, params, s, sampling, eos, n), on_tokens, chunk)
-    t2 = time.perf_counter()
+    with _mesh_context(mesh):
+        tokens_bp, prompt_lens_b, max_new_b = _batch_inputs(req, mesh)
+        t0 = time.perf_counter()
+        cache, logits, _ = decoding.prefill(cfg, params, tokens_bp, prompt_lens_b, req.cache_len)
+        state = decoding.ar_init(logits, cache, max_new_b, jax.random.key(seed), sampling, eos, req.max_new)
+        jax.block_until_ready(state)
+        t1 = time.perf_counter()
+        state = stream_loop(state, lambda s, n: decoding.ar_decode(cfg, params, s, sampling, eos, n), on_tokens, chunk)
+        t2 = time.perf_counter()
+        out = sharding.fetch({"tokens": state.tokens, "n_new": state.n_new, "steps": state.steps})
     return Generation(
-        tokens=_rows(np.asarray(state.tokens), np.asarray(state.n_new)),
+        tokens=_rows(out["tokens"], out["n_new"]),
         mode="ar",
         prompt_tokens=req.prompt_lens_b.tolist(),
         prefill_seconds=t1 - t0,
         decode_seconds=t2 - t1,
-        stats={"forward_passes": int(state.steps) + 1},
+        stats={"forward_passes": int(out["steps"]) + 1},
     )
 
 
@@ -133,55 +144,55 @@ def generate_eesd(
     on_tokens: Callable[[list[list[int]]], None] | None = None,
     chunk: int = 1,
     split: tuple[Params, Params] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Generation:
     """Early-exiting speculative decoding; same output as generate_ar (greedy) or its distribution.
 
     `split` = eesd.split_params(params, ecfg.exit_layer) may be passed to reuse
-    the pre-sliced layer stacks across calls.
+    the pre-sliced layer stacks across calls. With `mesh`, params and exit params
+    should already be placed (sharding.shard_params / shard_exit_params).
     """
     ecfg.validate(cfg)
     req = decoding.make_request(cfg, prompts, max_new_tokens, slack=ecfg.max_draft + 1)
     eos = tuple(int(e) for e in eos_ids)
     lower, upper = split or eesd.split_params(params, ecfg.exit_layer)
-    t0 = time.perf_counter()
-    cache, logits, hidden = decoding.prefill(
-        cfg, params, jnp.asarray(req.tokens_bp), jnp.asarray(req.prompt_lens_b), req.cache_len, (lower, upper)
-    )
-    state = eesd.eesd_init(
-        cfg,
-        ecfg,
-        params,
-        exit_params,
-        cache,
-        hidden,
-        logits,
-        jnp.asarray(req.max_new_b),
-        jax.random.key(seed),
-        sampling,
-        eos,
-        req.max_new,
-    )
-    jax.block_until_ready(state)
-    t1 = time.perf_counter()
-    state = stream_loop(
-        state,
-        lambda s, n: eesd.eesd_decode(cfg, ecfg, params, lower, upper, exit_params, s, sampling, eos, n),
-        on_tokens,
-        chunk,
-    )
-    t2 = time.perf_counter()
+    with _mesh_context(mesh):
+        tokens_bp, prompt_lens_b, max_new_b = _batch_inputs(req, mesh)
+        t0 = time.perf_counter()
+        cache, logits, hidden = decoding.prefill(cfg, params, tokens_bp, prompt_lens_b, req.cache_len, (lower, upper))
+        state = eesd.eesd_init(
+            cfg,
+            ecfg,
+            params,
+            exit_params,
+            cache,
+            hidden,
+            logits,
+            max_new_b,
+            jax.random.key(seed),
+            sampling,
+            eos,
+            req.max_new,
+        )
+        jax.block_until_ready(state)
+        t1 = time.perf_counter()
+        state = stream_loop(
+            state,
+            lambda s, n: eesd.eesd_decode(cfg, ecfg, params, lower, upper, exit_params, s, sampling, eos, n),
+            on_tokens,
+            chunk,
+        )
+        t2 = time.perf_counter()
+        fields = ("tokens", "n_new", "rounds", "drafted", "accepted")
+        out = sharding.fetch({k: getattr(state, k) for k in fields})
     return Generation(
-        tokens=_rows(np.asarray(state.tokens), np.asarray(state.n_new)),
+        tokens=_rows(out["tokens"], out["n_new"]),
         mode="eesd",
         prompt_tokens=req.prompt_lens_b.tolist(),
         prefill_seconds=t1 - t0,
         decode_seconds=t2 - t1,
         stats={
-            **speculation_stats(state.rounds, state.drafted, state.accepted),
-            "per_row": {
-                "rounds": np.asarray(state.rounds).tolist(),
-                "drafted": np.asarray(state.drafted).tolist(),
-                "accepted": np.asarray(state.accepted).tolist(),
-            },
+            **speculation_stats(out["rounds"], out["drafted"], out["accepted"]),
+            "per_row": {k: out[k].tolist() for k in ("rounds", "drafted", "accepted")},
         },
     )

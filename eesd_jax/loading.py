@@ -251,13 +251,47 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _gguf_field(reader, key, default=None):
+    """A GGUF metadata value: str, number, or a list of them (arrays)."""
+    import gguf
+
     field = reader.fields.get(key)
     if field is None:
         return default
-    value = field.parts[field.data[0]]
-    if field.types and field.types[0].name == "STRING":
-        return bytes(value).decode()
-    return value.tolist()[0] if len(value) == 1 else value.tolist()
+    if field.types[0] == gguf.GGUFValueType.ARRAY:
+        parts = [field.parts[i] for i in field.data]
+        if field.types[-1] == gguf.GGUFValueType.STRING:
+            return [bytes(p).decode("utf-8") for p in parts]
+        return [p.tolist()[0] for p in parts]
+    part = field.parts[field.data[0]]
+    return bytes(part).decode("utf-8") if field.types[0] == gguf.GGUFValueType.STRING else part.tolist()[0]
+
+
+def _gguf_tokenizer(path: pathlib.Path):
+    """A transformers tokenizer from a GGUF file's metadata, without torch.
+
+    transformers' own GGUF path (AutoTokenizer.from_pretrained(gguf_file=...))
+    imports torch, which the library's runtime does not depend on; this reads the
+    same metadata with `gguf` and hands it to transformers' torch-free converter.
+    """
+    import importlib
+
+    import gguf
+    import transformers
+
+    mapping = importlib.import_module("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    reader = gguf.GGUFReader(str(path))
+    grouped = {
+        group: {name: v for key, name in renames.items() if (v := _gguf_field(reader, f"tokenizer.{key}")) is not None}
+        for group, renames in mapping.GGUF_TOKENIZER_MAPPING.items()
+    }
+    tok_dict, tok_cfg = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tok_dict.get("tokenizer_type") == "llama":  # As transformers does for sentencepiece GGUFs.
+        tok_cfg.setdefault("add_bos_token", True)
+    for name, key in mapping._SPECIAL_TOKENS.items():
+        token_id = _gguf_field(reader, f"tokenizer.ggml.{key}")
+        tok_cfg[name] = tok_dict["tokens"][token_id] if token_id is not None else None
+    fast, extra = mapping.convert_gguf_tokenizer(_gguf_field(reader, "general.architecture"), tok_dict)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=fast, **tok_cfg, **extra)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -409,7 +443,7 @@ def load_tokenizer(source: str):
     saved = cache_dir() / "tokenizers" / sha256_file(p)
     if (saved / "tokenizer_config.json").is_file():
         return transformers.AutoTokenizer.from_pretrained(str(saved))
-    tok = transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    tok = _gguf_tokenizer(p)
     saved.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=saved.parent))
     tok.save_pretrained(str(tmp))

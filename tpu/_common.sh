@@ -1,0 +1,58 @@
+# shellcheck shell=bash
+# Shared by the tpu/*.sh scripts (sourced, not run): defaults, flag helpers, dry-run execution.
+#
+# Every default can also come from the environment (TPU_NAME, ZONE, PROJECT, ...), and every
+# script accepts --dry-run: it prints each command, one per line, shell-quoted so that it can
+# be pasted into a shell, instead of running it.
+
+TPU_NAME="${TPU_NAME:-eesd-tpu}"
+ZONE="${ZONE:-us-central2-b}"
+PROJECT="${PROJECT:-}"
+DRY_RUN=0
+
+die() {
+  echo "error: $*" >&2
+  echo "run with --help for usage" >&2
+  exit 2
+}
+
+# quote ARG: ARG as-is when it is shell-safe, else single-quoted (--flag='value' for flags).
+quote() {
+  local re='^[A-Za-z0-9_./=:,@%+-]+$' flag_re='^(--[A-Za-z0-9-]+=)(.*)$'
+  if [[ "$1" =~ $re ]]; then
+    printf '%s' "$1"
+  elif [[ "$1" =~ $flag_re ]]; then
+    printf '%s' "${BASH_REMATCH[1]}"
+    quote "${BASH_REMATCH[2]}"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+
+# run CMD ARGS...: print the command (dry run) or run it.
+run() {
+  if [[ "$DRY_RUN" == 1 ]]; then
+    local out="" arg
+    for arg in "$@"; do
+      out+="$(quote "$arg") "
+    done
+    echo "${out% }"
+  else
+    "$@"
+  fi
+}
+
+# The gcloud flags every TPU VM command takes.
+location_flags() {
+  LOCATION=("--zone=$ZONE")
+  if [[ -n "$PROJECT" ]]; then
+    LOCATION+=("--project=$PROJECT")
+  fi
+}
+
+# need_value FLAG VALUE: fail unless a flag that takes a value got one.
+need_value() {
+  if [[ -z "${2:-}" || "$2" == --* ]]; then
+    die "$1 needs a value"
+  fi
+}
