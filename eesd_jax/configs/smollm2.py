@@ -1,0 +1,49 @@
+"""The bundled SmolLM2-135M-Instruct (30 layers): an exit after layer N.
+
+    eesd distill --config smollm2:N=6 --workdir runs/smollm2_n6
+    eesd distill --config smollm2:6,draft_vocab=8192,train.steps=600
+    eesd distill --config smollm2:N=4,data.dir=runs/data   # share generated data between N
+
+ARG: comma-separated overrides (configs.apply_overrides); a bare integer is N.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from eesd_jax.configs import apply_overrides, base_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = base_config()
+    c.model.source = "bundled"
+    c.exit.layer = 6
+    c.exit.own_head = False
+    # The full 49152x576 head costs as much as ~8 layers per draft token; a draft head
+    # over the most frequent 8192 tokens of the LLM's own outputs is ~9.4 MB.
+    c.exit.draft_vocab = 8192
+
+    c.data.sets = ("chat:train", "humaneval:train")  # 165 + 132 prompts.
+    c.data.n_per_set = 0
+    c.data.max_prompt_tokens = 512
+    c.data.max_new_tokens = 128
+    c.data.temperature = 0.7
+    c.data.top_p = 0.95
+    c.data.batch_size = 8
+    c.data.top_k = 64
+    c.data.feature_layers = ()
+
+    c.train.steps = 600
+    c.train.batch_size = 8
+    c.train.seq_len = 512
+    c.train.lr = 2e-4
+    c.train.warmup_steps = 30
+    c.train.ckpt_every = 100
+
+    c.eval.n_per_set = 8
+    c.eval.max_new_tokens = 128
+    c.eval.max_draft = 8
+    c.eval.controller = "beta-ts"
+    apply_overrides(c, arg)
+    c.name = f"smollm2-N{c.exit.layer}" + (f"-dv{c.exit.draft_vocab}" if c.exit.draft_vocab else "")
+    return c

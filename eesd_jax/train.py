@@ -1,0 +1,454 @@
+"""Training and evaluating the early-exiting layer: optax AdamW, orbax checkpoints with exact resume, export.
+
+    from eesd_jax import configs, train
+    path = train.run_distill(configs.load_config("smollm2:N=6"), "runs/smollm2_n6")
+    figures = train.run_eval(configs.load_config("smollm2:N=6"), path)
+
+`run_distill` = data (distill.prepare_data, reused when it matches) -> training
+(`train_exit`) -> export (exits.save_exit with the config and metrics in its metadata).
+WORKDIR holds: data/ (unless config.data.dir), checkpoints/ (orbax), metrics.jsonl
+(one record per log step), run.json (stage wall times, metrics, the exit's path),
+exit_N{n}.safetensors. `eval_exit` measures an exit where it matters: α, τ and speed in
+real greedy EESD decoding against AR on held-out prompts (`run_eval`: config.eval's sets).
+
+Resume: the batch of step s is a function of (train.seed, s) alone (a fresh permutation
+of the sequences per epoch), and the optimizer state is checkpointed with the params,
+so a run killed mid-way and restarted ends with exactly the params of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import pathlib
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from eesd_jax import control, decoding, distill, eesd, exits, generate, prompts
+from eesd_jax.distill import LM
+from eesd_jax.kv_cache import round_up
+from eesd_jax.model import ModelConfig, Params
+
+STATE_FORMAT = "eesd_jax.train_state/1"
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def split_trainable(exit_params: Params, train_head: bool) -> tuple[Params, Params]:
+    """(trainable, static): the block and norm train; an own head too when train_head; vocab ids never."""
+    names = {"block", "norm"} | ({"head"} if train_head else set())
+    return ({k: v for k, v in exit_params.items() if k in names},
+            {k: v for k, v in exit_params.items() if k not in names})  # fmt: skip
+
+
+def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup + cosine decay and global-norm clipping; no decay on norm scales.
+
+    The same settings give the same (cached) objects, so the jitted train step is reused.
+    """
+    return _optimizer(int(tcfg.steps), int(tcfg.warmup_steps), float(tcfg.lr), float(tcfg.end_lr_frac),
+                      float(tcfg.weight_decay), float(tcfg.clip_norm))  # fmt: skip
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(steps, warmup_steps, lr, end_lr_frac, weight_decay, clip_norm):
+    warmup = max(0, min(warmup_steps, steps - 1))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * end_lr_frac)
+
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
+
+    tx = optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+def batch_indices(n_seq: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Sequences of step `step`: slots [step*B, (step+1)*B) of a stream of per-epoch permutations."""
+    slots = np.arange(step * batch_size, (step + 1) * batch_size)
+    out = np.empty(batch_size, np.int64)
+    for epoch in np.unique(slots // n_seq):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(n_seq)
+        sel = slots // n_seq == epoch
+        out[sel] = perm[slots[sel] % n_seq]
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "tx", "kl_weight", "ce_weight"))
+def train_step(cfg: ModelConfig, tx, head_vd, static, state, vmap_v, batch, kl_weight, ce_weight):
+    """One AdamW step on the trainable exit params; returns (state, metrics)."""
+
+    def loss_fn(trainable):
+        exit_params = {**static, **trainable}
+        head = exit_params.get("head", head_vd)
+        logits = distill.exit_train_logits(cfg, head, exit_params, batch.hidden, batch.select)
+        return distill.distill_loss(logits, vmap_v, batch, kl_weight, ce_weight)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "opt": opt}, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+def select_count(*datas: distill.Data | None) -> int:
+    """Positions per row the head and loss run on: the most response positions of any sequence,
+    rounded up (one fixed count, so few compiled shapes)."""
+    return round_up(max(distill.max_train_positions(d) for d in datas if d is not None), 16)
+
+
+def _run_identity(config, data_spec: dict, vocab_ids) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoints."""
+    vocab_hash = hashlib.sha256(np.asarray(vocab_ids).tobytes()).hexdigest() if vocab_ids is not None else None
+    return {
+        "format": STATE_FORMAT,
+        "exit": config.exit.to_dict(),
+        "train": config.train.to_dict(),
+        "data_spec": data_spec,
+        "data_top_k": int(config.data.top_k),
+        "vocab_sha256": vocab_hash,
+    }
+
+
+def _jsonable(tree):
+    return json.loads(json.dumps(tree, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_exit(
+    config,
+    lm: LM,
+    data: distill.Data,
+    workdir,
+    vocab_ids=None,
+    progress: bool = True,
+    stop_at: int | None = None,
+    data_spec: dict | None = None,
+    val: distill.Data | None = None,
+) -> tuple[Params, dict]:
+    """Train the exit of config.exit on `data`, resuming from WORKDIR/checkpoints.
+
+    stop_at: stop after that many steps as if killed (no extra save): a later call
+    resumes from the last periodic checkpoint. Returns (exit params, summary).
+    """
+    from tqdm.auto import tqdm
+
+    t = config.train
+    workdir = pathlib.Path(workdir)
+    exit_cfg = exit_config(config)
+    init = exits.init_exit(lm.cfg, lm.params, exit_cfg, vocab_ids)
+    own_head = "head" in init
+    trainable, static = split_trainable(init, bool(t.train_head) and own_head)
+    head_vd = distill.frozen_head(lm.params, init) if "head" not in trainable else jnp.zeros((0, lm.cfg.d_model))
+    vmap = jnp.asarray(distill.vocab_map(lm.cfg.vocab_size, vocab_ids))
+    tx, schedule = make_optimizer(t)
+    state = {"params": trainable, "opt": tx.init(trainable)}
+
+    ckpt_dir = workdir / "checkpoints"
+    identity = _jsonable(_run_identity(config, data_spec or {}, vocab_ids))
+    ident_path = workdir / "train_identity.json"
+    mngr = ocp.CheckpointManager(
+        ckpt_dir.absolute(),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=int(t.max_to_keep), save_interval_steps=int(t.ckpt_every), create=True,
+            enable_async_checkpointing=False,
+        ),
+    )  # fmt: skip
+    start = mngr.latest_step() or 0
+    if start:
+        if not ident_path.is_file() or json.loads(ident_path.read_text()) != identity:
+            raise ValueError(
+                f"{ckpt_dir} holds checkpoints of a different run (config or data differ); "
+                "use another workdir or delete them"
+            )
+        state = mngr.restore(start, args=ocp.args.StandardRestore(state))
+        # Restored arrays come back committed to a device, which would recompile the train step.
+        state = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), state)
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
+        ident_path.write_text(json.dumps(identity, indent=1))
+
+    n_select = select_count(data, val)
+
+    def validate(done, exit_trainable):
+        m = distill.data_metrics(lm.cfg, lm.params, {**static, **exit_trainable}, val, int(t.seq_len),
+                                 int(t.batch_size), int(t.seq_bucket), n_select)  # fmt: skip
+        rec = {"step": done, **{f"val_{k}": v for k, v in m.items()}}
+        bar.write(f"step {done:>6}  validation: kl {m['kl']:.4f}  top1 {m['top1']:.3f}")
+        return rec
+
+    metrics_path = workdir / "metrics.jsonl"
+    kept = []
+    if metrics_path.is_file():  # Drop records past the checkpoint we resume from.
+        kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+    metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    steps = int(t.steps)
+    end = steps if stop_at is None else min(steps, int(stop_at))
+    acc: list[dict] = []
+    t0 = last_t = time.perf_counter()
+    n_tokens = 0
+    bar = tqdm(total=steps, initial=start, desc=f"train N={exit_cfg.layer}", disable=not progress, dynamic_ncols=True)
+    with metrics_path.open("a") as log:
+        for step in range(start, end):
+            idx = batch_indices(data.n_seq, int(t.batch_size), int(t.seed), step)
+            batch = distill.make_batch(data, idx, int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select)
+            n_tokens += batch.weights.shape[0] * batch.weights.shape[1]
+            state, m = train_step(lm.cfg, tx, head_vd, static, state, vmap, distill.to_device(batch),
+                                  float(t.kl_weight), float(t.ce_weight))  # fmt: skip
+            acc.append(m)
+            done = step + 1
+            if done % int(t.log_every) == 0 or done == steps:
+                got = jax.device_get(acc)
+                now = time.perf_counter()
+                rec = {"step": done, **{k: round(float(np.mean([a[k] for a in got])), 6)
+                                        for k in ("loss", "kl", "ce", "top1", "grad_norm")},
+                       "lr": float(schedule(done - 1)), "seconds_per_step": round((now - last_t) / len(got), 4),
+                       "positions_per_s": round(n_tokens / (now - last_t), 1)}  # fmt: skip
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", top1=f"{rec['top1']:.3f}")
+                bar.write(
+                    f"step {done:>6}  loss {rec['loss']:.4f}  kl {rec['kl']:.4f}  top1 {rec['top1']:.3f}"
+                    f"  lr {rec['lr']:.2e}  {rec['seconds_per_step']:.3f}s/step"
+                )
+                acc, last_t, n_tokens = [], now, 0
+            if val is not None and (done % int(t.val_every) == 0 or done == steps):
+                val_rec = validate(done, state["params"])
+                log.write(json.dumps(val_rec) + "\n")
+                log.flush()
+            if done % int(t.ckpt_every) == 0 or done == steps:
+                mngr.save(done, args=ocp.args.StandardSave(state), force=True)
+            bar.update(1)
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    exit_params = {**static, **jax.device_get(state["params"])}
+    summary = {"steps_done": end, "steps": steps, "finished": end == steps, "resumed_from": start,
+               "n_select": n_select,
+               "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+    return jax.tree.map(jnp.asarray, exit_params), summary
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+
+def exit_config(config) -> exits.ExitConfig:
+    return exits.ExitConfig(int(config.exit.layer), bool(config.exit.own_head), int(config.exit.draft_vocab))
+
+
+def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, stop_at: int | None = None):
+    """Data -> training -> export for one config. Returns the exported exit's path (None if stopped early).
+
+    lm: the teacher, if already loaded (an LM, loading.LoadedModel or cli.Session);
+    default: distill.load_lm(config.model). stop_at: see train_exit.
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(_jsonable(config.to_dict()), indent=1))
+    seconds = {}
+    t0 = time.perf_counter()
+    lm = distill.load_lm(config.model) if lm is None else distill.as_lm(lm)
+    exit_cfg = exit_config(config)
+    exit_cfg.validate(lm.cfg)
+    lm.params = jax.tree.map(jnp.asarray, lm.params)
+    seconds["load_model"] = round(time.perf_counter() - t0, 2)
+
+    t0 = time.perf_counter()
+    t = config.train
+    data_dir = pathlib.Path(config.data.dir) if config.data.dir else workdir / "data"
+    manifest = distill.prepare_data(lm, config, data_dir, progress)
+    data, val = distill.load_data(data_dir, exit_cfg.layer, int(config.data.top_k)).split(int(t.val_every_prompt))
+    vocab_ids = (distill.choose_draft_vocab(data, exit_cfg.draft_vocab, lm.eos_ids) if exit_cfg.draft_vocab
+                 else None)  # fmt: skip
+    seconds["data"] = round(time.perf_counter() - t0, 2)
+
+    def metrics(exit_params):
+        args = (int(t.seq_len), int(t.batch_size), int(t.seq_bucket), select_count(data, val))
+        out = {"train": distill.data_metrics(lm.cfg, lm.params, exit_params, data, *args)}
+        if val is not None:
+            out["val"] = distill.data_metrics(lm.cfg, lm.params, exit_params, val, *args)
+        return out
+
+    t0 = time.perf_counter()
+    before = metrics(exits.init_exit(lm.cfg, lm.params, exit_cfg, vocab_ids))
+    seconds["metrics_before"] = round(time.perf_counter() - t0, 2)
+
+    exit_params, summary = train_exit(
+        config, lm, data, workdir, vocab_ids, progress, stop_at, manifest["spec"], val=val
+    )
+    seconds["train"] = summary["seconds"]
+    if not summary["finished"]:
+        return None
+
+    t0 = time.perf_counter()
+    after = metrics(exit_params)
+    seconds["metrics_after"] = round(time.perf_counter() - t0, 2)
+    path = workdir / f"exit_N{exit_cfg.layer}.safetensors"
+    extra = {
+        "config": _jsonable(config.to_dict()),
+        "data": {k: manifest[k] for k in ("counts", "prompts", "sampling", "seed", "created")},
+        "train_metrics": {"untrained": before, "trained": after, **summary},
+    }
+    file_dtype = str(config.exit.get("file_dtype", "float32"))
+    store = {} if file_dtype == "float32" else {"dtype": file_dtype}
+    exits.save_exit(path, exit_params, exit_cfg, lm.name, lm.fingerprint, extra=_jsonable(extra), **store)
+    run = {"exit": str(path), "exit_bytes": path.stat().st_size, "seconds": seconds,
+           "data_seconds": manifest.get("seconds", {}), "metrics": {"untrained": before, "trained": after},
+           "counts": manifest["counts"], "train": summary}  # fmt: skip
+    (workdir / "run.json").write_text(json.dumps(run, indent=1))
+    return path
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_exit(
+    lm,
+    exit_path,
+    prompt_list_or_ids,
+    max_new_tokens: int = 128,
+    max_draft: int = 8,
+    controller: str = "beta-ts",
+    eos_ids: Sequence[int] | None = None,
+    warmup: bool = True,
+    max_prompt_tokens: int = 0,
+    progress: bool = True,
+) -> dict:
+    """An exit's figures on (held-out) prompts, batch 1, greedy.
+
+    lm: an LM / LoadedModel / cli.Session, or a tuple (cfg, params, fingerprint).
+    prompt_list_or_ids: prompts.Prompt objects (encoded with lm's tokenizer) or token-id lists;
+    with max_prompt_tokens > 0 longer prompts keep their last max_prompt_tokens tokens.
+    Runs AR and EESD on every prompt in this process (each new compiled shape is warmed
+    up first, untimed). Reports top-1 agreement of the exit with the LLM's greedy tokens
+    (from the layer-N states of the AR outputs), acceptance rate α, τ (tokens per round,
+    bonus included), tokens/s of both, the speedup and whether every output is identical.
+    """
+    if isinstance(lm, tuple):
+        cfg, params, fingerprint = lm
+        lm_obj, eos = None, tuple(eos_ids or ())
+    else:
+        lm_obj = distill.as_lm(lm)
+        cfg, params, fingerprint = lm_obj.cfg, lm_obj.params, lm_obj.fingerprint
+        eos = tuple(lm_obj.eos_ids if eos_ids is None else eos_ids)
+    exit_cfg, exit_params = exits.load_exit(exit_path, cfg, fingerprint)
+    ids = [lm_obj.encode(p) if isinstance(p, prompts.Prompt) else list(p) for p in prompt_list_or_ids]
+    ids = [p[-max_prompt_tokens:] if max_prompt_tokens else p for p in ids]
+    if not ids:
+        raise ValueError("no prompts to evaluate on")
+    ecfg = eesd.EESDConfig(
+        exit_layer=exit_cfg.layer, max_draft=max_draft, controller=control.ControllerConfig(kind=controller)
+    )
+    split = eesd.split_params(params, exit_cfg.layer)
+    seen: set = set()
+    rows, ar_time, es_time, new_ar, new_es = [], 0.0, 0.0, 0, 0
+    totals = {"rounds": 0, "drafted": 0, "accepted": 0}
+    bar = distill._tqdm(progress, total=len(ids), desc="eval-exit", unit="prompt")
+    for p in ids:
+        run_ar = lambda p=p: generate.generate_ar(cfg, params, [p], max_new_tokens, eos_ids=eos)
+        run_es = lambda p=p: generate.generate_eesd(
+            cfg, params, exit_params, ecfg, [p], max_new_tokens, eos_ids=eos, split=split
+        )
+        r_ar, r_es = (
+            decoding.make_request(cfg, [p], max_new_tokens),
+            decoding.make_request(cfg, [p], max_new_tokens, slack=max_draft + 1),
+        )
+        sig = (r_ar.tokens_bp.shape, r_ar.cache_len, r_es.cache_len)
+        if warmup and sig not in seen:
+            run_ar(), run_es()
+            seen.add(sig)
+        g_ar, g_es = run_ar(), run_es()
+        ar_time += g_ar.prefill_seconds + g_ar.decode_seconds
+        es_time += g_es.prefill_seconds + g_es.decode_seconds
+        new_ar, new_es = new_ar + g_ar.new_tokens, new_es + g_es.new_tokens
+        for key in totals:
+            totals[key] += g_es.stats[key]
+        rows.append(
+            {
+                "prompt_tokens": len(p),
+                "ar": g_ar.tokens[0],
+                "identical": g_ar.tokens[0] == g_es.tokens[0],
+                "tau": g_es.stats["mean_accepted_per_round"],
+                "alpha": g_es.stats["acceptance_rate"],
+            }
+        )
+        bar.update(1)
+    bar.close()
+
+    # Top-1 agreement on the LLM's own greedy continuations: exit argmax at position t vs token t+1.
+    seqs = [p + r["ar"] for p, r in zip(ids, rows)]
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
+    tokens = np.concatenate([np.asarray(s, np.int32) for s in seqs])
+    mask = np.zeros(len(tokens), bool)
+    for k, p in enumerate(ids):
+        mask[offsets[k] + len(p) - 1 : offsets[k + 1] - 1] = True
+    tmp_lm = LM(cfg, params, fingerprint, cfg.name, None, eos)
+    hidden, _, _ = distill.run_teacher(tmp_lm, tokens, offsets, [exit_cfg.layer], 0, progress=False)
+    nxt = np.roll(tokens, -1)[:, None]
+    data = distill.Data(
+        tokens,
+        offsets,
+        np.array([len(p) for p in ids], np.int32),
+        mask,
+        hidden[exit_cfg.layer],
+        np.zeros((len(tokens), 1), np.float32),
+        nxt.astype(np.int32),
+        np.zeros(cfg.vocab_size, np.int64),
+        np.zeros(cfg.vocab_size),
+    )
+    agreement = distill.data_metrics(cfg, params, exit_params, data, seq_len=cfg.max_seq_len)
+
+    stats = generate.speculation_stats(totals["rounds"], totals["drafted"], totals["accepted"])
+    ar_tps, es_tps = new_ar / max(ar_time, 1e-9), new_es / max(es_time, 1e-9)
+    return {
+        "exit": {
+            "path": str(exit_path),
+            "layer": exit_cfg.layer,
+            "own_head": exit_cfg.own_head,
+            "draft_vocab": exit_cfg.draft_vocab,
+        },
+        "prompts": len(ids),
+        "max_new_tokens": max_new_tokens,
+        "max_draft": max_draft,
+        "controller": controller,
+        "top1_agreement": agreement["top1"],
+        "alpha": stats["acceptance_rate"],
+        "tau": stats["mean_accepted_per_round"],
+        **stats,
+        "ar_tokens": new_ar,
+        "eesd_tokens": new_es,
+        "ar_seconds": round(ar_time, 3),
+        "eesd_seconds": round(es_time, 3),
+        "ar_tokens_per_s": round(ar_tps, 2),
+        "eesd_tokens_per_s": round(es_tps, 2),
+        "speedup": round(es_tps / max(ar_tps, 1e-9), 3),
+        "identical": all(r["identical"] for r in rows),
+        "n_identical": sum(r["identical"] for r in rows),
+        "per_prompt": [{k: v for k, v in r.items() if k != "ar"} for r in rows],
+    }
+
+
+def run_eval(config, exit_path, lm=None, progress: bool = True, out: str | pathlib.Path | None = None) -> dict:
+    """eval_exit on config.eval's prompt sets (held-out by default); optionally writes JSON."""
+    lm = distill.load_lm(config.model) if lm is None else distill.as_lm(lm)
+    lm.params = jax.tree.map(jnp.asarray, lm.params)
+    e = config.eval
+    plist = distill.prompt_list(e.sets, int(e.n_per_set))
+    result = eval_exit(lm, exit_path, plist, int(e.max_new_tokens), int(e.max_draft), str(e.controller),
+                               max_prompt_tokens=int(config.data.max_prompt_tokens), progress=progress)  # fmt: skip
+    result["sets"] = list(e.sets)
+    if out is not None:
+        pathlib.Path(out).write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,253 @@
+"""Self-distillation on a tiny random teacher (configs/tiny.py): data, losses, training, resume, export.
+
+One uninterrupted run (module fixture) is shared: its data dir is reused by the other runs,
+so each later run only trains. Everything here is CPU and takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eesd_jax import configs, distill, exits, model, train
+from eesd_jax.kv_cache import init_cache
+
+
+def tiny_config(**overrides):
+    c = configs.load_config("tiny")
+    for key, value in overrides.items():
+        node = c
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        with node.ignore_type():
+            node[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return distill.load_lm(configs.load_config("tiny").model)
+
+
+@pytest.fixture(scope="module")
+def run(lm, tmp_path_factory):
+    """An uninterrupted tiny distillation: (config, workdir, exit path)."""
+    root = tmp_path_factory.mktemp("distill")
+    config = tiny_config(**{"data.dir": str(root / "data")})
+    path = train.run_distill(config, root / "full", lm=lm, progress=False)
+    return config, root / "full", path
+
+
+def load(path, lm, layer=None):
+    return exits.load_exit(path, lm.cfg, lm.fingerprint, layer)
+
+
+def test_data_is_deterministic_for_a_seed(run, lm, tmp_path):
+    config, _, _ = run
+    again = distill.generate_data(lm, config.data, tmp_path / "again", progress=False)
+    first = distill.load_npz(f"{config.data.dir}/sequences.npz")
+    second = distill.load_npz(tmp_path / "again" / "sequences.npz")
+    assert first.keys() == second.keys()
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+
+    manifest = distill.read_manifest(config.data.dir)
+    assert manifest == {**again, "created": manifest["created"], "seconds": manifest["seconds"],
+                        "teacher": manifest["teacher"], "hidden_layers": manifest["hidden_layers"]}  # fmt: skip
+    assert manifest["model"]["fingerprint"] == lm.fingerprint
+    assert manifest["counts"]["sequences"] == 12 and manifest["counts"]["train_positions"] > 200
+    assert manifest["hidden_layers"] == [1, 2]  # exit.layer plus data.feature_layers in one pass.
+
+    config.data.seed = 1
+    other = distill.generate_data(lm, config.data, tmp_path / "other", progress=False)
+    assert not np.array_equal(distill.load_npz(tmp_path / "other" / "sequences.npz")["tokens"][: len(first["tokens"])],
+                              first["tokens"][: other["counts"]["tokens"]])  # fmt: skip
+    config.data.seed = 0
+
+
+def test_stored_data_layout(run, lm):
+    config, _, _ = run
+    data = distill.load_data(config.data.dir, 1)
+    seq = distill.load_npz(f"{config.data.dir}/sequences.npz")
+    lengths = np.diff(data.offsets)
+    assert len(data.tokens) == data.offsets[-1] == lengths.sum()
+    assert data.hidden.shape == (len(data.tokens), lm.cfg.d_model)
+    assert data.topk_ids.shape == data.topk_logp.shape == (len(data.tokens), config.data.top_k)
+    # Mask = positions predicting a response token.
+    for k in range(data.n_seq):
+        m = data.mask[data.offsets[k] : data.offsets[k + 1]]
+        assert m.sum() == lengths[k] - data.prompt_lens[k] and m[data.prompt_lens[k] - 1] and not m[-1]
+    assert seq["prompt_ids"].dtype.kind == "U"
+    # Teacher targets and hidden states equal a fresh full forward of one sequence.
+    k = 3
+    toks = jnp.asarray(data.tokens[data.offsets[k] : data.offsets[k + 1]])[None]
+    T = toks.shape[1]
+
+    @jax.jit
+    def reference(params, toks):  # Uncached full forward, keeping the hidden state after layer 1.
+        cache = init_cache(lm.cfg.n_layers, 1, T, lm.cfg.n_kv_heads, lm.cfg.head_dim)
+        lower, upper = model.split_layers(params["layers"], 1)
+        positions = jnp.arange(T)[None]
+        h, cache = model.run_layers(lm.cfg, lower, model.embed(params, toks), positions, cache)
+        x, _ = model.run_layers(lm.cfg, upper, h, positions, cache, 1)
+        return h[0], jax.nn.log_softmax(model.lm_head(params, model.final_norm(params, lm.cfg, x))[0])
+
+    h, logp = map(np.asarray, reference(lm.params, toks))
+    a = data.offsets[k]
+    np.testing.assert_array_equal(data.topk_ids[a : a + T, 0], logp.argmax(-1))
+    np.testing.assert_allclose(data.topk_logp[a : a + T, 0], logp.max(-1), atol=1e-4)
+    np.testing.assert_allclose(data.hidden[a : a + T], h, atol=1e-4, rtol=1e-4)
+
+
+def test_draft_vocab(run, lm):
+    config, _, _ = run
+    data = distill.load_data(config.data.dir, 1)
+    ids = distill.choose_draft_vocab(data, 48, lm.eos_ids)
+    assert len(ids) == len(set(ids.tolist())) == 48 and list(ids) == sorted(ids)
+    assert set(lm.eos_ids) <= set(ids.tolist())
+    top = np.argsort(-data.top1_counts, kind="stable")
+    n_seen = int((data.top1_counts > 0).sum())
+    assert set(top[: min(n_seen, 40)].tolist()) <= set(ids.tolist())
+    vmap = distill.vocab_map(lm.cfg.vocab_size, ids)
+    assert (vmap[ids] == np.arange(48)).all() and (vmap >= 0).sum() == 48
+
+
+def test_validation_split_by_prompt(run):
+    config, _, _ = run
+    data = distill.load_data(config.data.dir, 1)
+    train_part, val = data.split(3)
+    assert set(val.prompt_index % 3) == {2} and 2 not in set(train_part.prompt_index % 3)
+    assert train_part.n_seq + val.n_seq == data.n_seq and len(train_part.tokens) + len(val.tokens) == len(data.tokens)
+    k = int(np.flatnonzero(data.prompt_index % 3 == 2)[1])  # The second validation sequence.
+    a, b = data.offsets[k], data.offsets[k + 1]
+    np.testing.assert_array_equal(val.tokens[val.offsets[1] : val.offsets[2]], data.tokens[a:b])
+    np.testing.assert_array_equal(val.hidden[val.offsets[1] : val.offsets[2]], data.hidden[a:b])
+    assert train_part.top1_counts.sum() == train_part.mask.sum()
+    assert data.split(0) == (data, None)
+
+
+def test_train_logits_equal_exit_logits(run, lm):
+    """The training forward is exits.exit_logits (positions arange(T), fresh cache) on the draft vocabulary."""
+    _, _, path = run
+    exit_cfg, params = load(path, lm)
+    h = jax.random.normal(jax.random.key(1), (2, 9, lm.cfg.d_model))
+    ours = jax.jit(distill.exit_train_logits, static_argnums=0)(lm.cfg, distill.frozen_head(lm.params, params),
+                                                                params, h)  # fmt: skip
+    cache = init_cache(1, 2, 16, lm.cfg.n_kv_heads, lm.cfg.head_dim)
+    positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    full, _ = jax.jit(exits.exit_logits, static_argnums=0)(lm.cfg, lm.params, params, h, positions, cache)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(full)[..., np.asarray(params["vocab"])], atol=1e-5)
+    outside = np.setdiff1d(np.arange(lm.cfg.vocab_size), np.asarray(params["vocab"]))
+    assert np.isneginf(np.asarray(full)[..., outside]).all()
+    select = jnp.asarray([[8, 0, 3], [2, 2, 5]])
+    picked = jax.jit(distill.exit_train_logits, static_argnums=0)(lm.cfg, params["head"], params, h, select)
+    np.testing.assert_allclose(
+        np.asarray(picked), np.take_along_axis(np.asarray(ours), select[..., None], 1), atol=1e-6
+    )
+
+
+def test_selecting_response_positions_changes_nothing(run, lm):
+    """The head and loss on response positions only (n_select) give the same metrics as on all positions."""
+    config, _, path = run
+    data = distill.load_data(config.data.dir, 1)
+    _, params = load(path, lm)
+    assert distill.max_train_positions(data) == max(int(m.sum()) for m in np.split(data.mask, data.offsets[1:-1]))
+    n_select = train.select_count(data)  # As in training (and the shape compiled there).
+    vmap = jnp.asarray(distill.vocab_map(lm.cfg.vocab_size, np.asarray(params["vocab"])))
+    idx = [0, 5, 7, 11]
+    full = distill.make_batch(data, idx, 48, 48)
+    sel = distill.make_batch(data, idx, 48, 48, n_select=n_select)
+    assert sel.select.shape == (4, n_select) and full.select.shape == (4, 48)
+    m_full = distill._eval_batch(lm.cfg, lm.params, params, vmap, distill.to_device(full))
+    m_sel = distill._eval_batch(lm.cfg, lm.params, params, vmap, distill.to_device(sel))
+    for key in ("kl", "ce", "top1", "n"):
+        np.testing.assert_allclose(float(m_full[key]), float(m_sel[key]), rtol=1e-5, err_msg=key)
+
+
+def test_distillation_lowers_kl_and_raises_agreement(run):
+    config, workdir, path = run
+    report = json.loads((workdir / "run.json").read_text())
+    before, after = report["metrics"]["untrained"]["train"], report["metrics"]["trained"]["train"]
+    assert after["kl"] < 0.7 * before["kl"]
+    assert after["top1"] > before["top1"] + 0.1
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, 41, 5))
+    assert {"loss", "kl", "top1", "lr", "ce", "grad_norm"} <= records[0].keys()
+    assert records[-1]["kl"] < records[0]["kl"]
+    meta = exits.read_exit_metadata(path)
+    extra = json.loads(meta["extra"])
+    assert extra["config"]["exit"]["layer"] == 1 and extra["train_metrics"]["trained"]["train"]["kl"] == after["kl"]
+    assert path.stat().st_size < 100_000
+
+
+def test_resume_ends_with_exactly_the_uninterrupted_params(run, lm, tmp_path):
+    config, _, path = run
+    workdir = tmp_path / "killed"
+    # "Killed" after step 25: the last checkpoint is step 20; steps 21..25 are lost and redone.
+    assert train.run_distill(config, workdir, lm=lm, progress=False, stop_at=25) is None
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [10, 20]
+    resumed = train.run_distill(config, workdir, lm=lm, progress=False)
+    report = json.loads((workdir / "run.json").read_text())
+    assert report["train"]["resumed_from"] == 20
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(5, 41, 5))
+    _, a = load(path, lm)
+    _, b = load(resumed, lm)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # Checkpoints of another run are not resumed.
+    other = tiny_config(**{"data.dir": config.data.dir, "train.lr": 1e-3})
+    with pytest.raises(ValueError, match="different run"):
+        train.run_distill(other, workdir, lm=lm, progress=False)
+
+
+def test_exit_for_another_base_model_or_layer_is_refused(run, lm):
+    _, _, path = run
+    exit_cfg, _ = load(path, lm, layer=1)
+    assert exit_cfg == exits.ExitConfig(layer=1, own_head=False, draft_vocab=48)
+    with pytest.raises(ValueError, match="not 2"):
+        load(path, lm, layer=2)
+    spec = dict(configs.load_config("tiny").model.tiny)
+    other = distill.tiny_lm({**spec, "init_seed": 1})
+    assert other.fingerprint != lm.fingerprint
+    with pytest.raises(ValueError, match="trained for base model"):
+        exits.load_exit(path, other.cfg, other.fingerprint)
+
+
+def test_data_of_another_model_is_not_reused(run, tmp_path):
+    config, _, _ = run
+    spec = dict(config.model.tiny)
+    other = distill.tiny_lm({**spec, "init_seed": 1})
+    with pytest.raises(ValueError, match="made differently"):
+        distill.prepare_data(other, config, config.data.dir, progress=False)
+
+
+def test_loss_variants_shared_head_ce_prompt_positions(run, lm, tmp_path):
+    """Shared frozen full head, KL + CE, prompt positions weighted: trains the block and norm only."""
+    config, _, _ = run
+    c = tiny_config(**{"data.dir": config.data.dir, "exit.draft_vocab": 0, "train.ce_weight": 0.5,
+                       "train.prompt_weight": 0.5, "train.steps": 4, "train.log_every": 2, "train.val_every": 4})  # fmt: skip
+    data, val = distill.load_data(config.data.dir, 1).split(3)
+    params, summary = train.train_exit(c, lm, data, tmp_path, progress=False, val=val)
+    assert summary["finished"] and set(params) == {"block", "norm"}
+    rec = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rec] == [2, 4, 4] and all(np.isfinite(r["loss"]) for r in rec[:2])
+    assert rec[0]["loss"] > rec[0]["kl"]  # The CE term is in the loss.
+    assert 0 <= rec[2]["val_top1"] <= 1 and rec[2]["val_positions"] == val.mask.sum()
+    exits.save_exit(tmp_path / "e.safetensors", params, train.exit_config(c), lm.name, lm.fingerprint)
+    assert load(tmp_path / "e.safetensors", lm)[0] == exits.ExitConfig(layer=1)
+
+
+def test_eval_exit_reports_lossless_speculation(run, lm):
+    config, _, path = run
+    plist = distill.prompt_list(config.eval.sets, 1)
+    r = train.eval_exit(lm, path, plist, max_new_tokens=12, max_draft=1, controller="fixed", warmup=False,
+                          max_prompt_tokens=config.data.max_prompt_tokens, progress=False)  # fmt: skip
+    assert r["identical"] and r["n_identical"] == r["prompts"] == 2
+    assert 0 <= r["alpha"] <= 1 and r["tau"] >= 1 and 0 <= r["top1_agreement"] <= 1
+    assert r["ar_tokens"] == r["eesd_tokens"] > 0
