@@ -371,7 +371,69 @@ def build_parser() -> argparse.ArgumentParser:
     add_mesh_args(b)
     b.add_argument("--json", action="store_true", help="print only the final JSON line")
     b.set_defaults(func=cmd_bench, validate=validate_bench)
+    add_distill_parsers(sub)
     return parser
+
+
+def add_distill_parsers(sub) -> None:
+    d = sub.add_parser(
+        "distill",
+        help="self-distill an early exit (data, training, export)",
+        description="Generate data with the LLM itself, train the exit, export it as safetensors.",
+    )
+    d.add_argument(
+        "--config",
+        default="smollm2",
+        metavar="PATH[:ARG]",
+        help="ml_collections config: a name in eesd_jax/configs (tiny, smollm2) or a .py file, "
+        "with an optional :arg (e.g. smollm2:N=6,draft_vocab=8192)",
+    )
+    d.add_argument("--workdir", default=None, metavar="DIR", help="data, checkpoints, metrics (default runs/<config>)")
+    d.set_defaults(func=cmd_distill, validate=validate_config)
+
+    e = sub.add_parser("eval-exit", help="top-1 agreement, alpha and tau of a trained exit on held-out prompts")
+    e.add_argument("--exit", required=True, metavar="PATH", help="exit .safetensors file")
+    e.add_argument(
+        "--config", default="smollm2", metavar="PATH[:ARG]", help="config naming the model and eval settings"
+    )
+    e.add_argument(
+        "--prompts",
+        default=None,
+        metavar="SOURCE",
+        help="comma-separated prompt sets (humaneval, chat, a file); default: the config's",
+    )
+    e.set_defaults(func=cmd_eval_exit, validate=validate_config)
+
+
+def validate_config(args) -> None:
+    from eesd_jax import configs
+
+    try:
+        args.config_dict = configs.load_config(args.config)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise UsageError(f"--config {args.config}: {e}") from None
+    if getattr(args, "exit", None) is not None and not pathlib.Path(args.exit).is_file():
+        raise UsageError(f"--exit {args.exit}: no such file")
+
+
+def cmd_distill(args) -> int:
+    from eesd_jax import train
+
+    workdir = args.workdir or str(pathlib.Path("runs") / args.config.replace(":", "_").replace("/", "_"))
+    path = train.run_distill(args.config_dict, workdir)
+    print(f"exit written to {path}")
+    return 0
+
+
+def cmd_eval_exit(args) -> int:
+    from eesd_jax import train
+
+    config = args.config_dict
+    if args.prompts:
+        with config.eval.ignore_type():
+            config.eval.sets = tuple(args.prompts.split(","))
+    print(json.dumps(train.run_eval(config, args.exit)))
+    return 0
 
 
 def validate_bench(args) -> None:
