@@ -82,6 +82,23 @@ def stream_loop(state, run_chunk: Callable, on_tokens, chunk: int):
         state = run_chunk(state, jnp.int32(chunk))
 
 
+def _run(req: decoding.Request, mesh, start: Callable, decode: Callable, on_tokens, chunk: int, fields):
+    """The shared driver: place the batch, start (prefill + first token), run the decode loop.
+
+    start(tokens_bp, prompt_lens_b, max_new_b) -> loop state; decode(state, max_steps) -> state.
+    Returns (host copies of tokens, n_new and `fields` of the final state, prefill s, decode s).
+    """
+    with _mesh_context(mesh):
+        inputs = _batch_inputs(req, mesh)
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(start(*inputs))
+        t1 = time.perf_counter()
+        state = stream_loop(state, decode, on_tokens, chunk)
+        t2 = time.perf_counter()
+        out = sharding.fetch({k: getattr(state, k) for k in ("tokens", "n_new", *fields)})
+    return out, t1 - t0, t2 - t1
+
+
 def generate_ar(
     cfg: ModelConfig,
     params: Params,
@@ -97,22 +114,21 @@ def generate_ar(
     """Vanilla autoregressive decoding of a batch of prompts (token ids)."""
     req = decoding.make_request(cfg, prompts, max_new_tokens)
     eos = tuple(int(e) for e in eos_ids)
-    with _mesh_context(mesh):
-        tokens_bp, prompt_lens_b, max_new_b = _batch_inputs(req, mesh)
-        t0 = time.perf_counter()
+
+    def start(tokens_bp, prompt_lens_b, max_new_b):
         cache, logits, _ = decoding.prefill(cfg, params, tokens_bp, prompt_lens_b, req.cache_len)
-        state = decoding.ar_init(logits, cache, max_new_b, jax.random.key(seed), sampling, eos, req.max_new)
-        jax.block_until_ready(state)
-        t1 = time.perf_counter()
-        state = stream_loop(state, lambda s, n: decoding.ar_decode(cfg, params, s, sampling, eos, n), on_tokens, chunk)
-        t2 = time.perf_counter()
-        out = sharding.fetch({"tokens": state.tokens, "n_new": state.n_new, "steps": state.steps})
+        return decoding.ar_init(logits, cache, max_new_b, jax.random.key(seed), sampling, eos, req.max_new)
+
+    def decode(state, max_steps):
+        return decoding.ar_decode(cfg, params, state, sampling, eos, max_steps)
+
+    out, prefill_seconds, decode_seconds = _run(req, mesh, start, decode, on_tokens, chunk, ("steps",))
     return Generation(
         tokens=_rows(out["tokens"], out["n_new"]),
         mode="ar",
         prompt_tokens=req.prompt_lens_b.tolist(),
-        prefill_seconds=t1 - t0,
-        decode_seconds=t2 - t1,
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
         stats={"forward_passes": int(out["steps"]) + 1},
     )
 
@@ -156,43 +172,27 @@ def generate_eesd(
     req = decoding.make_request(cfg, prompts, max_new_tokens, slack=ecfg.max_draft + 1)
     eos = tuple(int(e) for e in eos_ids)
     lower, upper = split or eesd.split_params(params, ecfg.exit_layer)
-    with _mesh_context(mesh):
-        tokens_bp, prompt_lens_b, max_new_b = _batch_inputs(req, mesh)
-        t0 = time.perf_counter()
+
+    def start(tokens_bp, prompt_lens_b, max_new_b):
         cache, logits, hidden = decoding.prefill(cfg, params, tokens_bp, prompt_lens_b, req.cache_len, (lower, upper))
-        state = eesd.eesd_init(
-            cfg,
-            ecfg,
-            params,
-            exit_params,
-            cache,
-            hidden,
-            logits,
-            max_new_b,
-            jax.random.key(seed),
-            sampling,
-            eos,
-            req.max_new,
+        key = jax.random.key(seed)
+        return eesd.eesd_init(
+            cfg, ecfg, params, exit_params, cache, hidden, logits, max_new_b, key, sampling, eos, req.max_new
         )
-        jax.block_until_ready(state)
-        t1 = time.perf_counter()
-        state = stream_loop(
-            state,
-            lambda s, n: eesd.eesd_decode(cfg, ecfg, params, lower, upper, exit_params, s, sampling, eos, n),
-            on_tokens,
-            chunk,
-        )
-        t2 = time.perf_counter()
-        fields = ("tokens", "n_new", "rounds", "drafted", "accepted")
-        out = sharding.fetch({k: getattr(state, k) for k in fields})
+
+    def decode(state, max_steps):
+        return eesd.eesd_decode(cfg, ecfg, params, lower, upper, exit_params, state, sampling, eos, max_steps)
+
+    counters = ("rounds", "drafted", "accepted")
+    out, prefill_seconds, decode_seconds = _run(req, mesh, start, decode, on_tokens, chunk, counters)
     return Generation(
         tokens=_rows(out["tokens"], out["n_new"]),
         mode="eesd",
         prompt_tokens=req.prompt_lens_b.tolist(),
-        prefill_seconds=t1 - t0,
-        decode_seconds=t2 - t1,
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
         stats={
             **speculation_stats(out["rounds"], out["drafted"], out["accepted"]),
-            "per_row": {k: out[k].tolist() for k in ("rounds", "drafted", "accepted")},
+            "per_row": {k: out[k].tolist() for k in counters},
         },
     )
