@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_namespace_packages(include=["eesd_jax", "eesd_jax.*"]),
     package_data={"eesd_jax": ["data/*"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10
     install_requires=[
         "jax",
         "flax",
@@ -34,7 +34,7 @@ setup(
     extras_require={
         # torch only for the reference implementation in tests and peer benchmarks. Pinned:
         # other versions pull multi-GB CUDA wheels.
-        "test": ["pytest", "torch==2.13.0", "accelerate", "ruff"],
+        "test": ["pytest", "scipy", "torch==2.13.0", "accelerate", "ruff"],
     },
     entry_points={"console_scripts": ["eesd = eesd_jax.cli:main"]},
 )
