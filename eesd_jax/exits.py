@@ -103,8 +103,13 @@ def save_exit(
     base_name: str,
     base_fingerprint: str,
     extra: dict | None = None,
+    dtype: str | None = None,
 ) -> None:
-    """Write the exit atomically as safetensors with its identity in the metadata."""
+    """Write the exit atomically as safetensors with its identity in the metadata.
+
+    dtype (e.g. "float16"): store the floating tensors in it (half the file size);
+    load_exit casts them back to the model's dtype.
+    """
     from safetensors.numpy import save_file
 
     from eesd_jax.loading import _flatten, atomic_write
@@ -118,7 +123,11 @@ def save_exit(
         "base_fingerprint": base_fingerprint,
         "extra": json.dumps(extra or {}),
     }
+    if dtype not in (None, "float16", "float32"):
+        raise ValueError(f"exit file dtype must be float16 or float32, got {dtype!r}")
     flat = {k: np.asarray(v) for k, v in _flatten(jax.device_get(exit_params)).items()}
+    if dtype is not None:
+        flat = {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in flat.items()}
     atomic_write(pathlib.Path(path), lambda tmp: save_file(flat, tmp, metadata=meta))
 
 
@@ -157,7 +166,10 @@ def load_exit(
     if layer is not None and layer != exit_cfg.layer:
         raise ValueError(f"{pathlib.Path(path).name} is an exit after layer {exit_cfg.layer}, not {layer}")
     exit_cfg.validate(cfg)
-    params = jax.tree.map(jnp.asarray, _unflatten(load_file(str(path))))
+    stored = load_file(str(path))
+    dt = np.dtype(cfg.dtype)  # Exits may be stored in a narrower float type (save_exit dtype=).
+    stored = {k: v.astype(dt) if np.issubdtype(v.dtype, np.floating) else v for k, v in stored.items()}
+    params = jax.tree.map(jnp.asarray, _unflatten(stored))
     ids = np.arange(exit_cfg.draft_vocab) if exit_cfg.draft_vocab else None
     expected = jax.eval_shape(lambda p: init_exit(cfg, p, exit_cfg, ids), _shapes_only(cfg))
     got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)

@@ -135,3 +135,19 @@ def test_exit_files_round_trip_and_refuse_other_models(params, tmp_path):
     other = model.ModelConfig(**{**CFG.__dict__, "d_model": 48})
     with pytest.raises(ValueError, match="do not match"):
         exits.load_exit(path, other, "a" * 64)
+
+
+def test_exit_files_stored_in_float16_load_back_in_the_model_dtype(params, tmp_path):
+    exit_cfg = exits.ExitConfig(2, own_head=True)
+    ep = exits.init_exit(CFG, params, exit_cfg)
+    path16, path32 = tmp_path / "e16.safetensors", tmp_path / "e32.safetensors"
+    exits.save_exit(path16, ep, exit_cfg, "tiny", "a" * 64, dtype="float16")
+    exits.save_exit(path32, ep, exit_cfg, "tiny", "a" * 64)
+    assert path16.stat().st_size < 0.6 * path32.stat().st_size
+    _, loaded = exits.load_exit(path16, CFG, "a" * 64)
+    for a, b in zip(jax.tree.leaves(ep), jax.tree.leaves(loaded)):
+        assert b.dtype == a.dtype
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a).astype(np.float16).astype(a.dtype))
+    with pytest.raises(ValueError, match="float16 or float32"):
+        exits.save_exit(tmp_path / "e8.safetensors", ep, exit_cfg, "tiny", "a" * 64, dtype="int8")
+    assert not (tmp_path / "e8.safetensors").exists()

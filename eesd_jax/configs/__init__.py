@@ -202,9 +202,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.exit.layer = 6  # N: the exit reads the hidden state after the first N layers.
     c.exit.own_head = False  # Full-vocabulary own head (trainable) instead of the LLM's frozen one.
     c.exit.draft_vocab = 0  # >0: own head over the most frequent draft_vocab tokens of the data.
-    c.exit.file_dtype = (
-        "float32"  # Float type of the exported file ("float16" halves it; needs exits.save_exit dtype=).
-    )
+    c.exit.file_dtype = "float32"  # Float type of the exported file; "float16" halves it.
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""  # Where data lives; "" = WORKDIR/data. Share one dir between runs for other N.
