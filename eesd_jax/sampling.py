@@ -36,22 +36,47 @@ class SamplingConfig:
 
 
 def warp(logits_xv: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """Float32 log-probabilities after temperature, top-k, top-p (-inf outside support)."""
+    """Float32 log-probabilities after temperature, top-k, top-p (-inf outside support).
+
+    top-k keeps every token tied with the k-th largest logit; top-p keeps a token
+    iff the tokens strictly more likely than it hold less than top_p of the mass
+    (the usual sorted-cumsum rule, ties with the last token needed kept). Both
+    thresholds are found by bisection instead of a sort over V, which on CPU cost
+    4-6x a whole decode step at batch 64.
+    """
     if cfg.greedy:
         raise ValueError("warp needs temperature > 0; greedy decoding takes the argmax")
     logits = logits_xv.astype(jnp.float32) / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, cfg.top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, NEG_INF, logits)
+        key = _order_key(logits)
+        kth = _bisect(lambda t: jnp.sum(key >= t, -1, keepdims=True) < cfg.top_k, key.shape[:-1])
+        logits = jnp.where(key >= kth - 1, logits, NEG_INF)  # kth - 1: the largest t with >= k kept.
     logp = jax.nn.log_softmax(logits, axis=-1)
     if cfg.top_p < 1.0:
-        sorted_logp = jnp.sort(logp, axis=-1)[..., ::-1]
-        mass_before = jnp.cumsum(jnp.exp(sorted_logp), axis=-1) - jnp.exp(sorted_logp)
-        # The least likely token still needed to reach top_p; ties with it are kept.
-        n_keep = jnp.sum(mass_before < cfg.top_p, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(sorted_logp, n_keep - 1, axis=-1)
-        logp = jax.nn.log_softmax(jnp.where(logp < cutoff, NEG_INF, logp), axis=-1)
+        key, p = _order_key(logp), jnp.exp(logp)
+        cutoff = _bisect(lambda t: jnp.sum(jnp.where(key > t, p, 0.0), -1, keepdims=True) < cfg.top_p, key.shape[:-1])
+        logp = jax.nn.log_softmax(jnp.where(key >= cutoff, logp, NEG_INF), axis=-1)
     return logp
+
+
+def _order_key(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 with the same order (+0 and -0 equal), so thresholds can be bisected exactly."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _bisect(pred, batch_shape) -> jax.Array:
+    """Smallest uint32 t with pred(t) True, per row ([..., 1]); pred is monotone (False..., True...)."""
+    lo = jnp.zeros((*batch_shape, 1), jnp.uint32)
+    hi = jnp.full((*batch_shape, 1), 0xFFFFFFFF, jnp.uint32)  # pred(hi) holds for the uses above.
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = pred(mid)
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    return jax.lax.fori_loop(0, 32, step, (lo, hi))[1]
 
 
 def probs(logits_xv: jax.Array, cfg: SamplingConfig) -> jax.Array:

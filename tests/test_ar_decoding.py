@@ -223,6 +223,36 @@ def test_warp_support_and_values(random_logits, scfg):
     np.testing.assert_allclose(np.asarray(sampling.probs(jnp.asarray(random_logits), scfg)), np.exp(warped), rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "scfg",
+    [SamplingConfig(1.0, top_k=40), SamplingConfig(0.7, top_p=0.6), SamplingConfig(1.3, top_k=100, top_p=0.9)],
+    ids=str,
+)
+def test_warp_keeps_ties_and_drops_masked_tokens(scfg):
+    """A [B, T, V] batch with many tied logits and -inf ones: every token tied with the
+    last one needed is kept (top-k: the k-th largest; top-p: the tokens strictly more
+    likely hold < top_p), -inf never is."""
+    rng = np.random.default_rng(3)
+    logits = (np.round(rng.standard_normal((2, 3, 500)) * 20) / 20).astype(np.float32)  # ~140 distinct values.
+    logits[..., ::7] = -np.inf
+    got = np.exp(np.asarray(sampling.warp(jnp.asarray(logits), scfg), np.float64))
+    for idx in np.ndindex(logits.shape[:-1]):
+        z = logits[idx].astype(np.float64) / scfg.temperature
+        if scfg.top_k:
+            z = np.where(z < np.sort(z)[-scfg.top_k], -np.inf, z)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if scfg.top_p < 1.0:
+            mass_above = np.array([p[p > q].sum() for q in p])
+            assert np.all(np.abs(mass_above - scfg.top_p) > 1e-5)  # Away from float32 rounding.
+            p = np.where(mass_above < scfg.top_p, p, 0.0)
+            p /= p.sum()
+        kept = p > 0
+        assert 1 < kept.sum() < np.isfinite(logits[idx]).sum()  # The thresholds do cut.
+        np.testing.assert_array_equal(got[idx] > 0, kept)
+        np.testing.assert_allclose(got[idx], p, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("scfg", WARPS, ids=str)
 def test_choose_never_leaves_the_support(random_logits, scfg):
     n = 4096
