@@ -153,7 +153,21 @@ def final_norm(params: Params, cfg: ModelConfig, x_btd: jax.Array) -> jax.Array:
 def lm_head(params: Params, x_btd: jax.Array) -> jax.Array:
     """[B, T, D] normed hidden -> [B, T, V] float32 logits (tied or untied head)."""
     w_vd = params["lm_head"] if "lm_head" in params else params["embed"]
-    return jnp.einsum("btd,vd->btv", x_btd, w_vd, preferred_element_type=jnp.float32)
+    return dense(x_btd, w_vd, jnp.float32)
+
+
+def dense(x_btd: jax.Array, w_od: jax.Array, out_dtype=None) -> jax.Array:
+    """[B, T, D] @ stored (out, in) weight [O, D] -> [B, T, O].
+
+    With several tokens the weight is the dot's left operand ("od,btd->obt"):
+    XLA:CPU's GEMM packs its right operand, so a small token block there is
+    cheap while the weight streams once; with the weight on the right a 2..8
+    token verification block cost ~2x a one-token step instead of ~1.3x.
+    """
+    B, T, _ = x_btd.shape
+    if B * T == 1:
+        return jnp.einsum("btd,od->bto", x_btd, w_od, preferred_element_type=out_dtype)
+    return jnp.einsum("od,btd->obt", w_od, x_btd, preferred_element_type=out_dtype).transpose(1, 2, 0)
 
 
 # ----------------------------------------------------------------------------- one block
@@ -185,9 +199,9 @@ def block(
     # Projections are 2-D matmuls against the stored (out, in) weights: head-shaped
     # einsums made XLA:CPU copy a transposed weight every layer and step.
     h = rms_norm(x_btd, p["attn_norm"], cfg.rms_eps)
-    q_bthe = jnp.einsum("btd,nd->btn", h, p["wq"].reshape(H * E, D)).reshape(B, T, H, E)
-    k_btke = jnp.einsum("btd,nd->btn", h, p["wk"].reshape(K * E, D)).reshape(B, T, K, E)
-    v_btke = jnp.einsum("btd,nd->btn", h, p["wv"].reshape(K * E, D)).reshape(B, T, K, E)
+    q_bthe = dense(h, p["wq"].reshape(H * E, D)).reshape(B, T, H, E)
+    k_btke = dense(h, p["wk"].reshape(K * E, D)).reshape(B, T, K, E)
+    v_btke = dense(h, p["wv"].reshape(K * E, D)).reshape(B, T, K, E)
     if cfg.qkv_bias:
         q_bthe, k_btke, v_btke = q_bthe + p["bq"], k_btke + p["bk"], v_btke + p["bv"]
     q_bthe = rope(q_bthe, positions_bt, cfg.rope_theta)
@@ -206,12 +220,11 @@ def block(
     scores = jnp.where(visible_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
     o_btn = jnp.einsum("bkgts,bske->btkge", probs, v_bske).reshape(B, T, H * E)
-    x_btd = x_btd + jnp.einsum("btn,dn->btd", o_btn, p["wo"].reshape(D, H * E))
+    x_btd = x_btd + dense(o_btn, p["wo"].reshape(D, H * E))
 
     h = rms_norm(x_btd, p["mlp_norm"], cfg.rms_eps)
-    gate_btf = jnp.einsum("btd,fd->btf", h, p["w_gate"])
-    up_btf = jnp.einsum("btd,fd->btf", h, p["w_up"])
-    x_btd = x_btd + jnp.einsum("btf,df->btd", jax.nn.silu(gate_btf) * up_btf, p["w_down"])
+    gate_btf, up_btf = dense(h, p["w_gate"]), dense(h, p["w_up"])
+    x_btd = x_btd + dense(jax.nn.silu(gate_btf) * up_btf, p["w_down"])
     return x_btd, k_lbske, v_lbske
 
 
