@@ -25,20 +25,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data.sets = ("chat:train", "humaneval:train")  # 165 + 132 prompts.
     c.data.n_per_set = 0
+    c.data.samples_per_prompt = 2  # 594 responses: held-out top-1 grew ~+0.045 per doubling of the data.
     c.data.max_prompt_tokens = 512
-    c.data.max_new_tokens = 128
-    c.data.temperature = 0.7
-    c.data.top_p = 0.95
-    c.data.batch_size = 8
+    c.data.max_new_tokens = 256
+    c.data.temperature = 0.6  # Close to the greedy text EESD mostly drafts for, still varied.
+    c.data.top_p = 1.0
+    c.data.batch_size = 64  # One decode step serves 64 rows: ~140 new tokens/s on 2 CPU cores.
     c.data.top_k = 64
     c.data.feature_layers = ()
 
-    c.train.steps = 600
-    c.train.batch_size = 8
+    c.train.steps = 100  # 3 epochs of the ~535 training responses at batch 16 (~8 min here).
+    c.train.batch_size = 16
     c.train.seq_len = 512
-    c.train.lr = 2e-4
+    c.train.lr = 5e-4
     c.train.warmup_steps = 30
-    c.train.ckpt_every = 100
+    c.train.val_every_prompt = 10  # Hold out every 10th prompt to watch val_top1 (over-fitting).
+    c.train.val_every = 25
+    c.train.ckpt_every = 50
+    c.exit.file_dtype = "float16"  # Half the file (~9 MB for N's block + an 8192-row head).
 
     c.eval.n_per_set = 8
     c.eval.max_new_tokens = 128

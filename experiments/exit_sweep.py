@@ -1,0 +1,111 @@
+"""Choose the exit layer N by measurement: train an exit per N, bench each, then each controller.
+
+For every N: `eesd distill --config smollm2:N=<N>,<overrides>` (skipped if its exit
+exists; all N share one generated data dir, so the LLM generates once). Then, in one
+process on the same held-out prompts (HumanEval and chat held-out splits), greedy,
+batch 1: AR vs EESD for every N with the default controller, and every controller for
+the fastest N. Each bench runs AR and EESD after warm-up (eesd_jax.bench.run) and reports
+tokens/s, speedup, whether the outputs are identical, acceptance rate alpha and tau.
+
+  python experiments/exit_sweep.py --layers 2 4 6 8 --workdir runs/sweep \\
+      --overrides data.dir=runs/data,data.feature_layers=2+4+6+8,... --out experiments/results/exit_sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+from eesd_jax import bench, cli, control, eesd, exits, prompts, train
+from eesd_jax.configs import load_config
+
+
+def train_exits(layers, overrides: str, workdir: pathlib.Path) -> dict[int, pathlib.Path]:
+    paths = {}
+    for n in layers:
+        run_dir = workdir / f"N{n}"
+        path = run_dir / f"exit_N{n}.safetensors"
+        if not path.is_file():
+            t0 = time.perf_counter()
+            train.run_distill(load_config(f"smollm2:N={n}" + (f",{overrides}" if overrides else "")), run_dir)
+            print(f"N={n}: trained in {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
+        paths[n] = path
+    return paths
+
+
+def held_out_prompts(session, n_per_set: int) -> list[list[int]]:
+    chosen = []
+    for source in ("humaneval", "chat"):
+        chosen += prompts.load_prompts(source, "heldout", n_per_set)
+    return [cli.encode_prompt(session, p.text, p.chat) for p in chosen]
+
+
+def bench_one(session, exit_path, controller: str, max_draft: int, ids, max_new_tokens: int) -> dict:
+    exit_cfg, exit_params = exits.load_exit(exit_path, session.cfg, session.lm.fingerprint)
+    ecfg = eesd.EESDConfig(exit_cfg.layer, max_draft, control.ControllerConfig(kind=controller))
+    setup = bench.BenchSetup(session.cfg, session.params, exit_params, ecfg, session.eos_ids)
+    report = bench.run(setup, ids, max_new_tokens)
+    es = report["modes"]["eesd"]
+    row = {
+        "N": exit_cfg.layer,
+        "controller": controller,
+        "max_draft": max_draft,
+        "ar_tok_s": report["modes"]["ar"]["tokens_per_second"],
+        "eesd_tok_s": es["tokens_per_second"],
+        "speedup": report["speedup"],
+        "identical": report["identical"],
+        "alpha": round(es["acceptance_rate"], 3),
+        "tau": round(es["mean_accepted_per_round"], 3),
+        "mean_draft": round(es["mean_draft_length"], 3),
+        "cost_ratio": round(report["cost_ratio"], 3),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def table(rows) -> str:
+    head = "| N | controller | K | AR tok/s | EESD tok/s | speedup | identical | α | τ | mean draft | c |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['N']} | {r['controller']} | {r['max_draft']} | {r['ar_tok_s']:.2f} | {r['eesd_tok_s']:.2f} | "
+            f"{r['speedup']:.2f}x | {r['identical']} | {r['alpha']:.3f} | {r['tau']:.2f} | {r['mean_draft']:.2f} | "
+            f"{r['cost_ratio']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 6, 8])
+    ap.add_argument("--overrides", default="", help="config overrides shared by every N (smollm2 config)")
+    ap.add_argument("--workdir", default="runs/sweep")
+    ap.add_argument("--n-per-set", type=int, default=4, help="held-out prompts per set (humaneval, chat)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-draft", type=int, default=6)
+    ap.add_argument("--controller", default="beta-ts", help="controller for the N sweep")
+    ap.add_argument("--out", default="experiments/results/exit_sweep", help="writes OUT.md and OUT.json")
+    args = ap.parse_args()
+
+    paths = train_exits(args.layers, args.overrides, pathlib.Path(args.workdir))
+    session = cli.load_session(None)
+    ids = held_out_prompts(session, args.n_per_set)
+    rows = [
+        bench_one(session, paths[n], args.controller, args.max_draft, ids, args.max_new_tokens) for n in args.layers
+    ]
+    best = max(rows, key=lambda r: r["speedup"])
+    for kind in control.KINDS:
+        if kind != args.controller:
+            rows.append(bench_one(session, paths[best["N"]], kind, args.max_draft, ids, args.max_new_tokens))
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"args": vars(args), "prompts": len(ids), "exits": {n: str(p) for n, p in paths.items()}}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(f"{table(rows)}\n\n{json.dumps(meta)}\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
