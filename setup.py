@@ -13,7 +13,7 @@ setup(
     long_description=(HERE / "README.md").read_text("utf-8"),
     long_description_content_type="text/markdown",
     packages=find_namespace_packages(include=["eesd_jax", "eesd_jax.*"]),
-    package_data={"eesd_jax": ["data/*"]},
+    package_data={"eesd_jax": ["data/*.jsonl", "data/exits/*.safetensors"]},
     python_requires=">=3.11",  # jax 0.10
     install_requires=[
         "jax",

@@ -1,0 +1,39 @@
+"""The trained exit shipped for the bundled SmolLM2: found by fingerprint, small, lossless, and it drafts."""
+
+import pathlib
+
+import pytest
+from safetensors import safe_open
+
+from eesd_jax import control, eesd, exits, generate, prompts, shipped
+
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def shipped_exit(smollm):
+    path = shipped.default_exit(smollm)
+    assert path is not None, f"no exit in {shipped.EXITS_DIR} was trained for the bundled model"
+    return path
+
+
+def test_shipped_exit_is_small_and_stored_in_float16(smollm, shipped_exit):
+    assert pathlib.Path(shipped_exit).stat().st_size <= 20 * 2**20
+    with safe_open(shipped_exit, "numpy") as f:
+        dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+    assert "F16" in dtypes and "F32" not in dtypes
+    exit_cfg, _ = exits.load_exit(shipped_exit, smollm.cfg, smollm.fingerprint)
+    assert 1 <= exit_cfg.layer <= smollm.cfg.n_layers // 3 and exit_cfg.draft_vocab > 0
+
+
+def test_shipped_exit_is_lossless_and_its_drafts_are_accepted(smollm, shipped_exit):
+    tok = smollm.tokenizer()
+    ids = [prompts.encode(tok, p.text, p.chat) for p in prompts.load_prompts("chat", "heldout", 2)]
+    exit_cfg, exit_params = exits.load_exit(shipped_exit, smollm.cfg, smollm.fingerprint)
+    eos = (int(tok.eos_token_id),)
+    ar = generate.generate_ar(smollm.cfg, smollm.params, ids, 48, eos_ids=eos)
+    ecfg = eesd.EESDConfig(exit_cfg.layer, 1, control.ControllerConfig(kind="fixed"))  # One draft per round.
+    out = generate.generate_eesd(smollm.cfg, smollm.params, exit_params, ecfg, ids, 48, eos_ids=eos)
+    assert out.tokens == ar.tokens
+    # alpha = agreement of one draft with the LLM: ~0 untrained at N=2, ~0.2 for the shipped exit.
+    assert out.stats["acceptance_rate"] > 0.1, out.stats
