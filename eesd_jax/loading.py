@@ -369,6 +369,9 @@ def atomic_write(path: pathlib.Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a written file gets the usual mode.
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

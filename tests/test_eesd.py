@@ -1,6 +1,7 @@
 """EESD decoding is lossless: greedy output equals AR token for token (DESIGN.md §7.3)."""
 
 import itertools
+import os
 
 import jax
 import numpy as np
@@ -144,6 +145,9 @@ def test_exit_files_stored_in_float16_load_back_in_the_model_dtype(params, tmp_p
     exits.save_exit(path16, ep, exit_cfg, "tiny", "a" * 64, dtype="float16")
     exits.save_exit(path32, ep, exit_cfg, "tiny", "a" * 64)
     assert path16.stat().st_size < 0.6 * path32.stat().st_size
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path16.stat().st_mode & 0o777 == 0o666 & ~umask  # Not mkstemp's 0600: others may read it.
     _, loaded = exits.load_exit(path16, CFG, "a" * 64)
     for a, b in zip(jax.tree.leaves(ep), jax.tree.leaves(loaded)):
         assert b.dtype == a.dtype
