@@ -159,15 +159,20 @@ def lm_head(params: Params, x_btd: jax.Array) -> jax.Array:
 def dense(x_btd: jax.Array, w_od: jax.Array, out_dtype=None) -> jax.Array:
     """[B, T, D] @ stored (out, in) weight [O, D] -> [B, T, O].
 
-    With several tokens the weight is the dot's left operand ("od,btd->obt"):
-    XLA:CPU's GEMM packs its right operand, so a small token block there is
-    cheap while the weight streams once; with the weight on the right a 2..8
-    token verification block cost ~2x a one-token step instead of ~1.3x.
+    For a small block of 2..SMALL_BLOCK rows the weight is the dot's left operand
+    ("od,btd->obt"): XLA:CPU's GEMM packs its right operand, so the block there is
+    cheap while the weight streams once; with the weight on the right a 2..8 token
+    verification block cost ~2x a one-token step instead of ~1.3x. One row (a GEMV)
+    and long blocks (prefill, teacher passes: 1.4-1.7x slower weight-left) keep the
+    usual order.
     """
     B, T, _ = x_btd.shape
-    if B * T == 1:
-        return jnp.einsum("btd,od->bto", x_btd, w_od, preferred_element_type=out_dtype)
-    return jnp.einsum("od,btd->obt", w_od, x_btd, preferred_element_type=out_dtype).transpose(1, 2, 0)
+    if 1 < B * T <= SMALL_BLOCK:
+        return jnp.einsum("od,btd->obt", w_od, x_btd, preferred_element_type=out_dtype).transpose(1, 2, 0)
+    return jnp.einsum("btd,od->bto", x_btd, w_od, preferred_element_type=out_dtype)
+
+
+SMALL_BLOCK = 16  # Rows (B * T) up to which dense() puts the weight on the left.
 
 
 # ----------------------------------------------------------------------------- one block
