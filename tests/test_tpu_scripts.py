@@ -137,11 +137,19 @@ def test_run_passes_eesd_args_to_all_workers(fakes):
 
 
 def test_run_distill_background_with_env(fakes):
-    args = ["--background", "--env", "XLA_FLAGS=--xla_dump_to=/tmp/x", "distill", "--mesh", "data=4,model=1"]
+    args = [
+        "--background",
+        "--env",
+        "XLA_FLAGS=--xla_dump_to=/tmp/x",
+        "--env=A=1",
+        "distill",
+        "--mesh",
+        "data=4,model=1",
+    ]
     lines, replayed, real = _dry_and_real(fakes, "run.sh", args)
     assert replayed == real
     assert real[0][-1] == (
-        "--command=cd eesd_jax && nohup env EESD_DISTRIBUTED=1 XLA_FLAGS=--xla_dump_to=/tmp/x "
+        "--command=cd eesd_jax && nohup env EESD_DISTRIBUTED=1 XLA_FLAGS=--xla_dump_to=/tmp/x A=1 "
         ".venv/bin/eesd distill --mesh data=4,model=1 > eesd-run.log 2>&1 < /dev/null &"
     )
 
@@ -151,6 +159,9 @@ def test_run_distill_background_with_env(fakes):
     [
         ("create.sh", ["--bogus"], "unknown argument: --bogus"),
         ("create.sh", ["--zone"], "--zone needs a value"),
+        ("create.sh", ["--spot=1"], "unknown argument: --spot=1"),
+        ("delete.sh", ["--", "--yes"], "unknown argument: --"),
+        ("delete.sh", ["my-tpu"], "unknown argument: my-tpu"),
         ("run.sh", ["--dry-run"], "no eesd subcommand"),
         ("run.sh", ["--dry-run", "train"], "unsupported eesd subcommand 'train'"),
         ("run.sh", ["--env", "1X=2", "bench"], "--env wants KEY=VALUE"),

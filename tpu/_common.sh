@@ -56,3 +56,57 @@ need_value() {
     die "$1 needs a value"
   fi
 }
+
+# parse_flags ARGS...: set the variables the flag tables name, from `--flag VALUE`, `--flag=VALUE`
+# and bare switches; --help prints the script's usage. The tables are the calling script's:
+#   VALUE_FLAGS  "flag=VAR" items; "flag=VAR[]" appends to an array (a repeatable flag)
+#   SWITCHES     "flag=VAR" items that set VAR=1
+# --name, --zone, --project and --dry-run are everyone's. With TAKES_REST=1, the arguments after
+# `--`, or from the first word that is not a flag, are left in the array REST.
+parse_flags() {
+  local specs=(name=TPU_NAME zone=ZONE project=PROJECT "${VALUE_FLAGS[@]}")
+  local switches=(dry-run=DRY_RUN "${SWITCHES[@]}")
+  local arg flag value spec var matched
+  REST=()
+  while [[ $# -gt 0 ]]; do
+    arg="$1"
+    case "$arg" in
+      -h | --help) usage; exit 0 ;;
+      --*) ;;
+      *) [[ "$arg" != -* ]] || die "unknown argument: $arg" ;;
+    esac
+    if [[ "${TAKES_REST:-0}" == 1 && ("$arg" == -- || "$arg" != --*) ]]; then
+      [[ "$arg" != -- ]] || shift
+      REST=("$@")
+      return
+    fi
+    flag="${arg%%=*}"
+    flag="${flag#--}"
+    matched=0
+    for spec in "${switches[@]}"; do
+      if [[ "$arg" == "--${spec%%=*}" ]]; then
+        printf -v "${spec#*=}" 1
+        matched=1
+      fi
+    done
+    for spec in "${specs[@]}"; do
+      [[ "$flag" == "${spec%%=*}" ]] || continue
+      if [[ "$arg" == *=* ]]; then
+        value="${arg#*=}"
+      else
+        need_value "$arg" "${2:-}"
+        value="$2"
+        shift
+      fi
+      var="${spec#*=}"
+      if [[ "$var" == *"[]" ]]; then
+        eval "${var%"[]"}+=(\"\$value\")"
+      else
+        printf -v "$var" '%s' "$value"
+      fi
+      matched=1
+    done
+    [[ "$matched" == 1 ]] || die "unknown argument: $arg"
+    shift
+  done
+}

@@ -27,31 +27,9 @@ usage: tpu/create.sh [--name NAME] [--zone ZONE] [--project PROJECT]
 USAGE
 }
 
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --name=*) TPU_NAME="${1#*=}" ;;
-    --zone=*) ZONE="${1#*=}" ;;
-    --project=*) PROJECT="${1#*=}" ;;
-    --accelerator-type=*) ACCELERATOR_TYPE="${1#*=}" ;;
-    --version=*) VERSION="${1#*=}" ;;
-    --name | --zone | --project | --accelerator-type | --version)
-      need_value "$1" "${2:-}"
-      case "$1" in
-        --name) TPU_NAME="$2" ;;
-        --zone) ZONE="$2" ;;
-        --project) PROJECT="$2" ;;
-        --accelerator-type) ACCELERATOR_TYPE="$2" ;;
-        --version) VERSION="$2" ;;
-      esac
-      shift
-      ;;
-    --spot) SPOT=1 ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage; exit 0 ;;
-    *) die "unknown argument: $1" ;;
-  esac
-  shift
-done
+VALUE_FLAGS=(accelerator-type=ACCELERATOR_TYPE version=VERSION)
+SWITCHES=(spot=SPOT)
+parse_flags "$@"
 
 location_flags
 cmd=(gcloud compute tpus tpu-vm create "$TPU_NAME" "${LOCATION[@]}"

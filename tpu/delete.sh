@@ -21,27 +21,9 @@ usage: tpu/delete.sh [--name NAME] [--zone ZONE] [--project PROJECT] [--yes] [--
 USAGE
 }
 
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --name=*) TPU_NAME="${1#*=}" ;;
-    --zone=*) ZONE="${1#*=}" ;;
-    --project=*) PROJECT="${1#*=}" ;;
-    --name | --zone | --project)
-      need_value "$1" "${2:-}"
-      case "$1" in
-        --name) TPU_NAME="$2" ;;
-        --zone) ZONE="$2" ;;
-        --project) PROJECT="$2" ;;
-      esac
-      shift
-      ;;
-    --yes) YES=1 ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage; exit 0 ;;
-    *) die "unknown argument: $1" ;;
-  esac
-  shift
-done
+VALUE_FLAGS=()
+SWITCHES=(yes=YES)
+parse_flags "$@"
 
 location_flags
 cmd=(gcloud compute tpus tpu-vm delete "$TPU_NAME" "${LOCATION[@]}")

@@ -37,35 +37,11 @@ usage: tpu/run.sh [--name NAME] [--zone ZONE] [--project PROJECT] [--worker all|
 USAGE
 }
 
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --name=*) TPU_NAME="${1#*=}" ;;
-    --zone=*) ZONE="${1#*=}" ;;
-    --project=*) PROJECT="${1#*=}" ;;
-    --worker=*) WORKER="${1#*=}" ;;
-    --dir=*) REMOTE_DIR="${1#*=}" ;;
-    --env=*) ENVS+=("${1#*=}") ;;
-    --name | --zone | --project | --worker | --dir | --env)
-      need_value "$1" "${2:-}"
-      case "$1" in
-        --name) TPU_NAME="$2" ;;
-        --zone) ZONE="$2" ;;
-        --project) PROJECT="$2" ;;
-        --worker) WORKER="$2" ;;
-        --dir) REMOTE_DIR="$2" ;;
-        --env) ENVS+=("$2") ;;
-      esac
-      shift
-      ;;
-    --background) BACKGROUND=1 ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; break ;;
-    -*) die "unknown argument: $1" ;;
-    *) break ;;
-  esac
-  shift
-done
+VALUE_FLAGS=(worker=WORKER dir=REMOTE_DIR "env=ENVS[]")
+SWITCHES=(background=BACKGROUND)
+TAKES_REST=1
+parse_flags "$@"
+set -- "${REST[@]}"
 
 if [[ $# -eq 0 ]]; then
   die "no eesd subcommand given (one of: $SUBCOMMANDS)"

@@ -42,38 +42,9 @@ usage: tpu/setup.sh [--name NAME] [--zone ZONE] [--project PROJECT] [--worker al
 USAGE
 }
 
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --name=*) TPU_NAME="${1#*=}" ;;
-    --zone=*) ZONE="${1#*=}" ;;
-    --project=*) PROJECT="${1#*=}" ;;
-    --worker=*) WORKER="${1#*=}" ;;
-    --repo=*) REPO="${1#*=}" ;;
-    --ref=*) REF="${1#*=}" ;;
-    --dir=*) REMOTE_DIR="${1#*=}" ;;
-    --python=*) PYTHON_VERSION="${1#*=}" ;;
-    --jax-spec=*) JAX_SPEC="${1#*=}" ;;
-    --name | --zone | --project | --worker | --repo | --ref | --dir | --python | --jax-spec)
-      need_value "$1" "${2:-}"
-      case "$1" in
-        --name) TPU_NAME="$2" ;;
-        --zone) ZONE="$2" ;;
-        --project) PROJECT="$2" ;;
-        --worker) WORKER="$2" ;;
-        --repo) REPO="$2" ;;
-        --ref) REF="$2" ;;
-        --dir) REMOTE_DIR="$2" ;;
-        --python) PYTHON_VERSION="$2" ;;
-        --jax-spec) JAX_SPEC="$2" ;;
-      esac
-      shift
-      ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage; exit 0 ;;
-    *) die "unknown argument: $1" ;;
-  esac
-  shift
-done
+VALUE_FLAGS=(worker=WORKER repo=REPO ref=REF dir=REMOTE_DIR python=PYTHON_VERSION jax-spec=JAX_SPEC)
+SWITCHES=()
+parse_flags "$@"
 
 location_flags
 ssh_all() {
