@@ -38,34 +38,23 @@ import sys
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
 # SmolLM2-135M (PLATFORM.md): 30 layers, d 576, 9 heads / 3 kv heads x 64, ffn 1536, vocab 49152, tied.
+SMOLLM2 = dict(
+    vocab_size=49152,
+    d_model=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    head_dim=64,
+    ffn_dim=1536,
+    rope_theta=100000.0,
+    tie_embeddings=True,
+    max_seq_len=8192,
+    name="smollm2-shapes",
+)  # fmt: skip
 CONFIGS = {
-    "smollm2": dict(
-        vocab_size=49152,
-        d_model=576,
-        n_layers=30,
-        n_heads=9,
-        n_kv_heads=3,
-        head_dim=64,
-        ffn_dim=1536,
-        rope_theta=100000.0,
-        tie_embeddings=True,
-        max_seq_len=8192,
-        name="smollm2-shapes",
-    ),  # fmt: skip
+    "smollm2": SMOLLM2,
     # Same width, ffn, vocab and depth, but 16 heads / 8 kv heads x 36 so model=8 splits attention too.
-    "smollm2-div8": dict(
-        vocab_size=49152,
-        d_model=576,
-        n_layers=30,
-        n_heads=16,
-        n_kv_heads=8,
-        head_dim=36,
-        ffn_dim=1536,
-        rope_theta=100000.0,
-        tie_embeddings=True,
-        max_seq_len=8192,
-        name="smollm2-div8",
-    ),  # fmt: skip
+    "smollm2-div8": {**SMOLLM2, "n_heads": 16, "n_kv_heads": 8, "head_dim": 36, "name": "smollm2-div8"},
     # Small enough for a unit test.
     "tiny": dict(
         vocab_size=512,
