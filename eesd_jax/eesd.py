@@ -135,9 +135,8 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
     pos0 = s.cache.lengths
     remaining = s.max_new - s.n_new  # The round yields n_draft + 1 tokens at most.
 
-    def exit_step(d: Draft, h_b1d):
-        logits, exit_cache = exits.exit_logits(cfg, params, exit_params, h_b1d, (pos0 + d.i)[:, None], d.exit_cache)
-        logits = logits[:, 0]
+    def exit_step(d: Draft, x_b1d):
+        logits = exits.draft_logits(cfg, params, exit_params, x_b1d)[:, 0]
         key, k_tok, k_ctrl = jax.random.split(d.key, 3)
         if sampling_cfg.greedy:
             logp = jax.nn.log_softmax(logits)
@@ -157,23 +156,22 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
             confidence=d.confidence.at[:, d.i].set(feats.prob),
             n_draft=d.n_draft + keep,
             drafting=keep,
-            exit_cache=exit_cache,
             key=key,
         )
 
-    def exit_cache_only(d: Draft, h_b1d):
-        _, exit_cache = model.run_layers(cfg, exit_params["block"], h_b1d, (pos0 + d.i)[:, None], d.exit_cache)
-        return d.replace(drafting=jnp.zeros_like(d.drafting), exit_cache=exit_cache)
+    def stop(d: Draft, x_b1d):
+        return d.replace(drafting=jnp.zeros_like(d.drafting))
 
     def body(d: Draft) -> Draft:
-        h_b1d, cache = model.run_layers(
-            cfg, lower, model.embed(params, d.token[:, None]), (pos0 + d.i)[:, None], d.cache
-        )
-        d = d.replace(hidden=d.hidden.at[:, d.i].set(h_b1d[:, 0]), cache=cache)
-        # Block token K can only be verified, never extended: skip the draft head
-        # there, but still write its slot of the exit's cache (the next round
-        # attends to it if every draft is accepted).
-        d = jax.lax.cond(d.i < K, exit_step, exit_cache_only, d, h_b1d)
+        positions = (pos0 + d.i)[:, None]
+        h_b1d, cache = model.run_layers(cfg, lower, model.embed(params, d.token[:, None]), positions, d.cache)
+        # The exit's cache slot is written for every block token, K included (the next
+        # round attends to it if every draft is accepted), and outside the cond: a cache
+        # written inside a branch is copied whole by XLA.
+        x_b1d, exit_cache = exits.exit_hidden(cfg, exit_params, h_b1d, positions, d.exit_cache)
+        d = d.replace(hidden=d.hidden.at[:, d.i].set(h_b1d[:, 0]), cache=cache, exit_cache=exit_cache)
+        # Block token K can only be verified, never extended: no draft head there.
+        d = jax.lax.cond(d.i < K, exit_step, stop, d, x_b1d)
         return d.replace(i=d.i + 1)
 
     def cond(d: Draft):
@@ -196,22 +194,31 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
 
 
 def _verify(cfg, ecfg, params, upper, d: Draft, pos0_b) -> tuple[jax.Array, KVCache]:
-    """Step 2: layers [N, L) over the block, padded to a bucket size. Returns ([B, K+1, V] logits, cache)."""
-    K = ecfg.max_draft
-    sizes = ecfg.block_sizes
+    """Step 2: layers [N, L) over the block, padded to a bucket size. Returns ([B, K+1, V] logits, cache).
+
+    The branches only read the cache and return the block's keys/values, written
+    after the switch: a cache written inside a lax.switch branch is copied whole
+    by XLA (four full-cache copies per round were measured).
+    """
+    K, N = ecfg.max_draft, ecfg.exit_layer
+    positions_bt = pos0_b[:, None] + jnp.arange(K + 1)[None]
 
     def branch(size):
         def run(hidden, cache):
-            positions = pos0_b[:, None] + jnp.arange(size)[None]
-            x, cache = model.run_layers(cfg, upper, hidden[:, :size], positions, cache, ecfg.exit_layer)
+            x, k_nbtke, v_nbtke = model.run_layers_readonly(
+                cfg, upper, hidden[:, :size], positions_bt[:, :size], cache, N
+            )
             logits = model.lm_head(params, model.final_norm(params, cfg, x))
-            return jnp.pad(logits, ((0, 0), (0, K + 1 - size), (0, 0))), cache
+            pad = ((0, 0), (0, 0), (0, K + 1 - size), (0, 0), (0, 0))
+            return jnp.pad(logits, ((0, 0), (0, K + 1 - size), (0, 0))), jnp.pad(k_nbtke, pad), jnp.pad(v_nbtke, pad)
 
         return run
 
     needed = jnp.max(d.n_draft) + 1
-    which = jnp.sum(jnp.asarray(sizes) < needed)
-    return jax.lax.switch(which, [branch(n) for n in sizes], d.hidden, d.cache)
+    which = jnp.sum(jnp.asarray(ecfg.block_sizes) < needed)
+    logits, k_nbtke, v_nbtke = jax.lax.switch(which, [branch(n) for n in ecfg.block_sizes], d.hidden, d.cache)
+    # Padding slots land past every row's accepted length: stale, overwritten before being seen.
+    return logits, model.write_layers(d.cache, N, k_nbtke, v_nbtke, positions_bt)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "ecfg", "sampling_cfg", "eos_ids"), donate_argnames=("state",))

@@ -83,14 +83,26 @@ def exit_logits(
     exit_cache: KVCache,
 ) -> tuple[jax.Array, KVCache]:
     """Draft logits [B, T, V] from layer-N hidden states; writes the exit's own cache."""
+    x, exit_cache = exit_hidden(cfg, exit_params, hidden_btd, positions_bt, exit_cache)
+    return draft_logits(cfg, params, exit_params, x), exit_cache
+
+
+def exit_hidden(
+    cfg: ModelConfig, exit_params: Params, hidden_btd: jax.Array, positions_bt: jax.Array, exit_cache: KVCache
+) -> tuple[jax.Array, KVCache]:
+    """The exit block and its norm over layer-N hidden states: ([B, T, D], the exit's cache written)."""
     x, exit_cache = model.run_layers(cfg, exit_params["block"], hidden_btd, positions_bt, exit_cache)
-    x = model.rms_norm(x, exit_params["norm"], cfg.rms_eps)
+    return model.rms_norm(x, exit_params["norm"], cfg.rms_eps), exit_cache
+
+
+def draft_logits(cfg: ModelConfig, params: Params, exit_params: Params, x_btd: jax.Array) -> jax.Array:
+    """[B, T, V] draft logits from `exit_hidden`'s output (the draft vocabulary's, or the LLM's head)."""
     head = {"lm_head": exit_params["head"]} if "head" in exit_params else params
-    logits = model.lm_head(head, x)
+    logits = model.lm_head(head, x_btd)
     if "vocab" in exit_params:  # Scatter the draft vocabulary's logits into the full one.
         full = jnp.full((*logits.shape[:-1], cfg.vocab_size), -jnp.inf, logits.dtype)
         logits = full.at[..., exit_params["vocab"]].set(logits)
-    return logits, exit_cache
+    return logits
 
 
 # ----------------------------------------------------------------------------- files

@@ -191,14 +191,61 @@ def block(
 
     Writes the new tokens' keys/values into layer `layer_idx` of the stacked
     cache at their positions (a scatter of T slots per row, so the rest of the
-    cache is updated in place)
-    (per row; positions past the cache are dropped), then attends causally by
-    position: a query at position p sees cache slots s <= p. Slots past a row's
-    accepted length are never visible before being overwritten, which is what
-    makes rollback a pure length update.
+    cache is updated in place; positions past the cache are dropped), then
+    attends causally by position: a query at position p sees cache slots s <= p.
+    Slots past a row's accepted length are never visible before being
+    overwritten, which is what makes rollback a pure length update.
 
     Returns (x_btd, k_lbske, v_lbske).
     """
+    B, T, _ = x_btd.shape
+    q_bthe, k_btke, v_btke = _qkv(cfg, p, x_btd, positions_bt)
+    rows_bt = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    k_lbske = k_lbske.at[layer_idx, rows_bt, positions_bt].set(k_btke.astype(k_lbske.dtype), mode="drop")
+    v_lbske = v_lbske.at[layer_idx, rows_bt, positions_bt].set(v_btke.astype(v_lbske.dtype), mode="drop")
+    k_bske, v_bske = k_lbske[layer_idx], v_lbske[layer_idx]
+    visible_bts = jnp.arange(k_bske.shape[1])[None, None, :] <= positions_bt[:, :, None]
+    scores = _scores(cfg, q_bthe, k_bske, visible_bts)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
+    o_btn = jnp.einsum("bkgts,bske->btkge", probs, v_bske).reshape(B, T, -1)
+    return _out_and_mlp(cfg, p, x_btd, o_btn), k_lbske, v_lbske
+
+
+def block_readonly(
+    cfg: ModelConfig,
+    p: Params,
+    x_btd: jax.Array,
+    positions_bt: jax.Array,
+    k_bske: jax.Array,
+    v_bske: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`block` for a block of consecutive positions that leaves the cache alone.
+
+    The cache layer (k, v: [B, S, K, E]) is only read, for the slots before each
+    row's block (s < positions_bt[:, 0]); the block attends to its own keys and
+    values causally. The same attention as `block`, but the new keys/values are
+    returned ([B, T, K, E]) for the caller to write (`write_layers`): inside a
+    lax.switch branch (EESD verification), a cache written in place was copied
+    whole by XLA on every call.
+
+    Returns (x_btd, k_btke, v_btke).
+    """
+    B, T, _ = x_btd.shape
+    q_bthe, k_btke, v_btke = _qkv(cfg, p, x_btd, positions_bt)
+    old_bts = jnp.arange(k_bske.shape[1])[None, None, :] < positions_bt[:, :1, None]
+    new_btt = positions_bt[:, None, :] <= positions_bt[:, :, None]
+    old = _scores(cfg, q_bthe, k_bske, jnp.broadcast_to(old_bts, (B, T, k_bske.shape[1])))
+    new = _scores(cfg, q_bthe, k_btke.astype(k_bske.dtype), new_btt)
+    # One softmax over old and new slots; the [..., S + T] scores are small, the cache is never concatenated.
+    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v_bske.dtype)
+    S = k_bske.shape[1]
+    o = jnp.einsum("bkgts,bske->btkge", probs[..., :S], v_bske)
+    o = o + jnp.einsum("bkgtu,buke->btkge", probs[..., S:], v_btke.astype(v_bske.dtype))
+    return _out_and_mlp(cfg, p, x_btd, o.reshape(B, T, -1)), k_btke, v_btke
+
+
+def _qkv(cfg: ModelConfig, p: Params, x_btd: jax.Array, positions_bt: jax.Array):
+    """Queries [B, T, H, E] and keys, values [B, T, K, E] of the new tokens, RoPE applied."""
     B, T, D = x_btd.shape
     H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     # Projections are 2-D matmuls against the stored (out, in) weights: head-shaped
@@ -209,28 +256,24 @@ def block(
     v_btke = dense(h, p["wv"].reshape(K * E, D)).reshape(B, T, K, E)
     if cfg.qkv_bias:
         q_bthe, k_btke, v_btke = q_bthe + p["bq"], k_btke + p["bk"], v_btke + p["bv"]
-    q_bthe = rope(q_bthe, positions_bt, cfg.rope_theta)
-    k_btke = rope(k_btke, positions_bt, cfg.rope_theta)
+    return rope(q_bthe, positions_bt, cfg.rope_theta), rope(k_btke, positions_bt, cfg.rope_theta), v_btke
 
-    rows_bt = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    k_lbske = k_lbske.at[layer_idx, rows_bt, positions_bt].set(k_btke.astype(k_lbske.dtype), mode="drop")
-    v_lbske = v_lbske.at[layer_idx, rows_bt, positions_bt].set(v_btke.astype(v_lbske.dtype), mode="drop")
-    k_bske, v_bske = k_lbske[layer_idx], v_lbske[layer_idx]
 
-    S = k_bske.shape[1]
+def _scores(cfg: ModelConfig, q_bthe: jax.Array, k_bske: jax.Array, visible_bts: jax.Array) -> jax.Array:
+    """Scaled float32 attention scores [B, K, G, T, S]; invisible slots get the float32 minimum."""
+    B, T, H, E = q_bthe.shape
+    K = cfg.n_kv_heads
     q_btkge = q_bthe.reshape(B, T, K, H // K, E)
-    scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske, preferred_element_type=jnp.float32)
-    scores = scores * (E**-0.5)
-    visible_bts = jnp.arange(S)[None, None, :] <= positions_bt[:, :, None]
-    scores = jnp.where(visible_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
-    o_btn = jnp.einsum("bkgts,bske->btkge", probs, v_bske).reshape(B, T, H * E)
-    x_btd = x_btd + dense(o_btn, p["wo"].reshape(D, H * E))
+    scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske, preferred_element_type=jnp.float32) * (E**-0.5)
+    return jnp.where(visible_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
 
+
+def _out_and_mlp(cfg: ModelConfig, p: Params, x_btd: jax.Array, o_btn: jax.Array) -> jax.Array:
+    """The attention output projection and the MLP, each with its residual."""
+    x_btd = x_btd + dense(o_btn, p["wo"].reshape(x_btd.shape[-1], -1))
     h = rms_norm(x_btd, p["mlp_norm"], cfg.rms_eps)
     gate_btf, up_btf = dense(h, p["w_gate"]), dense(h, p["w_up"])
-    x_btd = x_btd + dense(jax.nn.silu(gate_btf) * up_btf, p["w_down"])
-    return x_btd, k_lbske, v_lbske
+    return x_btd + dense(jax.nn.silu(gate_btf) * up_btf, p["w_down"])
 
 
 Layers = Params | list[Params]  # Stacked [n, ...] leaves, or one pytree per layer.
@@ -261,24 +304,68 @@ def run_layers(
     Returns the hidden state after the last layer and the cache with those
     layers' slots written.
     """
+
+    def step(carry, p, layer_idx):
+        x, k, v = carry
+        return block(cfg, p, x, positions_bt, k, v, layer_idx), None
+
+    (x_btd, k, v), _ = _over_layers(layers, first_layer, cache, step, (x_btd, cache.k, cache.v))
+    return x_btd, cache.replace(k=k, v=v)
+
+
+def run_layers_readonly(
+    cfg: ModelConfig,
+    layers: Layers,
+    x_btd: jax.Array,
+    positions_bt: jax.Array,
+    cache: KVCache,
+    first_layer: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`run_layers` over a block of consecutive positions, leaving the cache alone (`block_readonly`).
+
+    Returns (x_btd, k_nbtke, v_nbtke): the hidden state and the n layers' new
+    keys/values, for `write_layers`.
+    """
+
+    def step(x, p, layer_idx):
+        x, k_btke, v_btke = block_readonly(cfg, p, x, positions_bt, cache.k[layer_idx], cache.v[layer_idx])
+        return x, (k_btke, v_btke)
+
+    x_btd, (k_nbtke, v_nbtke) = _over_layers(layers, first_layer, cache, step, x_btd)
+    return x_btd, k_nbtke, v_nbtke
+
+
+def write_layers(
+    cache: KVCache, first_layer: int, k_nbtke: jax.Array, v_nbtke: jax.Array, positions_bt: jax.Array
+) -> KVCache:
+    """Write keys/values of layers first_layer .. first_layer + n - 1 at their positions (one scatter, in place)."""
+    n = k_nbtke.shape[0]
+    layer_n11 = jnp.arange(first_layer, first_layer + n)[:, None, None]
+    rows_1b1 = jnp.arange(positions_bt.shape[0])[None, :, None]
+    index = (layer_n11, rows_1b1, positions_bt[None])
+    return cache.replace(
+        k=cache.k.at[index].set(k_nbtke.astype(cache.k.dtype), mode="drop"),
+        v=cache.v.at[index].set(v_nbtke.astype(cache.v.dtype), mode="drop"),
+    )
+
+
+def _over_layers(layers: Layers, first_layer: int, cache: KVCache, step, carry):
+    """(carry, stacked ys) of `carry, y = step(carry, layer params, layer index)` over the layers.
+
+    Unrolled for a list of layers (static indices), one lax.scan over stacked ones.
+    """
     n = num_layers(layers)
     if not 0 <= first_layer < first_layer + n <= cache.k.shape[0]:
         raise ValueError(f"layers [{first_layer}, {first_layer + n}) are outside the cache's {cache.k.shape[0]}")
-    k, v = cache.k, cache.v
     if isinstance(layers, list) or n == 1:
         per_layer = layers if isinstance(layers, list) else [jax.tree.map(lambda w: w.reshape(w.shape[1:]), layers)]
+        ys = []
         for i, p in enumerate(per_layer):
-            x_btd, k, v = block(cfg, p, x_btd, positions_bt, k, v, first_layer + i)
-        return x_btd, cache.replace(k=k, v=v)
-
-    def one_layer(carry, xs):
-        x, k_all, v_all = carry
-        p, layer_idx = xs
-        return block(cfg, p, x, positions_bt, k_all, v_all, layer_idx), None
-
+            carry, y = step(carry, p, first_layer + i)
+            ys.append(y)
+        return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
     xs = (layers, jnp.arange(first_layer, first_layer + n))
-    (x_btd, k, v), _ = jax.lax.scan(one_layer, (x_btd, k, v), xs)
-    return x_btd, cache.replace(k=k, v=v)
+    return jax.lax.scan(lambda c, xs: step(c, *xs), carry, xs)
 
 
 def unstack(params: Params) -> Params:

@@ -155,6 +155,36 @@ def test_prefill_split_equals_unsplit(tiny):
     np.testing.assert_allclose(np.asarray(hidden2), np.asarray(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["stacked", "unstacked"])
+def test_readonly_block_equals_written_block(tiny, layout):
+    """run_layers_readonly + write_layers == run_layers for a block after ragged prefixes.
+
+    The cache holds stale garbage past each row's length, which the read-only
+    path must not see (the written path overwrites it before attending).
+    """
+    cfg, params = tiny
+    layers = params["layers"] if layout == "stacked" else model.unstack(params)["layers"]
+    B, T, first = 2, 4, 1
+    _, upper = model.split_layers(layers, first)
+    rng = np.random.default_rng(0)
+    shape = (cfg.n_layers, B, CACHE_SLOTS, cfg.n_kv_heads, cfg.head_dim)
+    cache = init_cache(cfg.n_layers, B, CACHE_SLOTS, cfg.n_kv_heads, cfg.head_dim).replace(
+        k=jnp.asarray(rng.normal(size=shape), jnp.float32), v=jnp.asarray(rng.normal(size=shape), jnp.float32)
+    )
+    pos0 = jnp.asarray([7, 3], jnp.int32)
+    positions = pos0[:, None] + jnp.arange(T)[None]
+    x = jnp.asarray(rng.normal(size=(B, T, cfg.d_model)), jnp.float32)
+
+    want_x, want_cache = model.run_layers(cfg, upper, x, positions, cache, first)
+    got_x, k_new, v_new = model.run_layers_readonly(cfg, upper, x, positions, cache, first)
+    got_cache = model.write_layers(cache, first, k_new, v_new, positions)
+    assert k_new.shape == (cfg.n_layers - first, B, T, cfg.n_kv_heads, cfg.head_dim)
+    np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(want_cache.k), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_cache.v), np.asarray(want_cache.v), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got_cache.k[:first]), np.asarray(cache.k[:first]))
+
+
 def test_run_layers_rejects_layers_outside_cache(tiny):
     cfg, params = tiny
     cache = init_cache(cfg.n_layers, 1, 8, cfg.n_kv_heads, cfg.head_dim)
