@@ -9,6 +9,7 @@ tokens/s, speedup, whether the outputs are identical, acceptance rate alpha and 
 
   python experiments/exit_sweep.py --layers 2 4 6 8 --workdir runs/sweep \\
       --overrides data.dir=runs/data,data.feature_layers=2+4+6+8,... --out experiments/results/exit_sweep
+  python experiments/exit_sweep.py --exits A.safetensors B.safetensors   # bench given exits, no training
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def bench_one(session, exit_path, controller: str, max_draft: int, ids, max_new_
     report = bench.run(setup, ids, max_new_tokens)
     es = report["modes"]["eesd"]
     row = {
+        "exit": pathlib.Path(exit_path).name,
         "N": exit_cfg.layer,
         "controller": controller,
         "max_draft": max_draft,
@@ -66,11 +68,11 @@ def bench_one(session, exit_path, controller: str, max_draft: int, ids, max_new_
 
 
 def table(rows) -> str:
-    head = "| N | controller | K | AR tok/s | EESD tok/s | speedup | identical | α | τ | mean draft | c |"
+    head = "| exit | N | controller | K | AR tok/s | EESD tok/s | speedup | identical | α | τ | mean draft | c |"
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         lines.append(
-            f"| {r['N']} | {r['controller']} | {r['max_draft']} | {r['ar_tok_s']:.2f} | {r['eesd_tok_s']:.2f} | "
+            f"| {r['exit']} | {r['N']} | {r['controller']} | {r['max_draft']} | {r['ar_tok_s']:.2f} | {r['eesd_tok_s']:.2f} | "
             f"{r['speedup']:.2f}x | {r['identical']} | {r['alpha']:.3f} | {r['tau']:.2f} | {r['mean_draft']:.2f} | "
             f"{r['cost_ratio']:.3f} |"
         )
@@ -80,6 +82,7 @@ def table(rows) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 6, 8])
+    ap.add_argument("--exits", nargs="+", help="bench these exit files instead of training one per N")
     ap.add_argument("--overrides", default="", help="config overrides shared by every N (smollm2 config)")
     ap.add_argument("--workdir", default="runs/sweep")
     ap.add_argument("--n-per-set", type=int, default=4, help="held-out prompts per set (humaneval, chat)")
@@ -89,19 +92,20 @@ def main() -> None:
     ap.add_argument("--out", default="experiments/results/exit_sweep", help="writes OUT.md and OUT.json")
     args = ap.parse_args()
 
-    paths = train_exits(args.layers, args.overrides, pathlib.Path(args.workdir))
+    if args.exits:
+        paths = [pathlib.Path(p) for p in args.exits]
+    else:
+        paths = list(train_exits(args.layers, args.overrides, pathlib.Path(args.workdir)).values())
     session = cli.load_session(None)
     ids = held_out_prompts(session, args.n_per_set)
-    rows = [
-        bench_one(session, paths[n], args.controller, args.max_draft, ids, args.max_new_tokens) for n in args.layers
-    ]
-    best = max(rows, key=lambda r: r["speedup"])
+    rows = [bench_one(session, path, args.controller, args.max_draft, ids, args.max_new_tokens) for path in paths]
+    best = max(zip(rows, paths), key=lambda row_path: row_path[0]["speedup"])[1]
     for kind in control.KINDS:
         if kind != args.controller:
-            rows.append(bench_one(session, paths[best["N"]], kind, args.max_draft, ids, args.max_new_tokens))
+            rows.append(bench_one(session, best, kind, args.max_draft, ids, args.max_new_tokens))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"args": vars(args), "prompts": len(ids), "exits": {n: str(p) for n, p in paths.items()}}
+    meta = {"args": vars(args), "prompts": len(ids), "exits": [str(p) for p in paths]}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(f"{table(rows)}\n\n{json.dumps(meta)}\n")
     print(table(rows))
