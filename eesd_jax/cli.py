@@ -279,7 +279,9 @@ def add_eesd_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="exit after the first N layers (default: the exit file's, or L/4 untrained)",
     )
-    g.add_argument("--controller", choices=control.KINDS, default="beta-ts", help="draft-length controller")
+    g.add_argument(
+        "--controller", choices=control.KINDS, default=control.ControllerConfig.kind, help="draft-length controller"
+    )
     g.add_argument("--max-draft", type=int, default=6, metavar="K", help="draft tokens per round at most (default 6)")
 
 

@@ -10,6 +10,8 @@ tokens/s, speedup, whether the outputs are identical, acceptance rate alpha and 
   python experiments/exit_sweep.py --layers 2 4 6 8 --workdir runs/sweep \\
       --overrides data.dir=runs/data,data.feature_layers=2+4+6+8,... --out experiments/results/exit_sweep
   python experiments/exit_sweep.py --exits A.safetensors B.safetensors   # bench given exits, no training
+  python experiments/exit_sweep.py --exits eesd_jax/data/exits/*.safetensors --repeats 3 \\
+      --controllers beta-ts confidence:threshold=0.4 calibration-ts:break_even=0.4
 """
 
 from __future__ import annotations
@@ -43,11 +45,19 @@ def held_out_prompts(session, n_per_set: int) -> list[list[int]]:
     return [cli.encode_prompt(session, p.text, p.chat) for p in chosen]
 
 
-def bench_one(session, exit_path, controller: str, max_draft: int, ids, max_new_tokens: int) -> dict:
+def controller_config(spec: str) -> control.ControllerConfig:
+    """ "kind" or "kind:field=value,..." (e.g. "confidence:threshold=0.4", "beta-ts:break_even=0.4")."""
+    kind, _, fields = spec.partition(":")
+    values = dict(item.split("=", 1) for item in fields.split(",") if item)
+    defaults = control.ControllerConfig()
+    return control.ControllerConfig(kind=kind, **{k: type(getattr(defaults, k))(v) for k, v in values.items()})
+
+
+def bench_one(session, exit_path, controller: str, max_draft: int, ids, max_new_tokens: int, repeats: int = 1) -> dict:
     exit_cfg, exit_params = exits.load_exit(exit_path, session.cfg, session.lm.fingerprint)
-    ecfg = eesd.EESDConfig(exit_cfg.layer, max_draft, control.ControllerConfig(kind=controller))
+    ecfg = eesd.EESDConfig(exit_cfg.layer, max_draft, controller_config(controller))
     setup = bench.BenchSetup(session.cfg, session.params, exit_params, ecfg, session.eos_ids)
-    report = bench.run(setup, ids, max_new_tokens)
+    report = bench.run(setup, ids, max_new_tokens, repeats=repeats)
     es = report["modes"]["eesd"]
     row = {
         "exit": pathlib.Path(exit_path).name,
@@ -57,6 +67,7 @@ def bench_one(session, exit_path, controller: str, max_draft: int, ids, max_new_
         "ar_tok_s": report["modes"]["ar"]["tokens_per_second"],
         "eesd_tok_s": es["tokens_per_second"],
         "speedup": report["speedup"],
+        "median_speedup": report["median_speedup"],
         "identical": report["identical"],
         "alpha": round(es["acceptance_rate"], 3),
         "tau": round(es["mean_accepted_per_round"], 3),
@@ -88,7 +99,14 @@ def main() -> None:
     ap.add_argument("--n-per-set", type=int, default=4, help="held-out prompts per set (humaneval, chat)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-draft", type=int, default=6)
-    ap.add_argument("--controller", default="beta-ts", help="controller for the N sweep")
+    ap.add_argument("--controller", default="confidence", help="controller for the N sweep")
+    ap.add_argument(
+        "--controllers",
+        nargs="+",
+        default=list(control.KINDS),
+        help='then these on the fastest exit: "kind" or "kind:field=value,...", e.g. confidence:threshold=0.4',
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="runs per prompt and mode (medians)")
     ap.add_argument("--out", default="experiments/results/exit_sweep", help="writes OUT.md and OUT.json")
     args = ap.parse_args()
 
@@ -98,11 +116,12 @@ def main() -> None:
         paths = list(train_exits(args.layers, args.overrides, pathlib.Path(args.workdir)).values())
     session = cli.load_session(None)
     ids = held_out_prompts(session, args.n_per_set)
-    rows = [bench_one(session, path, args.controller, args.max_draft, ids, args.max_new_tokens) for path in paths]
+    bench_args = (args.max_draft, ids, args.max_new_tokens, args.repeats)
+    rows = [bench_one(session, path, args.controller, *bench_args) for path in paths]
     best = max(zip(rows, paths), key=lambda row_path: row_path[0]["speedup"])[1]
-    for kind in control.KINDS:
-        if kind != args.controller:
-            rows.append(bench_one(session, best, kind, args.max_draft, ids, args.max_new_tokens))
+    for spec in args.controllers:
+        if spec != args.controller:
+            rows.append(bench_one(session, best, spec, *bench_args))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"args": vars(args), "prompts": len(ids), "exits": [str(p) for p in paths]}

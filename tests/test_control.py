@@ -87,6 +87,21 @@ def test_beta_ts_converges_on_a_bernoulli_source(theta_true):
     assert abs(lengths[100:].mean() - expected) < 0.25 * expected + 0.1
 
 
+@pytest.mark.parametrize(("theta_true", "drafts"), [(0.2, False), (0.7, True)])
+def test_break_even_rule_stops_drafting_below_it(theta_true, drafts):
+    """With break_even = 0.4, a source accepted w.p. 0.2 ends up never drafted; one at 0.7 nearly always."""
+    cfg = control.ControllerConfig("beta-ts", break_even=0.4)
+    _, lengths = simulate(cfg, theta_true, rounds=200)
+    late = lengths[100:]
+    if drafts:
+        assert (late > 0).mean() > 0.95
+    else:
+        # Exploration goes on only while the posterior puts mass above 0.4; the paper's rule
+        # keeps drafting in ~20% of rounds on the same source.
+        _, paper = simulate(control.ControllerConfig("beta-ts"), theta_true, rounds=200)
+        assert (late > 0).mean() < 0.1 < 0.15 < (paper[100:] > 0).mean()
+
+
 def test_calibration_ts_learns_a_miscalibrated_bin():
     cfg = control.ControllerConfig("calibration-ts", n_bins=4)
     s, _ = simulate(cfg, 0.9, rounds=200)  # Draft says 0.5 (bin 2), truth is 0.9.
@@ -95,7 +110,10 @@ def test_calibration_ts_learns_a_miscalibrated_bin():
     np.testing.assert_allclose(s.alpha[0, [0, 1, 3]], control.init(cfg, 1).alpha[0, [0, 1, 3]])
 
 
-@pytest.mark.parametrize("bad", [dict(kind="greedy"), dict(threshold=1.5), dict(discount=0.0), dict(prior_alpha=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(kind="greedy"), dict(threshold=1.5), dict(discount=0.0), dict(prior_alpha=0), dict(break_even=1.0)],
+)
 def test_bad_controller_config_is_refused(bad):
     with pytest.raises(ValueError):
         control.ControllerConfig(**bad)

@@ -35,5 +35,6 @@ def test_shipped_exit_is_lossless_and_its_drafts_are_accepted(smollm, shipped_ex
     ecfg = eesd.EESDConfig(exit_cfg.layer, 1, control.ControllerConfig(kind="fixed"))  # One draft per round.
     out = generate.generate_eesd(smollm.cfg, smollm.params, exit_params, ecfg, ids, 48, eos_ids=eos)
     assert out.tokens == ar.tokens
-    # alpha = agreement of one draft with the LLM: ~0 untrained at N=2, ~0.2 for the shipped exit.
-    assert out.stats["acceptance_rate"] > 0.1, out.stats
+    # alpha = agreement of one draft with the LLM: ~0 untrained at N=2, 0.134 for the first
+    # shipped exit (100 steps at lr 5e-4), 0.274 for this one (400 steps at 2e-3).
+    assert out.stats["acceptance_rate"] > 0.22, out.stats

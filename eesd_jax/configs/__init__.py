@@ -244,5 +244,5 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.n_per_set = 8
     c.eval.max_new_tokens = 128
     c.eval.max_draft = 8
-    c.eval.controller = "beta-ts"
+    c.eval.controller = "confidence"
     return c
