@@ -378,11 +378,13 @@ def _exit_train_step(cfg, exit_params, opt_state, hidden_btd, targets_bt):
 
 def _eesd_check(cfg, params, sharded, prompts, max_new, ref_ar, mesh) -> dict:
     """Greedy EESD with sharded params and exit params; lossless, so it must equal single-device AR."""
-    from eesd_jax import eesd, exits, generate
+    from eesd_jax import control, eesd, exits, generate
 
     exit_params = exits.init_exit(cfg, params, exits.ExitConfig(cfg.n_layers - 1, own_head=True))
     sharded_exit = sharding.shard_exit_params(exit_params, mesh)
-    ecfg = eesd.EESDConfig(exit_layer=cfg.n_layers - 1, max_draft=3)
+    # beta-ts drafts from the start; the default (confidence >= 0.5) seldom trusts this
+    # untrained exit on a random model, and the check needs drafts to verify.
+    ecfg = eesd.EESDConfig(exit_layer=cfg.n_layers - 1, max_draft=3, controller=control.ControllerConfig("beta-ts"))
     with jax.set_mesh(mesh):
         g = generate.generate_eesd(cfg, sharded, sharded_exit, ecfg, prompts, max_new)
     want = sharding.exit_param_shardings(exit_params, mesh)
