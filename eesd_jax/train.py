@@ -320,7 +320,7 @@ def eval_exit(
     prompt_list_or_ids,
     max_new_tokens: int = 128,
     max_draft: int = 8,
-    controller: str = "confidence",
+    controller: str = control.ControllerConfig.kind,
     eos_ids: Sequence[int] | None = None,
     warmup: bool = True,
     max_prompt_tokens: int = 0,

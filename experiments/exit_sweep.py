@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--n-per-set", type=int, default=4, help="held-out prompts per set (humaneval, chat)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-draft", type=int, default=6)
-    ap.add_argument("--controller", default="confidence", help="controller for the N sweep")
+    ap.add_argument("--controller", default=control.ControllerConfig.kind, help="controller for the N sweep")
     ap.add_argument(
         "--controllers",
         nargs="+",

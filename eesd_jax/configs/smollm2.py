@@ -50,7 +50,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.n_per_set = 8
     c.eval.max_new_tokens = 128
     c.eval.max_draft = 8
-    c.eval.controller = "confidence"
     apply_overrides(c, arg)
     c.name = f"smollm2-N{c.exit.layer}" + (f"-dv{c.exit.draft_vocab}" if c.exit.draft_vocab else "")
     return c
