@@ -266,32 +266,9 @@ def _gguf_field(reader, key, default=None):
     return bytes(part).decode("utf-8") if field.types[0] == gguf.GGUFValueType.STRING else part.tolist()[0]
 
 
-def _gguf_tokenizer(path: pathlib.Path):
-    """A transformers tokenizer from a GGUF file's metadata, without torch.
-
-    transformers' own GGUF path (AutoTokenizer.from_pretrained(gguf_file=...))
-    imports torch, which the library's runtime does not depend on; this reads the
-    same metadata with `gguf` and hands it to transformers' torch-free converter.
-    """
-    import importlib
-
-    import gguf
-    import transformers
-
-    mapping = importlib.import_module("transformers.integrations.gguf.gguf_tokenizer_mapping")
-    reader = gguf.GGUFReader(str(path))
-    grouped = {
-        group: {name: v for key, name in renames.items() if (v := _gguf_field(reader, f"tokenizer.{key}")) is not None}
-        for group, renames in mapping.GGUF_TOKENIZER_MAPPING.items()
-    }
-    tok_dict, tok_cfg = grouped["tokenizer"], grouped["tokenizer_config"]
-    if tok_dict.get("tokenizer_type") == "llama":  # As transformers does for sentencepiece GGUFs.
-        tok_cfg.setdefault("add_bos_token", True)
-    for name, key in mapping._SPECIAL_TOKENS.items():
-        token_id = _gguf_field(reader, f"tokenizer.ggml.{key}")
-        tok_cfg[name] = tok_dict["tokens"][token_id] if token_id is not None else None
-    fast, extra = mapping.convert_gguf_tokenizer(_gguf_field(reader, "general.architecture"), tok_dict)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=fast, **tok_cfg, **extra)
+def _gguf_metadata(reader, prefix: str) -> dict[str, Any]:
+    """Every metadata field whose key starts with prefix, decoded."""
+    return {key: _gguf_field(reader, key) for key in reader.fields if key.startswith(prefix)}
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -435,23 +412,42 @@ def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
     raise CheckpointError(f"cannot tell how to load {p}: expected a Hugging Face folder or a .gguf file")
 
 
+# Bump when gguf_tokenizer.build changes what it makes, so stale cached tokenizers are rebuilt.
+TOKENIZER_CACHE_FORMAT = 1
+
+
+def _gguf_tokenizer(path: pathlib.Path):
+    """(tokenizers.Tokenizer, wrapper config) of a GGUF file, built once and cached by sha256."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    from eesd_jax import gguf_tokenizer
+
+    cached = cache_dir() / "tokenizers" / f"{sha256_file(path)}.v{TOKENIZER_CACHE_FORMAT}.json"
+    if cached.is_file():
+        saved = json.loads(cached.read_text("utf-8"))
+        return Tokenizer.from_str(saved["tokenizer"]), saved["config"]
+    try:
+        tok, config = gguf_tokenizer.build(_gguf_metadata(gguf.GGUFReader(str(path)), "tokenizer."))
+    except gguf_tokenizer.TokenizerMetadataError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    saved = json.dumps({"tokenizer": tok.to_str(), "config": config})
+    atomic_write(cached, lambda tmp: pathlib.Path(tmp).write_text(saved, "utf-8"))
+    return tok, config
+
+
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(source: str):
-    """A transformers tokenizer from an HF folder or a GGUF file (cached on disk)."""
+    """A transformers tokenizer from an HF folder, or from a GGUF file's embedded tokenizer."""
     import transformers
 
     p = pathlib.Path(source)
     if p.is_dir():
         return transformers.AutoTokenizer.from_pretrained(str(p))
-    saved = cache_dir() / "tokenizers" / sha256_file(p)
-    if (saved / "tokenizer_config.json").is_file():
-        return transformers.AutoTokenizer.from_pretrained(str(saved))
-    tok = _gguf_tokenizer(p)
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=saved.parent))
-    tok.save_pretrained(str(tmp))
-    try:
-        os.replace(tmp, saved)
-    except OSError:  # Another process got there first; theirs is as good as ours.
-        pass
-    return tok
+    tok, config = _gguf_tokenizer(p)
+    # The wrapper gives the usual encode / decode / apply_chat_template; BOS and EOS are already
+    # added by the tokenizer's own post-processor, so the add_*_token flags stay with it.
+    named = {k: v for k, v in config.items() if k.endswith("_token") and v is not None}
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, chat_template=config["chat_template"], clean_up_tokenization_spaces=False, **named
+    )
