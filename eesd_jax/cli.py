@@ -25,6 +25,8 @@ from collections.abc import Callable
 from eesd_jax import __version__
 
 DEFAULT_MAX_NEW_TOKENS = 256
+NAMED_PROMPT_SETS = ("humaneval", "chat")
+DEFAULT_BENCH_PROMPTS = 8  # --n for a named prompt set.
 
 
 class UsageError(ValueError):
@@ -354,9 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="humaneval, chat, or a file (JSONL with a 'prompt' field, or one prompt per line)",
     )
     b.add_argument(
-        "--split", choices=("all", "train", "heldout"), default="heldout", help="prompt split (default heldout)"
+        "--split",
+        choices=("all", "train", "heldout"),
+        default=None,
+        help="prompt split (default: all of a file's prompts; for humaneval and chat, heldout: "
+        "the prompts self-distillation never trains on)",
     )
-    b.add_argument("--n", type=int, default=8, metavar="N", help="number of prompts (default 8)")
+    b.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"the first N prompts of the split; more than it has is an error "
+        f"(default: all of a file's, {DEFAULT_BENCH_PROMPTS} of humaneval or chat)",
+    )
     b.add_argument("--max-new-tokens", type=int, default=128, metavar="M")
     b.add_argument("--modes", default="ar,eesd", help="comma-separated modes (default ar,eesd)")
     b.add_argument("--batch", type=int, default=1, metavar="B")
@@ -444,7 +457,7 @@ def validate_bench(args) -> None:
         raise UsageError(f"--modes must name some of {', '.join(sorted(MODES))}, got {args.modes!r}")
     args.modes = modes
     for flag in ("n", "max_new_tokens", "batch", "repeats"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
     try:
         sampling_config(args)
@@ -452,6 +465,24 @@ def validate_bench(args) -> None:
         raise UsageError(str(e)) from None
     validate_eesd(args)
     validate_mesh(args)
+    validate_prompt_set(args)
+
+
+def validate_prompt_set(args) -> None:
+    """Resolve --split / --n for the prompt source and load its prompts (args.chosen), before any model."""
+    from eesd_jax import prompts
+
+    named = args.prompts in NAMED_PROMPT_SETS
+    if not named and not pathlib.Path(args.prompts).is_file():
+        raise UsageError(f"--prompts {args.prompts}: neither {' nor '.join(NAMED_PROMPT_SETS)} nor an existing file")
+    if args.split is None:  # A file is the user's own selection: all of it unless a split is asked for.
+        args.split = "heldout" if named else "all"
+    if args.n is None and named:
+        args.n = DEFAULT_BENCH_PROMPTS
+    try:
+        args.chosen = prompts.load_prompts(args.prompts, split=args.split, n=args.n)
+    except ValueError as e:
+        raise UsageError(f"--prompts {args.prompts}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- commands
@@ -516,11 +547,11 @@ def compare(session: Session, prompt_ids: list[int], args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from eesd_jax import bench, prompts
+    from eesd_jax import bench
 
+    print(f"bench: {len(args.chosen)} prompts from {args.prompts} (split {args.split})", file=sys.stderr, flush=True)
     session = load_session(args.model, args.mesh)
-    chosen = prompts.load_prompts(args.prompts, split=args.split, n=args.n)
-    ids = [encode_prompt(session, p.text, p.chat if args.chat is None else args.chat) for p in chosen]
+    ids = [encode_prompt(session, p.text, p.chat if args.chat is None else args.chat) for p in args.chosen]
     ecfg, exit_params, _, exit_path = eesd_engine(session, args)
     setup = bench.BenchSetup(session.cfg, session.params, exit_params, ecfg, session.eos_ids, session.mesh)
 

@@ -6,7 +6,8 @@ Sources:
   * "chat": ~200 real user instructions bundled in eesd_jax/data/chat_prompts.jsonl
     (chat template applied). Every 5th prompt (index 4, 9, ...) is held-out.
   * a path: JSONL with a "prompt" field per line, or plain text with one prompt per line
-    (chat template applied). Every 5th prompt is held-out, as for "chat".
+    (chat template applied). Every 5th prompt is marked held-out, as for "chat"; a split is
+    applied only when asked for (the default split is "all").
 
 Self-distillation trains on "train" and speed / acceptance figures are reported on "heldout".
 """
@@ -33,16 +34,23 @@ class Prompt:
 
 def _read_lines(path: pathlib.Path) -> list[str]:
     """JSONL ({"prompt": ...} per line) or plain text (one prompt per line); blank lines skipped."""
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix == ".jsonl":
-        out = []
-        for i, line in enumerate(lines):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+    if path.suffix != ".jsonl":
+        return [line.strip() for _, line in lines]
+    out = []
+    for number, line in lines:
+        try:
             record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path}: line {i + 1} has no string 'prompt' field")
-            out.append(record["prompt"])
-        return out
-    return [line.strip() for line in lines]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {number} is not JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{path}: line {number} has no string 'prompt' field")
+        out.append(record["prompt"])
+    return out
 
 
 def _indexed(name: str, texts: list[str]) -> list[Prompt]:
@@ -61,7 +69,8 @@ def _humaneval() -> list[Prompt]:
 def load_prompts(source: str, split: str = "all", n: int | None = None) -> list[Prompt]:
     """Prompts of a named set ("humaneval", "chat") or a file, in a fixed order.
 
-    split: "all", "train" or "heldout"; n: keep the first n of the split.
+    split: "all", "train" or "heldout"; n: the first n of the split (ValueError if it has fewer:
+    a benchmark over fewer prompts than asked for would be silently smaller).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -78,6 +87,11 @@ def load_prompts(source: str, split: str = "all", n: int | None = None) -> list[
         prompts = _indexed(path.stem, _read_lines(path))
     if split != "all":
         prompts = [p for p in prompts if p.heldout == (split == "heldout")]
+    where = source if split == "all" else f"the {split} split of {source}"
+    if not prompts:
+        raise ValueError(f"no prompts in {where}")
+    if n is not None and n > len(prompts):
+        raise ValueError(f"{n} prompts asked for, but {where} has only {len(prompts)}")
     return prompts[:n]
 
 

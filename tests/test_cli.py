@@ -1,6 +1,8 @@
 """The `eesd` command: input checks before any model load, and a tiny distillation end to end."""
 
+import json
 import pathlib
+import re
 
 import pytest
 
@@ -32,3 +34,100 @@ def test_distill_tiny_writes_a_loadable_exit(tmp_path, monkeypatch):
     (path,) = pathlib.Path(tmp_path / "run").glob("exit_N*.safetensors")
     meta = exits.read_exit_metadata(path)
     assert int(meta["exit_layer"]) >= 1
+
+
+# ----------------------------------------------------------------------------- bench prompt sets
+
+
+class _Loaded(Exception):
+    """Raised instead of loading a model: the command got past its input checks."""
+
+
+def bench_prompts(argv, monkeypatch, capsys):
+    """(exit code or None if it reached the model load, stderr, prompts it chose) for an `eesd bench` run."""
+    chosen = []
+
+    def stop(*args, **kwargs):
+        raise _Loaded
+
+    monkeypatch.setattr(cli, "load_session", stop)
+    monkeypatch.setattr(cli, "validate_prompt_set", _recording(cli.validate_prompt_set, chosen))
+    try:
+        code = cli.main(["bench", *argv])
+    except _Loaded:
+        code = None
+    return code, capsys.readouterr().err, chosen[0] if chosen else None
+
+
+def _recording(fn, out):
+    def wrapper(args):
+        fn(args)
+        out.append(args.chosen)
+
+    return wrapper
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "cases.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(48)))
+    return path
+
+
+def test_bench_uses_every_prompt_of_a_file(prompt_file, monkeypatch, capsys):
+    code, err, chosen = bench_prompts(["--prompts", str(prompt_file)], monkeypatch, capsys)
+    assert code is None
+    assert [p.text for p in chosen] == [f"question {i}" for i in range(48)]
+    assert f"bench: 48 prompts from {prompt_file} (split all)" in err
+
+
+def test_bench_file_first_n_and_split_on_request(prompt_file, monkeypatch, capsys):
+    _, err, chosen = bench_prompts(["--prompts", str(prompt_file), "--n", "16"], monkeypatch, capsys)
+    assert [p.text for p in chosen] == [f"question {i}" for i in range(16)]
+    assert "bench: 16 prompts from" in err
+    _, err, chosen = bench_prompts(["--prompts", str(prompt_file), "--split", "heldout"], monkeypatch, capsys)
+    assert [p.text for p in chosen] == [f"question {i}" for i in range(4, 48, 5)]
+    assert "bench: 9 prompts from" in err and "(split heldout)" in err
+
+
+def test_bench_named_set_defaults_to_8_heldout(monkeypatch, capsys):
+    _, err, chosen = bench_prompts(["--prompts", "chat"], monkeypatch, capsys)
+    assert len(chosen) == 8 and all(p.heldout for p in chosen)
+    assert "bench: 8 prompts from chat (split heldout)" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--n", "49"], r"49 prompts asked for, but {file} has only 48"),
+        (["--split", "heldout", "--n", "16"], r"16 prompts asked for, but the heldout split of {file} has only 9"),
+        (["--n", "0"], r"--n must be >= 1"),
+    ],
+)
+def test_bench_refuses_more_prompts_than_available(prompt_file, monkeypatch, capsys, argv, message):
+    code, err, _ = bench_prompts(["--prompts", str(prompt_file), *argv], monkeypatch, capsys)
+    assert code == 2
+    assert re.search(message.format(file=re.escape(str(prompt_file))), err), err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.jsonl", '{"prompt": "ok"}\n\n{"prompt": \n', r"bad\.jsonl: line 3 is not JSON"),
+        ("bad.jsonl", '{"prompt": "ok"}\n{"text": "no prompt"}\n', r"bad\.jsonl: line 2 has no string 'prompt' field"),
+        ("empty.txt", "\n  \n", r"no prompts in .*empty\.txt"),
+        ("latin1.txt", b"caf\xe9\n", r"latin1\.txt: not UTF-8 text"),
+        ("missing.jsonl", None, r"--prompts .*missing\.jsonl: neither humaneval nor chat nor an existing file"),
+    ],
+)
+def test_bench_refuses_bad_prompt_files(tmp_path, monkeypatch, capsys, name, content, message):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    code, err, _ = bench_prompts(["--prompts", str(path)], monkeypatch, capsys)
+    assert code == 2
+    assert re.search(message, err), err
+    assert len(err.strip().splitlines()) == 1
