@@ -101,28 +101,27 @@ def prefill(
     tokens_bp: jax.Array,
     prompt_lens_b: jax.Array,
     cache_len: int,
-    split: tuple[Params, Params] | None = None,
+    segments: tuple[Params, ...] | None = None,
 ):
     """Run the prompts through the model, filling the cache.
 
-    With `split` = (layers [0, n), layers [n, L)) from `model.split_layers`, also
-    returns the [B, P, D] hidden states after layer n (an early exit's input).
-    Returns (cache, [B, V] logits after each row's last prompt token, hidden or None).
+    With `segments` = consecutive layer ranges covering [0, L) (e.g.
+    eesd.split_params), also returns the [B, P, D] hidden states after each
+    segment but the last (an early exit's input, its context layer's states).
+    Returns (cache, [B, V] logits after each row's last prompt token, hiddens or None).
     """
     B, P = tokens_bp.shape
     cache = init_cache(cfg.n_layers, B, cache_len, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
     cache = sharding.constrain_cache(cache)  # Under a mesh: batch over 'data', kv heads over 'model'.
     positions = jnp.broadcast_to(jnp.arange(P), (B, P))
     x = model.embed(params, tokens_bp)
-    hidden = None
-    if split is None:
-        x, cache = model.run_layers(cfg, params["layers"], x, positions, cache)
-    else:
-        lower, upper = split
-        hidden, cache = model.run_layers(cfg, lower, x, positions, cache)
-        x, cache = model.run_layers(cfg, upper, hidden, positions, cache, model.num_layers(lower))
+    hiddens, first = [], 0
+    for layers in segments or (params["layers"],):
+        x, cache = model.run_layers(cfg, layers, x, positions, cache, first)
+        hiddens.append(x)
+        first += model.num_layers(layers)
     logits = last_logits(cfg, params, x, prompt_lens_b - 1)
-    return cache.replace(lengths=prompt_lens_b), logits, hidden
+    return cache.replace(lengths=prompt_lens_b), logits, (tuple(hiddens[:-1]) if segments else None)
 
 
 @flax.struct.dataclass

@@ -346,7 +346,7 @@ def prepare_data(lm: LM, config, data_dir, progress: bool = True) -> dict:
         )
     if manifest is None or not (data_dir / "sequences.npz").is_file():
         manifest = generate_data(lm, d, data_dir, progress)
-    want = sorted({int(config.exit.layer), *map(int, d.feature_layers)})
+    want = sorted({int(config.exit.layer), *map(int, d.feature_layers)} | {int(config.exit.context_layer)} - {0})
     teacher_ok = manifest.get("teacher", {}).get("top_k", 0) >= d.top_k and (data_dir / "teacher.npz").is_file()
     missing = [n for n in want if not (data_dir / f"hidden_N{n}.npz").is_file()]
     if not teacher_ok:
@@ -370,6 +370,7 @@ class Data:
     top1_counts: np.ndarray  # [V] int64.
     topk_mass: np.ndarray  # [V] float64.
     prompt_index: np.ndarray | None = None  # [n_seq] which prompt each sequence answers.
+    context: np.ndarray | None = None  # [total, D] float32 context-layer hidden state (ExitConfig.context_layer).
 
     @property
     def n_seq(self) -> int:
@@ -389,6 +390,7 @@ class Data:
             top1_counts=np.bincount(ids[mask, 0], minlength=V).astype(np.int64),
             topk_mass=np.bincount(ids[mask].ravel(), np.exp(logp[mask]).ravel(), minlength=V),
             prompt_index=None if self.prompt_index is None else self.prompt_index[seq_idx],
+            context=None if self.context is None else self.context[pos],
         )  # fmt: skip
 
     def split(self, every: int) -> tuple[Data, Data | None]:
@@ -403,7 +405,7 @@ class Data:
         return self.subset(np.flatnonzero(~val)), self.subset(np.flatnonzero(val))
 
 
-def load_data(data_dir, layer: int, top_k: int | None = None) -> Data:
+def load_data(data_dir, layer: int, top_k: int | None = None, context_layer: int = 0) -> Data:
     data_dir = pathlib.Path(data_dir)
     seq, teacher = load_npz(data_dir / "sequences.npz"), load_npz(data_dir / "teacher.npz")
     k = top_k or teacher["topk_ids"].shape[1]
@@ -412,6 +414,7 @@ def load_data(data_dir, layer: int, top_k: int | None = None) -> Data:
         hidden=load_npz(data_dir / f"hidden_N{layer}.npz")["hidden"],
         topk_logp=teacher["topk_logp"][:, :k], topk_ids=teacher["topk_ids"][:, :k],
         top1_counts=teacher["top1_counts"], topk_mass=teacher["topk_mass"], prompt_index=seq["prompt_index"],
+        context=load_npz(data_dir / f"hidden_N{context_layer}.npz")["hidden"] if context_layer else None,
     )  # fmt: skip
 
 
@@ -454,15 +457,46 @@ class Batch:
     next_tokens: np.ndarray  # [B, R] the sampled token that follows (0 past the end).
     weights: np.ndarray  # [B, R] loss weight: 1 response positions, prompt_weight prompt ones, 0 padding.
     response: np.ndarray  # [B, R] bool: position predicts a response token (metrics).
+    # With a context layer (else None): [B, T, D] its hidden states, and [B, T] int32 the first
+    # position of the draft round each position belongs to (see round_starts).
+    context: np.ndarray | None = None
+    start: np.ndarray | None = None
+
+
+def round_starts(n: int, first: int, rng: np.random.Generator | None, max_round: int) -> np.ndarray:
+    """[n] the first position of the simulated draft round each position belongs to.
+
+    Positions before `first` (the prompt) are verified context: each starts its own. From
+    `first` on, rng=None makes every position a round start (what the first draft token of
+    a round sees), else rounds of uniform random length 1..max_round tile the rest (what
+    the later draft tokens see too).
+    """
+    starts = np.arange(n)
+    if rng is None:
+        return starts
+    t = max(first, 0)
+    while t < n:
+        length = int(rng.integers(1, max_round + 1))
+        starts[t : t + length] = t
+        t += length
+    return starts
 
 
 def make_batch(
-    data: Data, seq_idx: Sequence[int], seq_len: int, bucket: int, prompt_weight: float = 0.0, n_select: int = 0
+    data: Data,
+    seq_idx: Sequence[int],
+    seq_len: int,
+    bucket: int,
+    prompt_weight: float = 0.0,
+    n_select: int = 0,
+    rounds: np.random.Generator | None = None,
+    max_round: int = 4,
 ) -> Batch:
     """Sequences (their last seq_len positions) padded to a multiple of `bucket`.
 
     With n_select > 0 and prompt_weight == 0, only the (at most n_select) response
-    positions of each row are selected: R = min(T, n_select).
+    positions of each row are selected: R = min(T, n_select). With a context layer in
+    `data`, `rounds` and `max_round` choose the draft rounds (round_starts).
     """
     spans = []
     for k in seq_idx:
@@ -480,9 +514,17 @@ def make_batch(
         weights=np.zeros((B, R), np.float32),
         response=np.zeros((B, R), bool),
     )
+    if data.context is not None:
+        out.context = np.zeros((B, T, D), np.float32)
+        out.start = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
     for r, (a, b) in enumerate(spans):
         n = b - a
         out.hidden[r, :n] = data.hidden[a:b]
+        if data.context is not None:
+            out.context[r, :n] = data.context[a:b]
+            k = int(seq_idx[r])
+            first_new = int(data.offsets[k]) + int(data.prompt_lens[k]) - a  # First generated token's index.
+            out.start[r, :n] = round_starts(n, first_new, rounds, max_round)
         mask = data.mask[a:b]
         pos = np.arange(n) if R == T else np.flatnonzero(mask)
         if len(pos) > R:
@@ -505,19 +547,31 @@ def max_train_positions(data: Data) -> int:
 
 
 def exit_train_logits(
-    cfg: ModelConfig, head_vd: jax.Array, exit_params: Params, hidden_btd: jax.Array, select_br: jax.Array | None = None
+    cfg: ModelConfig,
+    head_vd: jax.Array,
+    exit_params: Params,
+    hidden_btd: jax.Array,
+    select_br: jax.Array | None = None,
+    context_btd: jax.Array | None = None,
+    start_bt: jax.Array | None = None,
 ) -> jax.Array:
     """Draft logits [B, R, V'] (V' = draft vocabulary or full vocabulary).
 
     The same computation as exits.exit_logits with a fresh one-layer cache and positions
     arange(T), without scattering a draft vocabulary into the full one; the block runs on
     all T positions, the head only on the R selected ones (default: all). `head_vd` is
-    the exit's own head, or the LLM's frozen one.
+    the exit's own head, or the LLM's frozen one. With a context layer, context_btd and
+    start_bt (Batch.context, Batch.start) give each position the mixture it sees when
+    drafting (model.block_with_context).
     """
     B, T, _ = hidden_btd.shape
-    cache = init_cache(1, B, T, cfg.n_kv_heads, cfg.head_dim, hidden_btd.dtype)
-    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    x, _ = model.run_layers(cfg, exit_params["block"], hidden_btd, positions, cache)
+    if context_btd is None:
+        cache = init_cache(1, B, T, cfg.n_kv_heads, cfg.head_dim, hidden_btd.dtype)
+        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        x, _ = model.run_layers(cfg, exit_params["block"], hidden_btd, positions, cache)
+    else:
+        block = jax.tree.map(lambda w: w[0], exit_params["block"])
+        x = model.block_with_context(cfg, block, hidden_btd, context_btd, start_bt)
     if select_br is not None:
         x = jnp.take_along_axis(x, select_br[..., None], axis=1)
     x = model.rms_norm(x, exit_params["norm"], cfg.rms_eps)
@@ -573,7 +627,8 @@ def frozen_head(lm_params: Params, exit_params: Params) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _eval_batch(cfg, lm_params, exit_params, vmap_v, batch):
-    logits = exit_train_logits(cfg, frozen_head(lm_params, exit_params), exit_params, batch.hidden, batch.select)
+    head = frozen_head(lm_params, exit_params)
+    logits = exit_train_logits(cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start)
     _, m = distill_loss(logits, vmap_v, batch, 1.0, 1.0)
     return m
 

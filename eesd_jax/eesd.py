@@ -39,9 +39,10 @@ class EESDConfig:
     max_draft: int = 8  # K: draft tokens per round at most.
     controller: control.ControllerConfig = control.ControllerConfig()
     buckets: tuple[int, ...] = ()  # Verify block sizes; () = powers of two up to K + 1.
+    context_layer: int = 0  # The exit's exits.ExitConfig.context_layer (0: none).
 
     def validate(self, cfg: ModelConfig) -> None:
-        exits.ExitConfig(self.exit_layer).validate(cfg)
+        exits.ExitConfig(self.exit_layer, context_layer=self.context_layer).validate(cfg)
         if self.max_draft < 1:
             raise ValueError(f"max_draft must be >= 1, got {self.max_draft}")
         if self.buckets and (sorted(self.buckets) != list(self.buckets) or self.buckets[-1] != self.max_draft + 1):
@@ -93,23 +94,36 @@ class Draft:
     key: jax.Array
 
 
-def split_params(params: Params, exit_layer: int) -> tuple[Params, Params]:
-    """(layers [0, N), layers [N, L)), made once outside jit (see model.run_layers)."""
-    return model.split_layers(params["layers"], exit_layer)
+def split_params(params: Params, exit_layer: int, context_layer: int = 0) -> tuple[Params, ...]:
+    """(layers [0, N), layers [N, L)), or with a context layer c (layers [0, N), [N, c), [c, L)).
+
+    Made once outside jit (see model.run_layers); the engine reads hidden states at the cuts.
+    """
+    lower, upper = model.split_layers(params["layers"], exit_layer)
+    if not context_layer:
+        return lower, upper
+    return lower, *model.split_layers(upper, context_layer - exit_layer)
 
 
 @functools.partial(
     jax.jit, static_argnames=("cfg", "ecfg", "sampling_cfg", "eos_ids", "max_new"), donate_argnames=("cache",)
 )
 def eesd_init(
-    cfg, ecfg, params, exit_params, cache, hidden_bpd, first_logits_bv, max_new_b, key, sampling_cfg, eos_ids, max_new
+    cfg, ecfg, params, exit_params, cache, hiddens, first_logits_bv, max_new_b, key, sampling_cfg, eos_ids, max_new
 ) -> EESDState:
-    """State after prefill: run the exit over the prompt's layer-N states, choose token 1."""
-    B, P, _ = hidden_bpd.shape
+    """State after prefill: fill the exit's cache over the prompt, choose token 1.
+
+    hiddens: the prompt's [B, P, D] states after layer N (and after the context layer),
+    from decoding.prefill with split_params' segments.
+    """
+    B, P, _ = hiddens[0].shape
     exit_cache = init_cache(1, B, cache.max_len, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
     exit_cache = sharding.constrain_cache(exit_cache)  # Same layout as the LLM's cache under a mesh.
     positions = jnp.broadcast_to(jnp.arange(P), (B, P))
-    _, exit_cache = model.run_layers(cfg, exit_params["block"], hidden_bpd, positions, exit_cache)
+    if ecfg.context_layer:  # The prompt is verified: its context comes from the context layer.
+        exit_cache = exits.write_context(cfg, exit_params, exit_cache, hiddens[1], positions)
+    else:
+        _, exit_cache = model.run_layers(cfg, exit_params["block"], hiddens[0], positions, exit_cache)
     tokens, n_new, last, done, key = start_state(first_logits_bv, max_new_b, key, max_new, sampling_cfg, eos_ids)
     zeros = jnp.zeros((B,), jnp.int32)
     return EESDState(
@@ -193,9 +207,11 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
     return jax.lax.while_loop(cond, body, init)
 
 
-def _verify(cfg, ecfg, params, upper, d: Draft, pos0_b) -> tuple[jax.Array, KVCache]:
-    """Step 2: layers [N, L) over the block, padded to a bucket size. Returns ([B, K+1, V] logits, cache).
+def _verify(cfg, ecfg, params, uppers, d: Draft, pos0_b):
+    """Step 2: layers [N, L) over the block, padded to a bucket size.
 
+    uppers: split_params' segments after the first. Returns ([B, K+1, V] logits,
+    cache, [B, K+1, D] block states after the context layer, or None without one).
     The branches only read the cache and return the block's keys/values, written
     after the switch: a cache written inside a lax.switch branch is copied whole
     by XLA (four full-cache copies per round were measured).
@@ -205,20 +221,24 @@ def _verify(cfg, ecfg, params, upper, d: Draft, pos0_b) -> tuple[jax.Array, KVCa
 
     def branch(size):
         def run(hidden, cache):
-            x, k_nbtke, v_nbtke = model.run_layers_readonly(
-                cfg, upper, hidden[:, :size], positions_bt[:, :size], cache, N
-            )
+            x, first, ks, vs, cuts = hidden[:, :size], N, [], [], []
+            for layers in uppers:
+                x, k_nbtke, v_nbtke = model.run_layers_readonly(cfg, layers, x, positions_bt[:, :size], cache, first)
+                first, ks, vs, cuts = first + model.num_layers(layers), ks + [k_nbtke], vs + [v_nbtke], cuts + [x]
             logits = model.lm_head(params, model.final_norm(params, cfg, x))
             pad = ((0, 0), (0, 0), (0, K + 1 - size), (0, 0), (0, 0))
-            return jnp.pad(logits, ((0, 0), (0, K + 1 - size), (0, 0))), jnp.pad(k_nbtke, pad), jnp.pad(v_nbtke, pad)
+            k_nbtke, v_nbtke = (jnp.pad(jnp.concatenate(a), pad) for a in (ks, vs))
+            context = [jnp.pad(c, ((0, 0), (0, K + 1 - size), (0, 0))) for c in cuts[:-1]]
+            return jnp.pad(logits, ((0, 0), (0, K + 1 - size), (0, 0))), k_nbtke, v_nbtke, context
 
         return run
 
     needed = jnp.max(d.n_draft) + 1
     which = jnp.sum(jnp.asarray(ecfg.block_sizes) < needed)
-    logits, k_nbtke, v_nbtke = jax.lax.switch(which, [branch(n) for n in ecfg.block_sizes], d.hidden, d.cache)
+    logits, k_nbtke, v_nbtke, context = jax.lax.switch(which, [branch(n) for n in ecfg.block_sizes], d.hidden, d.cache)
     # Padding slots land past every row's accepted length: stale, overwritten before being seen.
-    return logits, model.write_layers(d.cache, N, k_nbtke, v_nbtke, positions_bt)
+    cache = model.write_layers(d.cache, N, k_nbtke, v_nbtke, positions_bt)
+    return logits, cache, (context[0] if context else None)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "ecfg", "sampling_cfg", "eos_ids"), donate_argnames=("state",))
@@ -226,8 +246,7 @@ def eesd_decode(
     cfg: ModelConfig,
     ecfg: EESDConfig,
     params: Params,
-    lower: Params,
-    upper: Params,
+    segments: tuple[Params, ...],
     exit_params: Params,
     state: EESDState,
     sampling_cfg: SamplingConfig,
@@ -236,14 +255,19 @@ def eesd_decode(
 ) -> EESDState:
     """Run draft/verify rounds until every row is done or max_steps rounds ran.
 
-    lower, upper = split_params(params, ecfg.exit_layer).
+    segments = split_params(params, ecfg.exit_layer, ecfg.context_layer).
     """
     K = ecfg.max_draft
+    lower, uppers = segments[0], segments[1:]
 
     def round_(s: EESDState) -> EESDState:
         pos0 = s.cache.lengths
         d = _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s)
-        logits, cache = _verify(cfg, ecfg, params, upper, d, pos0)
+        logits, cache, context_bkd = _verify(cfg, ecfg, params, uppers, d, pos0)
+        exit_cache = d.exit_cache
+        if ecfg.context_layer:  # The block is verified now: its context-layer states replace the drafted ones.
+            block_positions = pos0[:, None] + jnp.arange(K + 1)[None]
+            exit_cache = exits.write_context(cfg, exit_params, exit_cache, context_bkd, block_positions)
         key, k_acc = jax.random.split(d.key)
         if sampling_cfg.greedy:
             n_acc, nxt = sampling.accept_greedy(d.tokens, d.n_draft, logits)
@@ -263,7 +287,7 @@ def eesd_decode(
             last=jnp.where(live, last, s.last),
             done=s.done | (done & live),
             cache=cache.replace(lengths=lengths),
-            exit_cache=d.exit_cache.replace(lengths=lengths),
+            exit_cache=exit_cache.replace(lengths=lengths),
             ctrl=control.update(ecfg.controller, s.ctrl, d.n_draft, n_acc, d.confidence, live),
             key=key,
             rounds=s.rounds + live,

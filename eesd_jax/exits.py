@@ -34,11 +34,23 @@ class ExitConfig:
     # as much as ~8 SmolLM2 layers per draft token. Tokens outside it get q = 0,
     # which changes speed only (verification is exact for any q).
     draft_vocab: int = 0
+    # 0: the exit attends over its own states of layer-N inputs at every position (the
+    # paper). c in (N, L): at positions already *verified* it attends over keys/values
+    # built from the LLM's hidden state after layer c instead, which verification
+    # computes anyway; the tokens drafted in the current round still enter from layer N.
+    # Top-layer context at early-exit cost (exits never read their own predictions, so
+    # the context is exact for every verified prefix).
+    context_layer: int = 0
 
     def validate(self, cfg: ModelConfig) -> None:
         if not 1 <= self.layer < cfg.n_layers:
             raise ValueError(
                 f"exit layer N={self.layer} must be in [1, {cfg.n_layers}) for a {cfg.n_layers}-layer model"
+            )
+        if self.context_layer and not self.layer < self.context_layer < cfg.n_layers:
+            raise ValueError(
+                f"context layer {self.context_layer} must be 0 or in ({self.layer}, {cfg.n_layers}) "
+                f"for an exit after layer {self.layer}"
             )
         if not 0 <= self.draft_vocab <= cfg.vocab_size:
             raise ValueError(f"draft_vocab must be in [0, {cfg.vocab_size}], got {self.draft_vocab}")
@@ -95,6 +107,18 @@ def exit_hidden(
     return model.rms_norm(x, exit_params["norm"], cfg.rms_eps), exit_cache
 
 
+def write_context(
+    cfg: ModelConfig, exit_params: Params, exit_cache: KVCache, context_btd: jax.Array, positions_bt: jax.Array
+) -> KVCache:
+    """Write the exit's keys/values of verified positions from their context-layer states [B, T, D].
+
+    (ExitConfig.context_layer: they replace the layer-N ones written while drafting.)
+    """
+    block = jax.tree.map(lambda w: w[0], exit_params["block"])
+    k_btke, v_btke = model.keys_values(cfg, block, context_btd, positions_bt)
+    return model.write_layers(exit_cache, 0, k_btke[None], v_btke[None], positions_bt)
+
+
 def draft_logits(cfg: ModelConfig, params: Params, exit_params: Params, x_btd: jax.Array) -> jax.Array:
     """[B, T, V] draft logits from `exit_hidden`'s output (the draft vocabulary's, or the LLM's head)."""
     head = {"lm_head": exit_params["head"]} if "head" in exit_params else params
@@ -131,6 +155,7 @@ def save_exit(
         "exit_layer": str(exit_cfg.layer),
         "own_head": str(exit_cfg.own_head),
         "draft_vocab": str(exit_cfg.draft_vocab),
+        "context_layer": str(exit_cfg.context_layer),
         "base_name": base_name,
         "base_fingerprint": base_fingerprint,
         "extra": json.dumps(extra or {}),
@@ -168,7 +193,10 @@ def load_exit(
 
     meta = read_exit_metadata(path)
     exit_cfg = ExitConfig(
-        layer=int(meta["exit_layer"]), own_head=meta["own_head"] == "True", draft_vocab=int(meta.get("draft_vocab", 0))
+        layer=int(meta["exit_layer"]),
+        own_head=meta["own_head"] == "True",
+        draft_vocab=int(meta.get("draft_vocab", 0)),
+        context_layer=int(meta.get("context_layer", 0)),
     )
     if meta["base_fingerprint"] != base_fingerprint:
         raise ValueError(

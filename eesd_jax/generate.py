@@ -159,29 +159,29 @@ def generate_eesd(
     seed: int = 0,
     on_tokens: Callable[[list[list[int]]], None] | None = None,
     chunk: int = 1,
-    split: tuple[Params, Params] | None = None,
+    split: tuple[Params, ...] | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> Generation:
     """Early-exiting speculative decoding; same output as generate_ar (greedy) or its distribution.
 
-    `split` = eesd.split_params(params, ecfg.exit_layer) may be passed to reuse
+    `split` = eesd.split_params(params, ecfg.exit_layer, ecfg.context_layer) may be passed to reuse
     the pre-sliced layer stacks across calls. With `mesh`, params and exit params
     should already be placed (sharding.shard_params / shard_exit_params).
     """
     ecfg.validate(cfg)
     req = decoding.make_request(cfg, prompts, max_new_tokens, slack=ecfg.max_draft + 1)
     eos = tuple(int(e) for e in eos_ids)
-    lower, upper = split or eesd.split_params(params, ecfg.exit_layer)
+    segments = split or eesd.split_params(params, ecfg.exit_layer, ecfg.context_layer)
 
     def start(tokens_bp, prompt_lens_b, max_new_b):
-        cache, logits, hidden = decoding.prefill(cfg, params, tokens_bp, prompt_lens_b, req.cache_len, (lower, upper))
+        cache, logits, hiddens = decoding.prefill(cfg, params, tokens_bp, prompt_lens_b, req.cache_len, segments)
         key = jax.random.key(seed)
         return eesd.eesd_init(
-            cfg, ecfg, params, exit_params, cache, hidden, logits, max_new_b, key, sampling, eos, req.max_new
+            cfg, ecfg, params, exit_params, cache, hiddens, logits, max_new_b, key, sampling, eos, req.max_new
         )
 
     def decode(state, max_steps):
-        return eesd.eesd_decode(cfg, ecfg, params, lower, upper, exit_params, state, sampling, eos, max_steps)
+        return eesd.eesd_decode(cfg, ecfg, params, segments, exit_params, state, sampling, eos, max_steps)
 
     counters = ("rounds", "drafted", "accepted")
     out, prefill_seconds, decode_seconds = _run(req, mesh, start, decode, on_tokens, chunk, counters)

@@ -234,14 +234,53 @@ def block_readonly(
     q_bthe, k_btke, v_btke = _qkv(cfg, p, x_btd, positions_bt)
     old_bts = jnp.arange(k_bske.shape[1])[None, None, :] < positions_bt[:, :1, None]
     new_btt = positions_bt[:, None, :] <= positions_bt[:, :, None]
-    old = _scores(cfg, q_bthe, k_bske, jnp.broadcast_to(old_bts, (B, T, k_bske.shape[1])))
-    new = _scores(cfg, q_bthe, k_btke.astype(k_bske.dtype), new_btt)
-    # One softmax over old and new slots; the [..., S + T] scores are small, the cache is never concatenated.
-    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v_bske.dtype)
-    S = k_bske.shape[1]
-    o = jnp.einsum("bkgts,bske->btkge", probs[..., :S], v_bske)
-    o = o + jnp.einsum("bkgtu,buke->btkge", probs[..., S:], v_btke.astype(v_bske.dtype))
-    return _out_and_mlp(cfg, p, x_btd, o.reshape(B, T, -1)), k_btke, v_btke
+    o_btn = _attend_two(cfg, q_bthe, (k_bske, v_bske, jnp.broadcast_to(old_bts, (B, T, k_bske.shape[1]))),
+                        (k_btke, v_btke, new_btt))  # fmt: skip
+    return _out_and_mlp(cfg, p, x_btd, o_btn), k_btke, v_btke
+
+
+def block_with_context(
+    cfg: ModelConfig, p: Params, x_btd: jax.Array, context_btd: jax.Array, start_bt: jax.Array
+) -> jax.Array:
+    """One block over a whole sequence whose keys/values come from two sources (an exit in training).
+
+    Position t attends to context-derived keys/values (from `context_btd`, e.g. the
+    LLM's top-layer states) at positions u < start_bt[t], and to its own block's
+    (from `x_btd`) at start_bt[t] <= u <= t. With start = the first position of each
+    draft round this is exactly what an exit with a context layer sees when drafting:
+    verified positions from the context layer, the round's drafted ones from layer N.
+    Positions are arange(T). Returns [B, T, D].
+    """
+    B, T, _ = x_btd.shape
+    positions_bt = jnp.broadcast_to(jnp.arange(T), (B, T))
+    q_bthe, k_btke, v_btke = _qkv(cfg, p, x_btd, positions_bt)
+    k_ctx, v_ctx = keys_values(cfg, p, context_btd, positions_bt)
+    u_11u = jnp.arange(T)[None, None, :]
+    own_btu = (u_11u >= start_bt[:, :, None]) & (u_11u <= positions_bt[:, :, None])
+    ctx_btu = u_11u < start_bt[:, :, None]
+    o_btn = _attend_two(cfg, q_bthe, (k_ctx, v_ctx, ctx_btu), (k_btke, v_btke, own_btu))
+    return _out_and_mlp(cfg, p, x_btd, o_btn)
+
+
+def keys_values(cfg: ModelConfig, p: Params, x_btd: jax.Array, positions_bt: jax.Array):
+    """The block's keys and values [B, T, K, E] of hidden states x_btd (RoPE applied)."""
+    _, k_btke, v_btke = _qkv(cfg, p, x_btd, positions_bt)
+    return k_btke, v_btke
+
+
+def _attend_two(cfg: ModelConfig, q_bthe: jax.Array, source_a, source_b) -> jax.Array:
+    """Attention of q over two (k [B, S, K, E], v, visible [B, T, S]) sources with one softmax: [B, T, H*E].
+
+    The [..., Sa + Sb] scores are small; the keys/values themselves are never concatenated.
+    """
+    (k_a, v_a, vis_a), (k_b, v_b, vis_b) = source_a, source_b
+    B, T = q_bthe.shape[:2]
+    scores = jnp.concatenate([_scores(cfg, q_bthe, k_a, vis_a), _scores(cfg, q_bthe, k_b.astype(k_a.dtype), vis_b)], -1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_a.dtype)
+    S = k_a.shape[1]
+    o = jnp.einsum("bkgts,bske->btkge", probs[..., :S], v_a)
+    o = o + jnp.einsum("bkgtu,buke->btkge", probs[..., S:], v_b.astype(v_a.dtype))
+    return o.reshape(B, T, -1)
 
 
 def _qkv(cfg: ModelConfig, p: Params, x_btd: jax.Array, positions_bt: jax.Array):

@@ -91,7 +91,9 @@ def train_step(cfg: ModelConfig, tx, head_vd, static, state, vmap_v, batch, kl_w
     def loss_fn(trainable):
         exit_params = {**static, **trainable}
         head = exit_params.get("head", head_vd)
-        logits = distill.exit_train_logits(cfg, head, exit_params, batch.hidden, batch.select)
+        logits = distill.exit_train_logits(
+            cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start
+        )
         return distill.distill_loss(logits, vmap_v, batch, kl_weight, ce_weight)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -203,7 +205,9 @@ def train_exit(
     with metrics_path.open("a") as log:
         for step in range(start, end):
             idx = batch_indices(data.n_seq, int(t.batch_size), int(t.seed), step)
-            batch = distill.make_batch(data, idx, int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select)
+            rounds = np.random.default_rng([int(t.seed), step])  # Resume-exact, like the batch order.
+            batch = distill.make_batch(data, idx, int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select,
+                                       rounds, int(t.max_round))  # fmt: skip
             n_tokens += batch.weights.shape[0] * batch.weights.shape[1]
             state, m = train_step(lm.cfg, tx, head_vd, static, state, vmap, distill.to_device(batch),
                                   float(t.kl_weight), float(t.ce_weight))  # fmt: skip
@@ -245,7 +249,8 @@ def train_exit(
 
 
 def exit_config(config) -> exits.ExitConfig:
-    return exits.ExitConfig(int(config.exit.layer), bool(config.exit.own_head), int(config.exit.draft_vocab))
+    e = config.exit
+    return exits.ExitConfig(int(e.layer), bool(e.own_head), int(e.draft_vocab), int(e.get("context_layer", 0)))
 
 
 def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, stop_at: int | None = None):
@@ -269,7 +274,8 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     t = config.train
     data_dir = pathlib.Path(config.data.dir) if config.data.dir else workdir / "data"
     manifest = distill.prepare_data(lm, config, data_dir, progress)
-    data, val = distill.load_data(data_dir, exit_cfg.layer, int(config.data.top_k)).split(int(t.val_every_prompt))
+    all_data = distill.load_data(data_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer)
+    data, val = all_data.split(int(t.val_every_prompt))
     vocab_ids = (distill.choose_draft_vocab(data, exit_cfg.draft_vocab, lm.eos_ids) if exit_cfg.draft_vocab
                  else None)  # fmt: skip
     seconds["data"] = round(time.perf_counter() - t0, 2)
@@ -349,9 +355,12 @@ def eval_exit(
     if not ids:
         raise ValueError("no prompts to evaluate on")
     ecfg = eesd.EESDConfig(
-        exit_layer=exit_cfg.layer, max_draft=max_draft, controller=control.ControllerConfig(kind=controller)
+        exit_layer=exit_cfg.layer,
+        max_draft=max_draft,
+        controller=control.ControllerConfig(kind=controller),
+        context_layer=exit_cfg.context_layer,
     )
-    split = eesd.split_params(params, exit_cfg.layer)
+    split = eesd.split_params(params, exit_cfg.layer, exit_cfg.context_layer)
     seen: set = set()
     rows, ar_time, es_time, new_ar, new_es = [], 0.0, 0.0, 0, 0
     totals = {"rounds": 0, "drafted": 0, "accepted": 0}
@@ -395,7 +404,9 @@ def eval_exit(
     for k, p in enumerate(ids):
         mask[offsets[k] + len(p) - 1 : offsets[k + 1] - 1] = True
     tmp_lm = LM(cfg, params, fingerprint, cfg.name, None, eos)
-    hidden, _, _ = distill.run_teacher(tmp_lm, tokens, offsets, [exit_cfg.layer], 0, progress=False)
+    c = exit_cfg.context_layer
+    hidden, _, _ = distill.run_teacher(tmp_lm, tokens, offsets, [exit_cfg.layer, c] if c else [exit_cfg.layer], 0,
+                                       progress=False)  # fmt: skip
     nxt = np.roll(tokens, -1)[:, None]
     data = distill.Data(
         tokens,
@@ -407,6 +418,7 @@ def eval_exit(
         nxt.astype(np.int32),
         np.zeros(cfg.vocab_size, np.int64),
         np.zeros(cfg.vocab_size),
+        context=hidden[c] if c else None,
     )
     agreement = distill.data_metrics(cfg, params, exit_params, data, seq_len=cfg.max_seq_len)
 

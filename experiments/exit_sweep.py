@@ -55,7 +55,9 @@ def controller_config(spec: str) -> control.ControllerConfig:
 
 def bench_one(session, exit_path, controller: str, max_draft: int, ids, max_new_tokens: int, repeats: int = 1) -> dict:
     exit_cfg, exit_params = exits.load_exit(exit_path, session.cfg, session.lm.fingerprint)
-    ecfg = eesd.EESDConfig(exit_cfg.layer, max_draft, controller_config(controller))
+    ecfg = eesd.EESDConfig(
+        exit_cfg.layer, max_draft, controller_config(controller), context_layer=exit_cfg.context_layer
+    )
     setup = bench.BenchSetup(session.cfg, session.params, exit_params, ecfg, session.eos_ids)
     report = bench.run(setup, ids, max_new_tokens, repeats=repeats)
     es = report["modes"]["eesd"]

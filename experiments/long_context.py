@@ -36,8 +36,13 @@ def main() -> None:
     exit_cfg, exit_params = exits.load_exit(
         args.exit or shipped.default_exit(session.lm), session.cfg, session.lm.fingerprint
     )
-    ecfg = eesd.EESDConfig(exit_cfg.layer, args.max_draft, control.ControllerConfig(kind=args.controller))
-    split = eesd.split_params(session.params, ecfg.exit_layer)
+    ecfg = eesd.EESDConfig(
+        exit_cfg.layer,
+        args.max_draft,
+        control.ControllerConfig(kind=args.controller),
+        context_layer=exit_cfg.context_layer,
+    )
+    split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer)
     common = dict(max_new_tokens=args.max_new_tokens, eos_ids=session.eos_ids)
     runs = {
         "ar": lambda: generate.generate_ar(session.cfg, session.params, [ids], **common),

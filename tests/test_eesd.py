@@ -4,10 +4,13 @@ import itertools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eesd_jax import control, eesd, exits, generate, model
+from eesd_jax import control, decoding, distill, eesd, exits, generate, model
+from eesd_jax.kv_cache import init_cache
+from eesd_jax.sampling import SamplingConfig
 
 CFG = model.ModelConfig(
     vocab_size=96, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=256
@@ -31,10 +34,10 @@ def ar_outputs(params):
     return {b: generate.generate_ar(CFG, params, make_prompts(b), 24, eos_ids=(EOS,)).tokens for b in (1, 3)}
 
 
-def eesd_tokens(params, prompts, exit_layer, max_draft, kind, exit_params=None, **kw):
-    ecfg = eesd.EESDConfig(exit_layer, max_draft, control.ControllerConfig(kind=kind))
+def eesd_tokens(params, prompts, exit_layer, max_draft, kind, exit_params=None, context_layer=0, **kw):
+    ecfg = eesd.EESDConfig(exit_layer, max_draft, control.ControllerConfig(kind=kind), context_layer=context_layer)
     if exit_params is None:
-        exit_params = exits.init_exit(CFG, params, exits.ExitConfig(exit_layer))
+        exit_params = exits.init_exit(CFG, params, exits.ExitConfig(exit_layer, context_layer=context_layer))
     return generate.generate_eesd(CFG, params, exit_params, ecfg, prompts, 24, eos_ids=(EOS,), **kw)
 
 
@@ -68,6 +71,70 @@ def test_trained_like_exit_equals_ar(params, ar_outputs):
     out = eesd_tokens(params, make_prompts(3), 2, 4, "beta-ts", exit_params=ep)
     assert out.tokens == ar_outputs[3]
     assert 0 < out.stats["acceptance_rate"] < 1
+
+
+def perturbed_exit(params, exit_cfg, seed=1):
+    """An exit as after training: the LLM's last block, perturbed."""
+    ep = exits.init_exit(CFG, params, exit_cfg)
+    return jax.tree.map(lambda w: w + 0.05 * jax.random.normal(jax.random.key(seed), w.shape), ep)
+
+
+@pytest.mark.parametrize(
+    "kind,exit_layer,context_layer,max_draft",
+    [("beta-ts", 1, 3, 4), ("fixed", 1, 2, 8), ("confidence", 2, 3, 1), ("calibration-ts", 1, 3, 3)],
+)
+def test_context_exit_greedy_eesd_equals_ar(params, ar_outputs, kind, exit_layer, context_layer, max_draft):
+    """An exit attending over context-layer states of verified positions is lossless too."""
+    ep = perturbed_exit(params, exits.ExitConfig(exit_layer, own_head=True, context_layer=context_layer))
+    for batch in (1, 3):
+        out = eesd_tokens(params, make_prompts(batch), exit_layer, max_draft, kind, ep, context_layer)
+        assert out.tokens == ar_outputs[batch]
+        assert out.stats["drafted"] > 0 or kind == "confidence"
+
+
+def test_context_exit_cache_holds_context_layer_keys_at_every_verified_position(params):
+    """After EESD decoding, the exit's cache below each row's length is the exit block's keys/values of
+    the context layer's states of the final sequence: verification rewrote every drafted slot."""
+    N, C, K = 1, 3, 4
+    ep = perturbed_exit(params, exits.ExitConfig(N, own_head=True, context_layer=C))
+    ecfg = eesd.EESDConfig(N, K, control.ControllerConfig("fixed"), context_layer=C)
+    prompts = make_prompts(3)
+    req = decoding.make_request(CFG, prompts, 24, slack=K + 1)
+    segments = eesd.split_params(params, N, C)
+    tokens_bp, lens_b, max_new_b = (jnp.asarray(a) for a in (req.tokens_bp, req.prompt_lens_b, req.max_new_b))
+    cache, logits, hiddens = decoding.prefill(CFG, params, tokens_bp, lens_b, req.cache_len, segments)
+    greedy = SamplingConfig()
+    state = eesd.eesd_init(CFG, ecfg, params, ep, cache, hiddens, logits, max_new_b, jax.random.key(0), greedy,
+                           (EOS,), req.max_new)  # fmt: skip
+    state = eesd.eesd_decode(CFG, ecfg, params, segments, ep, state, greedy, (EOS,), jnp.int32(1000))
+    assert int(state.accepted.sum()) > 0 and int((state.drafted - state.accepted).sum()) > 0  # Both kinds of slot.
+    block = jax.tree.map(lambda w: w[0], ep["block"])
+    for b, prompt in enumerate(prompts):
+        n = int(state.exit_cache.lengths[b])
+        seq = (prompt + np.asarray(state.tokens[b, : int(state.n_new[b])]).tolist())[:n]
+        assert n == len(prompt) + int(state.n_new[b]) - 1
+        _, _, (_, h_c) = decoding.prefill(CFG, params, jnp.asarray([seq]), jnp.asarray([n]), n, segments)
+        k, v = model.keys_values(CFG, block, h_c, jnp.arange(n)[None])
+        np.testing.assert_allclose(np.asarray(state.exit_cache.k[0, b, :n]), np.asarray(k[0]), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(state.exit_cache.v[0, b, :n]), np.asarray(v[0]), atol=2e-5)
+
+
+def test_context_exit_drafts_what_training_computes(params):
+    """Drafting at position t of a round that started at s (context-layer slots before s, layer-N slots
+    s..t, as the engine writes them) gives distill.exit_train_logits' logits for start[t] = s."""
+    N, C, T = 1, 3, 10
+    ep = perturbed_exit(params, exits.ExitConfig(N, own_head=True, context_layer=C))
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (2, T)), jnp.int32)
+    _, _, (h_n, h_c) = decoding.prefill(CFG, params, tokens, jnp.full((2,), T), T, eesd.split_params(params, N, C))
+    starts = np.array([[0, 1, 1, 1, 4, 5, 5, 7, 7, 7], [0, 0, 2, 3, 4, 4, 4, 4, 8, 9]], np.int32)
+    train_logits = distill.exit_train_logits(CFG, ep["head"], ep, h_n, None, h_c, jnp.asarray(starts))
+    for b in range(2):
+        for t in range(T):
+            s = int(starts[b, t])
+            cache = init_cache(1, 1, T, CFG.n_kv_heads, CFG.head_dim)
+            cache = exits.write_context(CFG, ep, cache, h_c[b : b + 1, :s], jnp.arange(s)[None])
+            draft, _ = exits.exit_logits(CFG, params, ep, h_n[b : b + 1, s : t + 1], jnp.arange(s, t + 1)[None], cache)
+            np.testing.assert_allclose(np.asarray(draft[0, -1]), np.asarray(train_logits[b, t]), atol=2e-5)
 
 
 def test_oracle_drafter_is_always_accepted(params):
@@ -113,6 +180,8 @@ def test_streaming_chunks_give_the_same_tokens(params, ar_outputs):
         (dict(exit_layer=0), r"exit layer N=0 must be in \[1, 4\)"),
         (dict(exit_layer=4), r"exit layer N=4 must be in \[1, 4\)"),
         (dict(exit_layer=2, max_draft=0), "max_draft must be >= 1"),
+        (dict(exit_layer=2, context_layer=2), r"context layer 2 must be 0 or in \(2, 4\)"),
+        (dict(exit_layer=2, context_layer=4), r"context layer 4 must be 0 or in \(2, 4\)"),
     ],
 )
 def test_bad_engine_config_is_refused(params, kwargs, match):
@@ -123,9 +192,9 @@ def test_bad_engine_config_is_refused(params, kwargs, match):
 def test_exit_files_round_trip_and_refuse_other_models(params, tmp_path):
     ep = exits.init_exit(CFG, params, exits.ExitConfig(2, own_head=True))
     path = tmp_path / "exit.safetensors"
-    exits.save_exit(path, ep, exits.ExitConfig(2, own_head=True), "tiny", "a" * 64)
+    exits.save_exit(path, ep, exits.ExitConfig(2, own_head=True, context_layer=3), "tiny", "a" * 64)
     exit_cfg, loaded = exits.load_exit(path, CFG, "a" * 64)
-    assert exit_cfg == exits.ExitConfig(2, own_head=True)
+    assert exit_cfg == exits.ExitConfig(2, own_head=True, context_layer=3)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), ep, loaded))
     with pytest.raises(ValueError, match="trained for base model 'tiny'"):
         exits.load_exit(path, CFG, "b" * 64)

@@ -48,7 +48,7 @@ def exact_distribution(params, sc: SamplingConfig) -> np.ndarray:
 
 def eesd_counts(params, sc, ecfg) -> np.ndarray:
     V = CFG.vocab_size
-    exit_params = exits.init_exit(CFG, params, exits.ExitConfig(ecfg.exit_layer))
+    exit_params = exits.init_exit(CFG, params, exits.ExitConfig(ecfg.exit_layer, context_layer=ecfg.context_layer))
     counts = np.zeros(V**3, np.int64)
     for seed in range(SEEDS):
         out = generate.generate_eesd(CFG, params, exit_params, ecfg, [PROMPT] * ROWS, 3, sc, seed=seed)
@@ -100,6 +100,13 @@ def test_eesd_samples_have_the_ar_distribution(params, sc):
 def test_eesd_sampling_with_thompson_control(params):
     sc = SAMPLING[0]
     ecfg = eesd.EESDConfig(exit_layer=2, max_draft=3, controller=control.ControllerConfig("beta-ts"))
+    assert chi_square_p(eesd_counts(params, sc, ecfg), exact_distribution(params, sc)) > P_VALUE
+
+
+def test_eesd_sampling_with_a_context_exit(params):
+    """An exit whose verified context comes from layer 2 (ExitConfig.context_layer) keeps the distribution."""
+    sc = SAMPLING[1]
+    ecfg = eesd.EESDConfig(exit_layer=1, max_draft=2, controller=control.ControllerConfig("fixed"), context_layer=2)
     assert chi_square_p(eesd_counts(params, sc, ecfg), exact_distribution(params, sc)) > P_VALUE
 
 

@@ -24,7 +24,7 @@ CONFIG_DIR = pathlib.Path(__file__).parent
 REQUIRED = {
     "": ("name",),
     "model": ("source",),
-    "exit": ("layer", "own_head", "draft_vocab"),
+    "exit": ("layer", "own_head", "draft_vocab", "context_layer"),
     "data": (
         "dir",
         "sets",
@@ -59,6 +59,7 @@ REQUIRED = {
         "ckpt_every",
         "max_to_keep",
         "log_every",
+        "max_round",
     ),
     "eval": ("sets", "n_per_set", "max_new_tokens", "max_draft", "controller"),
 }
@@ -69,6 +70,7 @@ ALIASES = {
     "layer": "exit.layer",
     "own_head": "exit.own_head",
     "draft_vocab": "exit.draft_vocab",
+    "context": "exit.context_layer",
     "steps": "train.steps",
     "lr": "train.lr",
     "n_per_set": "data.n_per_set",
@@ -203,6 +205,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.exit.own_head = False  # Full-vocabulary own head (trainable) instead of the LLM's frozen one.
     c.exit.draft_vocab = 0  # >0: own head over the most frequent draft_vocab tokens of the data.
     c.exit.file_dtype = "float32"  # Float type of the exported file; "float16" halves it.
+    c.exit.context_layer = 0  # c > N: attend over layer-c states at verified positions (exits.ExitConfig).
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""  # Where data lives; "" = WORKDIR/data. Share one dir between runs for other N.
@@ -238,6 +241,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ckpt_every = 100
     c.train.max_to_keep = 2
     c.train.log_every = 10
+    c.train.max_round = 4  # With a context layer: simulated draft rounds are 1..max_round tokens long.
 
     c.eval = ml_collections.ConfigDict()
     c.eval.sets = ("chat:heldout", "humaneval:heldout")
