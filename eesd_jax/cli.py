@@ -292,8 +292,17 @@ def validate_eesd(args) -> None:
         raise UsageError(f"--max-draft must be >= 1, got {args.max_draft}")
     if args.exit_layer is not None and args.exit_layer < 1:
         raise UsageError(f"--exit-layer must be >= 1, got {args.exit_layer}")
-    if args.exit is not None and not pathlib.Path(args.exit).is_file():
-        raise UsageError(f"--exit {args.exit}: no such file")
+    validate_exit_file(args)
+
+
+def validate_exit_file(args) -> None:
+    """--exit names a whole safetensors file (a truncated one is reported here, before the model loads)."""
+    from eesd_jax import loading
+
+    if args.exit is not None:
+        if not pathlib.Path(args.exit).is_file():
+            raise UsageError(f"--exit {args.exit}: no such file")
+        loading.check_safetensors(args.exit)
 
 
 def sampling_config(args):
@@ -427,8 +436,8 @@ def validate_config(args) -> None:
         args.config_dict = configs.load_config(args.config)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise UsageError(f"--config {args.config}: {e}") from None
-    if getattr(args, "exit", None) is not None and not pathlib.Path(args.exit).is_file():
-        raise UsageError(f"--exit {args.exit}: no such file")
+    if hasattr(args, "exit"):
+        validate_exit_file(args)
 
 
 def cmd_distill(args) -> int:

@@ -77,6 +77,20 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
     return [(left, right) for left, right, _ in merges]
 
 
+def _merges(lines: list[str], vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    """ "left right" merge lines as pairs, each of two tokens whose concatenation is a token too
+    (tokenizers would otherwise fail, or abort on a line without a space)."""
+    merges = []
+    for i, line in enumerate(lines):
+        pair = tuple(line.split(" "))
+        if len(pair) != 2 or not all(p in vocab for p in pair) or "".join(pair) not in vocab:
+            raise TokenizerMetadataError(
+                f"tokenizer.ggml.merges[{i}] = {line!r} is not a merge of two vocabulary tokens"
+            )
+        merges.append(pair)
+    return merges
+
+
 def _byte_level(meta: Mapping[str, Any], tokens: list[str]):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
@@ -93,7 +107,7 @@ def _byte_level(meta: Mapping[str, Any], tokens: list[str]):
     vocab = {
         t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
     }
-    merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+    merges = _merges(meta["tokenizer.ggml.merges"], vocab)
     tok = Tokenizer(models.BPE(vocab, merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix=""))
     split = SPLITS[pre]
     if split is None:
@@ -112,13 +126,13 @@ def _byte_level(meta: Mapping[str, Any], tokens: list[str]):
 def _sentencepiece(meta: Mapping[str, Any], tokens: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+    vocab = {t: i for i, t in enumerate(tokens)}
     if "tokenizer.ggml.merges" in meta:
-        merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+        merges = _merges(meta["tokenizer.ggml.merges"], vocab)
     elif len(meta.get("tokenizer.ggml.scores") or ()) == len(tokens):
         merges = _merges_from_scores(tokens, meta["tokenizer.ggml.scores"])
     else:
         raise TokenizerMetadataError("sentencepiece vocabulary without merges or one score per token")
-    vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True, dropout=None))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     tok.decoder = decoders.Sequence(
@@ -143,9 +157,15 @@ def build(meta: Mapping[str, Any]):
         raise TokenizerMetadataError(
             f"tokenizer.ggml.model {kind!r} is not supported (supported: {', '.join(sorted(BUILDERS))})"
         )
+    for key, kind_of in [("tokens", str), ("merges", str), ("scores", (int, float)), ("token_type", int)]:
+        values = meta.get(f"tokenizer.ggml.{key}")
+        if values is not None and not (isinstance(values, list) and all(isinstance(v, kind_of) for v in values)):
+            raise TokenizerMetadataError(
+                f"tokenizer.ggml.{key} is not a list of {getattr(kind_of, '__name__', 'numbers')}"
+            )
     tokens = meta.get("tokenizer.ggml.tokens")
-    if not tokens or not all(isinstance(t, str) for t in tokens):
-        raise TokenizerMetadataError("tokenizer.ggml.tokens is missing or not a list of strings")
+    if not tokens:
+        raise TokenizerMetadataError("tokenizer.ggml.tokens is missing or empty")
     types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
     if len(types) != len(tokens):
         raise TokenizerMetadataError(f"{len(types)} token types for {len(tokens)} tokens")
@@ -155,7 +175,7 @@ def build(meta: Mapping[str, Any]):
     for name in ("bos", "eos", "unk", "pad"):
         key = "unknown" if name == "unk" else "padding" if name == "pad" else name
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if token_id is not None and not 0 <= token_id < len(tokens):
+        if token_id is not None and not (isinstance(token_id, int) and 0 <= token_id < len(tokens)):
             raise TokenizerMetadataError(f"tokenizer.ggml.{key}_token_id {token_id} is outside the vocabulary")
         config[f"{name}_token"] = None if token_id is None else tokens[token_id]
 

@@ -12,6 +12,7 @@ Sources, all loaded from safe formats only (no pickles):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -91,6 +92,30 @@ def _stack_hf_layers(cfg: ModelConfig, get) -> Params:
 _IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def _expected_shape(cfg: ModelConfig, key: str) -> tuple[int, ...]:
+    """The (out, in) shape of an HF-named tensor under cfg."""
+    D, F, V = cfg.d_model, cfg.ffn_dim, cfg.vocab_size
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {
+        "input_layernorm.weight": (D,),
+        "post_attention_layernorm.weight": (D,),
+        "self_attn.q_proj.weight": (q, D),
+        "self_attn.k_proj.weight": (kv, D),
+        "self_attn.v_proj.weight": (kv, D),
+        "self_attn.o_proj.weight": (D, q),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "mlp.gate_proj.weight": (F, D),
+        "mlp.up_proj.weight": (F, D),
+        "mlp.down_proj.weight": (D, F),
+        "model.embed_tokens.weight": (V, D),
+        "model.norm.weight": (D,),
+        "lm_head.weight": (V, D),
+    }
+    return shapes[key.split(".", 3)[-1] if key.startswith("model.layers.") else key]
+
+
 def _params_from_tensors(source: str, cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Params:
     """Our params from HF-named tensors; refuses a checkpoint with tensors our architecture has no place for.
 
@@ -102,6 +127,11 @@ def _params_from_tensors(source: str, cfg: ModelConfig, tensors: dict[str, np.nd
     def get(key):
         if key not in tensors:
             raise CheckpointError(f"{source}: tensor {key!r} is missing")
+        shape, expected = tuple(tensors[key].shape), _expected_shape(cfg, key)
+        if shape != expected:
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {shape}, the config implies {expected}")
+        if not np.isfinite(tensors[key]).all():
+            raise CheckpointError(f"{source}: tensor {key!r} holds NaN or infinite values (a corrupted file?)")
         used.add(key)
         return tensors[key]
 
@@ -120,6 +150,37 @@ def _params_from_tensors(source: str, cfg: ModelConfig, tensors: dict[str, np.nd
             "(extra biases or norms, RoPE factors) and would run wrong"
         )
     return params
+
+
+# What gguf's and numpy's parsers raise on a damaged file (found by tests/test_damaged_files.py's fuzzing).
+_PARSE_ERRORS = (ValueError, IndexError, KeyError, OverflowError)
+
+
+@contextlib.contextmanager
+def _damage_reported(path: os.PathLike | str, kind: str):
+    """Report a parser's error on a damaged file as one CheckpointError naming the file."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except _PARSE_ERRORS as e:
+        raise CheckpointError(f"{path}: truncated or corrupted {kind} file ({type(e).__name__}: {e})") from None
+
+
+def open_safetensors(path: os.PathLike | str, framework: str = "numpy"):
+    """safetensors' safe_open (header and data extents checked), a damaged file reported as a CheckpointError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework=framework)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: truncated or corrupted safetensors file ({e})") from None
+
+
+def check_safetensors(path: os.PathLike | str) -> None:
+    """Raise CheckpointError unless path is a whole safetensors file (header, extents): before any compute."""
+    with open_safetensors(path):
+        pass
 
 
 def _map(fn, tree):
@@ -176,10 +237,18 @@ def _refuse_pickles(folder: pathlib.Path) -> None:
         )
 
 
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        value = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def load_hf_folder(path: str | os.PathLike, dtype: str = "float32") -> LoadedModel:
     """Load a Hugging Face folder (config.json + safetensors, optionally sharded)."""
-    from safetensors import safe_open
-
     folder = pathlib.Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"no such model folder: {folder}")
@@ -188,7 +257,10 @@ def load_hf_folder(path: str | os.PathLike, dtype: str = "float32") -> LoadedMod
         raise CheckpointError(f"{folder} has no config.json")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: no 'weight_map' of tensor names to shard files")
+        files = sorted(set(weight_map.values()))
         missing = [name for name in files if not (folder / name).is_file()]
         if missing:
             raise CheckpointError(f"{folder}: shards named in {index.name} are missing: {', '.join(missing)}")
@@ -197,12 +269,12 @@ def load_hf_folder(path: str | os.PathLike, dtype: str = "float32") -> LoadedMod
     if not files:
         raise CheckpointError(f"{folder} has no *.safetensors weights")
     config_bytes = (folder / "config.json").read_bytes()
-    cfg = config_from_hf(json.loads(config_bytes), name=folder.name, dtype=dtype)
+    cfg = config_from_hf(_read_json(folder / "config.json"), name=folder.name, dtype=dtype)
 
     tensors: dict[str, np.ndarray] = {}
     fingerprint = hashlib.sha256(config_bytes)
     for name in files:
-        with safe_open(str(folder / name), framework="flax") as f:
+        with open_safetensors(folder / name, framework="flax") as f:
             for key in f.keys():
                 tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
         with open(folder / name, "rb") as fh:  # The header names every tensor, shape and offset.
@@ -279,10 +351,18 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def open_gguf(path: pathlib.Path):
+    """gguf.GGUFReader over path (it parses every header and tensor extent), a damaged file a CheckpointError."""
+    import gguf
+
+    with _damage_reported(path, "GGUF"):
+        return gguf.GGUFReader(str(path))
+
+
 def _convert_gguf(path: pathlib.Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path.name}: unsupported GGUF architecture {arch!r}; eesd_jax reads 'llama' GGUF files")
@@ -292,9 +372,11 @@ def _convert_gguf(path: pathlib.Path) -> tuple[ModelConfig, dict[str, np.ndarray
         tensors[_gguf_name_to_hf(t.name)] = data.reshape([int(d) for d in reversed(t.shape)])
     if "model.embed_tokens.weight" not in tensors:
         raise CheckpointError(f"{path.name}: tensor 'token_embd.weight' is missing")
+    sizes = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+    invalid = [f"llama.{k}" for k in sizes if not isinstance(v := _gguf_field(reader, f"llama.{k}"), int) or v < 1]
+    if invalid:
+        raise CheckpointError(f"{path.name}: metadata {', '.join(invalid)} missing or invalid")
     heads = _gguf_field(reader, "llama.attention.head_count")
-    if not isinstance(heads, int) or heads < 1:
-        raise CheckpointError(f"{path.name}: metadata llama.attention.head_count is missing or invalid")
     scaling = _gguf_field(reader, "llama.rope.scaling.type", "none")
     kv_heads = _gguf_field(reader, "llama.attention.head_count_kv", heads)
     d_model = _gguf_field(reader, "llama.embedding_length")
@@ -313,7 +395,10 @@ def _convert_gguf(path: pathlib.Path) -> tuple[ModelConfig, dict[str, np.ndarray
         "tie_word_embeddings": "lm_head.weight" not in tensors,
         "rope_scaling": {"rope_type": "default" if scaling in ("none", None) else scaling},
     }
-    cfg = config_from_hf(hf, name=_gguf_field(reader, "general.name", path.stem))
+    try:
+        cfg = config_from_hf(hf, name=_gguf_field(reader, "general.name", path.stem))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path.name}: {e}") from None
     for i in range(cfg.n_layers):
         q, k = f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.self_attn.k_proj.weight"
         tensors[q] = _unpermute(tensors[q], cfg.n_heads)
@@ -358,7 +443,7 @@ def atomic_write(path: pathlib.Path, write) -> None:
 
 def load_gguf(path: str | os.PathLike, use_cache: bool = True) -> LoadedModel:
     """Load a llama-architecture GGUF file as float32 params (cached by sha256)."""
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import save_file
 
     path = pathlib.Path(path)
     if not path.is_file():
@@ -369,12 +454,15 @@ def load_gguf(path: str | os.PathLike, use_cache: bool = True) -> LoadedModel:
     digest = sha256_file(path)
     cached = cache_dir() / "params" / f"{digest}.safetensors"
     if use_cache and cached.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(cached), framework="numpy") as f:
-            cfg = ModelConfig(**json.loads(f.metadata()["model_config"]))
-        return LoadedModel(cfg=cfg, params=_unflatten(load_file(str(cached))), fingerprint=digest, source=str(path))
-    cfg, tensors = _convert_gguf(path)
+        try:
+            with open_safetensors(cached) as f:
+                cfg = ModelConfig(**json.loads(f.metadata()["model_config"]))
+                params = _unflatten({key: f.get_tensor(key) for key in f.keys()})
+            return LoadedModel(cfg=cfg, params=params, fingerprint=digest, source=str(path))
+        except CheckpointError:
+            pass  # A damaged cache file (a full disk, say) is rebuilt from the GGUF below.
+    with _damage_reported(path, "GGUF"):  # A header that parses can still describe nonsense.
+        cfg, tensors = _convert_gguf(path)
     params = _params_from_tensors(path.name, cfg, tensors)
     if use_cache:
         meta = {"model_config": json.dumps(dataclasses.asdict(cfg)), "source_sha256": digest}
@@ -418,7 +506,6 @@ TOKENIZER_CACHE_FORMAT = 1
 
 def _gguf_tokenizer(path: pathlib.Path):
     """(tokenizers.Tokenizer, wrapper config) of a GGUF file, built once and cached by sha256."""
-    import gguf
     from tokenizers import Tokenizer
 
     from eesd_jax import gguf_tokenizer
@@ -427,8 +514,10 @@ def _gguf_tokenizer(path: pathlib.Path):
     if cached.is_file():
         saved = json.loads(cached.read_text("utf-8"))
         return Tokenizer.from_str(saved["tokenizer"]), saved["config"]
+    with _damage_reported(path, "GGUF"):
+        meta = _gguf_metadata(open_gguf(path), "tokenizer.")
     try:
-        tok, config = gguf_tokenizer.build(_gguf_metadata(gguf.GGUFReader(str(path)), "tokenizer."))
+        tok, config = gguf_tokenizer.build(meta)
     except gguf_tokenizer.TokenizerMetadataError as e:
         raise CheckpointError(f"{path}: {e}") from None
     saved = json.dumps({"tokenizer": tok.to_str(), "config": config})
