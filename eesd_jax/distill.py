@@ -457,26 +457,28 @@ class Batch:
     next_tokens: np.ndarray  # [B, R] the sampled token that follows (0 past the end).
     weights: np.ndarray  # [B, R] loss weight: 1 response positions, prompt_weight prompt ones, 0 padding.
     response: np.ndarray  # [B, R] bool: position predicts a response token (metrics).
-    # With a context layer (else None): [B, T, D] its hidden states, and [B, T] int32 the first
-    # position of the draft round each position belongs to (see round_starts).
-    context: np.ndarray | None = None
-    start: np.ndarray | None = None
+    start: np.ndarray  # [B, T] int32 the first position of the draft round each position belongs to.
+    context: np.ndarray | None = None  # [B, T, D] context-layer states (ExitConfig.context_layer), else None.
 
 
-def round_starts(n: int, first: int, rng: np.random.Generator | None, max_round: int) -> np.ndarray:
+Rounds = np.random.Generator | int | None  # How make_batch / round_starts tile a sequence into draft rounds.
+
+
+def round_starts(n: int, first: int, rounds: Rounds, max_round: int = 4) -> np.ndarray:
     """[n] the first position of the simulated draft round each position belongs to.
 
     Positions before `first` (the prompt) are verified context: each starts its own. From
-    `first` on, rng=None makes every position a round start (what the first draft token of
-    a round sees), else rounds of uniform random length 1..max_round tile the rest (what
-    the later draft tokens see too).
+    `first` on, rounds tile the rest: None makes every position a round start (what the
+    first draft token of a round sees); an int k, rounds of exactly k (position j of a
+    round is draft token j + 1); a Generator, rounds of uniform random length 1..max_round
+    (training: every draft position, in proportion).
     """
     starts = np.arange(n)
-    if rng is None:
+    if rounds is None:
         return starts
     t = max(first, 0)
     while t < n:
-        length = int(rng.integers(1, max_round + 1))
+        length = rounds if isinstance(rounds, int) else int(rounds.integers(1, max_round + 1))
         starts[t : t + length] = t
         t += length
     return starts
@@ -489,7 +491,7 @@ def make_batch(
     bucket: int,
     prompt_weight: float = 0.0,
     n_select: int = 0,
-    rounds: np.random.Generator | None = None,
+    rounds: Rounds = None,
     max_round: int = 4,
 ) -> Batch:
     """Sequences (their last seq_len positions) padded to a multiple of `bucket`.
@@ -513,18 +515,17 @@ def make_batch(
         next_tokens=np.zeros((B, R), np.int32),
         weights=np.zeros((B, R), np.float32),
         response=np.zeros((B, R), bool),
+        start=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
+        context=None if data.context is None else np.zeros((B, T, D), np.float32),
     )
-    if data.context is not None:
-        out.context = np.zeros((B, T, D), np.float32)
-        out.start = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
     for r, (a, b) in enumerate(spans):
         n = b - a
         out.hidden[r, :n] = data.hidden[a:b]
+        k = int(seq_idx[r])
+        first_new = int(data.offsets[k]) + int(data.prompt_lens[k]) - a  # The first generated token's index.
+        out.start[r, :n] = round_starts(n, first_new, rounds, max_round)
         if data.context is not None:
             out.context[r, :n] = data.context[a:b]
-            k = int(seq_idx[r])
-            first_new = int(data.offsets[k]) + int(data.prompt_lens[k]) - a  # First generated token's index.
-            out.start[r, :n] = round_starts(n, first_new, rounds, max_round)
         mask = data.mask[a:b]
         pos = np.arange(n) if R == T else np.flatnonzero(mask)
         if len(pos) > R:
@@ -607,8 +608,7 @@ def distill_loss(logits_btv, vmap_v, batch, kl_weight: float, ce_weight: float):
 
     resp = batch.response.astype(jnp.float32)
     n_resp = jnp.maximum(jnp.sum(resp), 1.0)
-    # Teacher argmax in draft index space (-1 outside): a miss whatever the draft says.
-    agree = jnp.argmax(logq, -1) == dix[..., 0]
+    agree = agreement(logq, dix)
     metrics = {
         "kl": jnp.sum(resp * has * kl) / jnp.maximum(jnp.sum(resp * has), 1.0),
         "ce": jnp.sum(resp * (nd >= 0) * ce) / jnp.maximum(jnp.sum(resp * (nd >= 0)), 1.0),
@@ -616,6 +616,11 @@ def distill_loss(logits_btv, vmap_v, batch, kl_weight: float, ce_weight: float):
         "n": jnp.sum(resp),
     }
     return loss, metrics
+
+
+def agreement(logits_btv: jax.Array, dix_btk: jax.Array) -> jax.Array:
+    """[B, T] bool: the draft's argmax is the teacher's top-1 (draft-index space; -1 outside: a miss)."""
+    return jnp.argmax(logits_btv, -1) == dix_btk[..., 0]
 
 
 def frozen_head(lm_params: Params, exit_params: Params) -> jax.Array:
@@ -630,7 +635,7 @@ def _eval_batch(cfg, lm_params, exit_params, vmap_v, batch):
     head = frozen_head(lm_params, exit_params)
     logits = exit_train_logits(cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start)
     _, m = distill_loss(logits, vmap_v, batch, 1.0, 1.0)
-    return m
+    return m, agreement(logits, vmap_v[batch.topk_ids])
 
 
 def data_metrics(
@@ -642,19 +647,34 @@ def data_metrics(
     batch_size: int = 8,
     bucket: int = 64,
     n_select: int = 0,
+    round_len: int = 0,
 ) -> dict:
-    """KL / CE / top-1 agreement of an exit over every sequence of `data` (response positions)."""
+    """KL / CE / top-1 agreement of an exit over every sequence of `data` (response positions).
+
+    Each position is the first draft of a round (for a context exit: every earlier position
+    verified), so top1 is the first draft's acceptance given a correct prefix. With
+    round_len = K > 0 the responses are tiled into rounds of K instead, and
+    top1_by_draft_position[j] is the top-1 agreement of draft token j + 1 given correct
+    earlier drafts (an exit without a context layer scores the same at every j).
+    """
     vmap = jnp.asarray(vocab_map(cfg.vocab_size, np.asarray(exit_params["vocab"]) if "vocab" in exit_params else None))
     order = np.argsort(np.diff(data.offsets), kind="stable")
     sums, n = {"kl": 0.0, "ce": 0.0, "top1": 0.0}, 0.0
+    by_pos = np.zeros((2, max(round_len, 1)))  # (agreements, positions) per draft position.
     n_select = max(n_select, round_up(max_train_positions(data), 16))
     for i in range(0, len(order), batch_size):
-        b = make_batch(data, order[i : i + batch_size], seq_len, bucket, n_select=n_select)
-        m = jax.device_get(_eval_batch(cfg, lm_params, exit_params, vmap, to_device(b)))
+        b = make_batch(data, order[i : i + batch_size], seq_len, bucket, n_select=n_select, rounds=round_len or None)
+        m, agree = jax.device_get(_eval_batch(cfg, lm_params, exit_params, vmap, to_device(b)))
         for key in sums:
             sums[key] += float(m[key]) * float(m["n"])
         n += float(m["n"])
-    return {key: round(v / max(n, 1.0), 6) for key, v in sums.items()} | {"positions": int(n)}
+        j = (b.select - np.take_along_axis(b.start, b.select, 1))[b.response]
+        np.add.at(by_pos, (0, j), agree[b.response])
+        np.add.at(by_pos, (1, j), 1)
+    out = {key: round(v / max(n, 1.0), 6) for key, v in sums.items()} | {"positions": int(n)}
+    if round_len:
+        out["top1_by_draft_position"] = [round(float(a / max(c, 1)), 4) for a, c in by_pos.T]
+    return out
 
 
 def to_device(batch: Batch) -> Batch:

@@ -163,8 +163,8 @@ def test_selecting_response_positions_changes_nothing(run, lm):
     full = distill.make_batch(data, idx, 48, 48)
     sel = distill.make_batch(data, idx, 48, 48, n_select=n_select)
     assert sel.select.shape == (4, n_select) and full.select.shape == (4, 48)
-    m_full = distill._eval_batch(lm.cfg, lm.params, params, vmap, distill.to_device(full))
-    m_sel = distill._eval_batch(lm.cfg, lm.params, params, vmap, distill.to_device(sel))
+    m_full, _ = distill._eval_batch(lm.cfg, lm.params, params, vmap, distill.to_device(full))
+    m_sel, _ = distill._eval_batch(lm.cfg, lm.params, params, vmap, distill.to_device(sel))
     for key in ("kl", "ce", "top1", "n"):
         np.testing.assert_allclose(float(m_full[key]), float(m_sel[key]), rtol=1e-5, err_msg=key)
 
@@ -251,3 +251,46 @@ def test_eval_exit_reports_lossless_speculation(run, lm):
     assert r["identical"] and r["n_identical"] == r["prompts"] == 2
     assert 0 <= r["alpha"] <= 1 and r["tau"] >= 1 and 0 <= r["top1_agreement"] <= 1
     assert r["ar_tokens"] == r["eesd_tokens"] > 0
+
+
+def test_round_starts_tile_the_response_into_draft_rounds():
+    n, first = 20, 6
+    assert distill.round_starts(n, first, None).tolist() == list(range(n))
+    fixed = distill.round_starts(n, first, 4)
+    assert fixed[:first].tolist() == list(range(first))  # The prompt is verified context.
+    assert fixed[first:].tolist() == [6] * 4 + [10] * 4 + [14] * 4 + [18] * 2
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        starts = distill.round_starts(n, first, rng, max_round=3)
+        t = np.arange(n)
+        assert (starts <= t).all() and (np.diff(starts) >= 0).all() and (t - starts < 3).all()
+        assert starts[first] == first and (starts[:first] == t[:first]).all()
+        assert set(t[first:] - starts[first:]) <= {0, 1, 2}
+    lengths = np.diff(np.flatnonzero(np.diff(distill.round_starts(10_000, 0, rng, max_round=4)) > 0))
+    assert set(lengths) == {1, 2, 3, 4}  # Every round length up to max_round occurs.
+
+
+def test_context_exit_distills_and_decodes_losslessly(run, lm, tmp_path):
+    """exit.context_layer=2: the tiny pipeline trains an exit over layer-2 context, exports and evaluates it."""
+    config, _, _ = run
+    c = tiny_config(**{"data.dir": config.data.dir, "exit.context_layer": 2})
+    path = train.run_distill(c, tmp_path, lm=lm, progress=False)
+    exit_cfg, params = load(path, lm)
+    assert exit_cfg == exits.ExitConfig(1, draft_vocab=48, context_layer=2)
+    report = json.loads((tmp_path / "run.json").read_text())
+    before, after = report["metrics"]["untrained"]["train"], report["metrics"]["trained"]["train"]
+    assert after["kl"] < 0.7 * before["kl"] and after["top1"] > before["top1"] + 0.1
+
+    # Per draft position, on rounds of 3: position 1 is the plain first-draft figure.
+    data = distill.load_data(config.data.dir, 1, context_layer=2)
+    m = distill.data_metrics(lm.cfg, lm.params, params, data, 48, 4, 48, round_len=3)
+    first = distill.data_metrics(lm.cfg, lm.params, params, data, 48, 4, 48)
+    assert len(m["top1_by_draft_position"]) == 3 and m["positions"] == first["positions"]
+    # Without its context the same exit drafts worse: the context carries information.
+    blind = distill.Data(**{**data.__dict__, "context": data.hidden})
+    assert distill.data_metrics(lm.cfg, lm.params, params, blind, 48, 4, 48)["top1"] < first["top1"]
+
+    plist = distill.prompt_list(config.eval.sets, 1)
+    r = train.eval_exit(lm, path, plist, max_new_tokens=12, max_draft=2, controller="fixed", warmup=False,
+                        max_prompt_tokens=config.data.max_prompt_tokens, progress=False)  # fmt: skip
+    assert r["identical"] and r["eesd_tokens"] > 0 and r["alpha"] > 0
