@@ -3,6 +3,8 @@ transformers' own GGUF tokenizer, without any of transformers' internals."""
 
 from __future__ import annotations
 
+import json
+import pathlib
 import sys
 
 import numpy as np
@@ -165,6 +167,29 @@ def test_refuses_unsupported_tokenizer_metadata(tmp_path, cache_dir, kind, pre, 
 # ----------------------------------------------------------------------------- the bundled model
 
 
+GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "smollm2_tokenizer.json"
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_bundled_tokenizer_matches_recorded_transformers(cache_dir):
+    """transformers' GGUF tokenizer as recorded by fixtures/make_tokenizer_golden.py: no torch, any transformers."""
+    golden = json.loads(GOLDEN.read_text("utf-8"))
+    path = loading.bundled_model_path()
+    assert loading.sha256_file(path) == golden["gguf_sha256"]
+    ours = loading.load_tokenizer(str(path))
+    assert [case["text"] for case in golden["cases"]] == PROMPTS
+    for case in golden["cases"]:
+        assert ours.encode(case["text"]) == case["ids"]
+        assert ours.decode(case["ids"], skip_special_tokens=True) == case["decoded"]
+        turn = [{"role": "user", "content": case["text"]}]
+        assert ours.apply_chat_template(turn, add_generation_prompt=True, tokenize=False) == case["chat_text"]
+        assert ours.encode(case["chat_text"], add_special_tokens=False) == case["chat_ids"]
+    assert {name: getattr(ours, name) for name in golden["special_ids"]} == golden["special_ids"]
+
+
+# The live comparisons hold for transformers >= 5.24 (constraints.txt); older GGUF converters differ
+# (5.17 adds no BOS to sentencepiece text and takes <|im_start|> for SmolLM2's EOS).
 @pytest.mark.real_model
 @pytest.mark.slow
 @pytest.mark.torch
