@@ -12,7 +12,10 @@ One round, for a row whose newest accepted token x sits at position p:
   3. Accept. Greedy: longest prefix matching the target's argmax, then the
      target's token. Sampling: speculative rejection sampling (sampling.py).
   4. Update. The kept tokens are appended (EOS / budget cut them per row); both
-     caches roll back by setting their lengths: no copies.
+     caches roll back by setting their lengths: no copies. An exit with a context
+     layer c (exits.ExitConfig.context_layer) gets its cache slots of the block
+     rewritten from the block's layer-c states, which verification computed: the
+     next round drafts over top-layer context at verified positions.
 Rows are independent: positions, acceptance, caches and controller posteriors
 are per row; a finished row rides along unchanged.
 """
