@@ -1,0 +1,147 @@
+"""What makes the drafter accepted: train exit variants on shared data, measure each the same way.
+
+Every variant is a smollm2 config (ml_collections overrides, VARIANTS below) trained on one
+generated data dir; each is measured on the same validation prompts (every 10th training
+prompt, never trained on): top-1 agreement of its first draft with the LLM (a draft of a
+greedy round is accepted iff it is the LLM's top-1), and of draft token j = 1..K given
+correct earlier drafts. One command per row; rows accumulate in OUT.json / OUT.md, and
+OUT.png plots validation agreement against training tokens for every variant.
+
+  python experiments/drafter_study.py --variants paper context29 --data-dir runs/data
+  python experiments/drafter_study.py --exit shipped=eesd_jax/data/exits/X.safetensors   # measure only
+
+Speed on held-out prompts is measured by experiments/exit_sweep.py --exits (AR vs EESD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+from eesd_jax import configs, distill, exits, provenance, train
+
+# name -> smollm2 config overrides (configs.apply_overrides syntax).
+VARIANTS = {
+    "paper": "N=2",  # The EESD paper's exit: one block over layer-2 states at every position.
+    "context29": "N=2,context=29",  # Verified positions from layer 29 (the LLM's last block's input).
+    "context29-round1": "N=2,context=29,train.max_round=1",  # Trained on first drafts only.
+    "context29-N4": "N=4,context=29",
+}
+
+
+def measure(lm, exit_path: pathlib.Path, data_dir: str, val_every: int, round_len: int) -> dict:
+    """Validation figures of one exit: first-draft top-1 and top-1 by draft position."""
+    exit_cfg, params = exits.load_exit(exit_path, lm.cfg, lm.fingerprint)
+    data = distill.load_data(data_dir, exit_cfg.layer, context_layer=exit_cfg.context_layer)
+    _, val = data.split(val_every)
+    first = distill.data_metrics(lm.cfg, lm.params, params, val)
+    by_pos = distill.data_metrics(lm.cfg, lm.params, params, val, round_len=round_len)
+    return {
+        "exit": str(exit_path),
+        "N": exit_cfg.layer,
+        "context_layer": exit_cfg.context_layer,
+        "draft_vocab": exit_cfg.draft_vocab,
+        "val_first_draft_top1": first["top1"],
+        "val_kl": first["kl"],
+        "val_positions": first["positions"],
+        "val_top1_by_draft_position": by_pos["top1_by_draft_position"],
+    }
+
+
+def curve(workdir: pathlib.Path) -> list[dict]:
+    """(step, training positions seen, validation top-1) records of a training run's metrics.jsonl."""
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    config = json.loads((workdir / "config.json").read_text())
+    per_step = config["train"]["batch_size"]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [
+        {"step": r["step"], "sequences": r["step"] * per_step, "val_top1": r["val_top1"]}
+        for r in records
+        if "val_top1" in r
+    ]
+
+
+def table(rows: dict) -> str:
+    head = "| variant | N | context | val first-draft top-1 | by draft position 1..K | val KL | train s |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for name, r in rows.items():
+        pos = " / ".join(f"{x:.2f}" for x in r["val_top1_by_draft_position"])
+        lines.append(
+            f"| {name} | {r['N']} | {r['context_layer'] or '-'} | {r['val_first_draft_top1']:.3f} | {pos} | "
+            f"{r['val_kl']:.3f} | {r.get('train_seconds', '-')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for name, r in rows.items():
+        if r.get("curve"):
+            ax.plot([c["sequences"] for c in r["curve"]], [c["val_top1"] for c in r["curve"]], marker="o", label=name)
+        else:
+            ax.axhline(r["val_first_draft_top1"], linestyle="--", color="gray", label=f"{name} (final)")
+    ax.set_xlabel("training sequences seen")
+    ax.set_ylabel("validation first-draft top-1 (= greedy acceptance)")
+    ax.set_title("What makes the drafter accepted (SmolLM2-135M, held-out prompts)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS))
+    ap.add_argument("--exit", action="append", default=[], metavar="NAME=PATH", help="measure a trained exit")
+    ap.add_argument("--data-dir", default="runs/data", help="generated data shared by every variant")
+    ap.add_argument("--workdir", default="runs/drafter_study")
+    ap.add_argument("--overrides", default="", help="extra overrides for every variant, e.g. train.steps=200")
+    ap.add_argument("--round-len", type=int, default=6, help="K for acceptance by draft position")
+    ap.add_argument("--out", default="experiments/results/drafter_study")
+    args = ap.parse_args()
+    if not args.variants and not args.exit:
+        ap.error("name --variants to train or --exit NAME=PATH to measure")
+
+    out = pathlib.Path(args.out)
+    saved = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
+    rows = saved.get("rows", {})
+    lm = None
+    todo = [(name, None) for name in args.variants] + [tuple(e.split("=", 1)) for e in args.exit]
+    for name, given in todo:
+        spec = f"smollm2:{VARIANTS[name]},data.dir={args.data_dir}" if given is None else None
+        if spec and args.overrides:
+            spec += f",{args.overrides}"
+        config = configs.load_config(spec) if spec else None
+        lm = lm or distill.load_lm(configs.load_config("smollm2").model)
+        row = {"spec": spec}
+        if config is not None:
+            workdir = pathlib.Path(args.workdir) / name
+            t0 = time.perf_counter()
+            path = train.run_distill(config, workdir, lm=lm)
+            row |= {"train_seconds": round(time.perf_counter() - t0), "curve": curve(workdir)}
+        else:
+            path = pathlib.Path(given)
+        val_every = int((config or configs.load_config("smollm2")).train.val_every_prompt)
+        rows[name] = row | measure(lm, path, args.data_dir, val_every, args.round_len)
+        print(json.dumps({name: rows[name]}), flush=True)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"provenance": provenance.record(data_seed=0, train_seed=0), "args": vars(args), "rows": rows}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    out.with_suffix(".md").write_text(table(rows) + "\n")
+    plot(rows, out.with_suffix(".png"))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
