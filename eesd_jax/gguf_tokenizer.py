@@ -78,8 +78,8 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
 
 
 def _merges(lines: list[str], vocab: Mapping[str, int]) -> list[tuple[str, str]]:
-    """ "left right" merge lines as pairs, each of two tokens whose concatenation is a token too
-    (tokenizers would otherwise fail, or abort on a line without a space)."""
+    """Merge lines ("left right") as pairs, each of two tokens whose concatenation is a token too
+    (tokenizers would otherwise fail, or abort the process on a line without a space)."""
     merges = []
     for i, line in enumerate(lines):
         pair = tuple(line.split(" "))
