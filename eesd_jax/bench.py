@@ -16,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from eesd_jax import eesd, exits, generate, model
+from eesd_jax import eesd, exits, generate, model, provenance
 from eesd_jax.kv_cache import init_cache
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.sampling import SamplingConfig
@@ -138,6 +138,7 @@ def run(
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
     }
+    report["provenance"] = provenance.record(seed=seed)
     return report
 
 
