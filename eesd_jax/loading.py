@@ -512,8 +512,11 @@ def _gguf_tokenizer(path: pathlib.Path):
 
     cached = cache_dir() / "tokenizers" / f"{sha256_file(path)}.v{TOKENIZER_CACHE_FORMAT}.json"
     if cached.is_file():
-        saved = json.loads(cached.read_text("utf-8"))
-        return Tokenizer.from_str(saved["tokenizer"]), saved["config"]
+        try:
+            saved = json.loads(cached.read_text("utf-8"))
+            return Tokenizer.from_str(saved["tokenizer"]), saved["config"]
+        except Exception:  # Our own cache file, damaged somehow (tokenizers raises bare Exception): rebuild it.
+            pass
     with _damage_reported(path, "GGUF"):
         meta = _gguf_metadata(open_gguf(path), "tokenizer.")
     try:
@@ -532,7 +535,12 @@ def load_tokenizer(source: str):
 
     p = pathlib.Path(source)
     if p.is_dir():
-        return transformers.AutoTokenizer.from_pretrained(str(p))
+        if not any((p / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            raise CheckpointError(f"{p} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+        try:
+            return transformers.AutoTokenizer.from_pretrained(str(p))
+        except (ValueError, OSError) as e:  # A damaged tokenizer.json, a class that needs sentencepiece, ...
+            raise CheckpointError(f"{p}: cannot load its tokenizer ({str(e).strip().splitlines()[0]})") from None
     tok, config = _gguf_tokenizer(p)
     # The wrapper gives the usual encode / decode / apply_chat_template; BOS and EOS are already
     # added by the tokenizer's own post-processor, so the add_*_token flags stay with it.

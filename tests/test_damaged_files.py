@@ -277,3 +277,28 @@ def test_damaged_gguf_through_the_cli(tmp_path, monkeypatch, capsys):
 
 def test_shipped_exit_passes_the_check(shipped_exit, tmp_path):
     loading.check_safetensors(shutil.copy(shipped_exit, tmp_path / "exit.safetensors"))
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def test_folder_tokenizer_missing_or_damaged(tmp_path, cache_dir):
+    folder = write_hf_folder(tmp_path / "hf")
+    with pytest.raises(loading.CheckpointError, match=rf"^{folder} has no tokenizer"):
+        loading.load_tokenizer(str(folder))
+    loading.load_tokenizer(str(write_gguf(tmp_path / "m.gguf"))).save_pretrained(str(folder))
+    data = (folder / "tokenizer.json").read_bytes()
+    (folder / "tokenizer.json").write_bytes(data[:50])
+    loading.load_tokenizer.cache_clear()
+    with pytest.raises(loading.CheckpointError, match=rf"^{folder}: cannot load its tokenizer \(.*\)$"):
+        loading.load_tokenizer(str(folder))
+
+
+def test_damaged_tokenizer_cache_is_rebuilt(tmp_path, cache_dir):
+    path = write_gguf(tmp_path / "m.gguf")
+    first = loading.load_tokenizer(str(path)).encode("ab ab")
+    (cached,) = files_under(cache_dir)
+    cached.write_text(cached.read_text()[:100])
+    loading.load_tokenizer.cache_clear()
+    assert loading.load_tokenizer(str(path)).encode("ab ab") == first
+    assert len(cached.read_text()) > 100
