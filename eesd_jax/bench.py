@@ -79,7 +79,7 @@ def run(
 ) -> dict:
     """Generate every prompt (in batches) with each mode; returns the report dict."""
     cfg, params = setup.cfg, setup.params
-    split = eesd.split_params(params, setup.ecfg.exit_layer)
+    split = eesd.split_params(params, setup.ecfg.exit_layer, setup.ecfg.context_layer)
     batches = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
 
     def one(mode, rows):

@@ -176,9 +176,11 @@ def eesd_engine(session: Session, args):
             exit_layer=exit_cfg.layer,
             max_draft=args.max_draft,
             controller=control.ControllerConfig(kind=args.controller),
+            context_layer=exit_cfg.context_layer,
         )
         ecfg.validate(session.cfg)
-        session.engine = (ecfg, exit_params, eesd.split_params(session.params, ecfg.exit_layer), exit_path)
+        split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer)
+        session.engine = (ecfg, exit_params, split, exit_path)
     return session.engine
 
 

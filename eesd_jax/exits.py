@@ -180,6 +180,9 @@ def read_exit_metadata(path: str | os.PathLike) -> dict:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path.name} is not an eesd_jax exit file (metadata format={meta.get('format')!r})")
+    missing = [k for k in ("exit_layer", "own_head", "base_name", "base_fingerprint") if k not in meta]
+    if missing:
+        raise ValueError(f"{path.name}: exit metadata lacks {', '.join(missing)}")
     return meta
 
 

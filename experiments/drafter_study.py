@@ -9,6 +9,7 @@ OUT.png plots validation agreement against training tokens for every variant.
 
   python experiments/drafter_study.py --variants paper context29 --data-dir runs/data
   python experiments/drafter_study.py --exit shipped=eesd_jax/data/exits/X.safetensors   # measure only
+  python experiments/drafter_study.py --base tiny --variants paper=N=1 ctx=N=1,context=2   # seconds
 
 Speed on held-out prompts is measured by experiments/exit_sweep.py --exits (AR vs EESD).
 """
@@ -31,11 +32,21 @@ VARIANTS = {
 }
 
 
+def variant_overrides(spec: str) -> tuple[str, str]:
+    """ "name" (a VARIANTS entry) or "name=overrides" -> (name, overrides)."""
+    name, _, overrides = spec.partition("=")
+    if not overrides and name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}: one of {', '.join(VARIANTS)}, or NAME=OVERRIDES")
+    return name, overrides or VARIANTS[name]
+
+
 def measure(lm, exit_path: pathlib.Path, data_dir: str, val_every: int, round_len: int) -> dict:
     """Validation figures of one exit: first-draft top-1 and top-1 by draft position."""
     exit_cfg, params = exits.load_exit(exit_path, lm.cfg, lm.fingerprint)
     data = distill.load_data(data_dir, exit_cfg.layer, context_layer=exit_cfg.context_layer)
     _, val = data.split(val_every)
+    if val is None:
+        raise SystemExit("measuring needs validation prompts: set train.val_every_prompt > 0")
     first = distill.data_metrics(lm.cfg, lm.params, params, val)
     by_pos = distill.data_metrics(lm.cfg, lm.params, params, val, round_len=round_len)
     return {
@@ -101,13 +112,15 @@ def plot(rows: dict, path: pathlib.Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=[], help=f"names ({', '.join(VARIANTS)}) or NAME=OVERRIDES")
+    ap.add_argument("--base", default="smollm2", help="the config the variants override")
     ap.add_argument("--exit", action="append", default=[], metavar="NAME=PATH", help="measure a trained exit")
     ap.add_argument("--data-dir", default="runs/data", help="generated data shared by every variant")
     ap.add_argument("--workdir", default="runs/drafter_study")
     ap.add_argument("--overrides", default="", help="extra overrides for every variant, e.g. train.steps=200")
     ap.add_argument("--round-len", type=int, default=6, help="K for acceptance by draft position")
     ap.add_argument("--out", default="experiments/results/drafter_study")
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args()
     if not args.variants and not args.exit:
         ap.error("name --variants to train or --exit NAME=PATH to measure")
@@ -116,22 +129,26 @@ def main() -> None:
     saved = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
     rows = saved.get("rows", {})
     lm = None
-    todo = [(name, None) for name in args.variants] + [tuple(e.split("=", 1)) for e in args.exit]
-    for name, given in todo:
-        spec = f"smollm2:{VARIANTS[name]},data.dir={args.data_dir}" if given is None else None
+    base = configs.load_config(args.base)
+    todo = [(*variant_overrides(v), None) for v in args.variants]
+    for e in args.exit:
+        name, _, path = e.partition("=")
+        todo.append((name, "", path))
+    for name, overrides, given in todo:
+        spec = f"{args.base}:{overrides},data.dir={args.data_dir}" if given is None else None
         if spec and args.overrides:
             spec += f",{args.overrides}"
         config = configs.load_config(spec) if spec else None
-        lm = lm or distill.load_lm(configs.load_config("smollm2").model)
+        lm = lm or distill.load_lm(base.model)
         row = {"spec": spec}
         if config is not None:
             workdir = pathlib.Path(args.workdir) / name
             t0 = time.perf_counter()
-            path = train.run_distill(config, workdir, lm=lm)
+            path = train.run_distill(config, workdir, lm=lm, progress=args.progress)
             row |= {"train_seconds": round(time.perf_counter() - t0), "curve": curve(workdir)}
         else:
             path = pathlib.Path(given)
-        val_every = int((config or configs.load_config("smollm2")).train.val_every_prompt)
+        val_every = int((config or base).train.val_every_prompt)
         rows[name] = row | measure(lm, path, args.data_dir, val_every, args.round_len)
         print(json.dumps({name: rows[name]}), flush=True)
 

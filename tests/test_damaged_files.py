@@ -266,6 +266,21 @@ def test_fuzz_damaged_exit_files(tmp_path, tiny):
             assert kind == "flipped", f"{kind} exit #{i} loaded"
 
 
+def test_exit_metadata_missing_a_key_is_refused(tmp_path, tiny):
+    """A well-formed header that lacks an identity key is a ValueError naming the key, not a KeyError."""
+    from safetensors.numpy import load_file, save_file
+
+    cfg, params = tiny
+    ecfg = exits.ExitConfig(1)
+    path = tmp_path / "exit.safetensors"
+    exits.save_exit(path, exits.init_exit(cfg, params, ecfg), ecfg, "tiny", "fingerprint")
+    meta = exits.read_exit_metadata(path)
+    del meta["base_fingerprint"]
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    with pytest.raises(ValueError, match="exit metadata lacks base_fingerprint"):
+        exits.load_exit(path, cfg, "fingerprint")
+
+
 def test_damaged_gguf_through_the_cli(tmp_path, monkeypatch, capsys):
     path = write_gguf(tmp_path / "m.gguf")
     path.write_bytes(path.read_bytes()[:-100])
