@@ -38,7 +38,15 @@ setup(
     extras_require={
         # torch only for the reference implementation in tests and peer benchmarks. Pinned:
         # other versions pull multi-GB CUDA wheels.
-        "test": ["pytest>=9,<10", "scipy>=1.17,<2", "torch==2.13.0", "accelerate>=1.15,<2", "ruff>=0.17,<0.18"],
+        # matplotlib: the experiments' plots (and their tests).
+        "test": [
+            "pytest>=9,<10",
+            "scipy>=1.17,<2",
+            "torch==2.13.0",
+            "accelerate>=1.15,<2",
+            "ruff>=0.17,<0.18",
+            "matplotlib>=3.10,<4",
+        ],
     },
     entry_points={"console_scripts": ["eesd = eesd_jax.cli:main"]},
 )
