@@ -161,10 +161,23 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
         else:
             logp = sampling.warp(logits, sampling_cfg)
             tok = jax.random.categorical(k_tok, logp).astype(jnp.int32)
-        tok_logp = jnp.take_along_axis(logp, tok[:, None], axis=1)[:, 0]
         probs = jnp.exp(logp)
         entropy = -jnp.sum(jnp.where(probs > 0, probs * logp, 0.0), -1)
-        feats = control.DraftFeatures(prob=jnp.exp(tok_logp), entropy=entropy, step=d.i)
+        top2 = jax.lax.top_k(logp, 2)[0]
+        # x is the exit's normed output: divide the norm's scale back out for the direction of the
+        # block's output. O(D); XLA drops it when the policy does not read it.
+        h, x = d.hidden[:, d.i].astype(jnp.float32), x_b1d[:, 0] / exit_params["norm"].astype(jnp.float32)
+        cosine = jnp.sum(h * x, -1) * jax.lax.rsqrt(jnp.sum(h * h, -1) * jnp.sum(x * x, -1) + 1e-12)
+        feats = control.DraftFeatures(
+            # q_i's top probability, not the sampled token's own q(d): keeping d on q(d) selects
+            # on the sample and biases the output (equal under greedy, where d is the argmax).
+            prob=jnp.exp(top2[:, 0]),
+            entropy=entropy,
+            margin=jnp.exp(top2[:, 0]) - jnp.exp(top2[:, 1]),
+            cosine=cosine,
+            step=d.i,
+            round_probs=d.confidence,
+        )
         keep = d.drafting & (d.i < remaining - 1) & control.decide(ecfg.controller, s.ctrl, feats, k_ctrl)
         return d.replace(
             token=tok,

@@ -6,11 +6,16 @@ import numpy as np
 import pytest
 
 from eesd_jax import control
+from eesd_jax.policies import beta_ts
 
 
-def feats(prob, step=0):
+def feats(prob, step=0, max_draft=8, **others):
+    """DraftFeatures with the given draft probabilities [B]; other features zero unless given."""
     prob = jnp.asarray(prob, jnp.float32)
-    return control.DraftFeatures(prob=prob, entropy=jnp.zeros_like(prob), step=jnp.int32(step))
+    zeros = {name: jnp.zeros_like(prob) for name in ("entropy", "margin", "cosine")}
+    zeros.update({name: jnp.asarray(v, jnp.float32) for name, v in others.items()})
+    round_probs = zeros.pop("round_probs", jnp.zeros((prob.shape[0], max_draft)))
+    return control.DraftFeatures(prob=prob, step=jnp.int32(step), round_probs=round_probs, **zeros)
 
 
 def test_beta_ts_update_counts_accepts_and_one_rejection():
@@ -25,7 +30,7 @@ def test_beta_ts_update_counts_accepts_and_one_rejection():
 
 def test_discount_shrinks_old_counts_towards_the_prior():
     cfg = control.ControllerConfig("beta-ts", discount=0.5)
-    s = control.ControllerState(alpha=jnp.array([[9.0]]), beta=jnp.array([[5.0]]))
+    s = beta_ts.State(alpha=jnp.array([[9.0]]), beta=jnp.array([[5.0]]))
     s = control.update(cfg, s, jnp.array([3]), jnp.array([2]), jnp.zeros((1, 3)), jnp.array([True]))
     np.testing.assert_allclose(s.alpha[0, 0], 1 + 0.5 * 8 + 2)
     np.testing.assert_allclose(s.beta[0, 0], 1 + 0.5 * 4 + 1)

@@ -1,0 +1,1 @@
+"""Draft-stop policies, one module each; control.py registers them (see policies/base.py for the contract)."""
