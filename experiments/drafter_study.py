@@ -27,8 +27,6 @@ from eesd_jax import configs, distill, exits, provenance, train
 VARIANTS = {
     "paper": "N=2",  # The EESD paper's exit: one block over layer-2 states at every position.
     "context29": "N=2,context=29",  # Verified positions from layer 29 (the LLM's last block's input).
-    "context29-round1": "N=2,context=29,train.max_round=1",  # Trained on first drafts only.
-    "context29-N4": "N=4,context=29",
 }
 
 
