@@ -163,7 +163,7 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
             tok = jax.random.categorical(k_tok, logp).astype(jnp.int32)
         probs = jnp.exp(logp)
         entropy = -jnp.sum(jnp.where(probs > 0, probs * logp, 0.0), -1)
-        top2 = jax.lax.top_k(logp, 2)[0]
+        top1 = jnp.max(logp, -1)  # A reduction; the top-2 sort below is dropped by XLA unless `margin` is read.
         # x is the exit's normed output: divide the norm's scale back out for the direction of the
         # block's output. O(D); XLA drops it when the policy does not read it.
         h, x = d.hidden[:, d.i].astype(jnp.float32), x_b1d[:, 0] / exit_params["norm"].astype(jnp.float32)
@@ -171,9 +171,9 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
         feats = control.DraftFeatures(
             # q_i's top probability, not the sampled token's own q(d): keeping d on q(d) selects
             # on the sample and biases the output (equal under greedy, where d is the argmax).
-            prob=jnp.exp(top2[:, 0]),
+            prob=jnp.exp(top1),
             entropy=entropy,
-            margin=jnp.exp(top2[:, 0]) - jnp.exp(top2[:, 1]),
+            margin=jnp.exp(top1) - jnp.exp(jax.lax.top_k(logp, 2)[0][:, 1]),
             cosine=cosine,
             step=d.i,
             round_probs=d.confidence,
