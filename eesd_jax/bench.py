@@ -10,14 +10,16 @@ layers [0, N) + exit + draft head, over one full-model step).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from eesd_jax import eesd, exits, generate, model, provenance
-from eesd_jax.kv_cache import init_cache
+from eesd_jax.kv_cache import init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.sampling import SamplingConfig
 
@@ -32,38 +34,211 @@ class BenchSetup:
     mesh: jax.sharding.Mesh | None = None
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
+# Exactness policy (see first_mismatches): greedy EESD and greedy AR compute the same logits with
+# differently shaped kernels (AR one token, verification a block of T), so they agree only up to
+# floating-point rounding. In float32 at full matmul precision (XLA:CPU always; elsewhere with
+# jax_default_matmul_precision=highest) that rounding is ~1e-6 and outputs are identical. In
+# bfloat16, or float32 with the TF32/bf16 matmul passes accelerators use by default, logits move
+# by up to ~1e-2 (TF32) or a few tenths (bf16). A greedy mismatch is accepted only where AR's own
+# top-2 logit margin at the first differing position is below TIE_MARGIN[dtype]: a near-tie that
+# rounding may break either way. A mismatch at a larger margin is a bug.
+TIE_MARGIN = {"float32": 0.05, "bfloat16": 0.5}
+EXACTNESS_POLICY = (
+    "greedy EESD == greedy AR token for token, except at near-ties: a first differing position "
+    "where AR's top-2 logit margin is below tie_margin (rounding of differently shaped kernels)"
+)
+
+# Real model shapes for benchmarks on random weights (no checkpoint needed).
+RANDOM_SHAPES = {
+    "smollm2": ModelConfig(  # SmolLM2-135M.
+        vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536,
+        rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192, name="random-smollm2",
+    ),
+    "1b": ModelConfig(  # LLaMA-3.2-1B.
+        vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, ffn_dim=8192,
+        rope_theta=500000.0, tie_embeddings=True, max_seq_len=8192, name="random-1b",
+    ),
+    "8b": ModelConfig(  # LLaMA-3-8B.
+        vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336,
+        rope_theta=500000.0, tie_embeddings=False, max_seq_len=8192, name="random-8b",
+    ),
+}  # fmt: skip
+
+
+def param_bytes(cfg: ModelConfig) -> int:
+    """Bytes of the model's params in cfg.dtype."""
+    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+
+
+def weight_bytes_per_step(cfg: ModelConfig) -> int:
+    """Weight bytes one decode step must read: all params, less an untied embedding (one row is read)."""
+    untied_embed = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model * cfg.jnp_dtype.itemsize
+    return param_bytes(cfg) - untied_embed
+
+
+def available_memory(device=None) -> int | None:
+    """Free bytes on `device` (default: the first): the accelerator's, or the host's MemAvailable; None if unknown."""
+    device = device or jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_fits(cfg: ModelConfig, what: str, fraction: float = 0.7) -> None:
+    """Raise ValueError when the params would take more than `fraction` of the free device memory."""
+    need, free = param_bytes(cfg), available_memory()
+    if free is not None and need > fraction * free:
+        hint = " (try --dtype bfloat16: half the bytes)" if cfg.dtype == "float32" else ""
+        raise ValueError(
+            f"{what} in {cfg.dtype} needs {need / 1e9:.1f} GB of params; {jax.devices()[0].device_kind} has "
+            f"{free / 1e9:.1f} GB free and the caches and activations need the rest{hint}"
+        )
+
+
+def random_model(shape: str, dtype: str = "float32", seed: int = 0, **overrides) -> tuple[ModelConfig, Params]:
+    """(cfg, params) of random weights (model.init_params, drawn on device) at a named real shape.
+
+    overrides replace ModelConfig fields (tests shrink a shape). Refused with ValueError when the
+    params would not fit in memory.
+    """
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"unknown random shape {shape!r}; choose one of {', '.join(RANDOM_SHAPES)}")
+    cfg = dataclasses.replace(RANDOM_SHAPES[shape], dtype=dtype, **overrides)
+    check_fits(cfg, f"random {shape} weights")
+    return cfg, jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(seed))
+
+
+def random_prompts(n: int, vocab_size: int, seed: int = 0, lengths: tuple[int, int] = (16, 96)) -> list[list[int]]:
+    """n prompts of random token ids, of random lengths in [lengths[0], lengths[1]) (random-weight benches)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab_size, rng.integers(*lengths)).tolist() for _ in range(n)]
+
+
+def decode_layout(params: Params) -> Params:
+    """params in the layout the decode loops run fastest in on this backend: per-layer lists on CPU
+    (model.run_layers: XLA:CPU copies a layer out of a stacked array each step), stacked elsewhere."""
+    return model.unstack(params) if jax.default_backend() == "cpu" else params
+
+
+def step_costs(
+    cfg: ModelConfig,
+    params: Params,
+    exit_params: Params,
+    exit_layers=(),
+    tokens=(),
+    cache_len: int = 512,
+    repeats: int = 15,
+) -> dict[str, float]:
+    """Median milliseconds of each part of decoding, batch 1, at position cache_len // 2.
+
+    Parts: "ar_step" (one token through the whole model + head), "exit_step" (the exit block +
+    its head on one token), and for each N in exit_layers "lower_N{N}" (one token through layers
+    [0, N)) and for each T in tokens "verify_N{N}_T{T}" (T tokens through layers [N, L) + head).
+    Each part is jitted with its cache donated (writes stay in place, as in the decode loops),
+    compiled first, then timed in interleaved repeats so drifting machine load hits all alike.
+    """
+    S, pos = cache_len, cache_len // 2
+    tok, pos_11 = jnp.array([[5]]), jnp.array([[pos]])
+    parts = {}  # name -> (jitted fn(cache) -> (out, cache), its cache's layer count)
+
+    def ar_step(params, cache):
+        logits, cache = model.forward(cfg, params, tok, pos_11, cache)
+        return jnp.argmax(logits, -1), cache
+
+    parts["ar_step"] = (functools.partial(jax.jit(ar_step, donate_argnums=1), params), cfg.n_layers)
+
+    def exit_step(params, ep, cache):
+        h = jnp.ones((1, 1, cfg.d_model), cfg.jnp_dtype)
+        logits, cache = exits.exit_logits(cfg, params, ep, h, pos_11, cache)
+        return jnp.argmax(logits, -1), cache
+
+    parts["exit_step"] = (functools.partial(jax.jit(exit_step, donate_argnums=2), params, exit_params), 1)
+    for n in exit_layers:
+        lower, upper = model.split_layers(params["layers"], n)
+
+        def lower_step(params, lower, cache):
+            return model.run_layers(cfg, lower, model.embed(params, tok), pos_11, cache)
+
+        parts[f"lower_N{n}"] = (functools.partial(jax.jit(lower_step, donate_argnums=2), params, lower), cfg.n_layers)
+        for t in tokens:
+
+            def verify(params, upper, cache, t=t, n=n):
+                x = jnp.ones((1, t, cfg.d_model), cfg.jnp_dtype)
+                x, cache = model.run_layers(cfg, upper, x, pos + jnp.arange(t)[None], cache, n)
+                return jnp.argmax(model.lm_head(params, model.final_norm(params, cfg, x)), -1), cache
+
+            fn = functools.partial(jax.jit(verify, donate_argnums=2), params, upper)
+            parts[f"verify_N{n}_T{t}"] = (fn, cfg.n_layers)
+
+    caches = {}
+    for name, (fn, n_layers) in parts.items():  # Compile and warm up.
+        out, caches[name] = fn(init_cache(n_layers, 1, S, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype))
+        jax.block_until_ready(out)
+    times = {name: [] for name in parts}
     for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, (fn, _) in parts.items():
+            t0 = time.perf_counter()
+            out, caches[name] = fn(caches[name])
+            jax.block_until_ready(out)
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(v) for name, v in times.items()}
 
 
 def cost_ratio(setup: BenchSetup, cache_len: int = 512, repeats: int = 20) -> dict:
-    """Measured seconds of one draft step and one target step (batch 1, one token)."""
-    cfg, params, ep, n = setup.cfg, setup.params, setup.exit_params, setup.ecfg.exit_layer
-    lower, _ = eesd.split_params(params, n)
-    cache = init_cache(cfg.n_layers, 1, cache_len, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
-    exit_cache = init_cache(1, 1, cache_len, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
-    tok, pos = jnp.array([[1]]), jnp.array([[cache_len // 2]])
+    """Measured ms of one draft step (layers [0, N) + exit) and one target step (batch 1, one token)."""
+    n = setup.ecfg.exit_layer
+    ms = step_costs(setup.cfg, setup.params, setup.exit_params, [n], (), cache_len, repeats)
+    draft = ms[f"lower_N{n}"] + ms["exit_step"]
+    return {"draft_step_ms": draft, "target_step_ms": ms["ar_step"], "cost_ratio": draft / ms["ar_step"]}
 
-    @jax.jit
-    def draft_step(params, lower, ep, cache, exit_cache):
-        h, cache = model.run_layers(cfg, lower, model.embed(params, tok), pos, cache)
-        logits, _ = exits.exit_logits(cfg, params, ep, h, pos, exit_cache)
-        return jnp.argmax(logits, -1)
 
-    @jax.jit
-    def target_step(params, cache):
-        logits, _ = model.forward(cfg, params, tok, pos, cache)
-        return jnp.argmax(logits, -1)
+def first_mismatches(setup: BenchSetup, prompts, ar_tokens, eesd_tokens) -> list[dict]:
+    """Where greedy EESD left greedy AR, per differing prompt, with AR's top-2 logit margin there.
 
-    t_draft = _median_time(lambda: draft_step(params, lower, ep, cache, exit_cache), repeats)
-    t_target = _median_time(lambda: target_step(params, cache), repeats)
-    return {"draft_step_ms": 1e3 * t_draft, "target_step_ms": 1e3 * t_target, "cost_ratio": t_draft / t_target}
+    The margin is recomputed with one uncached forward over the prompt + AR's tokens before the
+    first differing position. Returns [{"prompt", "position", "ar_token", "eesd_token",
+    "ar_top2_margin", "ar_minus_eesd_logit", "near_tie"}]; tokens are None past an output's end.
+    """
+    out = []
+    for i, (prompt, ar, es) in enumerate(zip(prompts, ar_tokens, eesd_tokens, strict=True)):
+        if ar == es:
+            continue
+        pos = next((j for j, (a, e) in enumerate(zip(ar, es)) if a != e), min(len(ar), len(es)))
+        logits_v = prefix_logits(setup.cfg, setup.params, list(prompt) + list(ar[:pos]))
+        top2 = np.sort(logits_v)[-2:]
+        ar_tok, es_tok = (ar[pos] if pos < len(ar) else None), (es[pos] if pos < len(es) else None)
+        margin = float(top2[1] - top2[0])
+        out.append({
+            "prompt": i, "position": pos, "ar_token": ar_tok, "eesd_token": es_tok, "ar_top2_margin": margin,
+            "ar_minus_eesd_logit": None if None in (ar_tok, es_tok) else float(logits_v[ar_tok] - logits_v[es_tok]),
+            "near_tie": margin < TIE_MARGIN[setup.cfg.dtype],
+        })  # fmt: skip
+    return out
+
+
+def prefix_logits(cfg: ModelConfig, params: Params, tokens: list[int]) -> np.ndarray:
+    """[V] float32 logits after `tokens`, from one forward over them (padded, so nearby lengths share a compile)."""
+    T = round_up(len(tokens), 64)
+    padded = np.zeros((1, T), np.int32)
+    padded[0, : len(tokens)] = tokens  # Causal: the padding after cannot change earlier logits.
+    logits = _forward_fresh(cfg, params, jnp.asarray(padded))
+    return np.asarray(logits[0, len(tokens) - 1])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_fresh(cfg: ModelConfig, params: Params, tokens_bt: jax.Array) -> jax.Array:
+    B, T = tokens_bt.shape
+    cache = init_cache(cfg.n_layers, B, T, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
+    return model.forward(cfg, params, tokens_bt, jnp.broadcast_to(jnp.arange(T), (B, T)), cache)[0]
 
 
 def run(
@@ -124,6 +299,14 @@ def run(
         report["speedup"] = round(es["tokens_per_second"] / ar["tokens_per_second"], 3)
         report["median_speedup"] = round(es["median_tokens_per_second"] / ar["median_tokens_per_second"], 3)
         report["identical"] = outputs["ar"] == outputs["eesd"] if sampling.greedy else None
+        if sampling.greedy:
+            mismatches = first_mismatches(setup, prompts, outputs["ar"], outputs["eesd"])
+            report["mismatches"] = mismatches
+            report["exactness"] = {
+                "policy": EXACTNESS_POLICY,
+                "tie_margin": TIE_MARGIN[cfg.dtype],
+                "within_policy": all(m["near_tie"] for m in mismatches),
+            }
     if "eesd" in modes:
         report.update({k: round(v, 4) for k, v in cost_ratio(setup).items()})
     report["config"] = {
@@ -135,6 +318,8 @@ def run(
         "max_new_tokens": max_new_tokens,
         "temperature": sampling.temperature,
         "repeats": repeats,
+        "dtype": cfg.dtype,
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
     }
@@ -154,6 +339,12 @@ def format_table(report: dict) -> str:
         lines.append(
             f"speedup EESD/AR: {report['speedup']:.3f}x (median {report['median_speedup']:.3f}x), "
             f"identical: {report['identical']}"
+        )
+    for m in report.get("mismatches", []):
+        lines.append(
+            f"  prompt {m['prompt']}: first differs at token {m['position']} (AR {m['ar_token']}, EESD "
+            f"{m['eesd_token']}); AR top-2 margin {m['ar_top2_margin']:.4f} "
+            f"({'near-tie' if m['near_tie'] else 'NOT a near-tie'}: tie margin {report['exactness']['tie_margin']})"
         )
     if "cost_ratio" in report:
         lines.append(

@@ -42,7 +42,7 @@ class Session:
 
     lm: object  # loading.LoadedModel (params left as loaded; use `params`).
     params: dict  # The same params as jax arrays (per-layer list on CPU).
-    tokenizer: object
+    tokenizer: object  # None for random weights (bench --random-shape): prompts are token ids.
     load_seconds: float
     engine: tuple | None = None  # EESD (config, exit params, split layers, exit path), built on first use.
     mesh: object = None  # jax.sharding.Mesh from --mesh, or None (one device).
@@ -53,7 +53,7 @@ class Session:
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
-        eos = self.tokenizer.eos_token_id
+        eos = getattr(self.tokenizer, "eos_token_id", None)
         return () if eos is None else (int(eos),)
 
     @property
@@ -73,24 +73,30 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def load_session(model: str | None, mesh_spec: str | None = None) -> Session:
-    """Load weights from an HF folder / GGUF file (None: the bundled SmolLM2) and the tokenizer."""
+def load_session(
+    model: str | None, mesh_spec: str | None = None, dtype: str = "float32", random_shape: str | None = None
+) -> Session:
+    """Load weights from an HF folder / GGUF file (None: the bundled SmolLM2) and the tokenizer, in `dtype`.
+
+    random_shape (a bench.RANDOM_SHAPES name): random weights at that shape instead, no tokenizer.
+    """
     import jax
     import jax.numpy as jnp
 
-    from eesd_jax import loading, sharding
-    from eesd_jax.model import unstack
+    from eesd_jax import bench, loading, sharding
 
     enable_compilation_cache()
     t0 = time.perf_counter()
-    lm = loading.load_model(model)
-    params = jax.tree.map(jnp.asarray, lm.params)
-    if jax.default_backend() == "cpu":  # Per-layer weights decode ~2x faster on XLA:CPU (model.run_layers).
-        params = unstack(params)
+    if random_shape:
+        cfg, params = bench.random_model(random_shape, dtype)
+        lm = loading.LoadedModel(cfg, params, fingerprint=f"random:{random_shape}", source=f"random:{random_shape}")
+    else:
+        lm = loading.load_model(model, dtype)
+    params = bench.decode_layout(jax.tree.map(jnp.asarray, lm.params))
     mesh = sharding.mesh_from_spec(mesh_spec)
     if mesh is not None:  # Megatron tensor parallel over 'model', batch over 'data'.
         params = sharding.shard_params(params, mesh)
-    tokenizer = lm.tokenizer()
+    tokenizer = None if random_shape else lm.tokenizer()
     return Session(lm=lm, params=params, tokenizer=tokenizer, load_seconds=time.perf_counter() - t0, mesh=mesh)
 
 
@@ -237,6 +243,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="PATH",
         help="Hugging Face folder (config.json + safetensors) or .gguf file; default: bundled SmolLM2-135M-Instruct",
+    )
+    add_dtype_args(p)
+
+
+def add_dtype_args(p: argparse.ArgumentParser) -> None:
+    from eesd_jax.model import DTYPES
+
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="params, activations and KV caches (logits and acceptance stay float32); default float32, "
+        "bfloat16 on GPU/TPU",
     )
 
 
@@ -393,6 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_sampling_args(b)
     add_model_args(b)
+    b.add_argument(
+        "--random-shape",
+        choices=("smollm2", "1b", "8b"),
+        default=None,
+        help="random weights at a real shape (SmolLM2-135M, LLaMA-3.2-1B, LLaMA-3-8B) instead of --model, "
+        "with an untrained exit and random prompt ids of the --prompts count; refused when it would not fit",
+    )
     add_eesd_args(b)
     add_mesh_args(b)
     b.add_argument("--json", action="store_true", help="print only the final JSON line")
@@ -415,6 +441,7 @@ def add_distill_parsers(sub) -> None:
         "with an optional :arg (e.g. smollm2:N=6,draft_vocab=8192)",
     )
     d.add_argument("--workdir", default=None, metavar="DIR", help="data, checkpoints, metrics (default runs/<config>)")
+    add_dtype_args(d)
     d.set_defaults(func=cmd_distill, validate=validate_config)
 
     e = sub.add_parser("eval-exit", help="top-1 agreement, alpha and tau of a trained exit on held-out prompts")
@@ -443,10 +470,15 @@ def validate_config(args) -> None:
 
 
 def cmd_distill(args) -> int:
-    from eesd_jax import train
+    from eesd_jax import distill, model, train
 
     workdir = args.workdir or str(pathlib.Path("runs") / args.config.replace(":", "_").replace("/", "_"))
-    path = train.run_distill(args.config_dict, workdir)
+    lm = None  # float32: run_distill loads the teacher itself.
+    if args.dtype != "float32":  # The teacher (and the exit, initialized from it) in another dtype.
+        lm = distill.load_lm(args.config_dict.model)
+        cfg, params = model.with_dtype(lm.cfg, lm.params, args.dtype)
+        lm = dataclasses.replace(lm, cfg=cfg, params=params)
+    path = train.run_distill(args.config_dict, workdir, lm=lm)
     print(f"exit written to {path}")
     return 0
 
@@ -477,6 +509,8 @@ def validate_bench(args) -> None:
     validate_eesd(args)
     validate_mesh(args)
     validate_prompt_set(args)
+    if args.random_shape and (args.model or args.exit):
+        raise UsageError("--random-shape makes random weights and an untrained exit: drop --model / --exit")
 
 
 def validate_prompt_set(args) -> None:
@@ -507,7 +541,7 @@ def generation_json(session: Session, gen) -> dict:
 
 
 def cmd_generate(args) -> int:
-    session = load_session(args.model, args.mesh)
+    session = load_session(args.model, args.mesh, args.dtype)
     prompt_ids = encode_prompt(session, args.prompt, args.chat)
     if args.compare:
         return compare(session, prompt_ids, args)
@@ -560,9 +594,18 @@ def compare(session: Session, prompt_ids: list[int], args) -> int:
 def cmd_bench(args) -> int:
     from eesd_jax import bench
 
-    print(f"bench: {len(args.chosen)} prompts from {args.prompts} (split {args.split})", file=sys.stderr, flush=True)
-    session = load_session(args.model, args.mesh)
-    ids = [encode_prompt(session, p.text, p.chat if args.chat is None else args.chat) for p in args.chosen]
+    if args.random_shape:
+        print(f"bench: random {args.random_shape} weights ({args.dtype}), {len(args.chosen)} random prompts",
+              file=sys.stderr, flush=True)  # fmt: skip
+    else:
+        print(
+            f"bench: {len(args.chosen)} prompts from {args.prompts} (split {args.split})", file=sys.stderr, flush=True
+        )
+    session = load_session(args.model, args.mesh, args.dtype, args.random_shape)
+    if args.random_shape:  # No tokenizer: as many prompts of random ids as the prompt set chose.
+        ids = bench.random_prompts(len(args.chosen), session.cfg.vocab_size, args.seed)
+    else:
+        ids = [encode_prompt(session, p.text, p.chat if args.chat is None else args.chat) for p in args.chosen]
     ecfg, exit_params, _, exit_path = eesd_engine(session, args)
     setup = bench.BenchSetup(session.cfg, session.params, exit_params, ecfg, session.eos_ids, session.mesh)
 
@@ -581,7 +624,8 @@ def cmd_bench(args) -> int:
         args.seed,
         progress,
     )
-    report["config"].update(prompts=args.prompts, split=args.split, exit=exit_path or "untrained")
+    source = f"random:{args.random_shape}" if args.random_shape else args.prompts
+    report["config"].update(prompts=source, split=args.split, exit=exit_path or "untrained", model=session.lm.source)
     if not args.json:
         print(bench.format_table(report))
     print(json.dumps(report))

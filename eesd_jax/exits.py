@@ -143,8 +143,8 @@ def save_exit(
 ) -> None:
     """Write the exit atomically as safetensors with its identity in the metadata.
 
-    dtype (e.g. "float16"): store the floating tensors in it (half the file size);
-    load_exit casts them back to the model's dtype.
+    dtype: the float type of the stored tensors, "float32" (default) or "float16" (half the
+    file size); a bfloat16 exit is stored as float32. load_exit casts them to the model's dtype.
     """
     from safetensors.numpy import save_file
 
@@ -163,8 +163,7 @@ def save_exit(
     if dtype not in (None, "float16", "float32"):
         raise ValueError(f"exit file dtype must be float16 or float32, got {dtype!r}")
     flat = {k: np.asarray(v) for k, v in _flatten(jax.device_get(exit_params)).items()}
-    if dtype is not None:
-        flat = {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in flat.items()}
+    flat = model.cast_params(flat, dtype or "float32")
     atomic_write(pathlib.Path(path), lambda tmp: save_file(flat, tmp, metadata=meta))
 
 

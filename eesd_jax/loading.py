@@ -484,8 +484,24 @@ def bundled_model_path() -> pathlib.Path:
     return path
 
 
-def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
-    """Load a model from an HF folder, a GGUF file, or (None) the bundled SmolLM2."""
+def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") -> LoadedModel:
+    """Load a model from an HF folder, a GGUF file, or (None) the bundled SmolLM2, its params in `dtype`.
+
+    Checkpoints are converted to float32 first (and cached so); another dtype is a cast of
+    that, so the fingerprint (what exits are matched against) does not depend on dtype.
+    """
+    from eesd_jax import model
+
+    if dtype not in model.DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(model.DTYPES)}, got {dtype!r}")
+    lm = _load_float32(path)
+    if lm.cfg.dtype == dtype:
+        return lm
+    cfg, params = model.with_dtype(lm.cfg, lm.params, dtype)
+    return dataclasses.replace(lm, cfg=cfg, params=params)
+
+
+def _load_float32(path: str | os.PathLike | None) -> LoadedModel:
     if path is None:
         return load_gguf(bundled_model_path())
     p = pathlib.Path(path)

@@ -50,6 +50,11 @@ PARAM_AXES = {
 }
 
 
+# Param / activation / KV-cache dtypes the library runs in. Logits, softmax, norms and the
+# acceptance math stay float32 in every case (lm_head, _scores, rms_norm, sampling.py).
+DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a LLaMA-family model (LLaMA-2/3, SmolLM2, Mistral, Qwen2)."""
@@ -77,10 +82,27 @@ class ModelConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
     @property
     def jnp_dtype(self):
         return jnp.dtype(self.dtype)
+
+
+def cast_params(params: Params, dtype: str) -> Params:
+    """params with every floating leaf in `dtype` (integer leaves, e.g. an exit's vocab ids, kept).
+
+    Works on numpy and jax leaves alike; a leaf already in `dtype` is returned as is.
+    """
+    dt = jnp.dtype(dtype)
+    cast = lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dt else a
+    return jax.tree.map(cast, params)
+
+
+def with_dtype(cfg: ModelConfig, params: Params, dtype: str) -> tuple[ModelConfig, Params]:
+    """(cfg, params) of the same model in another dtype: params, activations and KV caches follow cfg.dtype."""
+    return dataclasses.replace(cfg, dtype=dtype), cast_params(params, dtype)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params:

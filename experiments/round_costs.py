@@ -8,8 +8,8 @@ cache) and one verification of layers [N, L) + the LM head over T = k + 1 tokens
     round(k) ~= (k + 1) * draft_step + verify(T = k + 1)
     speedup  ~= tau * ar_step / round(k)
 
-This script times each part alone (jitted, batch 1, the cache donated so writes stay in
-place, medians of interleaved repeats) on the bundled SmolLM2, and prints the predicted
+This script times each part alone (bench.step_costs: jitted, batch 1, the cache donated so
+writes stay in place, medians of interleaved repeats) on the bundled SmolLM2, and prints the predicted
 speedup for a given tau. Comparing the prediction with `eesd bench` gives the loop's own
 overhead. Every part is a real call of the library's model / exit code.
 
@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import exits, loading, model
-from eesd_jax.kv_cache import init_cache
+from eesd_jax import bench, exits, loading
 
 
 def predicted_speedup(ms: dict, n: int, k: int, p: float) -> float:
@@ -94,69 +91,13 @@ def main() -> None:
 
     loaded = loading.load_model(None)
     cfg = loaded.cfg
-    params = model.unstack(jax.tree.map(jnp.asarray, loaded.params))  # The decode loops' CPU layout.
-    S, pos = args.cache_len, args.cache_len // 2
-
-    def new_cache(n_layers):
-        return init_cache(n_layers, 1, S, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
-
-    parts = {}  # name -> (jitted fn(cache) -> (out, cache), n cache layers)
-
-    def ar_step(params, cache):
-        logits, cache = model.forward(cfg, params, jnp.array([[5]]), jnp.array([[pos]]), cache)
-        return jnp.argmax(logits, -1), cache
-
-    parts["ar_step"] = (jax.jit(ar_step, donate_argnums=1), lambda f, c: f(params, c), cfg.n_layers)
-
+    params = bench.decode_layout(jax.tree.map(jnp.asarray, loaded.params))
     vocab_ids = np.arange(args.draft_vocab) if args.draft_vocab else None
     exit_params = exits.init_exit(cfg, params, exits.ExitConfig(1, draft_vocab=args.draft_vocab), vocab_ids)
-
-    def exit_step(params, ep, cache):
-        h = jnp.ones((1, 1, cfg.d_model), cfg.jnp_dtype)
-        logits, cache = exits.exit_logits(cfg, params, ep, h, jnp.array([[pos]]), cache)
-        return jnp.argmax(logits, -1), cache
-
-    parts["exit_step"] = (jax.jit(exit_step, donate_argnums=2), lambda f, c: f(params, exit_params, c), 1)
-
-    for n in args.exit_layers:
-        lower, upper = model.split_layers(params["layers"], n)
-
-        def lower_step(params, lower, cache):
-            return model.run_layers(cfg, lower, model.embed(params, jnp.array([[5]])), jnp.array([[pos]]), cache)
-
-        parts[f"lower_N{n}"] = (
-            jax.jit(lower_step, donate_argnums=2),
-            lambda f, c, lower=lower: f(params, lower, c),
-            cfg.n_layers,
-        )
-        for t in args.tokens:
-
-            def verify(params, upper, cache, t=t, n=n):
-                x = jnp.ones((1, t, cfg.d_model), cfg.jnp_dtype)
-                x, cache = model.run_layers(cfg, upper, x, pos + jnp.arange(t)[None], cache, n)
-                return jnp.argmax(model.lm_head(params, model.final_norm(params, cfg, x)), -1), cache
-
-            parts[f"verify_N{n}_T{t}"] = (
-                jax.jit(verify, donate_argnums=2),
-                lambda f, c, upper=upper: f(params, upper, c),
-                cfg.n_layers,
-            )
-
-    caches = {}
-    for name, (fn, call, n_layers) in parts.items():  # Compile and warm up.
-        out, caches[name] = call(fn, new_cache(n_layers))
-        jax.block_until_ready(out)
-    times = {name: [] for name in parts}
-    for _ in range(args.repeats):  # Interleaved, so drifting machine load hits every part alike.
-        for name, (fn, call, _) in parts.items():
-            t0 = time.perf_counter()
-            out, caches[name] = call(fn, caches[name])
-            jax.block_until_ready(out)
-            times[name].append(time.perf_counter() - t0)
-    ms = {name: 1e3 * statistics.median(v) for name, v in times.items()}
+    ms = bench.step_costs(cfg, params, exit_params, args.exit_layers, args.tokens, args.cache_len, args.repeats)
 
     report(ms, args.exit_layers, args.tokens, args.draft_vocab)
-    saved = {"ms": {k: round(v, 3) for k, v in ms.items()}, "cache_len": S, "draft_vocab": args.draft_vocab,
+    saved = {"ms": {k: round(v, 3) for k, v in ms.items()}, "cache_len": args.cache_len, "draft_vocab": args.draft_vocab,
               "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind)}  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:

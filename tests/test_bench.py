@@ -1,6 +1,10 @@
 """eesd_jax.bench: what a benchmark report records."""
 
-from eesd_jax import bench, eesd, exits
+import numpy as np
+import pytest
+from conftest import full_forward
+
+from eesd_jax import bench, eesd, exits, generate
 
 
 def test_report_counts_prompts_and_records_provenance(tiny):
@@ -13,3 +17,32 @@ def test_report_counts_prompts_and_records_provenance(tiny):
     prov = report["provenance"]
     assert prov["versions"]["jax"] and prov["device"]["platform"] and prov["seeds"] == {"seed": 5}
     assert "commit" in prov
+
+
+def test_greedy_mismatch_is_reported_with_ar_margin(tiny, monkeypatch):
+    """A constructed mismatch (one EESD token changed) is found, located and explained by AR's margin."""
+    cfg, params = tiny
+    real = generate.generate_eesd
+
+    def perturbed(*args, **kwargs):
+        gen = real(*args, **kwargs)
+        gen.tokens[1][3] = (gen.tokens[1][3] + 1) % cfg.vocab_size  # Prompt 1, its 4th new token.
+        return gen
+
+    monkeypatch.setattr(generate, "generate_eesd", perturbed)
+    ecfg = exits.ExitConfig(1)
+    setup = bench.BenchSetup(cfg, params, exits.init_exit(cfg, params, ecfg), eesd.EESDConfig(exit_layer=1), eos_ids=())
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    report = bench.run(setup, prompts, max_new_tokens=6, batch=3)
+    assert report["identical"] is False
+    (m,) = report["mismatches"]
+    ar = generate.generate_ar(cfg, params, prompts[1:2], 6).tokens[0]
+    assert (m["prompt"], m["position"], m["ar_token"], m["eesd_token"]) == (1, 3, ar[3], (ar[3] + 1) % cfg.vocab_size)
+    logits = full_forward(cfg, params, [prompts[1] + ar[:3]])[0, -1]
+    top2 = np.sort(logits)[-2:]
+    assert m["ar_top2_margin"] == pytest.approx(top2[1] - top2[0], abs=1e-4)
+    assert m["ar_minus_eesd_logit"] == pytest.approx(logits[ar[3]] - logits[m["eesd_token"]], abs=1e-4)
+    assert m["near_tie"] == (m["ar_top2_margin"] < bench.TIE_MARGIN["float32"])
+    assert report["exactness"]["within_policy"] == m["near_tie"]
+    assert "first differs at token 3" in bench.format_table(report)
+    assert report["config"]["dtype"] == "float32" and bench.first_mismatches(setup, prompts[:1], [[1]], [[1]]) == []
