@@ -655,7 +655,8 @@ def data_metrics(
     verified), so top1 is the first draft's acceptance given a correct prefix. With
     round_len = K > 0 the responses are tiled into rounds of K instead, and
     top1_by_draft_position[j] is the top-1 agreement of draft token j + 1 given correct
-    earlier drafts (an exit without a context layer scores the same at every j).
+    earlier drafts (an exit without a context layer computes the same thing at every j:
+    its figures differ only by which positions fall at j).
     """
     vmap = jnp.asarray(vocab_map(cfg.vocab_size, np.asarray(exit_params["vocab"]) if "vocab" in exit_params else None))
     order = np.argsort(np.diff(data.offsets), kind="stable")
