@@ -59,13 +59,10 @@ def measure(lm, exit_path: pathlib.Path, data_dir: str, val_every: int, round_le
     }
 
 
-def curve(workdir: pathlib.Path) -> list[dict]:
-    """(step, training positions seen, validation top-1) records of a training run's metrics.jsonl."""
-    path = workdir / "metrics.jsonl"
+def curve(path: pathlib.Path, per_step: int) -> list[dict]:
+    """(step, training sequences seen, validation top-1) records of a training run's metrics.jsonl."""
     if not path.is_file():
         return []
-    config = json.loads((workdir / "config.json").read_text())
-    per_step = config["train"]["batch_size"]
     records = [json.loads(line) for line in path.read_text().splitlines() if line]
     return [
         {"step": r["step"], "sequences": r["step"] * per_step, "val_top1": r["val_top1"]}
@@ -113,6 +110,13 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=[], help=f"names ({', '.join(VARIANTS)}) or NAME=OVERRIDES")
     ap.add_argument("--base", default="smollm2", help="the config the variants override")
     ap.add_argument("--exit", action="append", default=[], metavar="NAME=PATH", help="measure a trained exit")
+    ap.add_argument(
+        "--curve",
+        action="append",
+        default=[],
+        metavar="NAME=METRICS",
+        help="attach a measured row's validation curve from its training metrics.jsonl (base config's batch size)",
+    )
     ap.add_argument("--data-dir", default="runs/data", help="generated data shared by every variant")
     ap.add_argument("--workdir", default="runs/drafter_study")
     ap.add_argument("--overrides", default="", help="extra overrides for every variant, e.g. train.steps=200")
@@ -120,8 +124,8 @@ def main() -> None:
     ap.add_argument("--out", default="experiments/results/drafter_study")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args()
-    if not args.variants and not args.exit:
-        ap.error("name --variants to train or --exit NAME=PATH to measure")
+    if not args.variants and not args.exit and not args.curve:
+        ap.error("name --variants to train, --exit NAME=PATH to measure or --curve NAME=METRICS")
 
     out = pathlib.Path(args.out)
     saved = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
@@ -143,12 +147,16 @@ def main() -> None:
             workdir = pathlib.Path(args.workdir) / name
             t0 = time.perf_counter()
             path = train.run_distill(config, workdir, lm=lm, progress=args.progress)
-            row |= {"train_seconds": round(time.perf_counter() - t0), "curve": curve(workdir)}
+            seen = curve(workdir / "metrics.jsonl", int(config.train.batch_size))
+            row |= {"train_seconds": round(time.perf_counter() - t0), "curve": seen}
         else:
             path = pathlib.Path(given)
         val_every = int((config or base).train.val_every_prompt)
         rows[name] = row | measure(lm, path, args.data_dir, val_every, args.round_len)
         print(json.dumps({name: rows[name]}), flush=True)
+    for spec in args.curve:
+        name, _, path = spec.partition("=")
+        rows[name]["curve"] = curve(pathlib.Path(path), int(base.train.batch_size))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"provenance": provenance.record(data_seed=0, train_seed=0), "args": vars(args), "rows": rows}
