@@ -29,6 +29,9 @@ def test_smollm2_arg_selects_n_and_draft_vocab():
     assert (c.exit.layer, c.exit.draft_vocab, c.exit.own_head) == (8, 4096, False)
     assert c.data.sets == ("chat:train", "humaneval:heldout")
     assert c.name == "smollm2-N8-dv4096"
+    shipped = configs.load_config("smollm2")  # The default shipped exit's recipe.
+    assert (shipped.exit.layer, shipped.exit.context_layer, shipped.name) == (2, 0, "smollm2-N2-dv8192")
+    assert configs.load_config("smollm2:context=29").name == "smollm2-N2-c29-dv8192"
     assert configs.load_config("smollm2:data.feature_layers=2+4+6").data.feature_layers == (2, 4, 6)
     assert configs.load_config("smollm2:train.lr=3e-4").train.lr == 3e-4
 

@@ -38,3 +38,21 @@ def test_shipped_exit_is_lossless_and_its_drafts_are_accepted(smollm, shipped_ex
     # alpha = agreement of one draft with the LLM: ~0 untrained at N=2, 0.134 for the first
     # shipped exit (100 steps at lr 5e-4), 0.274 for this one (400 steps at 2e-3).
     assert out.stats["acceptance_rate"] > 0.22, out.stats
+
+
+def test_every_shipped_exit_loads_for_the_bundled_model_and_is_lossless(smollm):
+    """Besides the default, the context exit (N=2, verified positions from layer 29) ships: it loads and decodes as AR."""
+    paths = sorted(shipped.EXITS_DIR.glob("*.safetensors"))
+    assert shipped.default_exit(smollm) == str(paths[0])  # The paper's exit stays the default.
+    tok = smollm.tokenizer()
+    ids = [prompts.encode(tok, p.text, p.chat) for p in prompts.load_prompts("chat", "heldout", 1)]
+    eos = (int(tok.eos_token_id),)
+    ar = generate.generate_ar(smollm.cfg, smollm.params, ids, 24, eos_ids=eos)
+    contexts = set()
+    for path in paths:
+        exit_cfg, exit_params = exits.load_exit(path, smollm.cfg, smollm.fingerprint)
+        contexts.add(exit_cfg.context_layer)
+        ecfg = eesd.EESDConfig(exit_cfg.layer, 4, context_layer=exit_cfg.context_layer)
+        out = generate.generate_eesd(smollm.cfg, smollm.params, exit_params, ecfg, ids, 24, eos_ids=eos)
+        assert out.tokens == ar.tokens, path.name
+    assert contexts == {0, smollm.cfg.n_layers - 1}
