@@ -1,6 +1,5 @@
 """EESD decoding is lossless: greedy output equals AR token for token (DESIGN.md §7.3)."""
 
-import itertools
 import os
 
 import jax
@@ -56,7 +55,9 @@ def eesd_tokens(params, prompts, exit_layer, max_draft, kind, exit_params=None, 
 # The paper's controllers and baselines get the full grid; every other registered policy, one
 # (N, K) pair at batch 3 (compiles dominate the suite's time).
 FULL_GRID_KINDS = ("fixed", "confidence", "beta-ts", "calibration-ts")
-GRID = list(itertools.product(FULL_GRID_KINDS, [1, 2, 3], [1, 4, 8]))
+# Each of these kinds at every N and every K, the pairs rotated between kinds so that every
+# (N, K) combination is run by some kind (12 runs instead of the 36 of the full product).
+GRID = [(kind, n, (1, 4, 8)[(n - 1 + i) % 3]) for i, kind in enumerate(FULL_GRID_KINDS) for n in (1, 2, 3)]
 GRID += [(kind, 2, 4) for kind in control.KINDS if kind not in FULL_GRID_KINDS]
 
 
