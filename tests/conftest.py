@@ -57,6 +57,18 @@ def session_cache_dir(tmp_path_factory):
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_persistent_compilation_cache():
+    """The CLI keeps compiled programs on disk (cli.enable_compilation_cache), a process-wide
+    setting: after one in-process CLI test every later compile of the session would be written
+    there. A full run crashed (SIGSEGV) inside jax's cache writer that way; tests compile fresh."""
+    from eesd_jax import cli
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "enable_compilation_cache", lambda: None)
+        yield
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch) -> pathlib.Path:
     """A fresh, empty (not yet created) EESD_JAX_CACHE for one test."""
