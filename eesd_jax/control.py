@@ -2,7 +2,8 @@
 
 After each drafted token a policy answers: keep it and draft another, or stop. Each
 policy is one module of eesd_jax/policies/ (contract in policies/base.py) and one line
-of POLICIES below; `--controller` in generate and bench offers every registered name.
+of POLICIES below (or `register(name, module)` at run time, as notebooks/eesd_tour.ipynb
+does); `--controller` in generate and bench offers every registered name.
 Policies only change speed, never output: every one runs through the losslessness
 tests, and the engine enforces max_draft (decide never has to).
 
@@ -103,6 +104,26 @@ def _make_config() -> type:
 # One frozen (hashable, jit-static) config holding every registered policy's knobs side by
 # side, so that ControllerConfig("beta-ts", prior_alpha=2.0) and getattr(cfg, knob) work.
 ControllerConfig = _make_config()
+
+
+def register(name: str, module) -> None:
+    """Add a policy at run time (from a notebook or a plugin): what its line in POLICIES does at import.
+
+    Rebuilds ControllerConfig with the module's knobs, so look it up as control.ControllerConfig
+    afterwards; configs made before stay valid for the policies they name.
+    """
+    global ControllerConfig, KINDS
+    if name in POLICIES:
+        raise ValueError(f"policy {name!r} is already registered")
+    if not callable(getattr(module, "decide", None)):
+        raise TypeError(f"policy {name!r} has no decide(cfg, state, features, key)")
+    POLICIES[name] = module
+    try:
+        ControllerConfig = _make_config()  # Refuses a knob another policy owns.
+    except TypeError:
+        del POLICIES[name]
+        raise
+    KINDS = tuple(POLICIES)
 
 
 def init(cfg: ControllerConfig, batch: int) -> ControllerState:

@@ -5,6 +5,7 @@ policy is checked in test_eesd.py and test_eesd_sampling.py.)
 """
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -191,3 +192,32 @@ def test_gate_fit_recovers_a_logistic_acceptance_model():
     assert decide("gate", f, gate_weights=tuple(w)) == [True, False]
     with pytest.raises(ValueError, match="fit needs"):
         gate.fit(phi[:, :3], accepted)
+
+
+def test_register_adds_a_policy_with_its_knobs_and_refuses_clashes(monkeypatch):
+    # Restored after the test: the registry is module state that later tests parametrize over.
+    for name in ("POLICIES", "KINDS", "ControllerConfig"):
+        value = getattr(control, name)
+        monkeypatch.setattr(control, name, dict(value) if name == "POLICIES" else value)
+
+    @dataclasses.dataclass(frozen=True)
+    class Knobs:
+        always_keep: bool = True
+
+    def always(cfg, state, f, key):
+        return jnp.full(f.prob.shape, cfg.always_keep)
+
+    policy = types.SimpleNamespace(Knobs=Knobs, decide=always)
+    before = control.ControllerConfig("gate")
+    control.register("always", policy)
+    assert control.KINDS[-1] == "always"
+    assert decide("always", feats([0.1, 0.9])) == [True, True]
+    assert decide("always", feats([0.1, 0.9]), always_keep=False) == [False, False]
+    assert control.decide(before, control.init(before, 1), feats([0.9]), jax.random.key(0)).tolist() == [True]
+    with pytest.raises(ValueError, match="already registered"):
+        control.register("always", policy)
+    with pytest.raises(TypeError, match="already"):  # A knob another policy owns.
+        control.register("clash", types.SimpleNamespace(Knobs=gate.Knobs, decide=always))
+    with pytest.raises(TypeError, match="decide"):
+        control.register("empty", types.SimpleNamespace())
+    assert control.KINDS[-1] == "always" and "clash" not in control.POLICIES
