@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import generate, model, prompts
+from eesd_jax import corpus, generate, model, prompts
 from eesd_jax.kv_cache import init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.sampling import SamplingConfig
@@ -177,23 +177,10 @@ def generate_data(lm: LM, data_cfg, data_dir, progress: bool = True) -> dict:
     seconds = time.perf_counter() - t0
 
     seqs = [encoded[i] + responses[j] for j, (i, _) in enumerate(jobs)]
-    lengths = np.array([len(s) for s in seqs], np.int32)
-    prompt_lens = np.array([len(encoded[i]) for i, _ in jobs], np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    tokens = np.concatenate([np.asarray(s, np.int32) for s in seqs])
-    mask = np.zeros(len(tokens), bool)
-    for k in range(len(seqs)):
-        mask[offsets[k] + prompt_lens[k] - 1 : offsets[k + 1] - 1] = True  # Predicts a response token.
-    np.savez(
-        data_dir / "sequences.npz",
-        tokens=tokens,
-        offsets=offsets,
-        prompt_lens=prompt_lens,
-        mask=mask,
-        prompt_index=np.array([i for i, _ in jobs], np.int32),
-        sample_index=np.array([s for _, s in jobs], np.int32),
-        prompt_ids=np.array([plist[i].id for i, _ in jobs]),
-    )
+    counts = _write_sequences(
+        data_dir, seqs, [len(encoded[i]) for i, _ in jobs], [i for i, _ in jobs], [s for _, s in jobs],
+        [plist[i].id for i, _ in jobs],
+    )  # fmt: skip
     eos_hit = sum(1 for r in responses if r and r[-1] in lm.eos_ids)
     manifest = {
         "format": DATA_FORMAT,
@@ -203,14 +190,80 @@ def generate_data(lm: LM, data_cfg, data_dir, progress: bool = True) -> dict:
         "prompts": {"sets": list(data_cfg.sets), "count": len(plist)},
         "sampling": {k: spec[k] for k in ("temperature", "top_p", "max_new_tokens", "max_prompt_tokens")},
         "seed": spec["seed"],
-        "counts": {
-            "sequences": len(seqs),
-            "tokens": int(lengths.sum()),
-            "response_tokens": int((lengths - prompt_lens).sum()),
-            "train_positions": int(mask.sum()),
-            "eos_hit": eos_hit,
-        },
+        "counts": counts | {"eos_hit": eos_hit},
         "seconds": {"generate": round(seconds, 2)},
+    }
+    _write_manifest(data_dir, manifest)
+    return manifest
+
+
+def _write_sequences(data_dir, seqs, prompt_lens, prompt_index, sample_index, prompt_ids) -> dict:
+    """DATA/sequences.npz (flat tokens + offsets; positions predicting a non-prompt token are trained)."""
+    lengths = np.array([len(s) for s in seqs], np.int32)
+    prompt_lens = np.asarray(prompt_lens, np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = np.concatenate([np.asarray(s, np.int32) for s in seqs])
+    mask = np.zeros(len(tokens), bool)
+    for k in range(len(seqs)):
+        mask[offsets[k] + prompt_lens[k] - 1 : offsets[k + 1] - 1] = True  # Predicts a response token.
+    np.savez(
+        pathlib.Path(data_dir) / "sequences.npz",
+        tokens=tokens,
+        offsets=offsets,
+        prompt_lens=prompt_lens,
+        mask=mask,
+        prompt_index=np.asarray(prompt_index, np.int32),
+        sample_index=np.asarray(sample_index, np.int32),
+        prompt_ids=np.array(prompt_ids),
+    )
+    return {
+        "sequences": len(seqs),
+        "tokens": int(lengths.sum()),
+        "response_tokens": int((lengths - prompt_lens).sum()),
+        "train_positions": int(mask.sum()),
+    }
+
+
+def text_spec(lm: LM, text_cfg, docs: Sequence[corpus.Document]) -> dict:
+    """What determines teacher-forced text sequences (a text dir is reused only if this matches)."""
+    return {
+        "model_fingerprint": lm.fingerprint,
+        "corpus": str(text_cfg.corpus),
+        "corpus_sha256": corpus.fingerprint(docs),
+        "seq_len": int(text_cfg.seq_len),
+    }
+
+
+def text_data(lm: LM, text_cfg, data_dir, progress: bool = True) -> dict:
+    """Cut a text corpus into sequences of text_cfg.seq_len tokens; write sequences.npz and manifest.json.
+
+    Every position but a sequence's first is trained on (prompt_len 1); each chunk is its own
+    "prompt" (prompt_index), so the sequences can be subsampled without splitting documents' pieces
+    unevenly (Data.take_tokens).
+    """
+    data_dir = pathlib.Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    docs = corpus.load_corpus(text_cfg.corpus)
+    t0 = time.perf_counter()
+    seqs, doc_ids = [], []
+    for doc in _tqdm(progress, iterable=docs, desc="tokenize", unit="doc"):
+        token_ids = lm.encode(prompts.Prompt(doc.id, doc.text, chat=False, heldout=False))
+        for piece in corpus.chunk(token_ids, int(text_cfg.seq_len), min_len=32):
+            seqs.append(piece)
+            doc_ids.append(doc.id)
+    if not seqs:
+        raise ValueError(f"text corpus {text_cfg.corpus!r} has no document of 32 tokens or more")
+    counts = _write_sequences(data_dir, seqs, [1] * len(seqs), range(len(seqs)), [0] * len(seqs), doc_ids)
+    manifest = {
+        "format": DATA_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": {"name": lm.name, "fingerprint": lm.fingerprint},
+        "spec": text_spec(lm, text_cfg, docs),
+        "prompts": {"sets": [f"text:{text_cfg.corpus}"], "count": len(docs)},
+        "sampling": "teacher-forced",
+        "seed": None,
+        "counts": counts,
+        "seconds": {"tokenize": round(time.perf_counter() - t0, 2)},
     }
     _write_manifest(data_dir, manifest)
     return manifest
@@ -335,24 +388,35 @@ def teacher_pass(
 
 def prepare_data(lm: LM, config, data_dir, progress: bool = True) -> dict:
     """Make sure DATA has sequences, teacher targets and layer-N hidden states; reuse what matches."""
+    spec = data_spec(lm, config.data)
+    return _prepare(lm, config, data_dir, spec, lambda: generate_data(lm, config.data, data_dir, progress), progress)
+
+
+def prepare_text_data(lm: LM, config, data_dir, progress: bool = True) -> dict:
+    """prepare_data for the teacher-forced corpus of config.data.text."""
+    spec = text_spec(lm, config.data.text, corpus.load_corpus(config.data.text.corpus))
+    return _prepare(lm, config, data_dir, spec, lambda: text_data(lm, config.data.text, data_dir, progress), progress)
+
+
+def _prepare(lm: LM, config, data_dir, spec: dict, make_sequences, progress: bool) -> dict:
     data_dir = pathlib.Path(data_dir)
-    d = config.data
     manifest = read_manifest(data_dir)
-    spec = data_spec(lm, d)
     if manifest is not None and manifest.get("spec") != spec:
         raise ValueError(
-            f"{data_dir} holds data made differently (model or data config differ); "
-            "use another workdir or data.dir, or delete it"
+            f"{data_dir} holds data made differently (model, corpus or data config differ); "
+            "use another workdir or data dir, or delete it"
         )
     if manifest is None or not (data_dir / "sequences.npz").is_file():
-        manifest = generate_data(lm, d, data_dir, progress)
-    want = sorted({int(config.exit.layer), *map(int, d.feature_layers)} | {int(config.exit.context_layer)} - {0})
-    teacher_ok = manifest.get("teacher", {}).get("top_k", 0) >= d.top_k and (data_dir / "teacher.npz").is_file()
+        manifest = make_sequences()
+    c = config
+    want = sorted({int(c.exit.layer), *map(int, c.data.feature_layers)} | {int(c.exit.context_layer)} - {0})
+    top_k = int(c.data.top_k)
+    teacher_ok = manifest.get("teacher", {}).get("top_k", 0) >= top_k and (data_dir / "teacher.npz").is_file()
     missing = [n for n in want if not (data_dir / f"hidden_N{n}.npz").is_file()]
     if not teacher_ok:
-        manifest = teacher_pass(lm, data_dir, want, d.top_k, d.batch_size, progress)
+        manifest = teacher_pass(lm, data_dir, want, top_k, config.data.batch_size, progress)
     elif missing:
-        manifest = teacher_pass(lm, data_dir, missing, 0, d.batch_size, progress)
+        manifest = teacher_pass(lm, data_dir, missing, 0, config.data.batch_size, progress)
     return manifest
 
 
@@ -391,6 +455,34 @@ class Data:
             topk_mass=np.bincount(ids[mask].ravel(), np.exp(logp[mask]).ravel(), minlength=V),
             prompt_index=None if self.prompt_index is None else self.prompt_index[seq_idx],
             context=None if self.context is None else self.context[pos],
+        )  # fmt: skip
+
+    def take_tokens(self, budget: int, seed: int) -> Data:
+        """Sequences in a seeded random order, as many as fit `budget` trained positions (0 = all)."""
+        if not budget:
+            return self
+        order = np.random.default_rng(seed).permutation(self.n_seq)
+        per_seq = np.add.reduceat(self.mask, self.offsets[:-1])[order]
+        keep = order[np.cumsum(per_seq) <= budget]
+        if not len(keep):
+            raise ValueError(f"a budget of {budget} trained positions holds no whole sequence")
+        return self.subset(np.sort(keep))
+
+    @staticmethod
+    def concat(parts: Sequence[Data]) -> Data:
+        """The sequences of every part, in order; no prompt index (the parts' indices would collide)."""
+        if any((p.context is None) != (parts[0].context is None) for p in parts):
+            raise ValueError("cannot mix data with and without context-layer states")
+        cat = lambda field: (
+            None if getattr(parts[0], field) is None else np.concatenate([getattr(p, field) for p in parts])
+        )  # noqa: E731
+        lengths = np.concatenate([np.diff(p.offsets) for p in parts])
+        return Data(
+            tokens=cat("tokens"), offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            prompt_lens=cat("prompt_lens"), mask=cat("mask"), hidden=cat("hidden"), topk_logp=cat("topk_logp"),
+            topk_ids=cat("topk_ids"), top1_counts=sum(p.top1_counts for p in parts),
+            topk_mass=sum(p.topk_mass for p in parts),
+            context=cat("context"),
         )  # fmt: skip
 
     def split(self, every: int) -> tuple[Data, Data | None]:

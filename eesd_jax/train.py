@@ -276,6 +276,19 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     manifest = distill.prepare_data(lm, config, data_dir, progress)
     all_data = distill.load_data(data_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer)
     data, val = all_data.split(int(t.val_every_prompt))
+    data = data.take_tokens(int(config.data.response_tokens), int(config.data.seed))
+    data_spec, data_info = (
+        manifest["spec"],
+        {k: manifest[k] for k in ("counts", "prompts", "sampling", "seed", "created")},
+    )
+    if config.data.text.corpus:
+        text_dir = pathlib.Path(config.data.text.dir) if config.data.text.dir else workdir / "text_data"
+        text_manifest = distill.prepare_text_data(lm, config, text_dir, progress)
+        text = distill.load_data(text_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer)
+        text = text.take_tokens(int(config.data.text.max_tokens), int(config.data.seed))
+        data = text if config.data.text.only else distill.Data.concat([data, text])
+        data_spec = data_spec | {"text": text_manifest["spec"]}  # Checkpoints resume only on the same text.
+        data_info["text"] = {k: text_manifest[k] for k in ("spec", "counts", "seconds")}
     vocab_ids = (distill.choose_draft_vocab(data, exit_cfg.draft_vocab, lm.eos_ids) if exit_cfg.draft_vocab
                  else None)  # fmt: skip
     seconds["data"] = round(time.perf_counter() - t0, 2)
@@ -291,9 +304,7 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     before = metrics(exits.init_exit(lm.cfg, lm.params, exit_cfg, vocab_ids))
     seconds["metrics_before"] = round(time.perf_counter() - t0, 2)
 
-    exit_params, summary = train_exit(
-        config, lm, data, workdir, vocab_ids, progress, stop_at, manifest["spec"], val=val
-    )
+    exit_params, summary = train_exit(config, lm, data, workdir, vocab_ids, progress, stop_at, data_spec, val=val)
     seconds["train"] = summary["seconds"]
     if not summary["finished"]:
         return None
@@ -304,7 +315,7 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     path = workdir / f"exit_N{exit_cfg.layer}.safetensors"
     extra = {
         "config": _jsonable(config.to_dict()),
-        "data": {k: manifest[k] for k in ("counts", "prompts", "sampling", "seed", "created")},
+        "data": data_info,
         "train_metrics": {"untrained": before, "trained": after, **summary},
     }
     file_dtype = str(config.exit.get("file_dtype", "float32"))

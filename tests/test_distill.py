@@ -294,3 +294,56 @@ def test_context_exit_distills_and_decodes_losslessly(run, lm, tmp_path):
     r = train.eval_exit(lm, path, plist, max_new_tokens=12, max_draft=2, controller="fixed", warmup=False,
                         max_prompt_tokens=config.data.max_prompt_tokens, progress=False)  # fmt: skip
     assert r["identical"] and r["eesd_tokens"] > 0 and r["alpha"] > 0
+
+
+def test_take_tokens_and_concat(run):
+    config, _, _ = run
+    data = distill.load_data(config.data.dir, 1)
+    per_seq = np.add.reduceat(data.mask, data.offsets[:-1])
+    some = data.take_tokens(150, seed=0)
+    assert some.mask.sum() <= 150 < some.mask.sum() + per_seq.max()  # Filled up to one sequence short.
+    assert data.take_tokens(0, seed=0) is data and data.take_tokens(150, seed=0).n_seq == some.n_seq
+    assert data.take_tokens(150, seed=1).tokens.tolist() != some.tokens.tolist()
+    with pytest.raises(ValueError, match="no whole sequence"):
+        data.take_tokens(1, seed=0)
+
+    both = distill.Data.concat([some, data])
+    assert both.n_seq == some.n_seq + data.n_seq and both.prompt_index is None
+    back = both.subset(range(some.n_seq, both.n_seq))
+    for field in ("tokens", "offsets", "mask", "hidden", "topk_logp", "topk_ids"):
+        np.testing.assert_array_equal(getattr(back, field), getattr(data, field), err_msg=field)
+    np.testing.assert_array_equal(both.top1_counts, some.top1_counts + data.top1_counts)
+
+
+def test_teacher_forced_text_trains_the_exit(run, lm, tmp_path):
+    """data.text: a folder of text is cut into sequences, scored by the teacher and trained on."""
+    config, _, _ = run
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "a.md").write_text("# Title\n" + "Speculative decoding drafts tokens and verifies them. " * 6)
+    (docs / "sub" / "b.txt").write_text("def f(x):\n    return x * 2\n" * 8)
+    (docs / "skip.bin").write_bytes(b"\xff" * 100)  # Not a text suffix: ignored.
+    (docs / "tiny.txt").write_text("too short")  # Under 32 tokens: no sequence.
+    c = tiny_config(**{"data.dir": config.data.dir, "data.text.corpus": str(docs), "data.text.seq_len": 40,
+                       "data.text.only": True})  # fmt: skip
+    path = train.run_distill(c, tmp_path / "run", lm=lm, progress=False)
+
+    seq = distill.load_npz(tmp_path / "run" / "text_data" / "sequences.npz")
+    want = []  # (document id, tokens) of each expected sequence, in corpus order.
+    for name in ("a.md", "sub/b.txt"):
+        ids = lm.tokenizer.encode((docs / name).read_text())
+        want += [(f"docs/{name}", ids[i : i + 40]) for i in range(0, len(ids), 40) if len(ids[i : i + 40]) >= 32]
+    assert seq["prompt_ids"].tolist() == [d for d, _ in want]
+    assert [s.tolist() for s in np.split(seq["tokens"], seq["offsets"][1:-1])] == [w for _, w in want]
+    assert seq["mask"].sum() == sum(len(w) - 1 for _, w in want)  # Every position but each sequence's last.
+
+    report = json.loads((tmp_path / "run" / "run.json").read_text())
+    before, after = report["metrics"]["untrained"]["train"], report["metrics"]["trained"]["train"]
+    assert after["positions"] == seq["mask"].sum()  # text.only: the text is all it trained on.
+    assert after["kl"] < 0.7 * before["kl"]
+    meta = exits.read_exit_metadata(path)
+    assert json.loads(meta["extra"])["data"]["text"]["counts"]["train_positions"] == seq["mask"].sum()
+
+    with pytest.raises(ValueError, match="made differently"):  # Another corpus in the same dir is refused.
+        (docs / "a.md").write_text("# Changed\n" + "other text " * 40)
+        distill.prepare_text_data(lm, c, tmp_path / "run" / "text_data", progress=False)

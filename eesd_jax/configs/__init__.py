@@ -38,6 +38,8 @@ REQUIRED = {
         "seed",
         "top_k",
         "feature_layers",
+        "response_tokens",
+        "text",
     ),
     "train": (
         "steps",
@@ -77,6 +79,7 @@ ALIASES = {
     "max_new": "data.max_new_tokens",
     "temperature": "data.temperature",
     "seed": "train.seed",
+    "text": "data.text.corpus",
 }
 
 
@@ -220,6 +223,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.seed = 0
     c.data.top_k = 64  # Teacher log-probs stored per position.
     c.data.feature_layers = ()  # Extra N whose layer-N hidden states the teacher pass also stores.
+    c.data.response_tokens = 0  # Trained positions drawn from the responses' training split (0 = all).
+    # Teacher-forced text (eesd_jax.corpus) trained on besides, or instead of, the sampled responses.
+    c.data.text = ml_collections.ConfigDict()
+    c.data.text.corpus = ""  # "" = none; "readmes" or a path.
+    c.data.text.dir = ""  # Where its data lives; "" = WORKDIR/text_data.
+    c.data.text.seq_len = 512  # Tokens per sequence the corpus is cut into.
+    c.data.text.max_tokens = 0  # Trained positions drawn from it (0 = all).
+    c.data.text.only = False  # Train on the text alone (the responses' validation split still validates).
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 300
