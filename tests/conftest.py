@@ -1,19 +1,26 @@
-"""Shared fixtures: tiny Hugging Face reference models, a tiny random JAX model, the real SmolLM2.
+"""Shared fixtures: tiny Hugging Face checkpoints, a tiny random JAX model, the real SmolLM2, and
+transformers' (PyTorch) outputs on them.
+
+transformers' outputs come from the golden fixtures in fixtures/golden (fixtures/golden/make_golden.py
+records them), so the everyday suite needs no torch: without --parity, the tests marked `torch`
+(the live comparisons with transformers' PyTorch models) are deselected, with a line saying so,
+and a test that imports torch fails. `pytest --parity` (make parity; CI runs it) runs them too,
+and fails at once if torch is not installed.
 
 Nothing here writes outside pytest's temporary directories: EESD_JAX_CACHE points at a
 session temp dir (or at $EESD_JAX_TEST_CACHE, to reuse a converted bundled model across
 runs), and tests that check what loading writes point it at their own tmp_path.
 
-The real-model reference (transformers' PyTorch model loaded from the bundled GGUF) is
-computed once per session in a subprocess started as soon as collection selects a
-`real_model` test, so its ~40 s of single-threaded GGUF parsing overlaps with the rest of
-the suite instead of adding to it.
+With --parity, the live real-model reference (transformers' PyTorch model loaded from the bundled
+GGUF) is computed once per session in a subprocess started as soon as collection selects a test
+that needs it, so its ~40 s of single-threaded GGUF parsing overlaps with the rest of the suite.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import pathlib
 import shutil
@@ -35,11 +42,42 @@ N_GREEDY = 32
 REFERENCE_GREEDY_PREFIX = [504, 6147, 282, 260, 5065, 28, 253, 14886]
 
 
+# Parametrize a comparison with transformers over where its outputs come from: the golden fixtures
+# (the everyday suite) or transformers itself, live (--parity).
+REFERENCE_SOURCES = ["recorded", pytest.param("live", marks=pytest.mark.torch)]
+PARITY_HINT = "run `make parity` (pytest --parity, with the parity extra: torch) to include them"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--parity",
+        action="store_true",
+        help="also run the live comparisons with transformers' PyTorch models (tests marked torch; needs torch)",
+    )
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "real_model: uses the bundled SmolLM2-135M-Instruct and transformers' GGUF loader (slow; run by default)",
     )
+    if config.getoption("parity"):
+        try:
+            import torch  # noqa: F401
+        except ImportError as e:
+            raise pytest.UsageError(f"--parity needs torch: pip install -e '.[test,parity]' ({e})") from None
+
+
+NO_TORCH = "the everyday suite must not need torch (make test installs none): mark the test torch"
+
+
+@pytest.fixture(autouse=True)
+def no_torch_without_parity(request):
+    """Without --parity, a test that imports torch fails here too, not only where torch is missing."""
+    before = "torch" in sys.modules
+    yield
+    if not before and "torch" in sys.modules and not request.config.getoption("parity"):
+        pytest.fail(f"this test imported torch; {NO_TORCH}")
 
 
 # ----------------------------------------------------------------------------- cache isolation
@@ -81,92 +119,114 @@ def files_under(path: pathlib.Path) -> list[pathlib.Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
 
 
-# ----------------------------------------------------------------------------- tiny HF models
+# ----------------------------------------------------------------------------- tiny HF checkpoints
 
-# name -> (transformers class, config overrides). Every kind uses non-default rope_theta / eps.
-HF_KINDS = {
-    "llama_mha": ("LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=4)),
-    "llama_gqa": ("LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2)),
-    "llama_gqa_tied": (
-        "LlamaForCausalLM",
-        dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    ),
-    # head_dim != hidden / heads, one KV head (MQA).
-    "llama_mqa_wide_heads": (
-        "LlamaForCausalLM",
-        dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24, tie_word_embeddings=True),
-    ),
-    "qwen2": ("Qwen2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
-    "mistral": ("MistralForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None)),
-}
-HF_BASE = dict(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=112,
-    num_hidden_layers=3,
-    rope_theta=31415.0,
-    rms_norm_eps=3e-4,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
+GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "golden"
 
 
-def randomize_(torch_model, seed: int) -> None:
-    """Replace HF's init (zero biases, unit norms, tiny weights) with weights that exercise every term.
+@functools.cache
+def golden_hf() -> tuple[dict, dict[str, np.ndarray]]:
+    """(tiny_hf.json, tiny_hf.npz): per checkpoint its config.json, tensor names and shapes and
+    transformers' reading of the config; the tokens; transformers' logits at the recorded positions."""
+    record = json.loads((GOLDEN / "tiny_hf.json").read_text("utf-8"))
+    with np.load(GOLDEN / "tiny_hf.npz") as f:
+        return record, {k: f[k] for k in f.files}
+
+
+def random_tensors(shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
+    """Float32 weights that exercise every term (HF's init has zero biases, unit norms, tiny weights).
 
     Linear weights ~ N(0, 1/fan_in) so attention is far from uniform and logits are O(1); norm
     scales 1 + N(0, 0.2) and biases N(0, 0.5) so a dropped or misplaced one changes the output.
     """
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in torch_model.named_parameters():  # Tied weights appear once.
-            noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith(".bias"):
-                p.copy_(0.5 * noise)
-            else:
-                p.copy_(noise / p.shape[-1] ** 0.5)
-
-
-def build_hf_model(kind: str, seed: int = 0, **extra):
-    """A tiny random float32 transformers model of the given kind (config `extra` on top), in eval mode."""
-    import torch
-    import transformers
-
-    cls_name, overrides = HF_KINDS[kind]
-    cls = getattr(transformers, cls_name)
-    config = cls.config_class(**{**HF_BASE, **overrides, **extra})
-    torch.manual_seed(seed)
-    model = cls(config).to(torch.float32).eval()
-    randomize_(model, seed)
-    return model
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in sorted(shapes):
+        noise = rng.standard_normal(shapes[name]).astype(np.float32)
+        if name.endswith("norm.weight"):
+            out[name] = 1.0 + np.float32(0.2) * noise
+        elif name.endswith(".bias"):
+            out[name] = np.float32(0.5) * noise
+        else:
+            out[name] = noise / np.float32(shapes[name][-1] ** 0.5)
+    return out
 
 
-def torch_logits(torch_model, tokens_bt: np.ndarray) -> np.ndarray:
-    import torch
+def write_hf_checkpoint(folder: pathlib.Path, config: dict, tensors: dict[str, np.ndarray], shards: int = 1) -> None:
+    """A Hugging Face folder as save_pretrained writes it: config.json and safetensors weights,
+    split into `shards` files with a model.safetensors.index.json when shards > 1."""
+    from safetensors.numpy import save_file
 
-    with torch.no_grad():
-        out = torch_model(input_ids=torch.as_tensor(np.asarray(tokens_bt), dtype=torch.long))
-    return out.logits.float().numpy()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, part in enumerate(np.array_split(np.array(names), shards)):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in part}, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part.tolist(), file))
+    total = sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
-    """get(kind, shard=False) -> (torch model, saved folder); each built and saved once per session."""
+    """get(name, shards=1) -> (record, folder): a recorded checkpoint (tiny_hf.json) written once per session.
+
+    Names: the kinds make_golden.py builds (llama_mha, llama_gqa, llama_gqa_tied, llama_mqa_wide_heads,
+    qwen2, mistral), each with transformers' logits recorded, and llama_gqa+attention_bias / +mlp_bias.
+    """
     made = {}
 
-    def get(kind: str, shard: bool = False):
-        if (kind, shard) not in made:
-            model = build_hf_model(kind, seed=sorted(HF_KINDS).index(kind))
-            folder = tmp_path_factory.mktemp(f"hf_{kind}{'_sharded' if shard else ''}")
-            model.save_pretrained(str(folder), **({"max_shard_size": "20KB"} if shard else {}))
-            made[kind, shard] = (model, folder)
-        return made[kind, shard]
+    def get(name: str, shards: int = 1):
+        if (name, shards) not in made:
+            record = golden_hf()[0]["checkpoints"][name]
+            folder = tmp_path_factory.mktemp(f"hf_{name}_{shards}")
+            write_hf_checkpoint(folder, record["config"], random_tensors(record["tensors"], record["seed"]), shards)
+            made[name, shards] = (record, folder)
+        return made[name, shards]
 
     return get
+
+
+def transformers_view(hf_config) -> dict:
+    """How transformers reads a config: the fields our ModelConfig must agree with."""
+    return {
+        "vocab_size": hf_config.vocab_size,
+        "d_model": hf_config.hidden_size,
+        "n_layers": hf_config.num_hidden_layers,
+        "n_heads": hf_config.num_attention_heads,
+        "n_kv_heads": hf_config.num_key_value_heads,
+        "ffn_dim": hf_config.intermediate_size,
+        "head_dim": getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
+        "rope_theta": hf_config.rope_parameters["rope_theta"],
+        "rms_eps": hf_config.rms_norm_eps,
+        "tie_embeddings": bool(hf_config.tie_word_embeddings),
+    }
+
+
+def torch_model(folder):
+    """transformers' float32 PyTorch model of a folder, in eval mode; every tensor of the folder used."""
+    import torch
+    import transformers
+
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info.values()), f"{folder}: transformers did not load it exactly: {info}"
+    return model.eval()
+
+
+def torch_logits(model, tokens_bt: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(np.asarray(tokens_bt), dtype=torch.long))
+    return out.logits.float().numpy()
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -253,8 +313,8 @@ np.savez(out, prompt=np.array(ids, np.int64), logits=logits, greedy=gen[0, len(i
 """
 
 
-class _Reference:
-    """transformers' results on the bundled model, computed in a background subprocess."""
+class SmolLMReference:
+    """transformers' results on the bundled model, computed in a background subprocess (needs torch)."""
 
     def __init__(self):
         self.proc = None
@@ -299,18 +359,40 @@ class _Reference:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-_reference = _Reference()
+_reference = SmolLMReference()
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Run real-model tests last, so the reference subprocess works while the fast tests run."""
+    """Without --parity, deselect the live comparisons with PyTorch (saying so); run real-model tests
+    last, so that the reference subprocess works while the fast tests run."""
+    if not config.getoption("parity"):
+        live = [item for item in items if item.get_closest_marker("torch")]
+        if live:
+            items[:] = [item for item in items if not item.get_closest_marker("torch")]
+            config.hook.pytest_deselected(items=live)
+            config.stash[_DESELECTED_LIVE] = len(live)
     items.sort(key=lambda item: item.get_closest_marker("real_model") is not None)  # Stable sort.
 
 
+_DESELECTED_LIVE = pytest.StashKey[int]()
+
+
+def pytest_report_collectionfinish(config, start_path, items):
+    if n := config.stash.get(_DESELECTED_LIVE, 0):
+        return f"deselected {n} live PyTorch parity tests (marked torch; golden fixtures stand in): {PARITY_HINT}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if n := config.stash.get(_DESELECTED_LIVE, 0):
+        terminalreporter.write_line(f"{n} live PyTorch parity tests deselected: {PARITY_HINT}")
+
+
 def pytest_collection_finish(session):
+    if "torch" in sys.modules and not session.config.getoption("parity"):
+        raise pytest.UsageError(f"collecting the tests imported torch; {NO_TORCH}")
     if session.config.option.collectonly:
         return
-    if any(item.get_closest_marker("real_model") for item in session.items):
+    if any("smollm_reference" in item.fixturenames for item in session.items):
         _reference.start()
 
 
@@ -320,8 +402,17 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session")
 def smollm_reference() -> dict:
-    """transformers on the bundled GGUF: prompt ids, [P, V] logits, greedy tokens, eos id."""
+    """transformers on the bundled GGUF, live: prompt ids, [P, V] logits, greedy tokens, eos id."""
     return _reference.result()
+
+
+@functools.cache
+def golden_smollm() -> dict[str, np.ndarray]:
+    """transformers on the bundled GGUF as recorded (smollm2.npz): the gguf's sha256, prompt ids,
+    greedy tokens, eos id; logits: max |logit| (scale), the top TOP_K ids and values at each
+    prompt position, and the values of SAMPLED_IDS there."""
+    with np.load(GOLDEN / "smollm2.npz") as f:
+        return {k: f[k] for k in f.files}
 
 
 @pytest.fixture(scope="session")

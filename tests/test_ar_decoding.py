@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
-from conftest import N_GREEDY, REFERENCE_GREEDY_PREFIX, full_forward, random_tokens
+from conftest import N_GREEDY, REFERENCE_GREEDY_PREFIX, full_forward, golden_smollm, random_tokens
 
 from eesd_jax import decoding, model, sampling
 from eesd_jax.generate import generate_ar
@@ -56,17 +56,28 @@ def np_warped_probs(logits, temperature, top_k=0, top_p=1.0):
 # ----------------------------------------------------------------------------- the real model
 
 
+def check_bundled_greedy(smollm, reference) -> None:
+    """Our greedy continuation of the chat prompt equals transformers' (prompt, greedy, eos in reference)."""
+    prompt = reference["prompt"].tolist()
+    ref = reference["greedy"].tolist()
+    assert ref[: len(REFERENCE_GREEDY_PREFIX)] == REFERENCE_GREEDY_PREFIX  # The documented reference.
+    out = generate_ar(smollm.cfg, smollm.params, [prompt], N_GREEDY, eos_ids=(int(reference["eos"]),))
+    assert out.tokens[0] == ref
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_bundled_greedy_matches_recorded_transformers(smollm):
+    golden = golden_smollm()
+    assert smollm.fingerprint == golden["gguf_sha256"], "another bundled GGUF: regenerate the golden fixtures"
+    check_bundled_greedy(smollm, golden)
+
+
 @pytest.mark.real_model
 @pytest.mark.slow
 @pytest.mark.torch
 def test_bundled_greedy_matches_transformers(smollm, smollm_reference):
-    prompt = smollm_reference["prompt"].tolist()
-    ref = smollm_reference["greedy"].tolist()
-    eos = int(smollm_reference["eos"])
-    assert ref[: len(REFERENCE_GREEDY_PREFIX)] == REFERENCE_GREEDY_PREFIX  # The documented reference.
-    out = generate_ar(smollm.cfg, smollm.params, [prompt], N_GREEDY, eos_ids=(eos,))
-    assert out.tokens[0] == ref
-    assert out.tokens[0][: len(REFERENCE_GREEDY_PREFIX)] == REFERENCE_GREEDY_PREFIX
+    check_bundled_greedy(smollm, smollm_reference)
 
 
 # ----------------------------------------------------------------------------- greedy on the tiny model

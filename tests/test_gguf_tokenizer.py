@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import files_under
+from conftest import GOLDEN, REFERENCE_SOURCES, files_under
 
 from eesd_jax import gguf_tokenizer, loading
 
@@ -41,10 +41,53 @@ def assert_same_tokenizer(ours, ref, prompts, chat: bool) -> None:
 
 
 def reference_tokenizer(path):
-    """transformers' GGUF tokenizer, through its public entry point."""
+    """transformers' GGUF tokenizer, through its public entry point (needs torch)."""
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def _question(name: str, args: tuple, kwargs: dict) -> str:
+    return json.dumps([name, args, kwargs], ensure_ascii=False, sort_keys=True)
+
+
+class Recorder:
+    """A tokenizer that answers as `tok` does and records every answer (attributes and method calls)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.answers = {}
+
+    def __getattr__(self, name):
+        value = getattr(self.tok, name)
+        if not callable(value):
+            self.answers[name] = value
+            return value
+
+        def call(*args, **kwargs):
+            self.answers[_question(name, args, kwargs)] = answer = value(*args, **kwargs)
+            return answer
+
+        return call
+
+
+class Replay:
+    """A tokenizer that gives a Recorder's answers; a question it was not asked fails the test."""
+
+    def __init__(self, answers: dict):
+        self.answers = answers
+
+    def _answer(self, question):
+        if question not in self.answers:
+            pytest.fail(f"not recorded: {question} (regenerate with tests/fixtures/golden/make_golden.py)")
+        return self.answers[question]
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # Not a tokenizer question (copy, pickle, ... probe these).
+            raise AttributeError(name)
+        if name in self.answers:  # An attribute.
+            return self.answers[name]
+        return lambda *args, **kwargs: self._answer(_question(name, args, kwargs))
 
 
 # ----------------------------------------------------------------------------- small GGUF files
@@ -112,12 +155,22 @@ SMALL_PROMPTS = [
 ]
 
 
-@pytest.mark.torch
-@pytest.mark.parametrize(("kind", "pre"), [("llama", None), ("gpt2", None), ("gpt2", "llama-bpe"), ("gpt2", "smollm")])
-def test_small_gguf_tokenizer_matches_transformers(tmp_path, cache_dir, kind, pre):
+SMALL_TOKENIZERS = [("llama", None), ("gpt2", None), ("gpt2", "llama-bpe"), ("gpt2", "smollm")]
+SMALL_GOLDEN = GOLDEN / "small_tokenizers.json"
+
+
+@pytest.mark.parametrize("source", REFERENCE_SOURCES)
+@pytest.mark.parametrize(("kind", "pre"), SMALL_TOKENIZERS)
+def test_small_gguf_tokenizer_matches_transformers(tmp_path, cache_dir, kind, pre, source):
     path = tmp_path / "tok.gguf"
     write_tokenizer_gguf(path, kind, pre)
-    assert_same_tokenizer(loading.load_tokenizer(str(path)), reference_tokenizer(path), SMALL_PROMPTS, chat=True)
+    if source == "live":
+        ref = reference_tokenizer(path)
+    else:
+        case = json.loads(SMALL_GOLDEN.read_text("utf-8"))["cases"][f"{kind}-{pre}"]
+        assert loading.sha256_file(path) == case["gguf_sha256"], "the recorded GGUF differs: regenerate the fixture"
+        ref = Replay(case["answers"])
+    assert_same_tokenizer(loading.load_tokenizer(str(path)), ref, SMALL_PROMPTS, chat=True)
 
 
 def test_no_transformers_internals(tmp_path, cache_dir, monkeypatch):

@@ -8,64 +8,74 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import HF_KINDS, full_forward, random_tokens, torch_logits
+from conftest import (
+    REFERENCE_SOURCES,
+    full_forward,
+    golden_hf,
+    random_tokens,
+    torch_logits,
+    torch_model,
+    transformers_view,
+)
 
 from eesd_jax import decoding, loading, model
 from eesd_jax.kv_cache import init_cache
 
 # ----------------------------------------------------------------------------- vs transformers
 
+HF_KINDS = sorted(golden_hf()[1])  # The recorded checkpoints with transformers' logits.
 
-@pytest.mark.torch
-@pytest.mark.parametrize("kind", sorted(HF_KINDS))
-def test_forward_matches_transformers(hf_models, kind):
-    torch_model, folder = hf_models(kind)
-    hf = torch_model.config
+
+def transformers_reference(hf_models, kind, source, shards=1):
+    """(folder, transformers' reading of its config, tokens, transformers' logits at positions, positions)
+    for a recorded checkpoint: as make_golden.py recorded them, or live from transformers' PyTorch model."""
+    record, folder = hf_models(kind, shards)
+    recorded, logits = golden_hf()
+    tokens = np.asarray(recorded["tokens"])
+    if source == "live":
+        hf = torch_model(folder)
+        view, ref, positions = transformers_view(hf.config), torch_logits(hf, tokens), range(tokens.shape[1])
+        return folder, view, tokens, ref, list(positions)
+    return folder, record["transformers_view"], tokens, logits[kind], recorded["positions"]
+
+
+@pytest.mark.parametrize("source", REFERENCE_SOURCES)
+@pytest.mark.parametrize("kind", HF_KINDS)
+def test_forward_matches_transformers(hf_models, kind, source):
+    folder, view, tokens, ref, positions = transformers_reference(hf_models, kind, source)
     loaded = loading.load_model(folder)
     cfg = loaded.cfg
 
     # The config is read as transformers reads it.
-    assert (cfg.vocab_size, cfg.d_model, cfg.n_layers) == (hf.vocab_size, hf.hidden_size, hf.num_hidden_layers)
-    assert (cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim) == (
-        hf.num_attention_heads,
-        hf.num_key_value_heads,
-        hf.intermediate_size,
-    )
-    assert cfg.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
-    assert cfg.rope_theta == pytest.approx(hf.rope_parameters["rope_theta"])
-    assert cfg.rms_eps == pytest.approx(hf.rms_norm_eps)
-    assert cfg.tie_embeddings == bool(hf.tie_word_embeddings)
-    assert ("lm_head" in loaded.params) == (not hf.tie_word_embeddings)
+    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim"):
+        assert getattr(cfg, field) == view[field], field
+    assert cfg.rope_theta == pytest.approx(view["rope_theta"])
+    assert cfg.rms_eps == pytest.approx(view["rms_eps"])
+    assert cfg.tie_embeddings == view["tie_embeddings"]
+    assert ("lm_head" in loaded.params) == (not view["tie_embeddings"])
     assert cfg.qkv_bias == kind.startswith("qwen2")
 
-    tokens = random_tokens(cfg.vocab_size, (2, 13), seed=1)
-    ours = full_forward(cfg, loaded.params, tokens)
-    ref = torch_logits(torch_model, tokens)
+    ours = full_forward(cfg, loaded.params, tokens)[:, positions]
     assert ours.shape == ref.shape
     assert np.abs(ref).max() > 0.5  # Non-trivial logits, so the tolerance means something.
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.torch
-def test_sharded_checkpoint_matches_transformers(hf_models):
-    torch_model, folder = hf_models("llama_gqa", shard=True)
+@pytest.mark.parametrize("source", REFERENCE_SOURCES)
+def test_sharded_checkpoint_matches_transformers(hf_models, source):
+    folder, _, tokens, ref, positions = transformers_reference(hf_models, "llama_gqa", source, shards=3)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) > 1
+    assert len(shards) == 3
     assert sorted(p.name for p in folder.glob("*.safetensors")) == shards
 
     loaded = loading.load_model(folder)
-    tokens = random_tokens(loaded.cfg.vocab_size, (2, 9), seed=2)
-    np.testing.assert_allclose(
-        full_forward(loaded.cfg, loaded.params, tokens), torch_logits(torch_model, tokens), rtol=0, atol=1e-5
-    )
+    np.testing.assert_allclose(full_forward(loaded.cfg, loaded.params, tokens)[:, positions], ref, rtol=0, atol=1e-5)
     # Same weights as the single-file save of the same model.
-    _, single = hf_models("llama_gqa")
-    unsharded = loading.load_model(single)
+    unsharded = loading.load_model(hf_models("llama_gqa")[1])
     jax.tree.map(np.testing.assert_array_equal, loaded.params, unsharded.params)
 
 
-@pytest.mark.torch
 def test_fingerprint_identifies_weights(hf_models):
     a = loading.load_model(hf_models("llama_gqa")[1])
     assert loading.load_model(hf_models("llama_gqa")[1]).fingerprint == a.fingerprint

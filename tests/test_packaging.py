@@ -1,4 +1,4 @@
-"""Declared dependency ranges: every requirement bounded on both sides, and constraints.txt inside them."""
+"""Declared dependency ranges: every requirement bounded on both sides, constraints.txt inside them,\nand torch only in the parity extra."""
 
 from __future__ import annotations
 
@@ -39,3 +39,14 @@ def test_constraints_lock_every_requirement_inside_its_range():
         assert name in pins, f"{r.name} is not in constraints.txt"
         assert r.specifier.contains(pins[name]), f"constraints.txt has {r.name}=={pins[name]}, outside {r.specifier}"
     assert str(pins["torch"]) == "2.13.0"  # Other versions pull CUDA wheels onto CPU machines (PLATFORM.md).
+
+
+def test_only_the_parity_extra_brings_torch():
+    """make test installs the runtime and test requirements: no torch (a multi-GB CUDA build on
+    Python 3.12 even with the pin), nor accelerate (which requires it)."""
+    for r in requirements():
+        if canonicalize_name(r.name) not in {"torch", "accelerate"}:
+            continue
+        assert r.marker is not None, f"{r} is a runtime requirement"
+        assert r.marker.evaluate({"extra": "parity"}), r
+        assert not r.marker.evaluate({"extra": "test"}), f"{r} is in the test extra"

@@ -65,7 +65,7 @@ need_value() {
 # `--`, or from the first word that is not a flag, are left in the array REST.
 parse_flags() {
   local specs=(name=TPU_NAME zone=ZONE project=PROJECT "${VALUE_FLAGS[@]}")
-  local switches=(dry-run=DRY_RUN "${SWITCHES[@]}")
+  local switch_specs=(dry-run=DRY_RUN "${SWITCHES[@]}")
   local arg flag value spec var matched
   REST=()
   while [[ $# -gt 0 ]]; do
@@ -83,7 +83,7 @@ parse_flags() {
     flag="${arg%%=*}"
     flag="${flag#--}"
     matched=0
-    for spec in "${switches[@]}"; do
+    for spec in "${switch_specs[@]}"; do
       if [[ "$arg" == "--${spec%%=*}" ]]; then
         printf -v "${spec#*=}" 1
         matched=1
