@@ -43,6 +43,10 @@ class EESDConfig:
     controller: control.ControllerConfig = control.ControllerConfig()
     buckets: tuple[int, ...] = ()  # Verify block sizes; () = powers of two up to K + 1.
     context_layer: int = 0  # The exit's exits.ExitConfig.context_layer (0: none).
+    # Ablation only (experiments/ablate.py --study components): verification runs the block's
+    # tokens through layers [0, N) again, as verifying with the full model (a separate draft
+    # model's way) would, instead of reusing the layer-N states drafting stored. Same output.
+    recompute_lower: bool = False
 
     def validate(self, cfg: ModelConfig) -> None:
         exits.ExitConfig(self.exit_layer, context_layer=self.context_layer).validate(cfg)
@@ -223,21 +227,28 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
     return jax.lax.while_loop(cond, body, init)
 
 
-def _verify(cfg, ecfg, params, uppers, d: Draft, pos0_b):
+def _verify(cfg, ecfg, params, segments, d: Draft, last_b, pos0_b):
     """Step 2: layers [N, L) over the block, padded to a bucket size.
 
-    uppers: split_params' segments after the first. Returns ([B, K+1, V] logits,
+    segments: split_params' segments; last_b: block token 0. Returns ([B, K+1, V] logits,
     cache, [B, K+1, D] block states after the context layer, or None without one).
     The branches only read the cache and return the block's keys/values, written
     after the switch: a cache written inside a lax.switch branch is copied whole
     by XLA (four full-cache copies per round were measured).
     """
     K, N = ecfg.max_draft, ecfg.exit_layer
+    lower, uppers = segments[0], segments[1:]
     positions_bt = pos0_b[:, None] + jnp.arange(K + 1)[None]
+    block_bt = jnp.concatenate([last_b[:, None], d.tokens], 1)
 
     def branch(size):
         def run(hidden, cache):
             x, first, ks, vs, cuts = hidden[:, :size], N, [], [], []
+            if ecfg.recompute_lower:  # Rewrites layers [0, N) of the block with the same keys/values.
+                x, k_nbtke, v_nbtke = model.run_layers_readonly(
+                    cfg, lower, model.embed(params, block_bt[:, :size]), positions_bt[:, :size], cache
+                )
+                ks, vs = [k_nbtke], [v_nbtke]
             for layers in uppers:
                 x, k_nbtke, v_nbtke = model.run_layers_readonly(cfg, layers, x, positions_bt[:, :size], cache, first)
                 first, ks, vs, cuts = first + model.num_layers(layers), ks + [k_nbtke], vs + [v_nbtke], cuts + [x]
@@ -253,7 +264,7 @@ def _verify(cfg, ecfg, params, uppers, d: Draft, pos0_b):
     which = jnp.sum(jnp.asarray(ecfg.block_sizes) < needed)
     logits, k_nbtke, v_nbtke, context = jax.lax.switch(which, [branch(n) for n in ecfg.block_sizes], d.hidden, d.cache)
     # Padding slots land past every row's accepted length: stale, overwritten before being seen.
-    cache = model.write_layers(d.cache, N, k_nbtke, v_nbtke, positions_bt)
+    cache = model.write_layers(d.cache, 0 if ecfg.recompute_lower else N, k_nbtke, v_nbtke, positions_bt)
     return logits, cache, (context[0] if context else None)
 
 
@@ -274,12 +285,12 @@ def eesd_decode(
     segments = split_params(params, ecfg.exit_layer, ecfg.context_layer).
     """
     K = ecfg.max_draft
-    lower, uppers = segments[0], segments[1:]
+    lower = segments[0]
 
     def round_(s: EESDState) -> EESDState:
         pos0 = s.cache.lengths
         d = _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s)
-        logits, cache, context_bkd = _verify(cfg, ecfg, params, uppers, d, pos0)
+        logits, cache, context_bkd = _verify(cfg, ecfg, params, segments, d, s.last, pos0)
         exit_cache = d.exit_cache
         if ecfg.context_layer:  # The block is verified now: its context-layer states replace the drafted ones.
             block_positions = pos0[:, None] + jnp.arange(K + 1)[None]

@@ -1,105 +1,264 @@
 """Ablation studies, one command each: JSON (with provenance), a markdown table and a plot.
 
-  python experiments/ablate.py --study policies --config tiny --out /tmp/policies      # seconds
-  python experiments/ablate.py --study policies --exit eesd_jax/data/exits/X.safetensors \\
-      --n 8 --max-new-tokens 64 --out experiments/results/policies
+  python experiments/ablate.py --study components                  # the bundled model, its shipped exit
+  python experiments/ablate.py --study depth --config tiny          # seconds
+  python experiments/ablate.py --study policies --set policies.kinds=fixed+beta-ts --n 4
 
-Study `policies`: every registered draft-stop policy (control.KINDS) at its default knobs,
-AR vs EESD (eesd_jax.bench.run: same process, same held-out prompts, greedy, batch 1, after
-warm-up): speedup, whether outputs are identical, acceptance alpha, tau and mean draft
-length; the plot is speedup against alpha. Knobs are not tuned on a train split yet, and
-the issue's other studies (components, depth) are not written yet.
-Without --exit the exit is untrained (the LLM's last block over layer-N states).
+Every row is eesd_jax.bench.run: AR and EESD in one process, on the same held-out prompts
+(chat + HumanEval), greedy, batch 1, after warm-up: speedup, alpha, tau, mean draft length.
+Every row must give AR's output (bench's exactness policy: identical in float32 on CPU);
+a row that does not stops the study with NotLossless.
+
+Studies (knobs: STUDY_DEFAULTS, overridden with --set key=value, or the flags):
+  policies    every registered draft-stop policy at its default knobs (not tuned on a train
+              split yet); plot: speedup against alpha.
+  components  the EESD paper's parts one at a time, each against the paper's full method
+              (self-distilled exit, beta-ts, layer-N reuse, bucketed verification) at the
+              same N and K: an untrained exit, fixed K, verification that recomputes layers
+              [0, N) (EESDConfig.recompute_lower), verification always over K + 1.
+  depth       an N x K grid with the `fixed` controller (every round drafts K, so the round's
+              measured parts apply exactly): measured speedup against the one predicted from
+              round_costs' part costs and the measured tau. The exit is the trained one at its
+              N, an untrained one (same draft head rows) at every other N.
+The trained exit: --exit, else the one shipped for the model, else (tiny) one distilled here
+with the config's recipe.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
+import statistics
+import sys
+import tempfile
 
-from eesd_jax import bench, control, distill, eesd, exits, provenance
-from eesd_jax.configs import load_config
+import ml_collections
+import numpy as np
+
+from eesd_jax import bench, control, distill, eesd, exits, provenance, shipped, train
+from eesd_jax.configs import apply_overrides, load_config
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import round_costs  # noqa: E402  (a sibling script, not a package)
+
+RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def policies(lm, exit_cfg, exit_params, ids, max_new_tokens: int, max_draft: int, repeats: int) -> list[dict]:
-    rows = []
-    for kind in control.KINDS:
-        ecfg = eesd.EESDConfig(exit_cfg.layer, max_draft, control.ControllerConfig(kind), context_layer=exit_cfg.context_layer)  # fmt: skip
-        setup = bench.BenchSetup(lm.cfg, lm.params, exit_params, ecfg, lm.eos_ids)
-        r = bench.run(setup, ids, max_new_tokens, repeats=repeats)
+class NotLossless(RuntimeError):
+    """EESD output left AR's beyond bench's exactness policy: a bug, never a result."""
+
+
+def study_config(model_config: str) -> ml_collections.ConfigDict:
+    """The studies' knobs; `tiny` shrinks them to run in seconds."""
+    tiny = model_config.split(":")[0] == "tiny"
+    c = ml_collections.ConfigDict()
+    c.n_per_set = 1 if tiny else 2  # Held-out prompts per set (chat, humaneval).
+    c.max_new_tokens = 16 if tiny else 64
+    c.max_draft = 3 if tiny else 6  # K.
+    # Prompts keep their last max_prompt_tokens tokens: long ones then share one compiled cache
+    # size (decoding.make_request buckets by 128) beside max_new_tokens and K + 1.
+    c.max_prompt_tokens = 96 if tiny else 176
+    c.repeats = 1  # Runs per prompt and mode (median).
+    c.seed = 0
+    c.policies = ml_collections.ConfigDict({"kinds": control.KINDS})
+    c.components = ml_collections.ConfigDict({"controller": "beta-ts"})  # The paper's controller.
+    c.depth = ml_collections.ConfigDict()
+    c.depth.layers = (1, 2) if tiny else (2, 15, 29)
+    c.depth.max_drafts = (1, 3) if tiny else (1, 3, 6)
+    c.depth.cache_len = 128 if tiny else 512  # Part costs are timed at position cache_len // 2.
+    c.depth.cost_repeats = 5 if tiny else 15
+    return c
+
+
+@dataclasses.dataclass
+class Setup:
+    lm: distill.LM  # params in bench.decode_layout.
+    exit_cfg: exits.ExitConfig  # The trained exit's.
+    exit_params: dict
+    exit_name: str
+    ids: list[list[int]]  # Held-out prompts' token ids.
+    c: ml_collections.ConfigDict
+
+    def untrained(self, layer: int) -> dict:
+        """An untrained exit after `layer` (the LLM's last block) with the trained one's head rows."""
+        ecfg = dataclasses.replace(self.exit_cfg, layer=layer)
+        return exits.init_exit(self.lm.cfg, self.lm.params, ecfg, self.exit_params.get("vocab"))
+
+    def bench(self, label: str, exit_params: dict, ecfg: eesd.EESDConfig) -> dict:
+        """bench.run's report for one EESD configuration; NotLossless if its output left AR's."""
+        setup = bench.BenchSetup(self.lm.cfg, self.lm.params, exit_params, ecfg, self.lm.eos_ids)
+        r = bench.run(setup, self.ids, self.c.max_new_tokens, repeats=self.c.repeats, seed=self.c.seed)
+        if not r["exactness"]["within_policy"]:
+            raise NotLossless(f"{label}: EESD output differs from AR: {r['mismatches']}")
         e = r["modes"]["eesd"]
-        rows.append({
-            "policy": kind, "speedup": r["speedup"], "identical": r["identical"],
+        print(f"{label}: speedup {r['speedup']:.3f}x, alpha {e['acceptance_rate']:.3f}", flush=True)
+        return {
+            "speedup": r["speedup"], "median_speedup": r["median_speedup"], "identical": r["identical"],
             "alpha": e["acceptance_rate"], "tau": e["mean_accepted_per_round"], "mean_draft": e["mean_draft_length"],
             "ar_tok_s": r["modes"]["ar"]["tokens_per_second"], "eesd_tok_s": e["tokens_per_second"],
-        })  # fmt: skip
-        print(f"{kind}: speedup {r['speedup']:.3f}x, alpha {e['acceptance_rate']:.3f}", flush=True)
-    return rows
+            "cost_ratio": r["cost_ratio"],
+        }  # fmt: skip
+
+    def ecfg(self, layer: int | None = None, kind: str = "beta-ts", **fields) -> eesd.EESDConfig:
+        return eesd.EESDConfig(
+            layer or self.exit_cfg.layer, self.c.max_draft, control.ControllerConfig(kind),
+            context_layer=self.exit_cfg.context_layer, **fields,
+        )  # fmt: skip
 
 
-def markdown(rows: list[dict]) -> str:
-    head = "| policy | speedup | identical | α | τ | mean draft | AR tok/s | EESD tok/s |\n|---|---|---|---|---|---|---|---|\n"
-    return head + "".join(
-        f"| {r['policy']} | {r['speedup']:.3f} | {r['identical']} | {r['alpha']:.3f} | {r['tau']:.2f} | "
-        f"{r['mean_draft']:.2f} | {r['ar_tok_s']:.1f} | {r['eesd_tok_s']:.1f} |\n"
-        for r in rows
-    )
+# ----------------------------------------------------------------------------- studies
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
+def policies(s: Setup) -> dict:
+    return {"rows": [{"policy": k, **s.bench(k, s.exit_params, s.ecfg(kind=k))} for k in s.c.policies.kinds]}
+
+
+def components(s: Setup) -> dict:
+    """The paper's method, then each of its parts replaced by the alternative, all else equal."""
+    kind, K = s.c.components.controller, s.c.max_draft
+    rows = [
+        ("EESD (paper)", "all parts", s.exit_params, s.ecfg(kind=kind)),
+        ("untrained exit", "self-distillation", s.untrained(s.exit_cfg.layer), s.ecfg(kind=kind)),
+        (f"fixed K={K}", "Thompson sampling", s.exit_params, s.ecfg(kind="fixed")),
+        ("recompute layers [0, N)", "layer-N reuse", s.exit_params, s.ecfg(kind=kind, recompute_lower=True)),
+        (f"verify always K+1={K + 1}", "bucketed verification", s.exit_params, s.ecfg(kind=kind, buckets=(K + 1,))),
+    ]
+    out = [{"variant": v, "tests": t, "controller": e.controller.kind, **s.bench(v, p, e)} for v, t, p, e in rows]
+    for r in out:
+        r["vs_paper"] = round(r["speedup"] / out[0]["speedup"], 3)
+    return {"rows": out}
+
+
+def depth(s: Setup) -> dict:
+    """N x K with `fixed`: measured speedup against tau * AR step / the round's measured parts."""
+    d, cfg = s.c.depth, s.lm.cfg
+    draft_vocab = len(s.exit_params["vocab"]) if "vocab" in s.exit_params else 0
+    tokens = sorted({k + 1 for k in d.max_drafts})
+    ms = round_costs.measure(cfg, s.lm.params, d.layers, tokens, draft_vocab, d.cache_len, d.cost_repeats)
+    rows = []
+    for n in d.layers:
+        trained = n == s.exit_cfg.layer
+        exit_params = s.exit_params if trained else s.untrained(n)
+        for k in d.max_drafts:
+            ecfg = dataclasses.replace(s.ecfg(n, "fixed"), max_draft=k)
+            r = s.bench(f"N={n} K={k}", exit_params, ecfg)
+            # Prefill and the budget's last short rounds are outside the model: it is decode-only.
+            predicted = r["tau"] * ms["ar_step"] / round_costs.round_ms(ms, n, k)
+            rows.append({"N": n, "K": k, "exit": "trained" if trained else "untrained", **r,
+                         "round_ms": round(round_costs.round_ms(ms, n, k), 2), "predicted": round(predicted, 3)})  # fmt: skip
+    ratio = round(float(np.median([r["predicted"] / r["speedup"] for r in rows])), 3)
+    return {"rows": rows, "part_ms": {k: round(v, 3) for k, v in ms.items()}, "predicted_over_measured_median": ratio}
+
+
+STUDIES = {"policies": policies, "components": components, "depth": depth}
+
+
+# ----------------------------------------------------------------------------- tables and plots
+
+
+def markdown(study: str, rows: list[dict]) -> str:
+    cols = {
+        "policies": ["policy"],
+        "components": ["variant", "tests", "controller", "vs_paper"],
+        "depth": ["N", "K", "exit", "round_ms", "predicted"],
+    }[study] + ["speedup", "identical", "alpha", "tau", "mean_draft", "cost_ratio", "ar_tok_s", "eesd_tok_s"]
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    head = "| " + " | ".join(c.replace("_", " ") for c in cols) + " |\n|" + "---|" * len(cols) + "\n"
+    return head + "".join("| " + " | ".join(fmt(r[c]) for c in cols) + " |\n" for r in rows)
+
+
+def plot(study: str, rows: list[dict], path: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # Files only: no display on CI or TPU VMs.
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.scatter(r["alpha"], r["speedup"])
-        ax.annotate(r["policy"], (r["alpha"], r["speedup"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="acceptance rate α", ylabel="speedup EESD / AR", title="draft-stop policies")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    if study == "components":
+        names = [r["variant"] for r in rows]
+        ax.barh(names[::-1], [r["speedup"] for r in rows][::-1], color="tab:blue")
+        for i, r in enumerate(rows[::-1]):
+            ax.annotate(f" α {r['alpha']:.2f}, τ {r['tau']:.2f}", (r["speedup"], i), va="center", fontsize=8)
+        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set(xlabel="speedup EESD / AR", title="the paper's parts, one at a time")
+    else:
+        x, label = ("predicted", "predicted from part costs and τ") if study == "depth" else ("alpha", "acceptance α")
+        for r in rows:
+            ax.scatter(r[x], r["speedup"])
+            name = f"N={r['N']} K={r['K']}" if study == "depth" else r["policy"]
+            ax.annotate(name, (r[x], r["speedup"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        if study == "depth":
+            lim = [min(min(r[x], r["speedup"]) for r in rows) * 0.9, max(max(r[x], r["speedup"]) for r in rows) * 1.1]
+            ax.plot(lim, lim, color="grey", lw=0.8, ls=":", label="measured = predicted")
+            ax.legend(fontsize=8)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set(xlabel=label, ylabel="measured speedup EESD / AR", title=f"{study} (greedy, batch 1)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- command line
+
+
+def trained_exit(config, lm: distill.LM, path: str | None, workdir: str) -> tuple[exits.ExitConfig, dict, str]:
+    """(exit config, params, name): --exit, else the shipped exit, else one distilled now (tiny: seconds)."""
+    if path is None and (path := shipped.default_exit(lm)) is None:
+        path = str(train.run_distill(config, workdir, lm=lm, progress=False))
+        name = f"distilled here with {config.name} (train.steps={config.train.steps})"
+    else:
+        name = pathlib.Path(path).name
+    exit_cfg, exit_params = exits.load_exit(path, lm.cfg, lm.fingerprint)
+    return exit_cfg, exit_params, name
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--study", choices=("policies",), required=True)
-    ap.add_argument("--config", default="smollm2", help="config naming the LLM and exit layer (tiny: in seconds)")
-    ap.add_argument("--exit", default=None, help="exit .safetensors (default: untrained at the config's layer)")
-    ap.add_argument("--n", type=int, default=4, help="held-out prompts per set (chat, humaneval)")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--max-draft", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--out", required=True, help="output stem: OUT.json, OUT.md, OUT.png")
+    ap.add_argument("--study", choices=tuple(STUDIES), required=True)
+    ap.add_argument("--config", default="smollm2", help="config naming the LLM and its exit (tiny: in seconds)")
+    ap.add_argument("--exit", default=None, help="the trained exit (.safetensors); default: see above")
+    ap.add_argument("--n", type=int, help="held-out prompts per set (chat, humaneval): n_per_set")
+    ap.add_argument("--max-new-tokens", type=int)
+    ap.add_argument("--max-draft", type=int)
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--set", default="", help="study knob overrides, e.g. depth.layers=2+8,depth.max_drafts=1+4")
+    ap.add_argument("--out", help="output stem: OUT.json, OUT.md, OUT.png (default results/ablate_STUDY_CONFIG)")
     args = ap.parse_args(argv)
     config = load_config(args.config)
+    c = apply_overrides(study_config(args.config), args.set)
+    for flag, key in (("n", "n_per_set"), ("max_new_tokens", "max_new_tokens"), ("max_draft", "max_draft"),
+                      ("repeats", "repeats")):  # fmt: skip
+        if getattr(args, flag) is not None:
+            c[key] = getattr(args, flag)
     lm = distill.load_lm(config.model)
-    if args.exit:
-        exit_cfg, exit_params = exits.load_exit(args.exit, lm.cfg, lm.fingerprint)
-    else:
-        exit_cfg = exits.ExitConfig(int(config.exit.layer))
-        exit_params = exits.init_exit(lm.cfg, lm.params, exit_cfg)
-    # Prompts keep their last tokens that fit the context beside the generation (tiny: 128 tokens).
-    room = lm.cfg.max_seq_len - args.max_new_tokens - args.max_draft - 1
-    ids = [lm.encode(p)[-room:] for p in distill.prompt_list(("chat:heldout", "humaneval:heldout"), args.n)]
-    rows = policies(lm, exit_cfg, exit_params, ids, args.max_new_tokens, args.max_draft, args.repeats)
-    out = pathlib.Path(args.out)
+    with tempfile.TemporaryDirectory() as workdir:
+        exit_cfg, exit_params, exit_name = trained_exit(config, lm, args.exit, workdir)
+    lm.params = bench.decode_layout(lm.params)
+    prompts = distill.prompt_list(("chat:heldout", "humaneval:heldout"), c.n_per_set)
+    ids = [lm.encode(p)[-c.max_prompt_tokens :] for p in prompts]
+    s = Setup(lm, exit_cfg, exit_params, exit_name, ids, c)
+    found = STUDIES[args.study](s)
+    out = pathlib.Path(args.out or RESULTS / f"ablate_{args.study}_{args.config.split(':')[0]}")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "study": args.study,
         "config": args.config,
-        "exit": args.exit or f"untrained N={exit_cfg.layer}",
-        "settings": {k: v for k, v in vars(args).items() if k not in ("study", "config", "exit", "out")},
-        "rows": rows,
-        "provenance": provenance.record(seed=0),
+        "model": lm.name,
+        "exit": {"name": exit_name, "layer": exit_cfg.layer, "context_layer": exit_cfg.context_layer},
+        "settings": c.to_dict(),
+        "n_prompts": len(ids),
+        "prompt_tokens_median": statistics.median(len(i) for i in ids),
+        **found,
+        "exactness_policy": bench.EXACTNESS_POLICY,
+        "provenance": provenance.record(seed=c.seed),
     }
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows))
-    plot(rows, out.with_suffix(".png"))
-    print(markdown(rows))
+    table = markdown(args.study, found["rows"])
+    out.with_suffix(".md").write_text(table)
+    plot(args.study, found["rows"], out.with_suffix(".png"))
+    print(table)
     return result
 
 

@@ -29,11 +29,26 @@ import numpy as np
 from eesd_jax import bench, exits, loading
 
 
+def measure(cfg, params, exit_layers, tokens, draft_vocab: int, cache_len: int, repeats: int) -> dict[str, float]:
+    """bench.step_costs' median ms of each part, with an exit head of draft_vocab rows (0: the shared head).
+
+    params in bench.decode_layout. An exit's cost depends on its shapes only, not its weights
+    or N: an untrained exit after layer 1 stands for any.
+    """
+    vocab_ids = np.arange(draft_vocab) if draft_vocab else None
+    exit_params = exits.init_exit(cfg, params, exits.ExitConfig(1, draft_vocab=draft_vocab), vocab_ids)
+    return bench.step_costs(cfg, params, exit_params, exit_layers, tokens, cache_len, repeats)
+
+
+def round_ms(ms: dict, n: int, k: int) -> float:
+    """The parts of a round of k drafts at exit layer N: k + 1 draft steps and verification of T = k + 1."""
+    return (k + 1) * (ms[f"lower_N{n}"] + ms["exit_step"]) + ms[f"verify_N{n}_T{k + 1}"]
+
+
 def predicted_speedup(ms: dict, n: int, k: int, p: float) -> float:
     """AR time / EESD time per token for rounds of k drafts, each accepted with probability p in turn."""
-    draft = ms[f"lower_N{n}"] + ms["exit_step"]
     tau = sum(p**i for i in range(k + 1))  # The accepted prefix's expected length + the LLM's own token.
-    return tau * ms["ar_step"] / ((k + 1) * draft + ms[f"verify_N{n}_T{k + 1}"])
+    return tau * ms["ar_step"] / round_ms(ms, n, k)
 
 
 def acceptance_needed(ms: dict, n: int, ks, target: float) -> float:
@@ -58,8 +73,7 @@ def report(ms: dict, exit_layers, tokens, draft_vocab: int) -> None:
     print("verify in ms (in AR steps). Break-even tau for a round of k drafts: ((k+1)*draft + verify(k+1)) / AR.")
     ks = [k for k in range(1, 8) if k + 1 in tokens]
     for n in exit_layers:
-        draft = ms[f"lower_N{n}"] + ms["exit_step"]
-        need = {k: ((k + 1) * draft + ms[f"verify_N{n}_T{k + 1}"]) / ar for k in ks}
+        need = {k: round_ms(ms, n, k) / ar for k in ks}
         print(
             f"N={n}: tau needed for 1.0x / 1.5x: "
             + ", ".join(f"k={k}: {v:.2f} / {1.5 * v:.2f}" for k, v in need.items())
@@ -92,9 +106,7 @@ def main() -> None:
     loaded = loading.load_model(None)
     cfg = loaded.cfg
     params = bench.decode_layout(jax.tree.map(jnp.asarray, loaded.params))
-    vocab_ids = np.arange(args.draft_vocab) if args.draft_vocab else None
-    exit_params = exits.init_exit(cfg, params, exits.ExitConfig(1, draft_vocab=args.draft_vocab), vocab_ids)
-    ms = bench.step_costs(cfg, params, exit_params, args.exit_layers, args.tokens, args.cache_len, args.repeats)
+    ms = measure(cfg, params, args.exit_layers, args.tokens, args.draft_vocab, args.cache_len, args.repeats)
 
     report(ms, args.exit_layers, args.tokens, args.draft_vocab)
     saved = {"ms": {k: round(v, 3) for k, v in ms.items()}, "cache_len": args.cache_len, "draft_vocab": args.draft_vocab,
