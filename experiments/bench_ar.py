@@ -7,7 +7,7 @@ tokens over the summed median times. Also checks both produced identical greedy 
 
     python experiments/bench_ar.py --n-prompts 3 --max-new-tokens 64 --repeats 3
 
-Needs the test extra (torch==2.13.0, accelerate): `make test` installs it.
+Needs the parity extra (torch==2.13.0, accelerate): `make bench` installs it.
 """
 
 from __future__ import annotations
