@@ -27,6 +27,8 @@ draft distribution, which is the drafted token's own under greedy drafting):
                   length held to `budget` (our reconstruction of EERO).
   gate            a logistic gate on the exit's features predicting acceptance (JEI-DNN);
                   untrained default weights equal confidence >= 0.5.
+  expected-gain   keep drafting while the round's product of q(d) >= draft_cost, the
+                  measured cost of one more draft token in AR steps (round_costs.py).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from eesd_jax.policies import (
     calibration_ts,
     confidence,
     entropy,
+    expected_gain,
     fixed,
     gate,
     margin,
@@ -64,6 +67,7 @@ POLICIES: dict[str, types.ModuleType] = {
     "saturation": saturation,
     "budget": budget,
     "gate": gate,
+    "expected-gain": expected_gain,
 }
 KINDS = tuple(POLICIES)
 

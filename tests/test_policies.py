@@ -65,6 +65,7 @@ def test_every_knob_has_one_owner_and_keeps_its_default():
         dict(budget_thresholds=()),
         dict(gate_weights=(1.0, 2.0)),
         dict(gate_threshold=2.0),
+        dict(draft_cost=-0.1),
     ],
 )
 def test_bad_policy_knobs_are_refused(bad):
@@ -85,6 +86,16 @@ def test_entropy_keeps_drafting_up_to_its_threshold():
 def test_margin_keeps_drafting_from_its_threshold():
     f = feats([0.5] * 4, margin=[0.0, 0.29, 0.3, 0.8])
     assert decide("margin", f, min_margin=0.3) == [False, False, True, True]
+
+
+def test_expected_gain_drafts_while_the_rounds_product_pays_for_the_cost():
+    # Step 2: the earlier drafts' probabilities multiply in; later slots (>= step) must not.
+    rp = np.array([[0.8, 0.5, 0.01], [0.8, 0.5, 0.01], [0.6, 0.6, 0.01], [1.0, 1.0, 0.0]])
+    f = feats([0.61, 0.59, 0.66, 0.24], step=2, max_draft=3, round_probs=rp)
+    # Products: 0.244, 0.236, 0.2376, 0.24 (equal to the cost: keep).
+    assert decide("expected-gain", f, draft_cost=0.24) == [True, False, False, True]
+    first = feats([0.25, 0.2], step=0, max_draft=3, round_probs=np.zeros((2, 3)))  # No earlier draft.
+    assert decide("expected-gain", first, draft_cost=0.24) == [True, False]
 
 
 def reference_falls(probs, i):
