@@ -323,7 +323,7 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     exits.save_exit(path, exit_params, exit_cfg, lm.name, lm.fingerprint, extra=_jsonable(extra), **store)
     run = {"exit": str(path), "exit_bytes": path.stat().st_size, "seconds": seconds,
            "data_seconds": manifest.get("seconds", {}), "metrics": {"untrained": before, "trained": after},
-           "counts": manifest["counts"], "train": summary}  # fmt: skip
+           "counts": manifest["counts"], "text": data_info.get("text"), "train": summary}  # fmt: skip
     (workdir / "run.json").write_text(json.dumps(run, indent=1))
     return path
 

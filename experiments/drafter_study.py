@@ -8,6 +8,7 @@ correct earlier drafts. One command per row; rows accumulate in OUT.json / OUT.m
 OUT.png plots validation agreement against training tokens for every variant.
 
   python experiments/drafter_study.py --variants paper context29 --data-dir runs/data
+  python experiments/drafter_study.py --variants context29+readmes --text-dir runs/text_readmes
   python experiments/drafter_study.py --exit shipped=eesd_jax/data/exits/X.safetensors   # measure only
   python experiments/drafter_study.py --base tiny --variants paper=N=1 ctx=N=1,context=2   # seconds
 
@@ -27,6 +28,9 @@ from eesd_jax import configs, distill, exits, provenance, train
 VARIANTS = {
     "paper": "N=2",  # The EESD paper's exit: one block over layer-2 states at every position.
     "context29": "N=2,context=29",  # Verified positions from layer 29 (the LLM's last block's input).
+    # Teacher-forced text (eesd_jax.corpus "readmes", ~283k positions) besides / instead of the responses.
+    "context29+readmes": "N=2,context=29,text=readmes",
+    "readmes-only": "N=2,context=29,text=readmes,data.text.only=true",
 }
 
 
@@ -72,13 +76,18 @@ def curve(path: pathlib.Path, per_step: int) -> list[dict]:
 
 
 def table(rows: dict) -> str:
-    head = "| variant | N | context | val first-draft top-1 | by draft position 1..K | val KL | train s |"
+    head = (
+        "| variant | N | context | trained positions | val first-draft top-1 | by draft position 1..K | val KL "
+        "| data s (responses / text) | train s |"
+    )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for name, r in rows.items():
         pos = " / ".join(f"{x:.2f}" for x in r["val_top1_by_draft_position"])
         lines.append(
-            f"| {name} | {r['N']} | {r['context_layer'] or '-'} | {r['val_first_draft_top1']:.3f} | {pos} | "
-            f"{r['val_kl']:.3f} | {r.get('train_seconds', '-')} |"
+            f"| {name} | {r['N']} | {r['context_layer'] or '-'} | {r.get('trained_positions', '-')} "
+            f"| {r['val_first_draft_top1']:.3f} | {pos} | {r['val_kl']:.3f} "
+            f"| {' / '.join(str(v) for v in r['data_seconds'].values()) if 'data_seconds' in r else '-'} "
+            f"| {r.get('train_seconds', '-')} |"
         )
     return "\n".join(lines)
 
@@ -118,6 +127,7 @@ def main() -> None:
         help="attach a measured row's validation curve from its training metrics.jsonl (base config's batch size)",
     )
     ap.add_argument("--data-dir", default="runs/data", help="generated data shared by every variant")
+    ap.add_argument("--text-dir", default="runs/text_readmes", help="teacher-forced text data shared by variants")
     ap.add_argument("--workdir", default="runs/drafter_study")
     ap.add_argument("--overrides", default="", help="extra overrides for every variant, e.g. train.steps=200")
     ap.add_argument("--round-len", type=int, default=6, help="K for acceptance by draft position")
@@ -137,7 +147,9 @@ def main() -> None:
         name, _, path = e.partition("=")
         todo.append((name, "", path))
     for name, overrides, given in todo:
-        spec = f"{args.base}:{overrides},data.dir={args.data_dir}" if given is None else None
+        spec = (
+            f"{args.base}:{overrides},data.dir={args.data_dir},data.text.dir={args.text_dir}" if given is None else None
+        )
         if spec and args.overrides:
             spec += f",{args.overrides}"
         config = configs.load_config(spec) if spec else None
@@ -148,7 +160,11 @@ def main() -> None:
             t0 = time.perf_counter()
             path = train.run_distill(config, workdir, lm=lm, progress=args.progress)
             seen = curve(workdir / "metrics.jsonl", int(config.train.batch_size))
-            row |= {"train_seconds": round(time.perf_counter() - t0), "curve": seen}
+            run = json.loads((workdir / "run.json").read_text())
+            row |= {"train_seconds": round(time.perf_counter() - t0), "curve": seen,
+                    "trained_positions": run["metrics"]["trained"]["train"]["positions"],
+                    "data_seconds": {"responses": round(sum(run["data_seconds"].values())),
+                                     "text": round(sum((run["text"] or {}).get("seconds", {}).values()))}}  # fmt: skip
         else:
             path = pathlib.Path(given)
         val_every = int((config or base).train.val_every_prompt)
