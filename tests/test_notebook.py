@@ -64,7 +64,12 @@ def as_python(nb: dict, config: str) -> list[str]:
     return out
 
 
-def run_notebook(nb: dict, tmp_path, config="tiny", timeout=300) -> subprocess.CompletedProcess:
+# The tiny run takes ~35 s of CPU (each EESD setting compiles for ~12 s); the bound stops a hang,
+# with room for a machine shared with other jobs (255 s measured at a load of 9 on 2 cores).
+TIMEOUT_S = 600
+
+
+def run_notebook(nb: dict, tmp_path, config="tiny") -> subprocess.CompletedProcess:
     cells = tmp_path / "cells.json"
     cells.write_text(json.dumps(as_python(nb, config)))
     env = {**os.environ, "MPLBACKEND": "Agg"}
@@ -75,7 +80,7 @@ def run_notebook(nb: dict, tmp_path, config="tiny", timeout=300) -> subprocess.C
         env=env,
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=TIMEOUT_S,
     )
 
 
