@@ -65,7 +65,8 @@ def study_config(model_config: str) -> ml_collections.ConfigDict:
     c.policies = ml_collections.ConfigDict({"kinds": control.KINDS})
     c.components = ml_collections.ConfigDict({"controller": "beta-ts"})  # The paper's controller.
     c.depth = ml_collections.ConfigDict()
-    c.depth.layers = (1, 2) if tiny else (2, 15, 29)
+    # The shipped exit's N, and L - 1, where an untrained exit (the LLM's last block) drafts almost exactly.
+    c.depth.layers = (1, 2) if tiny else (2, 29)
     c.depth.max_drafts = (1, 3) if tiny else (1, 4)
     c.depth.cache_len = 128 if tiny else 512  # Part costs are timed at position cache_len // 2.
     c.depth.cost_repeats = 5 if tiny else 15
