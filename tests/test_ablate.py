@@ -80,8 +80,9 @@ def test_depth_predicts_from_the_measured_parts(studies):
     ms = result["part_ms"]
     assert (r["N"], r["K"], r["exit"]) == (1, 2, "trained")
     assert r["round_ms"] == pytest.approx(3 * (ms["lower_N1"] + ms["exit_step"]) + ms["verify_N1_T3"], abs=0.01)
-    assert r["predicted"] == pytest.approx(r["tau"] * ms["ar_step"] / r["round_ms"], rel=1e-2)
-    assert result["predicted_over_measured_median"] == pytest.approx(r["predicted"] / r["speedup"], rel=1e-2)
+    # Both are rounded to 3 decimals in the JSON.
+    assert r["predicted"] == pytest.approx(r["tau"] * ms["ar_step"] / r["round_ms"], rel=1e-2, abs=1e-3)
+    assert result["predicted_over_measured_median"] == pytest.approx(r["predicted"] / r["speedup"], abs=2e-3)
 
 
 def test_a_row_whose_output_leaves_ar_stops_the_study(ablate, tiny_exit, tmp_path, monkeypatch):
