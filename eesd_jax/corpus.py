@@ -6,7 +6,7 @@ position, several times cheaper per token than sampling responses and then scori
 
   * "readmes": the long descriptions (READMEs) in the metadata of the installed Python
     distributions, eesd_jax's own excluded: markdown prose with code, the register of an
-    instruct model's answers (~250k SmolLM2 tokens in the `make test` environment). Never
+    instruct model's answers (~283k SmolLM2 tokens in the `make test` environment). Never
     the Python standard library: some evaluation prompts are built from it.
   * a path: a text file, or a folder whose *.txt / *.md / *.py files (sorted, recursive)
     are the documents.
@@ -24,6 +24,7 @@ import pathlib
 CORPORA = ("readmes",)
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 MIN_CHARS = 500  # Shorter READMEs are mostly a title and a link.
+MIN_TOKENS = 32  # A document's last piece, if shorter, is dropped: too little context to learn from.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +79,7 @@ def fingerprint(docs: list[Document]) -> str:
     return h.hexdigest()
 
 
-def chunk(token_ids: list[int], seq_len: int, min_len: int) -> list[list[int]]:
+def chunk(token_ids: list[int], seq_len: int, min_len: int = MIN_TOKENS) -> list[list[int]]:
     """A document's tokens cut into pieces of seq_len (the last kept if >= min_len tokens)."""
     pieces = [token_ids[i : i + seq_len] for i in range(0, len(token_ids), seq_len)]
     return [p for p in pieces if len(p) >= min_len]

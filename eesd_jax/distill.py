@@ -234,25 +234,24 @@ def text_spec(lm: LM, text_cfg, docs: Sequence[corpus.Document]) -> dict:
     }
 
 
-def text_data(lm: LM, text_cfg, data_dir, progress: bool = True) -> dict:
-    """Cut a text corpus into sequences of text_cfg.seq_len tokens; write sequences.npz and manifest.json.
+def text_data(lm: LM, text_cfg, docs: Sequence[corpus.Document], data_dir, progress: bool = True) -> dict:
+    """Cut a corpus' documents into sequences of text_cfg.seq_len tokens; write sequences.npz and manifest.json.
 
-    Every position but a sequence's first is trained on (prompt_len 1); each chunk is its own
-    "prompt" (prompt_index), so the sequences can be subsampled without splitting documents' pieces
-    unevenly (Data.take_tokens).
+    Every position but a sequence's last is trained on (prompt_len 1: each predicts the next
+    text token); each piece is its own "prompt" (prompt_index), so Data.take_tokens subsamples
+    whole pieces.
     """
     data_dir = pathlib.Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    docs = corpus.load_corpus(text_cfg.corpus)
     t0 = time.perf_counter()
     seqs, doc_ids = [], []
     for doc in _tqdm(progress, iterable=docs, desc="tokenize", unit="doc"):
         token_ids = lm.encode(prompts.Prompt(doc.id, doc.text, chat=False, heldout=False))
-        for piece in corpus.chunk(token_ids, int(text_cfg.seq_len), min_len=32):
+        for piece in corpus.chunk(token_ids, int(text_cfg.seq_len)):
             seqs.append(piece)
             doc_ids.append(doc.id)
     if not seqs:
-        raise ValueError(f"text corpus {text_cfg.corpus!r} has no document of 32 tokens or more")
+        raise ValueError(f"text corpus {text_cfg.corpus!r} has no document of {corpus.MIN_TOKENS} tokens or more")
     counts = _write_sequences(data_dir, seqs, [1] * len(seqs), range(len(seqs)), [0] * len(seqs), doc_ids)
     manifest = {
         "format": DATA_FORMAT,
@@ -394,8 +393,10 @@ def prepare_data(lm: LM, config, data_dir, progress: bool = True) -> dict:
 
 def prepare_text_data(lm: LM, config, data_dir, progress: bool = True) -> dict:
     """prepare_data for the teacher-forced corpus of config.data.text."""
-    spec = text_spec(lm, config.data.text, corpus.load_corpus(config.data.text.corpus))
-    return _prepare(lm, config, data_dir, spec, lambda: text_data(lm, config.data.text, data_dir, progress), progress)
+    text_cfg = config.data.text
+    docs = corpus.load_corpus(text_cfg.corpus)
+    make = lambda: text_data(lm, text_cfg, docs, data_dir, progress)  # noqa: E731
+    return _prepare(lm, config, data_dir, text_spec(lm, text_cfg, docs), make, progress)
 
 
 def _prepare(lm: LM, config, data_dir, spec: dict, make_sequences, progress: bool) -> dict:
@@ -408,9 +409,9 @@ def _prepare(lm: LM, config, data_dir, spec: dict, make_sequences, progress: boo
         )
     if manifest is None or not (data_dir / "sequences.npz").is_file():
         manifest = make_sequences()
-    c = config
-    want = sorted({int(c.exit.layer), *map(int, c.data.feature_layers)} | {int(c.exit.context_layer)} - {0})
-    top_k = int(c.data.top_k)
+    e, d = config.exit, config.data
+    want = sorted({int(e.layer), *map(int, d.feature_layers)} | {int(e.context_layer)} - {0})
+    top_k = int(d.top_k)
     teacher_ok = manifest.get("teacher", {}).get("top_k", 0) >= top_k and (data_dir / "teacher.npz").is_file()
     missing = [n for n in want if not (data_dir / f"hidden_N{n}.npz").is_file()]
     if not teacher_ok:
