@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 from eesd_jax import exits
@@ -9,9 +10,21 @@ from eesd_jax import exits
 EXITS_DIR = pathlib.Path(__file__).parent / "data" / "exits"
 
 
+def validation_top1(path: str | pathlib.Path) -> float:
+    """The exit's recorded held-out first-draft top-1 (its training run's validation), or -1 if not recorded."""
+    extra = json.loads(exits.read_exit_metadata(path).get("extra", "{}"))
+    return float(extra.get("train_metrics", {}).get("trained", {}).get("val", {}).get("top1", -1.0))
+
+
+def exits_for(lm) -> list[pathlib.Path]:
+    """The shipped exits trained for `lm`'s exact weights, the best drafter first (validation top-1)."""
+    found = [
+        p for p in EXITS_DIR.glob("*.safetensors") if exits.read_exit_metadata(p)["base_fingerprint"] == lm.fingerprint
+    ]
+    return sorted(found, key=lambda p: (-validation_top1(p), p.name))
+
+
 def default_exit(lm) -> str | None:
-    """The shipped exit trained for `lm`'s exact weights, or None."""
-    for path in sorted(EXITS_DIR.glob("*.safetensors")):
-        if exits.read_exit_metadata(path)["base_fingerprint"] == lm.fingerprint:
-            return str(path)
-    return None
+    """The shipped exit for `lm` whose drafts the LLM accepts most often, or None."""
+    found = exits_for(lm)
+    return str(found[0]) if found else None

@@ -230,7 +230,7 @@ def test_damaged_params_cache_is_rebuilt(tmp_path, cache_dir):
 
 @pytest.fixture
 def shipped_exit():
-    return sorted(shipped.EXITS_DIR.glob("*.safetensors"))[0]  # The default one (shipped.default_exit's order).
+    return sorted(shipped.EXITS_DIR.glob("*.safetensors"))[0]
 
 
 @pytest.mark.parametrize("size", [0, 7, 100, 1 << 20, -1])

@@ -1,4 +1,5 @@
-"""The trained exit shipped for the bundled SmolLM2: found by fingerprint, small, lossless, and it drafts."""
+"""The trained exits shipped for the bundled SmolLM2: found by fingerprint, the best drafter the default,
+small, lossless, and they draft."""
 
 import pathlib
 
@@ -32,18 +33,23 @@ def test_shipped_exit_is_lossless_and_its_drafts_are_accepted(smollm, shipped_ex
     exit_cfg, exit_params = exits.load_exit(shipped_exit, smollm.cfg, smollm.fingerprint)
     eos = (int(tok.eos_token_id),)
     ar = generate.generate_ar(smollm.cfg, smollm.params, ids, 48, eos_ids=eos)
-    ecfg = eesd.EESDConfig(exit_cfg.layer, 1, control.ControllerConfig(kind="fixed"))  # One draft per round.
+    fixed = control.ControllerConfig(kind="fixed")  # One draft per round.
+    ecfg = eesd.EESDConfig(exit_cfg.layer, 1, fixed, context_layer=exit_cfg.context_layer)
     out = generate.generate_eesd(smollm.cfg, smollm.params, exit_params, ecfg, ids, 48, eos_ids=eos)
     assert out.tokens == ar.tokens
     # alpha = agreement of one draft with the LLM: ~0 untrained at N=2, 0.134 for the first
-    # shipped exit (100 steps at lr 5e-4), 0.274 for this one (400 steps at 2e-3).
-    assert out.stats["acceptance_rate"] > 0.22, out.stats
+    # shipped exit (100 steps at lr 5e-4), 0.274 for the paper exit (400 steps at 2e-3) and
+    # 0.314 for the context exit trained with READMEs, the default.
+    assert out.stats["acceptance_rate"] > 0.29, out.stats
 
 
 def test_every_shipped_exit_loads_for_the_bundled_model_and_is_lossless(smollm):
-    """Besides the default, the context exit (N=2, verified positions from layer 29) ships: it loads and decodes as AR."""
-    paths = sorted(shipped.EXITS_DIR.glob("*.safetensors"))
-    assert shipped.default_exit(smollm) == str(paths[0])  # The paper's exit stays the default.
+    """The paper's exit (layer-2 context) and the context exit (verified positions from layer 29) ship;
+    the one with the higher recorded validation top-1 is the default. Both decode as AR."""
+    paths = shipped.exits_for(smollm)
+    assert len(paths) == 2 and shipped.default_exit(smollm) == str(paths[0])
+    assert exits.load_exit(paths[0], smollm.cfg, smollm.fingerprint)[0].context_layer == smollm.cfg.n_layers - 1
+    assert shipped.validation_top1(paths[0]) > shipped.validation_top1(paths[1]) > 0.3
     tok = smollm.tokenizer()
     ids = [prompts.encode(tok, p.text, p.chat) for p in prompts.load_prompts("chat", "heldout", 1)]
     eos = (int(tok.eos_token_id),)
