@@ -130,6 +130,20 @@ def register(name: str, module) -> None:
     KINDS = tuple(POLICIES)
 
 
+def from_spec(spec: str) -> ControllerConfig:
+    """ "kind" or "kind:knob=value,..." (e.g. "confidence:threshold=0.4"); tuple knobs take '+'-separated items."""
+    kind, _, fields = spec.partition(":")
+    defaults = ControllerConfig()
+    values = {}
+    for item in filter(None, fields.split(",")):
+        name, eq, text = item.partition("=")
+        if not eq or not hasattr(defaults, name) or name == "kind":
+            raise ValueError(f"controller {spec!r}: {item!r} is not knob=value for a known knob")
+        like = getattr(defaults, name)
+        values[name] = tuple(type(like[0])(t) for t in text.split("+")) if isinstance(like, tuple) else type(like)(text)
+    return ControllerConfig(kind=kind, **values)
+
+
 def init(cfg: ControllerConfig, batch: int) -> ControllerState:
     return getattr(POLICIES[cfg.kind], "init", base.init_none)(cfg, batch)
 

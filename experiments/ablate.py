@@ -3,6 +3,7 @@
   python experiments/ablate.py --study components                  # the bundled model, its shipped exit
   python experiments/ablate.py --study depth --config tiny          # seconds
   python experiments/ablate.py --study policies --set policies.kinds=fixed+beta-ts --n 4
+  python experiments/ablate.py --study policies --set policies.grid.confidence=threshold=0.4+threshold=0.6
 
 Every row is eesd_jax.bench.run: AR and EESD in one process, on the same held-out prompts
 (chat + HumanEval), greedy, batch 1, after warm-up: speedup, alpha, tau, mean draft length.
@@ -10,8 +11,11 @@ Every row must give AR's output (bench's exactness policy: identical in float32 
 a row that does not stops the study with NotLossless.
 
 Studies (knobs: STUDY_DEFAULTS, overridden with --set key=value, or the flags):
-  policies    every registered draft-stop policy at its default knobs (not tuned on a train
-              split yet); plot: speedup against alpha.
+  policies    every registered draft-stop policy, tuned then reported held out: each knob
+              setting in policies.grid is timed (EESD against AR, both on the same prompts) on
+              the tuning prompts, the exit's distillation-validation prompts, which it never
+              trained on and which are disjoint from the held-out sets; the fastest is then
+              benched on the held-out prompts. Plot: held-out speedup against alpha.
   components  the EESD paper's parts one at a time, each against the paper's full method
               (self-distilled exit, beta-ts, layer-N reuse, bucketed verification) at the
               same N and K: an untrained exit, fixed K, verification that recomputes layers
@@ -63,6 +67,23 @@ def study_config(model_config: str) -> ml_collections.ConfigDict:
     c.repeats = 1  # Runs per prompt and mode (median).
     c.seed = 0
     c.policies = ml_collections.ConfigDict({"kinds": control.KINDS})
+    c.policies.tune_n = 2 if tiny else 8  # Tuning prompts (see tune_prompts).
+    # Knob settings tried per policy ("knob=value"); a policy without an entry runs at its defaults.
+    c.policies.grid = ml_collections.ConfigDict({
+        "confidence": ("threshold=0.3", "threshold=0.4", "threshold=0.5", "threshold=0.6", "threshold=0.7"),
+        "beta-ts": ("break_even=0.0", "break_even=0.3", "break_even=0.5"),
+        "calibration-ts": ("break_even=0.0", "break_even=0.3", "break_even=0.5"),
+        "entropy": ("max_entropy=1.0", "max_entropy=2.0", "max_entropy=3.0"),
+        "margin": ("min_margin=0.1", "min_margin=0.3", "min_margin=0.5"),
+        "patience": ("patience=1", "patience=2", "patience=3"),
+        "saturation": ("saturation=0.8", "saturation=0.9", "saturation=0.95"),
+        "budget": ("budget=1.0", "budget=2.0", "budget=3.0"),
+        "gate": ("gate_threshold=0.4", "gate_threshold=0.5", "gate_threshold=0.6"),
+        "expected-gain": ("draft_cost=0.15", "draft_cost=0.24", "draft_cost=0.35"),
+    })  # fmt: skip
+    if tiny:  # Two settings each: the test runs every policy in seconds.
+        for kind, specs in c.policies.grid.items():
+            c.policies.grid[kind] = specs[:2]
     c.components = ml_collections.ConfigDict({"controller": "beta-ts"})  # The paper's controller.
     c.depth = ml_collections.ConfigDict()
     # The shipped exit's N, and L - 1, where an untrained exit (the LLM's last block) drafts almost exactly.
@@ -80,6 +101,7 @@ class Setup:
     exit_params: dict
     exit_name: str
     ids: list[list[int]]  # Held-out prompts' token ids.
+    tune_ids: list[list[int]]  # Tuning prompts' token ids (policies study).
     c: ml_collections.ConfigDict
 
     def untrained(self, layer: int) -> dict:
@@ -87,10 +109,13 @@ class Setup:
         ecfg = dataclasses.replace(self.exit_cfg, layer=layer)
         return exits.init_exit(self.lm.cfg, self.lm.params, ecfg, self.exit_params.get("vocab"))
 
+    def run(self, exit_params: dict, ecfg: eesd.EESDConfig, ids, modes=("ar", "eesd")) -> dict:
+        setup = bench.BenchSetup(self.lm.cfg, self.lm.params, exit_params, ecfg, self.lm.eos_ids)
+        return bench.run(setup, ids, self.c.max_new_tokens, modes, repeats=self.c.repeats, seed=self.c.seed)
+
     def bench(self, label: str, exit_params: dict, ecfg: eesd.EESDConfig) -> dict:
         """bench.run's report for one EESD configuration; NotLossless if its output left AR's."""
-        setup = bench.BenchSetup(self.lm.cfg, self.lm.params, exit_params, ecfg, self.lm.eos_ids)
-        r = bench.run(setup, self.ids, self.c.max_new_tokens, repeats=self.c.repeats, seed=self.c.seed)
+        r = self.run(exit_params, ecfg, self.ids)
         if not r["exactness"]["within_policy"]:
             raise NotLossless(f"{label}: EESD output differs from AR: {r['mismatches']}")
         e = r["modes"]["eesd"]
@@ -102,9 +127,10 @@ class Setup:
             "cost_ratio": r["cost_ratio"],
         }  # fmt: skip
 
-    def ecfg(self, layer: int | None = None, kind: str = "beta-ts", **fields) -> eesd.EESDConfig:
+    def ecfg(self, layer: int | None = None, controller: str = "beta-ts", **fields) -> eesd.EESDConfig:
+        """EESD at N = `layer` (default the exit's) and K; `controller`: a control.from_spec spec."""
         return eesd.EESDConfig(
-            layer or self.exit_cfg.layer, self.c.max_draft, control.ControllerConfig(kind),
+            layer or self.exit_cfg.layer, self.c.max_draft, control.from_spec(controller),
             context_layer=self.exit_cfg.context_layer, **fields,
         )  # fmt: skip
 
@@ -112,19 +138,45 @@ class Setup:
 # ----------------------------------------------------------------------------- studies
 
 
+def tune(s: Setup, kind: str) -> list[dict]:
+    """Each of `kind`'s grid settings timed on the tuning prompts against AR timed there just before."""
+    ar = s.run(s.exit_params, s.ecfg(controller=kind), s.tune_ids, modes=("ar",))["modes"]["ar"]
+    trials = []
+    for spec in [f"{kind}:{knob}" for knob in s.c.policies.grid.get(kind, ())] or [kind]:
+        e = s.run(s.exit_params, s.ecfg(controller=spec), s.tune_ids, modes=("eesd",))["modes"]["eesd"]
+        speedup = round(e["tokens_per_second"] / ar["tokens_per_second"], 3)
+        trials.append({"controller": spec, "speedup": speedup, "alpha": e["acceptance_rate"],
+                       "tau": e["mean_accepted_per_round"], "mean_draft": e["mean_draft_length"]})  # fmt: skip
+        print(f"tune {spec}: speedup {speedup:.3f}x, alpha {e['acceptance_rate']:.3f}", flush=True)
+    return trials
+
+
 def policies(s: Setup) -> dict:
-    return {"rows": [{"policy": k, **s.bench(k, s.exit_params, s.ecfg(kind=k))} for k in s.c.policies.kinds]}
+    """Every policy at its fastest grid setting on the tuning prompts, benched on the held-out ones."""
+    rows = []
+    for kind in s.c.policies.kinds:
+        trials = tune(s, kind)
+        best = max(trials, key=lambda t: t["speedup"])
+        rows.append({"policy": kind, "tuned": best["controller"], "tune_speedup": best["speedup"],
+                     **s.bench(best["controller"], s.exit_params, s.ecfg(controller=best["controller"])),
+                     "trials": trials})  # fmt: skip
+    return {"rows": rows, "tuned_on": f"{len(s.tune_ids)} tuning prompts (tune_prompts)"}
 
 
 def components(s: Setup) -> dict:
     """The paper's method, then each of its parts replaced by the alternative, all else equal."""
     kind, K = s.c.components.controller, s.c.max_draft
     rows = [
-        ("EESD (paper)", "all parts", s.exit_params, s.ecfg(kind=kind)),
-        ("untrained exit", "self-distillation", s.untrained(s.exit_cfg.layer), s.ecfg(kind=kind)),
-        (f"fixed K={K}", "Thompson sampling", s.exit_params, s.ecfg(kind="fixed")),
-        ("recompute layers [0, N)", "layer-N reuse", s.exit_params, s.ecfg(kind=kind, recompute_lower=True)),
-        (f"verify always K+1={K + 1}", "bucketed verification", s.exit_params, s.ecfg(kind=kind, buckets=(K + 1,))),
+        ("EESD (paper)", "all parts", s.exit_params, s.ecfg(controller=kind)),
+        ("untrained exit", "self-distillation", s.untrained(s.exit_cfg.layer), s.ecfg(controller=kind)),
+        (f"fixed K={K}", "Thompson sampling", s.exit_params, s.ecfg(controller="fixed")),
+        ("recompute layers [0, N)", "layer-N reuse", s.exit_params, s.ecfg(controller=kind, recompute_lower=True)),
+        (
+            f"verify always K+1={K + 1}",
+            "bucketed verification",
+            s.exit_params,
+            s.ecfg(controller=kind, buckets=(K + 1,)),
+        ),
     ]
     out = [{"variant": v, "tests": t, "controller": e.controller.kind, **s.bench(v, p, e)} for v, t, p, e in rows]
     for r in out:
@@ -161,7 +213,7 @@ STUDIES = {"policies": policies, "components": components, "depth": depth}
 
 def markdown(study: str, rows: list[dict]) -> str:
     cols = {
-        "policies": ["policy"],
+        "policies": ["policy", "tuned", "tune_speedup"],
         "components": ["variant", "tests", "controller", "vs_paper"],
         "depth": ["N", "K", "exit", "round_ms", "predicted"],
     }[study] + ["speedup", "identical", "alpha", "tau", "mean_draft", "cost_ratio", "ar_tok_s", "eesd_tok_s"]
@@ -204,6 +256,16 @@ def plot(study: str, rows: list[dict], path: pathlib.Path) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
+def tune_prompts(config, n: int) -> list:
+    """n prompts spread over the exit's distillation-validation prompts (config.train.val_every_prompt
+    of config.data's prompts): never trained on, disjoint from the held-out sets. The training
+    prompts if the config holds none out (tiny)."""
+    pool = distill.prompt_list(config.data.sets, int(config.data.n_per_set))
+    if every := int(config.train.val_every_prompt):
+        pool = pool[every - 1 :: every]
+    return pool[:: max(1, len(pool) // n)][:n]
+
+
 def trained_exit(config, lm: distill.LM, path: str | None, workdir: str) -> tuple[exits.ExitConfig, dict, str]:
     """(exit config, params, name): --exit, else the shipped exit, else one distilled now (tiny: seconds)."""
     if path is None and (path := shipped.default_exit(lm)) is None:
@@ -238,8 +300,10 @@ def main(argv=None) -> dict:
         exit_cfg, exit_params, exit_name = trained_exit(config, lm, args.exit, workdir)
     lm.params = bench.decode_layout(lm.params)
     prompts = distill.prompt_list(("chat:heldout", "humaneval:heldout"), c.n_per_set)
-    ids = [lm.encode(p)[-c.max_prompt_tokens :] for p in prompts]
-    s = Setup(lm, exit_cfg, exit_params, exit_name, ids, c)
+    ids, tune_ids = (
+        [lm.encode(p)[-c.max_prompt_tokens :] for p in ps] for ps in (prompts, tune_prompts(config, c.policies.tune_n))
+    )
+    s = Setup(lm, exit_cfg, exit_params, exit_name, ids, tune_ids, c)
     found = STUDIES[args.study](s)
     out = pathlib.Path(args.out or RESULTS / f"ablate_{args.study}_{args.config.split(':')[0]}")
     out.parent.mkdir(parents=True, exist_ok=True)

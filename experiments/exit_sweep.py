@@ -45,18 +45,10 @@ def held_out_prompts(session, n_per_set: int) -> list[list[int]]:
     return [cli.encode_prompt(session, p.text, p.chat) for p in chosen]
 
 
-def controller_config(spec: str) -> control.ControllerConfig:
-    """ "kind" or "kind:field=value,..." (e.g. "confidence:threshold=0.4", "beta-ts:break_even=0.4")."""
-    kind, _, fields = spec.partition(":")
-    values = dict(item.split("=", 1) for item in fields.split(",") if item)
-    defaults = control.ControllerConfig()
-    return control.ControllerConfig(kind=kind, **{k: type(getattr(defaults, k))(v) for k, v in values.items()})
-
-
 def bench_one(session, exit_path, controller: str, max_draft: int, ids, max_new_tokens: int, repeats: int = 1) -> dict:
     exit_cfg, exit_params = exits.load_exit(exit_path, session.cfg, session.lm.fingerprint)
     ecfg = eesd.EESDConfig(
-        exit_cfg.layer, max_draft, controller_config(controller), context_layer=exit_cfg.context_layer
+        exit_cfg.layer, max_draft, control.from_spec(controller), context_layer=exit_cfg.context_layer
     )
     setup = bench.BenchSetup(session.cfg, session.params, exit_params, ecfg, session.eos_ids)
     report = bench.run(setup, ids, max_new_tokens, repeats=repeats)

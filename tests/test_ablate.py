@@ -85,6 +85,31 @@ def test_depth_predicts_from_the_measured_parts(studies):
     assert result["predicted_over_measured_median"] == pytest.approx(r["predicted"] / r["speedup"], abs=2e-3)
 
 
+def test_policies_are_tuned_on_the_tuning_prompts_then_benched_held_out(ablate, studies):
+    _, result = studies["policies"]
+    grid = ablate.study_config("tiny").policies.grid
+    rows = {r["policy"]: r for r in result["rows"]}
+    assert [t["controller"] for t in rows["fixed"]["trials"]] == ["fixed"]  # No knobs: its defaults.
+    assert [t["controller"] for t in rows["beta-ts"]["trials"]] == [f"beta-ts:{k}" for k in grid["beta-ts"]]
+    assert len(grid["beta-ts"]) == 2
+    for r in rows.values():
+        best = max(r["trials"], key=lambda t: t["speedup"])
+        assert r["tuned"] == best["controller"] and r["tune_speedup"] == best["speedup"]
+    tuning = ablate.tune_prompts(configs.load_config("tiny"), 2)
+    held_out = ablate.distill.prompt_list(("chat:heldout", "humaneval:heldout"), 1)
+    assert len(tuning) == 2 and not {p.text for p in tuning} & {p.text for p in held_out}
+
+
+def test_tuning_prompts_are_the_exits_validation_prompts(ablate):
+    config = configs.load_config("smollm2")
+    train_prompts = ablate.distill.prompt_list(config.data.sets)
+    tuning = ablate.tune_prompts(config, 8)
+    every = config.train.val_every_prompt
+    positions = [train_prompts.index(p) for p in tuning]
+    assert len(tuning) == 8 and all(i % every == every - 1 for i in positions)
+    assert {p.id.split("/")[0] for p in tuning} == {"chat", "HumanEval"}  # Spread over both sets.
+
+
 def test_a_row_whose_output_leaves_ar_stops_the_study(ablate, tiny_exit, tmp_path, monkeypatch):
     real = generate.generate_eesd
 

@@ -122,3 +122,18 @@ def test_calibration_ts_learns_a_miscalibrated_bin():
 def test_bad_controller_config_is_refused(bad):
     with pytest.raises(ValueError):
         control.ControllerConfig(**bad)
+
+
+def test_from_spec_sets_the_named_knobs_with_their_types():
+    assert control.from_spec("beta-ts") == control.ControllerConfig("beta-ts")
+    cfg = control.from_spec("confidence:threshold=0.4,patience=3,gate_weights=1+2+3+4+5+6")
+    assert cfg == control.ControllerConfig(
+        "confidence", threshold=0.4, patience=3, gate_weights=(1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    )
+    assert isinstance(cfg.patience, int) and isinstance(cfg.gate_weights[0], float)
+
+
+@pytest.mark.parametrize("spec", ["confidence:thresh=0.4", "confidence:threshold", "confidence:kind=fixed", "nope"])
+def test_bad_controller_spec_is_refused(spec):
+    with pytest.raises(ValueError):
+        control.from_spec(spec)
