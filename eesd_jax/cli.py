@@ -181,7 +181,7 @@ def eesd_engine(session: Session, args):
         ecfg = eesd.EESDConfig(
             exit_layer=exit_cfg.layer,
             max_draft=args.max_draft,
-            controller=control.ControllerConfig(kind=args.controller),
+            controller=control.from_spec(args.controller),
             context_layer=exit_cfg.context_layer,
         )
         ecfg.validate(session.cfg)
@@ -303,12 +303,22 @@ def add_eesd_args(p: argparse.ArgumentParser) -> None:
         help="exit after the first N layers (default: the exit file's, or L/4 untrained)",
     )
     g.add_argument(
-        "--controller", choices=control.KINDS, default=control.ControllerConfig.kind, help="draft-length controller"
+        "--controller",
+        default=control.ControllerConfig.kind,
+        metavar="KIND[:KNOB=V,...]",
+        help=f"draft-stop policy and its knobs, e.g. confidence:threshold=0.4 ({', '.join(control.KINDS)}; "
+        f"default {control.ControllerConfig.kind})",
     )
     g.add_argument("--max-draft", type=int, default=6, metavar="K", help="draft tokens per round at most (default 6)")
 
 
 def validate_eesd(args) -> None:
+    from eesd_jax import control
+
+    try:
+        control.from_spec(args.controller)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--controller {args.controller}: {e}") from None
     if args.max_draft < 1:
         raise UsageError(f"--max-draft must be >= 1, got {args.max_draft}")
     if args.exit_layer is not None and args.exit_layer < 1:

@@ -368,7 +368,7 @@ def eval_exit(
     ecfg = eesd.EESDConfig(
         exit_layer=exit_cfg.layer,
         max_draft=max_draft,
-        controller=control.ControllerConfig(kind=controller),
+        controller=control.from_spec(controller),
         context_layer=exit_cfg.context_layer,
     )
     split = eesd.split_params(params, exit_cfg.layer, exit_cfg.context_layer)

@@ -3,10 +3,11 @@
 import json
 import pathlib
 import re
+import types
 
 import pytest
 
-from eesd_jax import cli, exits
+from eesd_jax import cli, control, exits
 
 
 @pytest.mark.parametrize(
@@ -16,6 +17,9 @@ from eesd_jax import cli, exits
         (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["generate", "--prompt", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
         (["generate", "--prompt", "hi", "--max-draft", "0"], "--max-draft must be >= 1"),
+        (["generate", "--prompt", "hi", "--controller", "greedy"], "--controller greedy: unknown controller"),
+        (["bench", "--controller", "confidence:threshold=2"], "threshold must be in [0, 1]"),
+        (["bench", "--controller", "confidence:thresh=0.4"], "'thresh=0.4' is not knob=value"),
         (["generate", "--prompt", "hi", "--exit", "/nonexistent.safetensors"], "no such file"),
         (["generate", "--prompt", "hi", "--mesh", "data=two"], "--mesh"),
         (["bench", "--modes", "ar,fast"], "--modes must name some of"),
@@ -26,6 +30,17 @@ def test_bad_input_exits_2_before_loading(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(cli, "load_session", lambda *a, **k: pytest.fail("model loaded despite bad input"))
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_controller_knobs_reach_the_engine(tiny):
+    """--controller KIND:KNOB=V,... is checked with the other input, then builds the EESD config's controller."""
+    cfg, params = tiny
+    session = cli.Session(types.SimpleNamespace(cfg=cfg, fingerprint="tiny"), params, None, 0.0)
+    spec = "calibration-ts:break_even=0.3,n_bins=4"
+    args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--exit-layer", "1", "--controller", spec])
+    cli.validate_eesd(args)
+    ecfg = cli.eesd_engine(session, args)[0]
+    assert ecfg.controller == control.ControllerConfig("calibration-ts", break_even=0.3, n_bins=4)
 
 
 def test_distill_tiny_writes_a_loadable_exit(tmp_path, monkeypatch):
