@@ -139,12 +139,15 @@ class Setup:
 
 
 def tune(s: Setup, kind: str) -> list[dict]:
-    """Each of `kind`'s grid settings timed on the tuning prompts against AR timed there just before."""
+    """Each of `kind`'s grid settings timed on the tuning prompts against AR timed there just before.
+
+    Speedup here is the ratio of the per-prompt median tokens/s (bench.run's median_speedup),
+    so that --repeats R > 1 damps run-to-run noise in the choice."""
     ar = s.run(s.exit_params, s.ecfg(controller=kind), s.tune_ids, modes=("ar",))["modes"]["ar"]
     trials = []
     for spec in [f"{kind}:{knob}" for knob in s.c.policies.grid.get(kind, ())] or [kind]:
         e = s.run(s.exit_params, s.ecfg(controller=spec), s.tune_ids, modes=("eesd",))["modes"]["eesd"]
-        speedup = round(e["tokens_per_second"] / ar["tokens_per_second"], 3)
+        speedup = round(e["median_tokens_per_second"] / ar["median_tokens_per_second"], 3)
         trials.append({"controller": spec, "speedup": speedup, "alpha": e["acceptance_rate"],
                        "tau": e["mean_accepted_per_round"], "mean_draft": e["mean_draft_length"]})  # fmt: skip
         print(f"tune {spec}: speedup {speedup:.3f}x, alpha {e['acceptance_rate']:.3f}", flush=True)
