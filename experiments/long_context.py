@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=1800)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--exit", help="exit file (default: the shipped one)")
-    ap.add_argument("--controller", default=control.ControllerConfig.kind)
+    ap.add_argument("--controller", default=control.ControllerConfig.kind, help="KIND[:KNOB=V,...]")
     ap.add_argument("--max-draft", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
@@ -39,7 +39,7 @@ def main() -> None:
     ecfg = eesd.EESDConfig(
         exit_cfg.layer,
         args.max_draft,
-        control.ControllerConfig(kind=args.controller),
+        control.from_spec(args.controller),
         context_layer=exit_cfg.context_layer,
     )
     split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer)
