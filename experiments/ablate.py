@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -110,6 +111,10 @@ class Setup:
         return exits.init_exit(self.lm.cfg, self.lm.params, ecfg, self.exit_params.get("vocab"))
 
     def run(self, exit_params: dict, ecfg: eesd.EESDConfig, ids, modes=("ar", "eesd")) -> dict:
+        # Every controller setting is a new compiled loop. XLA:CPU keeps each executable mapped,
+        # and ~30 of them exceeded the kernel's 65530 memory maps ("LLVM compilation error:
+        # Cannot allocate memory", then a segfault): drop the earlier rows' before compiling.
+        jax.clear_caches()
         setup = bench.BenchSetup(self.lm.cfg, self.lm.params, exit_params, ecfg, self.lm.eos_ids)
         return bench.run(setup, ids, self.c.max_new_tokens, modes, repeats=self.c.repeats, seed=self.c.seed)
 
