@@ -251,8 +251,11 @@ def run(
     repeats: int = 1,
     seed: int = 0,
     progress=None,
+    step_costs: bool = True,
 ) -> dict:
-    """Generate every prompt (in batches) with each mode; returns the report dict."""
+    """Generate every prompt (in batches) with each mode; returns the report dict.
+
+    step_costs: also time one draft step against one AR step (cost_ratio) when EESD runs."""
     cfg, params = setup.cfg, setup.params
     split = eesd.split_params(params, setup.ecfg.exit_layer, setup.ecfg.context_layer)
     batches = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
@@ -307,7 +310,7 @@ def run(
                 "tie_margin": TIE_MARGIN[cfg.dtype],
                 "within_policy": all(m["near_tie"] for m in mismatches),
             }
-    if "eesd" in modes:
+    if "eesd" in modes and step_costs:
         report.update({k: round(v, 4) for k, v in cost_ratio(setup).items()})
     report["config"] = {
         "exit_layer": setup.ecfg.exit_layer,

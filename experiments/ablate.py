@@ -104,19 +104,22 @@ class Setup:
     ids: list[list[int]]  # Held-out prompts' token ids.
     tune_ids: list[list[int]]  # Tuning prompts' token ids (policies study).
     c: ml_collections.ConfigDict
+    rows_file: pathlib.Path | None = None  # Finished rows, one JSON line each (policies study).
 
     def untrained(self, layer: int) -> dict:
         """An untrained exit after `layer` (the LLM's last block) with the trained one's head rows."""
         ecfg = dataclasses.replace(self.exit_cfg, layer=layer)
         return exits.init_exit(self.lm.cfg, self.lm.params, ecfg, self.exit_params.get("vocab"))
 
-    def run(self, exit_params: dict, ecfg: eesd.EESDConfig, ids, modes=("ar", "eesd")) -> dict:
+    def run(self, exit_params: dict, ecfg: eesd.EESDConfig, ids, modes=("ar", "eesd"), step_costs=True) -> dict:
         # Every controller setting is a new compiled loop. XLA:CPU keeps each executable mapped,
         # and ~30 of them exceeded the kernel's 65530 memory maps ("LLVM compilation error:
         # Cannot allocate memory", then a segfault): drop the earlier rows' before compiling.
         jax.clear_caches()
         setup = bench.BenchSetup(self.lm.cfg, self.lm.params, exit_params, ecfg, self.lm.eos_ids)
-        return bench.run(setup, ids, self.c.max_new_tokens, modes, repeats=self.c.repeats, seed=self.c.seed)
+        return bench.run(
+            setup, ids, self.c.max_new_tokens, modes, repeats=self.c.repeats, seed=self.c.seed, step_costs=step_costs
+        )
 
     def bench(self, label: str, exit_params: dict, ecfg: eesd.EESDConfig) -> dict:
         """bench.run's report for one EESD configuration; NotLossless if its output left AR's."""
@@ -148,10 +151,10 @@ def tune(s: Setup, kind: str) -> list[dict]:
 
     Speedup here is the ratio of the per-prompt median tokens/s (bench.run's median_speedup),
     so that --repeats R > 1 damps run-to-run noise in the choice."""
-    ar = s.run(s.exit_params, s.ecfg(controller=kind), s.tune_ids, modes=("ar",))["modes"]["ar"]
+    ar = s.run(s.exit_params, s.ecfg(controller=kind), s.tune_ids, ("ar",))["modes"]["ar"]
     trials = []
     for spec in [f"{kind}:{knob}" for knob in s.c.policies.grid.get(kind, ())] or [kind]:
-        e = s.run(s.exit_params, s.ecfg(controller=spec), s.tune_ids, modes=("eesd",))["modes"]["eesd"]
+        e = s.run(s.exit_params, s.ecfg(controller=spec), s.tune_ids, ("eesd",), step_costs=False)["modes"]["eesd"]
         speedup = round(e["median_tokens_per_second"] / ar["median_tokens_per_second"], 3)
         trials.append({"controller": spec, "speedup": speedup, "alpha": e["acceptance_rate"],
                        "tau": e["mean_accepted_per_round"], "mean_draft": e["mean_draft_length"]})  # fmt: skip
@@ -160,14 +163,32 @@ def tune(s: Setup, kind: str) -> list[dict]:
 
 
 def policies(s: Setup) -> dict:
-    """Every policy at its fastest grid setting on the tuning prompts, benched on the held-out ones."""
+    """Every policy at its fastest grid setting on the tuning prompts, benched on the held-out ones.
+
+    Each finished row is appended to s.rows_file at once (an hour's study here); a rerun with the
+    same settings takes the rows it finds there instead of measuring them again."""
+    key = json.loads(json.dumps({"settings": s.c.to_dict(), "exit": s.exit_name}))
+    del key["settings"]["policies"]["kinds"]  # A rerun may add or drop policies.
+    done = {}
+    if s.rows_file and s.rows_file.exists():
+        for line in s.rows_file.read_text().splitlines():
+            saved = json.loads(line)
+            if saved["key"] == key:
+                done[saved["row"]["policy"]] = saved["row"]
     rows = []
     for kind in s.c.policies.kinds:
+        if kind in done:
+            print(f"{kind}: the row in {s.rows_file}", flush=True)
+            rows.append(done[kind])
+            continue
         trials = tune(s, kind)
         best = max(trials, key=lambda t: t["speedup"])
         rows.append({"policy": kind, "tuned": best["controller"], "tune_speedup": best["speedup"],
                      **s.bench(best["controller"], s.exit_params, s.ecfg(controller=best["controller"])),
                      "trials": trials})  # fmt: skip
+        if s.rows_file:
+            with s.rows_file.open("a") as f:
+                f.write(json.dumps({"key": key, "row": rows[-1]}) + "\n")
     return {"rows": rows, "tuned_on": f"{len(s.tune_ids)} tuning prompts (tune_prompts)"}
 
 
@@ -311,10 +332,10 @@ def main(argv=None) -> dict:
     ids, tune_ids = (
         [lm.encode(p)[-c.max_prompt_tokens :] for p in ps] for ps in (prompts, tune_prompts(config, c.policies.tune_n))
     )
-    s = Setup(lm, exit_cfg, exit_params, exit_name, ids, tune_ids, c)
-    found = STUDIES[args.study](s)
     out = pathlib.Path(args.out or RESULTS / f"ablate_{args.study}_{args.config.split(':')[0]}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    s = Setup(lm, exit_cfg, exit_params, exit_name, ids, tune_ids, c, out.with_suffix(".rows.jsonl"))
+    found = STUDIES[args.study](s)
     result = {
         "study": args.study,
         "config": args.config,
@@ -331,6 +352,7 @@ def main(argv=None) -> dict:
     table = markdown(args.study, found["rows"])
     out.with_suffix(".md").write_text(table)
     plot(args.study, found["rows"], out.with_suffix(".png"))
+    s.rows_file.unlink(missing_ok=True)  # Its rows are in OUT.json now.
     print(table)
     return result
 
