@@ -16,6 +16,7 @@ Studies (knobs: STUDY_DEFAULTS, overridden with --set key=value, or the flags):
               the tuning prompts, the exit's distillation-validation prompts, which it never
               trained on and which are disjoint from the held-out sets; the fastest is then
               benched on the held-out prompts. Plot: held-out speedup against alpha.
+              Finished rows are kept in OUT.rows.jsonl: the same command resumes after a stop.
   components  the EESD paper's parts one at a time, each against the paper's full method
               (self-distilled exit, beta-ts, layer-N reuse, bucketed verification) at the
               same N and K: an untrained exit, fixed K, verification that recomputes layers

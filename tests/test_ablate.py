@@ -110,6 +110,26 @@ def test_tuning_prompts_are_the_exits_validation_prompts(ablate):
     assert {p.id.split("/")[0] for p in tuning} == {"chat", "HumanEval"}  # Spread over both sets.
 
 
+def test_policies_rows_outlive_a_crash_and_a_rerun_reuses_them(ablate, tiny_exit, tmp_path, monkeypatch):
+    out, real_tune = tmp_path / "p", ablate.tune
+
+    def crash_at_beta_ts(s, kind):
+        if kind == "beta-ts":
+            raise RuntimeError("killed")
+        return real_tune(s, kind)
+
+    monkeypatch.setattr(ablate, "tune", crash_at_beta_ts)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(ablate, tiny_exit, out, "policies", "policies.kinds=fixed+beta-ts")
+    (saved,) = [json.loads(line)["row"] for line in out.with_suffix(".rows.jsonl").read_text().splitlines()]
+    assert saved["policy"] == "fixed" and not out.with_suffix(".json").exists()
+    tuned = []
+    monkeypatch.setattr(ablate, "tune", lambda s, kind: tuned.append(kind) or real_tune(s, kind))
+    result = run(ablate, tiny_exit, out, "policies", "policies.kinds=fixed+beta-ts")
+    assert tuned == ["beta-ts"] and [r["policy"] for r in result["rows"]] == ["fixed", "beta-ts"]
+    assert result["rows"][0] == saved and not out.with_suffix(".rows.jsonl").exists()
+
+
 def test_a_row_whose_output_leaves_ar_stops_the_study(ablate, tiny_exit, tmp_path, monkeypatch):
     real = generate.generate_eesd
 
