@@ -353,7 +353,6 @@ def main(argv=None) -> dict:
     table = markdown(args.study, found["rows"])
     out.with_suffix(".md").write_text(table)
     plot(args.study, found["rows"], out.with_suffix(".png"))
-    s.rows_file.unlink(missing_ok=True)  # Its rows are in OUT.json now.
     print(table)
     return result
 
