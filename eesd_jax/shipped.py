@@ -10,18 +10,17 @@ from eesd_jax import exits
 EXITS_DIR = pathlib.Path(__file__).parent / "data" / "exits"
 
 
-def validation_top1(path: str | pathlib.Path) -> float:
+def validation_top1(path: str | pathlib.Path, meta: dict | None = None) -> float:
     """The exit's recorded held-out first-draft top-1 (its training run's validation), or -1 if not recorded."""
-    extra = json.loads(exits.read_exit_metadata(path).get("extra", "{}"))
+    extra = json.loads((meta or exits.read_exit_metadata(path)).get("extra", "{}"))
     return float(extra.get("train_metrics", {}).get("trained", {}).get("val", {}).get("top1", -1.0))
 
 
 def exits_for(lm) -> list[pathlib.Path]:
     """The shipped exits trained for `lm`'s exact weights, the best drafter first (validation top-1)."""
-    found = [
-        p for p in EXITS_DIR.glob("*.safetensors") if exits.read_exit_metadata(p)["base_fingerprint"] == lm.fingerprint
-    ]
-    return sorted(found, key=lambda p: (-validation_top1(p), p.name))
+    metas = {p: exits.read_exit_metadata(p) for p in EXITS_DIR.glob("*.safetensors")}
+    found = [p for p, meta in metas.items() if meta["base_fingerprint"] == lm.fingerprint]
+    return sorted(found, key=lambda p: (-validation_top1(p, metas[p]), p.name))
 
 
 def default_exit(lm) -> str | None:
