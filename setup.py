@@ -13,7 +13,7 @@ setup(
     long_description=(HERE / "README.md").read_text("utf-8"),
     long_description_content_type="text/markdown",
     packages=find_namespace_packages(include=["eesd_jax", "eesd_jax.*"]),
-    package_data={"eesd_jax": ["data/*.jsonl", "data/exits/*.safetensors"]},
+    package_data={"eesd_jax": ["data/*.jsonl", "data/exits/*.safetensors", "data/exits/*.gate.json"]},
     python_requires=">=3.11",  # jax 0.10
     # Lower bounds: versions the suite has passed with (constraints.txt holds the exact set
     # `make test` installs; jax 0.11-0.12, flax 0.12.10-12 and transformers 5.17 ran elsewhere).

@@ -165,7 +165,7 @@ def run_ar(session: Session, prompt_ids: list[int], args, on_tokens: Callable | 
 
 def eesd_engine(session: Session, args):
     """(EESDConfig, exit params) from --exit / --exit-layer / --controller / --max-draft (built once)."""
-    from eesd_jax import control, eesd, exits, shipped
+    from eesd_jax import eesd, exits, shipped
 
     if getattr(session, "engine", None) is None:
         exit_path = args.exit or shipped.default_exit(session.lm)
@@ -178,12 +178,7 @@ def eesd_engine(session: Session, args):
             from eesd_jax import sharding
 
             exit_params = sharding.shard_exit_params(exit_params, session.mesh)
-        ecfg = eesd.EESDConfig(
-            exit_layer=exit_cfg.layer,
-            max_draft=args.max_draft,
-            controller=control.from_spec(args.controller),
-            context_layer=exit_cfg.context_layer,
-        )
+        ecfg = eesd.config_for_exit(exit_cfg, exit_path, args.max_draft, args.controller)
         ecfg.validate(session.cfg)
         split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer)
         session.engine = (ecfg, exit_params, split, exit_path)

@@ -25,8 +25,8 @@ draft distribution, which is the drafted token's own under greedy drafting):
                   decaying with draft depth (MuE).
   budget          exponential weights over q(d) thresholds with a reject arm, mean draft
                   length held to `budget` (our reconstruction of EERO).
-  gate            a logistic gate on the exit's features predicting acceptance (JEI-DNN);
-                  untrained default weights equal confidence >= 0.5.
+  gate            a logistic gate on the exit's features predicting acceptance (JEI-DNN),
+                  fitted per exit on real verification outcomes (experiments/fit_gate.py).
   expected-gain   keep drafting while the round's product of q(d) >= draft_cost, the
                   measured cost of one more draft token in AR steps (round_costs.py).
 """
@@ -140,8 +140,18 @@ def from_spec(spec: str) -> ControllerConfig:
         if not eq or not hasattr(defaults, name) or name == "kind":
             raise ValueError(f"controller {spec!r}: {item!r} is not knob=value for a known knob")
         like = getattr(defaults, name)
-        values[name] = tuple(type(like[0])(t) for t in text.split("+")) if isinstance(like, tuple) else type(like)(text)
+        if isinstance(like, tuple):  # Tuple knobs hold floats (gate_weights, budget_thresholds).
+            values[name] = tuple(float(t) for t in text.split("+"))
+        else:
+            values[name] = type(like)(text)
     return ControllerConfig(kind=kind, **values)
+
+
+def for_exit(cfg: ControllerConfig, exit_path) -> ControllerConfig:
+    """cfg with what was fitted for the exit at exit_path where cfg leaves it unset: the gate's weights."""
+    if cfg.kind == "gate" and not cfg.gate_weights and exit_path and (weights := gate.load_fitted(exit_path)):
+        return dataclasses.replace(cfg, gate_weights=weights)
+    return cfg
 
 
 def init(cfg: ControllerConfig, batch: int) -> ControllerState:

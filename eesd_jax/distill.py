@@ -132,6 +132,16 @@ def prompt_list(sets: Sequence[str], n_per_set: int = 0) -> list[prompts.Prompt]
     return out
 
 
+def validation_prompts(config, n: int = 0) -> list[prompts.Prompt]:
+    """The prompts an exit distilled with `config` held out for validation (config.train.val_every_prompt,
+    Data.split's rule): never trained on, disjoint from the held-out sets. n of them spread over
+    the list (0: all); the training prompts if the config holds none out (tiny)."""
+    pool = prompt_list(config.data.sets, int(config.data.n_per_set))
+    if every := int(config.train.val_every_prompt):
+        pool = pool[every - 1 :: every]
+    return pool[:: max(1, len(pool) // n)][:n] if n else pool
+
+
 # ----------------------------------------------------------------------------- 1. responses
 
 

@@ -47,6 +47,9 @@ class EESDConfig:
     # tokens through layers [0, N) again, as verifying with the full model (a separate draft
     # model's way) would, instead of reusing the layer-N states drafting stored. Same output.
     recompute_lower: bool = False
+    # Record every round's draft features and verification outcome in EESDState.trace (for
+    # fitting the gate policy and acceptance by draft position: outcomes.py). Same output.
+    trace: bool = False
 
     def validate(self, cfg: ModelConfig) -> None:
         exits.ExitConfig(self.exit_layer, context_layer=self.context_layer).validate(cfg)
@@ -63,6 +66,27 @@ class EESDConfig:
         while sizes[-1] * 2 < self.max_draft + 1:
             sizes.append(sizes[-1] * 2)
         return (*sizes, self.max_draft + 1)
+
+
+def config_for_exit(exit_cfg: exits.ExitConfig, exit_path, max_draft: int, controller: str) -> EESDConfig:
+    """EESD with a loaded exit: its N and context layer, K, and the `controller` spec
+    (control.from_spec) completed with what was fitted for that exit (control.for_exit)."""
+    ctrl = control.for_exit(control.from_spec(controller), exit_path)
+    return EESDConfig(exit_cfg.layer, max_draft, ctrl, context_layer=exit_cfg.context_layer)
+
+
+# What RoundTrace.features holds per draft token, in order (control.DraftFeatures' fields).
+TRACED = ("prob", "entropy", "margin", "cosine")
+
+
+@flax.struct.dataclass
+class RoundTrace:
+    """Every round's drafts and their verification (EESDConfig.trace); slot [b, r] is row b's round r."""
+
+    features: jax.Array  # [B, R, K, len(TRACED)] float32: each drafted token's features, valid below
+    # n_draft + 1 (the last one drafted but not kept when the policy stopped before K).
+    n_draft: jax.Array  # [B, R] drafts kept, and so verified.
+    n_accepted: jax.Array  # [B, R] of those, the leading ones the LLM accepted.
 
 
 @flax.struct.dataclass
@@ -82,6 +106,7 @@ class EESDState:
     drafted: jax.Array  # [B] draft tokens proposed.
     accepted: jax.Array  # [B] draft tokens accepted (bonus/correction tokens not counted).
     steps: jax.Array  # [] int32 rounds run by the loop (for chunked streaming).
+    trace: RoundTrace | None = None  # With EESDConfig.trace, R = max_new rounds at most; else None.
 
 
 @flax.struct.dataclass
@@ -94,6 +119,7 @@ class Draft:
     tokens: jax.Array  # [B, K] draft tokens d_1..d_K (valid below n_draft).
     logp: jax.Array  # [B, K, V] warped draft log-probs when sampling, else [B, K, 1] unused.
     confidence: jax.Array  # [B, K] q(d_i), for the controller update.
+    features: jax.Array | None  # [B, K, len(TRACED)] with EESDConfig.trace, else None.
     n_draft: jax.Array  # [B] tokens kept so far.
     drafting: jax.Array  # [B] bool: the row kept its last draft and goes on.
     cache: KVCache
@@ -147,6 +173,13 @@ def eesd_init(
         drafted=zeros,
         accepted=zeros,
         steps=jnp.int32(0),
+        trace=RoundTrace(
+            features=jnp.zeros((B, max_new, ecfg.max_draft, len(TRACED)), jnp.float32),
+            n_draft=jnp.zeros((B, max_new), jnp.int32),
+            n_accepted=jnp.zeros((B, max_new), jnp.int32),
+        )
+        if ecfg.trace
+        else None,
     )
 
 
@@ -188,6 +221,9 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
             tokens=d.tokens.at[:, d.i].set(tok),
             logp=d.logp if sampling_cfg.greedy else d.logp.at[:, d.i].set(logp),
             confidence=d.confidence.at[:, d.i].set(feats.prob),
+            features=None
+            if d.features is None
+            else d.features.at[:, d.i].set(jnp.stack([getattr(feats, f) for f in TRACED], -1)),
             n_draft=d.n_draft + keep,
             drafting=keep,
             key=key,
@@ -218,6 +254,7 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
         tokens=jnp.zeros((B, K), jnp.int32),
         logp=jnp.zeros((B, K, 1 if sampling_cfg.greedy else V), jnp.float32),
         confidence=jnp.zeros((B, K), jnp.float32),
+        features=jnp.zeros((B, K, len(TRACED)), jnp.float32) if ecfg.trace else None,
         n_draft=jnp.zeros((B,), jnp.int32),
         drafting=~s.done,
         cache=s.cache,
@@ -266,6 +303,13 @@ def _verify(cfg, ecfg, params, segments, d: Draft, last_b, pos0_b):
     # Padding slots land past every row's accepted length: stale, overwritten before being seen.
     cache = model.write_layers(d.cache, 0 if ecfg.recompute_lower else N, k_nbtke, v_nbtke, positions_bt)
     return logits, cache, (context[0] if context else None)
+
+
+def _record(t: RoundTrace, round_b, live_b, d: Draft, n_acc_b) -> RoundTrace:
+    """t with this round written at each live row's round index (finished rows write nothing)."""
+    rows, at = jnp.arange(round_b.shape[0]), jnp.where(live_b, round_b, t.n_draft.shape[1])
+    put = lambda a, v: a.at[rows, at].set(v, mode="drop")  # noqa: E731  (out of range: dropped)
+    return RoundTrace(put(t.features, d.features), put(t.n_draft, d.n_draft), put(t.n_accepted, n_acc_b))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "ecfg", "sampling_cfg", "eos_ids"), donate_argnames=("state",))
@@ -321,6 +365,7 @@ def eesd_decode(
             drafted=s.drafted + d.n_draft * live,
             accepted=s.accepted + jnp.minimum(n_acc, n_keep) * live,
             steps=s.steps + 1,
+            trace=None if s.trace is None else _record(s.trace, s.rounds, live, d, n_acc),
         )
 
     stop_at = state.steps + max_steps

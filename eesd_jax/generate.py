@@ -32,6 +32,7 @@ class Generation:
     prefill_seconds: float
     decode_seconds: float
     stats: dict  # Mode-specific counters (EESD: rounds, drafted, accepted, ...).
+    trace: eesd.RoundTrace | None = None  # Host copy of EESD's round trace (EESDConfig.trace), else None.
 
     @property
     def new_tokens(self) -> int:
@@ -184,7 +185,8 @@ def generate_eesd(
         return eesd.eesd_decode(cfg, ecfg, params, segments, exit_params, state, sampling, eos, max_steps)
 
     counters = ("rounds", "drafted", "accepted")
-    out, prefill_seconds, decode_seconds = _run(req, mesh, start, decode, on_tokens, chunk, counters)
+    fields = counters + (("trace",) if ecfg.trace else ())
+    out, prefill_seconds, decode_seconds = _run(req, mesh, start, decode, on_tokens, chunk, fields)
     return Generation(
         tokens=_rows(out["tokens"], out["n_new"]),
         mode="eesd",
@@ -195,4 +197,5 @@ def generate_eesd(
             **speculation_stats(out["rounds"], out["drafted"], out["accepted"]),
             "per_row": {k: out[k].tolist() for k in counters},
         },
+        trace=out.get("trace"),
     )

@@ -365,12 +365,7 @@ def eval_exit(
     ids = [p[-max_prompt_tokens:] if max_prompt_tokens else p for p in ids]
     if not ids:
         raise ValueError("no prompts to evaluate on")
-    ecfg = eesd.EESDConfig(
-        exit_layer=exit_cfg.layer,
-        max_draft=max_draft,
-        controller=control.from_spec(controller),
-        context_layer=exit_cfg.context_layer,
-    )
+    ecfg = eesd.config_for_exit(exit_cfg, exit_path, max_draft, controller)
     split = eesd.split_params(params, exit_cfg.layer, exit_cfg.context_layer)
     seen: set = set()
     rows, ar_time, es_time, new_ar, new_es = [], 0.0, 0.0, 0, 0

@@ -69,7 +69,7 @@ def study_config(model_config: str) -> ml_collections.ConfigDict:
     c.repeats = 1  # Runs per prompt and mode (median).
     c.seed = 0
     c.policies = ml_collections.ConfigDict({"kinds": control.KINDS})
-    c.policies.tune_n = 2 if tiny else 8  # Tuning prompts (see tune_prompts).
+    c.policies.tune_n = 2 if tiny else 8  # Tuning prompts (distill.validation_prompts).
     # Knob settings tried per policy ("knob=value"); a policy without an entry runs at its defaults.
     c.policies.grid = ml_collections.ConfigDict({
         "confidence": ("threshold=0.3", "threshold=0.4", "threshold=0.5", "threshold=0.6", "threshold=0.7"),
@@ -102,6 +102,7 @@ class Setup:
     exit_cfg: exits.ExitConfig  # The trained exit's.
     exit_params: dict
     exit_name: str
+    exit_path: str  # Where the exit was loaded from; what was fitted for it sits beside it (control.for_exit).
     ids: list[list[int]]  # Held-out prompts' token ids.
     tune_ids: list[list[int]]  # Tuning prompts' token ids (policies study).
     c: ml_collections.ConfigDict
@@ -138,10 +139,8 @@ class Setup:
 
     def ecfg(self, layer: int | None = None, controller: str = "beta-ts", **fields) -> eesd.EESDConfig:
         """EESD at N = `layer` (default the exit's) and K; `controller`: a control.from_spec spec."""
-        return eesd.EESDConfig(
-            layer or self.exit_cfg.layer, self.c.max_draft, control.from_spec(controller),
-            context_layer=self.exit_cfg.context_layer, **fields,
-        )  # fmt: skip
+        ecfg = eesd.config_for_exit(self.exit_cfg, self.exit_path, self.c.max_draft, controller)
+        return dataclasses.replace(ecfg, exit_layer=layer or ecfg.exit_layer, **fields)
 
 
 # ----------------------------------------------------------------------------- studies
@@ -168,13 +167,18 @@ def policies(s: Setup) -> dict:
 
     Each finished row is appended to s.rows_file at once (an hour's study here); a rerun with the
     same settings takes the rows it finds there instead of measuring them again."""
-    key = json.loads(json.dumps({"settings": s.c.to_dict(), "exit": s.exit_name}))
-    del key["settings"]["policies"]["kinds"]  # A rerun may add or drop policies.
+    base = {"settings": s.c.to_dict(), "exit": s.exit_name}
+    del base["settings"]["policies"]["kinds"]  # A rerun may add or drop policies.
+
+    def key(kind: str) -> dict:  # As JSON reads it back. The gate's row also depends on the exit's fitted weights.
+        fitted = {"fitted": s.ecfg(controller=kind).controller.gate_weights} if kind == "gate" else {}
+        return json.loads(json.dumps({**base, **fitted}))
+
     done = {}
     if s.rows_file and s.rows_file.exists():
         for line in s.rows_file.read_text().splitlines():
             saved = json.loads(line)
-            if saved["key"] == key:
+            if saved["key"] == key(saved["row"]["policy"]):
                 done[saved["row"]["policy"]] = saved["row"]
     rows = []
     for kind in s.c.policies.kinds:
@@ -189,8 +193,8 @@ def policies(s: Setup) -> dict:
                      "trials": trials})  # fmt: skip
         if s.rows_file:
             with s.rows_file.open("a") as f:
-                f.write(json.dumps({"key": key, "row": rows[-1]}) + "\n")
-    return {"rows": rows, "tuned_on": f"{len(s.tune_ids)} tuning prompts (tune_prompts)"}
+                f.write(json.dumps({"key": key(kind), "row": rows[-1]}) + "\n")
+    return {"rows": rows, "tuned_on": f"{len(s.tune_ids)} tuning prompts (distill.validation_prompts)"}
 
 
 def components(s: Setup) -> dict:
@@ -286,25 +290,15 @@ def plot(study: str, rows: list[dict], path: pathlib.Path) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
-def tune_prompts(config, n: int) -> list:
-    """n prompts spread over the exit's distillation-validation prompts (config.train.val_every_prompt
-    of config.data's prompts): never trained on, disjoint from the held-out sets. The training
-    prompts if the config holds none out (tiny)."""
-    pool = distill.prompt_list(config.data.sets, int(config.data.n_per_set))
-    if every := int(config.train.val_every_prompt):
-        pool = pool[every - 1 :: every]
-    return pool[:: max(1, len(pool) // n)][:n]
-
-
-def trained_exit(config, lm: distill.LM, path: str | None, workdir: str) -> tuple[exits.ExitConfig, dict, str]:
-    """(exit config, params, name): --exit, else the shipped exit, else one distilled now (tiny: seconds)."""
+def trained_exit(config, lm: distill.LM, path: str | None, workdir: str) -> tuple[exits.ExitConfig, dict, str, str]:
+    """(exit config, params, name, path): --exit, else the shipped exit, else one distilled now (tiny: seconds)."""
     if path is None and (path := shipped.default_exit(lm)) is None:
         path = str(train.run_distill(config, workdir, lm=lm, progress=False))
         name = f"distilled here with {config.name} (train.steps={config.train.steps})"
     else:
         name = pathlib.Path(path).name
     exit_cfg, exit_params = exits.load_exit(path, lm.cfg, lm.fingerprint)
-    return exit_cfg, exit_params, name
+    return exit_cfg, exit_params, name, str(path)
 
 
 def main(argv=None) -> dict:
@@ -327,15 +321,16 @@ def main(argv=None) -> dict:
             c[key] = getattr(args, flag)
     lm = distill.load_lm(config.model)
     with tempfile.TemporaryDirectory() as workdir:
-        exit_cfg, exit_params, exit_name = trained_exit(config, lm, args.exit, workdir)
+        exit_cfg, exit_params, exit_name, exit_path = trained_exit(config, lm, args.exit, workdir)
     lm.params = bench.decode_layout(lm.params)
     prompts = distill.prompt_list(("chat:heldout", "humaneval:heldout"), c.n_per_set)
     ids, tune_ids = (
-        [lm.encode(p)[-c.max_prompt_tokens :] for p in ps] for ps in (prompts, tune_prompts(config, c.policies.tune_n))
+        [lm.encode(p)[-c.max_prompt_tokens :] for p in ps]
+        for ps in (prompts, distill.validation_prompts(config, c.policies.tune_n))
     )
     out = pathlib.Path(args.out or RESULTS / f"ablate_{args.study}_{args.config.split(':')[0]}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    s = Setup(lm, exit_cfg, exit_params, exit_name, ids, tune_ids, c, out.with_suffix(".rows.jsonl"))
+    s = Setup(lm, exit_cfg, exit_params, exit_name, exit_path, ids, tune_ids, c, out.with_suffix(".rows.jsonl"))
     found = STUDIES[args.study](s)
     result = {
         "study": args.study,

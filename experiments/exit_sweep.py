@@ -47,9 +47,7 @@ def held_out_prompts(session, n_per_set: int) -> list[list[int]]:
 
 def bench_one(session, exit_path, controller: str, max_draft: int, ids, max_new_tokens: int, repeats: int = 1) -> dict:
     exit_cfg, exit_params = exits.load_exit(exit_path, session.cfg, session.lm.fingerprint)
-    ecfg = eesd.EESDConfig(
-        exit_cfg.layer, max_draft, control.from_spec(controller), context_layer=exit_cfg.context_layer
-    )
+    ecfg = eesd.config_for_exit(exit_cfg, exit_path, max_draft, controller)
     setup = bench.BenchSetup(session.cfg, session.params, exit_params, ecfg, session.eos_ids)
     report = bench.run(setup, ids, max_new_tokens, repeats=repeats)
     es = report["modes"]["eesd"]

@@ -33,15 +33,9 @@ def main() -> None:
     if len(ids) < args.prompt_tokens:
         raise SystemExit(f"the prompt has only {len(ids)} tokens")
     ids = ids[-args.prompt_tokens :]
-    exit_cfg, exit_params = exits.load_exit(
-        args.exit or shipped.default_exit(session.lm), session.cfg, session.lm.fingerprint
-    )
-    ecfg = eesd.EESDConfig(
-        exit_cfg.layer,
-        args.max_draft,
-        control.from_spec(args.controller),
-        context_layer=exit_cfg.context_layer,
-    )
+    exit_path = args.exit or shipped.default_exit(session.lm)
+    exit_cfg, exit_params = exits.load_exit(exit_path, session.cfg, session.lm.fingerprint)
+    ecfg = eesd.config_for_exit(exit_cfg, exit_path, args.max_draft, args.controller)
     split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer)
     common = dict(max_new_tokens=args.max_new_tokens, eos_ids=session.eos_ids)
     runs = {

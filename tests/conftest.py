@@ -266,6 +266,14 @@ def random_tokens(vocab: int, shape, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
+def tiny_exit(tmp_path_factory) -> str:
+    """An exit distilled with the tiny config's recipe (seconds): the experiments scripts' --exit."""
+    from eesd_jax import configs, train
+
+    return str(train.run_distill(configs.load_config("tiny"), tmp_path_factory.mktemp("exit"), progress=False))
+
+
+@pytest.fixture(scope="session")
 def tiny():
     """(cfg, params) of a small random model: GQA, untied head, O(1) logits, context 64."""
     from eesd_jax import model

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from eesd_jax import configs, generate, train
+from eesd_jax import configs, generate
 
 SCRIPT = pathlib.Path(__file__).parent.parent / "experiments" / "ablate.py"
 # Two prompts, K = 2: the depth cell (N = 1, K = 2, fixed) and the policies reuse loops the
@@ -24,11 +24,6 @@ def ablate():
     spec.loader.exec_module(module)
     yield module
     del sys.modules["ablate"]
-
-
-@pytest.fixture(scope="module")
-def tiny_exit(tmp_path_factory):
-    return str(train.run_distill(configs.load_config("tiny"), tmp_path_factory.mktemp("exit"), progress=False))
 
 
 KNOBS = {"components": "", "depth": "depth.layers=1,depth.max_drafts=2", "policies": "policies.kinds=fixed+beta-ts"}
@@ -95,7 +90,7 @@ def test_policies_are_tuned_on_the_tuning_prompts_then_benched_held_out(ablate, 
     for r in rows.values():
         best = max(r["trials"], key=lambda t: t["speedup"])
         assert r["tuned"] == best["controller"] and r["tune_speedup"] == best["speedup"]
-    tuning = ablate.tune_prompts(configs.load_config("tiny"), 2)
+    tuning = ablate.distill.validation_prompts(configs.load_config("tiny"), 2)
     held_out = ablate.distill.prompt_list(("chat:heldout", "humaneval:heldout"), 1)
     assert len(tuning) == 2 and not {p.text for p in tuning} & {p.text for p in held_out}
 
@@ -103,7 +98,7 @@ def test_policies_are_tuned_on_the_tuning_prompts_then_benched_held_out(ablate, 
 def test_tuning_prompts_are_the_exits_validation_prompts(ablate):
     config = configs.load_config("smollm2")
     train_prompts = ablate.distill.prompt_list(config.data.sets)
-    tuning = ablate.tune_prompts(config, 8)
+    tuning = ablate.distill.validation_prompts(config, 8)
     every = config.train.val_every_prompt
     positions = [train_prompts.index(p) for p in tuning]
     assert len(tuning) == 8 and all(i % every == every - 1 for i in positions)
