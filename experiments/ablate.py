@@ -39,7 +39,6 @@ import statistics
 import sys
 import tempfile
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -114,10 +113,8 @@ class Setup:
         return exits.init_exit(self.lm.cfg, self.lm.params, ecfg, self.exit_params.get("vocab"))
 
     def run(self, exit_params: dict, ecfg: eesd.EESDConfig, ids, modes=("ar", "eesd"), step_costs=True) -> dict:
-        # Every controller setting is a new compiled loop. XLA:CPU keeps each executable mapped,
-        # and ~30 of them exceeded the kernel's 65530 memory maps ("LLVM compilation error:
-        # Cannot allocate memory", then a segfault): drop the earlier rows' before compiling.
-        jax.clear_caches()
+        # Every controller setting is a new compiled loop: bench.run drops the earlier ones when
+        # they near the kernel's memory-map limit (free_executables_near_map_limit).
         setup = bench.BenchSetup(self.lm.cfg, self.lm.params, exit_params, ecfg, self.lm.eos_ids)
         return bench.run(
             setup, ids, self.c.max_new_tokens, modes, repeats=self.c.repeats, seed=self.c.seed, step_costs=step_costs

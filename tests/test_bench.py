@@ -1,5 +1,8 @@
 """eesd_jax.bench: what a benchmark report records."""
 
+import pathlib
+
+import jax
 import numpy as np
 import pytest
 from conftest import full_forward
@@ -46,3 +49,14 @@ def test_greedy_mismatch_is_reported_with_ar_margin(tiny, monkeypatch):
     assert report["exactness"]["within_policy"] == m["near_tie"]
     assert "first differs at token 3" in bench.format_table(report)
     assert report["config"]["dtype"] == "float32" and bench.first_mismatches(setup, prompts[:1], [[1]], [[1]]) == []
+
+
+def test_executables_are_dropped_only_near_the_memory_map_limit(monkeypatch):
+    if not pathlib.Path("/proc/self/maps").is_file():
+        pytest.skip("memory maps are counted on Linux only")
+    cleared = []
+    monkeypatch.setattr(jax, "clear_caches", lambda: cleared.append(True))
+    bench.free_executables_near_map_limit(fraction=1.0)  # This process holds far fewer maps than the limit.
+    assert cleared == []
+    bench.free_executables_near_map_limit(fraction=0.0)
+    assert cleared == [True]
