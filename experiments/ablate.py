@@ -107,9 +107,9 @@ class Setup:
     c: ml_collections.ConfigDict
     rows_file: pathlib.Path | None = None  # Finished rows, one JSON line each (policies study).
 
-    def untrained(self, layer: int) -> dict:
+    def untrained(self, layer: int, **fields) -> dict:
         """An untrained exit after `layer` (the LLM's last block) with the trained one's head rows."""
-        ecfg = dataclasses.replace(self.exit_cfg, layer=layer)
+        ecfg = dataclasses.replace(self.exit_cfg, layer=layer, **fields)
         return exits.init_exit(self.lm.cfg, self.lm.params, ecfg, self.exit_params.get("vocab"))
 
     def run(self, exit_params: dict, ecfg: eesd.EESDConfig, ids, modes=("ar", "eesd"), step_costs=True) -> dict:
@@ -224,9 +224,11 @@ def depth(s: Setup) -> dict:
     rows = []
     for n in d.layers:
         trained = n == s.exit_cfg.layer
-        exit_params = s.exit_params if trained else s.untrained(n)
+        exit_params = s.exit_params if trained else s.untrained(n, context_layer=0)
         for k in d.max_drafts:
-            ecfg = dataclasses.replace(s.ecfg(n, "fixed"), max_draft=k)
+            # An untrained exit drafts from layer N alone: a context layer is part of what training taught.
+            context = {} if trained else {"context_layer": 0}
+            ecfg = dataclasses.replace(s.ecfg(n, "fixed"), max_draft=k, **context)
             r = s.bench(f"N={n} K={k}", exit_params, ecfg)
             # Prefill and the budget's last short rounds are outside the model: it is decode-only.
             predicted = r["tau"] * ms["ar_step"] / round_costs.round_ms(ms, n, k)
