@@ -155,7 +155,10 @@ def for_exit(cfg: ControllerConfig, exit_path) -> ControllerConfig:
 
 
 def init(cfg: ControllerConfig, batch: int) -> ControllerState:
-    return getattr(POLICIES[cfg.kind], "init", base.init_none)(cfg, batch)
+    state = getattr(POLICIES[cfg.kind], "init", base.init_none)(cfg, batch)
+    # Strongly typed: a weak-typed leaf (from a Python float) comes back from the loop strongly
+    # typed, and each streamed chunk after the first would trace the loop again (seconds, timed).
+    return jax.tree.map(lambda a: jax.lax.convert_element_type(a, a.dtype), state)
 
 
 def decide(cfg: ControllerConfig, state: ControllerState, features: DraftFeatures, key: jax.Array) -> jax.Array:

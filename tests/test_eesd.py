@@ -192,6 +192,32 @@ def test_streaming_chunks_give_the_same_tokens(params, ar_outputs):
     assert seen == out.tokens == ar_outputs[3]
 
 
+@pytest.mark.parametrize("kind", control.KINDS)
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampling"])
+def test_loop_state_types_survive_a_chunk(params, kind, greedy):
+    """Every loop-state field keeps its type (shape, dtype, weak type) through eesd_decode: a field
+    that changes (a weak-typed Python float came back strongly typed) retraces the loop on every
+    streamed chunk after the first, seconds inside the timed decode of `eesd generate`."""
+    K, sc = 3, SamplingConfig() if greedy else SamplingConfig(temperature=1.0)
+    ecfg = eesd.EESDConfig(2, K, control.ControllerConfig(kind))
+    req = decoding.make_request(CFG, make_prompts(3), 24, slack=K + 1)
+    segments = eesd.split_params(params, 2)
+    ep = exits.init_exit(CFG, params, exits.ExitConfig(2))
+    tokens_bp, lens_b, max_new_b = (jnp.asarray(a) for a in (req.tokens_bp, req.prompt_lens_b, req.max_new_b))
+    cache, logits, hiddens = jax.eval_shape(
+        lambda *a: decoding.prefill(CFG, params, *a, req.cache_len, segments), tokens_bp, lens_b
+    )
+    start = lambda c, h, lg, m: eesd.eesd_init(  # noqa: E731
+        CFG, ecfg, params, ep, c, h, lg, m, jax.random.key(0), sc, (EOS,), req.max_new
+    )
+    state = jax.eval_shape(start, cache, hiddens, logits, max_new_b)
+    after = jax.eval_shape(
+        lambda s: eesd.eesd_decode(CFG, ecfg, params, segments, ep, s, sc, (EOS,), jnp.int32(1)), state
+    )
+    kinds = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype, a.weak_type), tree)  # noqa: E731
+    assert kinds(after) == kinds(state)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
