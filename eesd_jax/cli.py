@@ -168,7 +168,7 @@ def eesd_engine(session: Session, args):
     from eesd_jax import eesd, exits, shipped
 
     if getattr(session, "engine", None) is None:
-        exit_path = args.exit or shipped.default_exit(session.lm)
+        exit_path = args.exit or shipped.default_exit(session.lm, args.exit_layer)
         if exit_path:
             exit_cfg, exit_params = exits.load_exit(exit_path, session.cfg, session.lm.fingerprint, args.exit_layer)
         else:  # Untrained: the LLM's last block on top of layer N. Correct, but drafts poorly.
@@ -295,7 +295,8 @@ def add_eesd_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="exit after the first N layers (default: the exit file's, or L/4 untrained)",
+        help="exit after the first N layers: the best shipped exit there (or --exit's, which must match), "
+        "else an untrained one; default: the best shipped exit's N, or L/4 untrained",
     )
     g.add_argument(
         "--controller",
@@ -484,7 +485,9 @@ def cmd_distill(args) -> int:
         cfg, params = model.with_dtype(lm.cfg, lm.params, args.dtype)
         lm = dataclasses.replace(lm, cfg=cfg, params=params)
     path = train.run_distill(args.config_dict, workdir, lm=lm)
-    print(f"exit written to {path}")
+    joint = pathlib.Path(workdir) / "joint.json"
+    for written in json.loads(joint.read_text()).values() if args.config_dict.exit.joint_layers else [path]:
+        print(f"exit written to {written}")
     return 0
 
 

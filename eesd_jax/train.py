@@ -18,6 +18,7 @@ so a run killed mid-way and restarted ends with exactly the params of an uninter
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -257,10 +259,14 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     """Data -> training -> export for one config. Returns the exported exit's path (None if stopped early).
 
     lm: the teacher, if already loaded (an LM, loading.LoadedModel or cli.Session);
-    default: distill.load_lm(config.model). stop_at: see train_exit.
+    default: distill.load_lm(config.model). stop_at: see train_exit. With config.exit.joint_layers,
+    exits at those N too (run_joint); the path returned is still exit.layer's.
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if tuple(config.exit.get("joint_layers", ())):
+        paths = run_joint(config, workdir, lm, progress, stop_at)
+        return None if paths is None else paths[int(config.exit.layer)]
     (workdir / "config.json").write_text(json.dumps(_jsonable(config.to_dict()), indent=1))
     seconds = {}
     t0 = time.perf_counter()
@@ -326,6 +332,35 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
            "counts": manifest["counts"], "text": data_info.get("text"), "train": summary}  # fmt: skip
     (workdir / "run.json").write_text(json.dumps(run, indent=1))
     return path
+
+
+def run_joint(config, workdir, lm: LM | None = None, progress: bool = True, stop_at: int | None = None):
+    """Multi-exit training (COST-EFF): exits at exit.layer and every exit.joint_layers N from one run.
+
+    The data is made once, its teacher pass storing every N's hidden states, and each exit trains
+    on the same batch stream (same seed) in WORKDIR/N{n}, exported as WORKDIR/N{n}/exit_N{n}.safetensors.
+    The LLM is frozen, so exits do not interact through the loss: training them in one step
+    would give each the same updates as this. Returns {N: path} (None if stopped early);
+    WORKDIR/joint.json lists them, and eesd generate / bench --exit-layer N pick one.
+    """
+    workdir = pathlib.Path(workdir)
+    layers = list(dict.fromkeys([int(config.exit.layer), *map(int, config.exit.joint_layers)]))
+    lm = distill.load_lm(config.model) if lm is None else distill.as_lm(lm)
+    for n in layers:  # Every N is checked before any data is made.
+        dataclasses.replace(exit_config(config), layer=n).validate(lm.cfg)
+    paths = {}
+    for n in layers:
+        c = ml_collections.ConfigDict(config.to_dict())
+        c.exit.layer, c.exit.joint_layers = n, ()
+        c.data.dir = config.data.dir or str(workdir / "data")  # One data dir: generated once.
+        c.data.feature_layers = tuple(sorted({*map(int, config.data.feature_layers), *layers} - {n}))
+        if c.data.text.corpus:
+            c.data.text.dir = config.data.text.dir or str(workdir / "text_data")
+        if (path := run_distill(c, workdir / f"N{n}", lm, progress, stop_at)) is None:
+            return None
+        paths[n] = path
+    (workdir / "joint.json").write_text(json.dumps({str(n): str(p) for n, p in paths.items()}, indent=1))
+    return paths
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -2,6 +2,7 @@
 
   python experiments/ablate.py --study components                  # the bundled model, its shipped exit
   python experiments/ablate.py --study depth --config tiny          # seconds
+  python experiments/ablate.py --study joint --config tiny          # two exits trained together
   python experiments/ablate.py --study policies --set policies.kinds=fixed+beta-ts --n 4
   python experiments/ablate.py --study policies --set policies.grid.confidence=threshold=0.4+threshold=0.6
 
@@ -25,6 +26,9 @@ Studies (knobs: STUDY_DEFAULTS, overridden with --set key=value, or the flags):
               measured parts apply exactly): measured speedup against the one predicted from
               round_costs' part costs and the measured tau. The exit is the trained one at its
               N, an untrained one (same draft head rows) at every other N.
+  joint       multi-exit training (COST-EFF): exits at joint.layers trained in one run with the
+              config's recipe (train.run_joint: one data preparation, the same batches), each
+              benched held out: the exit a request chooses (`eesd generate --exit-layer N`).
 The trained exit: --exit, else the one shipped for the model, else (tiny) one distilled here
 with the config's recipe.
 """
@@ -92,6 +96,10 @@ def study_config(model_config: str) -> ml_collections.ConfigDict:
     c.depth.max_drafts = (1, 3) if tiny else (1, 4)
     c.depth.cache_len = 128 if tiny else 512  # Part costs are timed at position cache_len // 2.
     c.depth.cost_repeats = 5 if tiny else 15
+    c.joint = ml_collections.ConfigDict()
+    c.joint.layers = (1, 2) if tiny else (2, 4)  # Exits trained together (train.run_joint), chosen per request.
+    c.joint.controller = "confidence"
+    c.joint.workdir = ""  # Where the joint run trains (and resumes); "" = a temporary folder.
     return c
 
 
@@ -106,6 +114,7 @@ class Setup:
     tune_ids: list[list[int]]  # Tuning prompts' token ids (policies study).
     c: ml_collections.ConfigDict
     rows_file: pathlib.Path | None = None  # Finished rows, one JSON line each (policies study).
+    config: ml_collections.ConfigDict | None = None  # The model config: its recipe trains the joint study's exits.
 
     def untrained(self, layer: int, **fields) -> dict:
         """An untrained exit after `layer` (the LLM's last block) with the trained one's head rows."""
@@ -238,7 +247,26 @@ def depth(s: Setup) -> dict:
     return {"rows": rows, "part_ms": {k: round(v, 3) for k, v in ms.items()}, "predicted_over_measured_median": ratio}
 
 
-STUDIES = {"policies": policies, "components": components, "depth": depth}
+def joint(s: Setup) -> dict:
+    """Multi-exit training (COST-EFF): exits at joint.layers from one run (config's recipe, one data
+    preparation), each benched held out with joint.controller: the exit a request would choose."""
+    j = s.c.joint
+    config = ml_collections.ConfigDict(s.config.to_dict())
+    config.exit.layer, config.exit.joint_layers = int(j.layers[0]), tuple(j.layers[1:])
+    with tempfile.TemporaryDirectory() as tmp:
+        # Training loads its own teacher: s.lm's params are in the decode layout (bench.decode_layout).
+        paths = train.run_joint(config, pathlib.Path(j.workdir or tmp), progress=False)
+        rows = []
+        for n, path in paths.items():
+            exit_cfg, exit_params = exits.load_exit(path, s.lm.cfg, s.lm.fingerprint)
+            ecfg = eesd.config_for_exit(exit_cfg, path, s.c.max_draft, j.controller)
+            val_top1 = shipped.validation_top1(path)
+            rows.append({"N": n, "val_top1": None if val_top1 < 0 else round(val_top1, 3),
+                         **s.bench(f"joint N={n}", exit_params, ecfg)})  # fmt: skip
+    return {"rows": rows, "recipe": config.name, "train_steps": int(config.train.steps)}
+
+
+STUDIES = {"policies": policies, "components": components, "depth": depth, "joint": joint}
 
 
 # ----------------------------------------------------------------------------- tables and plots
@@ -249,6 +277,7 @@ def markdown(study: str, rows: list[dict]) -> str:
         "policies": ["policy", "tuned", "tune_speedup"],
         "components": ["variant", "tests", "controller", "vs_paper"],
         "depth": ["N", "K", "exit", "round_ms", "predicted"],
+        "joint": ["N", "val_top1"],
     }[study] + ["speedup", "identical", "alpha", "tau", "mean_draft", "cost_ratio", "ar_tok_s", "eesd_tok_s"]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     head = "| " + " | ".join(c.replace("_", " ") for c in cols) + " |\n|" + "---|" * len(cols) + "\n"
@@ -273,7 +302,7 @@ def plot(study: str, rows: list[dict], path: pathlib.Path) -> None:
         x, label = ("predicted", "predicted from part costs and τ") if study == "depth" else ("alpha", "acceptance α")
         for r in rows:
             ax.scatter(r[x], r["speedup"])
-            name = f"N={r['N']} K={r['K']}" if study == "depth" else r["policy"]
+            name = {"depth": f"N={r.get('N')} K={r.get('K')}", "joint": f"N={r.get('N')}"}.get(study, r.get("policy"))
             ax.annotate(name, (r[x], r["speedup"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
         if study == "depth":
             lim = [min(min(r[x], r["speedup"]) for r in rows) * 0.9, max(max(r[x], r["speedup"]) for r in rows) * 1.1]
@@ -329,7 +358,7 @@ def main(argv=None) -> dict:
     )
     out = pathlib.Path(args.out or RESULTS / f"ablate_{args.study}_{args.config.split(':')[0]}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    s = Setup(lm, exit_cfg, exit_params, exit_name, exit_path, ids, tune_ids, c, out.with_suffix(".rows.jsonl"))
+    s = Setup(lm, exit_cfg, exit_params, exit_name, exit_path, ids, tune_ids, c, out.with_suffix(".rows.jsonl"), config)
     found = STUDIES[args.study](s)
     result = {
         "study": args.study,

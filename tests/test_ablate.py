@@ -26,7 +26,12 @@ def ablate():
     del sys.modules["ablate"]
 
 
-KNOBS = {"components": "", "depth": "depth.layers=1,depth.max_drafts=2", "policies": "policies.kinds=fixed+beta-ts"}
+KNOBS = {
+    "components": "",
+    "depth": "depth.layers=1,depth.max_drafts=2",
+    "policies": "policies.kinds=fixed+beta-ts",
+    "joint": "",
+}
 
 
 def run(ablate, tiny_exit, out, study, knobs=""):
@@ -40,7 +45,7 @@ def studies(ablate, tiny_exit, tmp_path_factory):
     return {s: (root / s, run(ablate, tiny_exit, root / s, s, knobs)) for s, knobs in KNOBS.items()}
 
 
-@pytest.mark.parametrize("study, n_rows", [("components", 5), ("depth", 1), ("policies", 2)])
+@pytest.mark.parametrize("study, n_rows", [("components", 5), ("depth", 1), ("policies", 2), ("joint", 2)])
 def test_study_writes_json_table_and_plot(studies, study, n_rows):
     out, result = studies[study]
     saved = json.loads(out.with_suffix(".json").read_text())
@@ -141,3 +146,9 @@ def test_a_row_whose_output_leaves_ar_stops_the_study(ablate, tiny_exit, tmp_pat
     with pytest.raises(ablate.NotLossless, match="fixed: EESD output differs from AR"):
         run(ablate, tiny_exit, tmp_path / "p", "policies", "policies.kinds=fixed")
     assert not (tmp_path / "p.json").exists()
+
+
+def test_joint_trains_an_exit_per_layer_and_benches_each(studies):
+    _, result = studies["joint"]
+    assert [r["N"] for r in result["rows"]] == [1, 2] and result["recipe"] == "tiny"
+    assert all(r["identical"] for r in result["rows"])

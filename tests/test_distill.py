@@ -347,3 +347,23 @@ def test_teacher_forced_text_trains_the_exit(run, lm, tmp_path):
     with pytest.raises(ValueError, match="made differently"):  # Another corpus in the same dir is refused.
         (docs / "a.md").write_text("# Changed\n" + "other text " * 40)
         distill.prepare_text_data(lm, c, tmp_path / "run" / "text_data", progress=False)
+
+
+def test_joint_run_trains_an_exit_per_layer_on_one_data_preparation(run, lm, tmp_path):
+    """exit.joint_layers (COST-EFF multi-exit training): an exit at every N from one run and one data
+    preparation. The LLM is frozen, so each exit is the one a run of its own trains on that data."""
+    from safetensors.numpy import load_file
+
+    config, _, alone = run
+    with pytest.raises(ValueError, match=r"exit layer N=3 must be in \[1, 3\)"):  # Checked before any data is made.
+        train.run_distill(tiny_config(**{"exit.joint_layers": (3,)}), tmp_path / "bad", lm=lm, progress=False)
+    assert not (tmp_path / "bad" / "data").exists()
+    joint_cfg = tiny_config(**{"data.dir": config.data.dir, "exit.joint_layers": (2,)})
+    first = train.run_distill(joint_cfg, tmp_path / "joint", lm=lm, progress=False)
+    paths = json.loads((tmp_path / "joint" / "joint.json").read_text())
+    assert list(paths) == ["1", "2"] and str(first) == paths["1"]
+    ours, theirs = load_file(paths["1"]), load_file(str(alone))
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    exit_cfg, _ = load(paths["2"], lm, layer=2)
+    assert exit_cfg == exits.ExitConfig(layer=2, own_head=False, draft_vocab=48)
+    assert not np.array_equal(load_file(paths["2"])["norm"], ours["norm"])  # Trained on its own layer's states.

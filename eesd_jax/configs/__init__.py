@@ -209,6 +209,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.exit.draft_vocab = 0  # >0: own head over the most frequent draft_vocab tokens of the data.
     c.exit.file_dtype = "float32"  # Float type of the exported file; "float16" halves it.
     c.exit.context_layer = 0  # c > N: attend over layer-c states at verified positions (exits.ExitConfig).
+    # COST-EFF multi-exit training: exits at these N too, from the same data and batches (train.run_joint).
+    c.exit.joint_layers = ()
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""  # Where data lives; "" = WORKDIR/data. Share one dir between runs for other N.
