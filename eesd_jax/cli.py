@@ -485,9 +485,11 @@ def cmd_distill(args) -> int:
         cfg, params = model.with_dtype(lm.cfg, lm.params, args.dtype)
         lm = dataclasses.replace(lm, cfg=cfg, params=params)
     path = train.run_distill(args.config_dict, workdir, lm=lm)
-    joint = pathlib.Path(workdir) / "joint.json"
-    for written in json.loads(joint.read_text()).values() if args.config_dict.exit.joint_layers else [path]:
-        print(f"exit written to {written}")
+    written = [path]
+    if args.config_dict.exit.joint_layers:  # run_joint lists an exit per N.
+        written = json.loads((pathlib.Path(workdir) / "joint.json").read_text()).values()
+    for exit_path in written:
+        print(f"exit written to {exit_path}")
     return 0
 
 

@@ -62,3 +62,10 @@ def test_every_shipped_exit_loads_for_the_bundled_model_and_is_lossless(smollm):
         out = generate.generate_eesd(smollm.cfg, smollm.params, exit_params, ecfg, ids, 24, eos_ids=eos)
         assert out.tokens == ar.tokens, path.name
     assert contexts == {0, smollm.cfg.n_layers - 1}
+
+
+def test_a_request_picks_the_best_shipped_exit_at_its_layer(smollm):
+    """--exit-layer N: the best shipped exit at N (what a joint run's several N are for), else none."""
+    at_2 = shipped.exits_for(smollm, layer=2)
+    assert at_2 == shipped.exits_for(smollm) and shipped.default_exit(smollm, 2) == str(at_2[0])
+    assert shipped.exits_for(smollm, layer=4) == [] and shipped.default_exit(smollm, 4) is None
