@@ -4,13 +4,19 @@ Every variant is a smollm2 config (ml_collections overrides, VARIANTS below) tra
 generated data dir; each is measured on the same validation prompts (every 10th training
 prompt, never trained on): top-1 agreement of its first draft with the LLM (a draft of a
 greedy round is accepted iff it is the LLM's top-1), and of draft token j = 1..K given
-correct earlier drafts. One command per row; rows accumulate in OUT.json / OUT.md, and
-OUT.png plots validation agreement against training tokens for every variant.
+correct earlier drafts. One command per row; rows accumulate in OUT.json / OUT.md. OUT.png
+plots validation agreement against training sequences seen for every variant, and its best
+value against the trained positions for each data source (the data-scaling curve:
+data.response_tokens / data.text.max_tokens subsample a source), with a least-squares line
+per source in log2 of the positions (OUT.json "scaling": top-1 gained per doubling, and the
+positions a target agreement would need if the line held).
 
   python experiments/drafter_study.py --variants paper context29 --data-dir runs/data
   python experiments/drafter_study.py --variants context29+readmes --text-dir runs/text_readmes
   python experiments/drafter_study.py --exit shipped=eesd_jax/data/exits/X.safetensors   # measure only
+  python experiments/drafter_study.py --variants "responses-25k=N=2,context=29,data.response_tokens=25000,train.steps=100"
   python experiments/drafter_study.py --base tiny --variants paper=N=1 ctx=N=1,context=2   # seconds
+  python experiments/drafter_study.py --render   # rewrite OUT.md / OUT.png from OUT.json
 
 Speed on held-out prompts is measured by experiments/exit_sweep.py --exits (AR vs EESD).
 """
@@ -21,6 +27,8 @@ import argparse
 import json
 import pathlib
 import time
+
+import numpy as np
 
 from eesd_jax import configs, distill, exits, provenance, train
 
@@ -75,20 +83,78 @@ def curve(path: pathlib.Path, per_step: int) -> list[dict]:
     ]
 
 
+def source(config) -> str:
+    """The data a variant trains on: "responses", the text corpus, or both ("responses+readmes")."""
+    corpus = str(config.data.text.corpus)
+    if not corpus:
+        return "responses"
+    corpus = pathlib.Path(corpus).name  # A folder corpus by its name.
+    return corpus if config.data.text.only else f"responses+{corpus}"
+
+
+def trained(workdir: pathlib.Path, config) -> dict:
+    """What a finished training run saw: its source and trained positions (from its run.json)."""
+    run = json.loads((workdir / "run.json").read_text())
+    return {"source": source(config), "trained_positions": run["metrics"]["trained"]["train"]["positions"]}
+
+
+def best(row: dict) -> float:
+    """The row's best validation top-1 over its training curve (early stopping), else its final one."""
+    return max([c["val_top1"] for c in row.get("curve") or []] + [row["val_first_draft_top1"]])
+
+
+TARGETS = (0.68, 0.78)  # Per-draft acceptance that 1.3x / 1.5x need at N = 2 on this CPU (round_costs.py).
+
+
+def scaling(rows: dict) -> dict:
+    """Per source with >= 2 budgets: best top-1 ~ a + b log2(positions), and where it would reach TARGETS."""
+    by_source: dict[str, list] = {}
+    for name, r in rows.items():
+        if r.get("source") and r.get("trained_positions"):
+            by_source.setdefault(r["source"], []).append((r["trained_positions"], best(r), name))
+    fits = {}
+    for src, pts in sorted(by_source.items()):
+        pts.sort()
+        if len({p for p, _, _ in pts}) < 2:
+            fits[src] = {"points": pts}
+            continue
+        x, y = np.log2([p for p, _, _ in pts]), np.array([t for _, t, _ in pts])
+        slope, icept = np.polyfit(x, y, 1)
+        need = {str(t): float(2 ** ((t - icept) / slope)) if slope > 0 else None for t in TARGETS}
+        fits[src] = {"points": pts, "top1_per_doubling": float(slope), "intercept": float(icept),
+                     "positions_needed": need}  # fmt: skip
+    return fits
+
+
 def table(rows: dict) -> str:
     head = (
-        "| variant | N | context | trained positions | val first-draft top-1 | by draft position 1..K | val KL "
-        "| data s (responses / text) | train s |"
+        "| variant | N | context | source | trained positions | val first-draft top-1 (best) "
+        "| by draft position 1..K | val KL | data s (responses / text) | train s |"
     )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for name, r in rows.items():
         pos = " / ".join(f"{x:.2f}" for x in r["val_top1_by_draft_position"])
         lines.append(
-            f"| {name} | {r['N']} | {r['context_layer'] or '-'} | {r.get('trained_positions', '-')} "
-            f"| {r['val_first_draft_top1']:.3f} | {pos} | {r['val_kl']:.3f} "
+            f"| {name} | {r['N']} | {r['context_layer'] or '-'} | {r.get('source', '-')} "
+            f"| {r.get('trained_positions', '-')} | {r['val_first_draft_top1']:.3f} ({best(r):.3f}) | {pos} "
+            f"| {r['val_kl']:.3f} "
             f"| {' / '.join(str(v) for v in r['data_seconds'].values()) if 'data_seconds' in r else '-'} "
             f"| {r.get('train_seconds', '-')} |"
         )
+    fits = scaling(rows)
+    if any("top1_per_doubling" in f for f in fits.values()):
+        lines += [
+            "",
+            "| source | budgets (trained positions: best top-1) | top-1 per doubling | "
+            + " | ".join(f"positions for {t}" for t in TARGETS)
+            + " |",
+            "|---" * (3 + len(TARGETS)) + "|",
+        ]
+        for src, f in fits.items():
+            pts = ", ".join(f"{p // 1000}k: {t:.3f}" for p, t, _ in f["points"])
+            need = [f"{v:.2g}" if v else "never" for v in f.get("positions_needed", {}).values()]
+            per = f"{f['top1_per_doubling']:+.3f}" if "top1_per_doubling" in f else "-"
+            lines.append(f"| {src} | {pts} | {per} | " + " | ".join(need or ["-"] * len(TARGETS)) + " |")
     return "\n".join(lines)
 
 
@@ -98,7 +164,7 @@ def plot(rows: dict, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, (ax, ax_data) = plt.subplots(1, 2, figsize=(12.8, 4.4))
     for name, r in rows.items():
         if r.get("curve"):
             ax.plot([c["sequences"] for c in r["curve"]], [c["val_top1"] for c in r["curve"]], marker="o", label=name)
@@ -106,15 +172,33 @@ def plot(rows: dict, path: pathlib.Path) -> None:
             ax.axhline(r["val_first_draft_top1"], linestyle="--", color="gray", label=f"{name} (final)")
     ax.set_xlabel("training sequences seen")
     ax.set_ylabel("validation first-draft top-1 (= greedy acceptance)")
-    ax.set_title("What makes the drafter accepted (SmolLM2-135M, held-out prompts)")
+    ax.set_title("Validation curves (SmolLM2-135M, held-out prompts)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
+    for src, f in scaling(rows).items():
+        x = [p for p, _, _ in f["points"]]
+        (line,) = ax_data.plot(x, [t for _, t, _ in f["points"]], marker="o", label=src)
+        if "top1_per_doubling" in f:
+            xs = np.geomspace(min(x), max(x) * 4, 50)
+            ax_data.plot(
+                xs,
+                f["intercept"] + f["top1_per_doubling"] * np.log2(xs),
+                linestyle=":",
+                color=line.get_color(),
+                label=f"{src}: {f['top1_per_doubling']:+.3f} per doubling",
+            )
+    ax_data.set_xscale("log", base=2)
+    ax_data.set_xlabel("trained positions (data size)")
+    ax_data.set_ylabel("best validation first-draft top-1")
+    ax_data.set_title("Data scaling, per source")
+    ax_data.grid(alpha=0.3)
+    ax_data.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="*", default=[], help=f"names ({', '.join(VARIANTS)}) or NAME=OVERRIDES")
     ap.add_argument("--base", default="smollm2", help="the config the variants override")
@@ -133,9 +217,10 @@ def main() -> None:
     ap.add_argument("--round-len", type=int, default=6, help="K for acceptance by draft position")
     ap.add_argument("--out", default="experiments/results/drafter_study")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
-    args = ap.parse_args()
-    if not args.variants and not args.exit and not args.curve:
-        ap.error("name --variants to train, --exit NAME=PATH to measure or --curve NAME=METRICS")
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT.md / OUT.png from OUT.json")
+    args = ap.parse_args(argv)
+    if not (args.variants or args.exit or args.curve or args.render):
+        ap.error("name --variants to train, --exit NAME=PATH to measure, --curve NAME=METRICS or --render")
 
     out = pathlib.Path(args.out)
     saved = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
@@ -161,8 +246,7 @@ def main() -> None:
             path = train.run_distill(config, workdir, lm=lm, progress=args.progress)
             seen = curve(workdir / "metrics.jsonl", int(config.train.batch_size))
             run = json.loads((workdir / "run.json").read_text())
-            row |= {"train_seconds": round(time.perf_counter() - t0), "curve": seen,
-                    "trained_positions": run["metrics"]["trained"]["train"]["positions"],
+            row |= {"train_seconds": round(time.perf_counter() - t0), "curve": seen, **trained(workdir, config),
                     "data_seconds": {"responses": round(sum(run["data_seconds"].values())),
                                      "text": round(sum((run["text"] or {}).get("seconds", {}).values()))}}  # fmt: skip
         else:
@@ -173,9 +257,18 @@ def main() -> None:
     for spec in args.curve:
         name, _, path = spec.partition("=")
         rows[name]["curve"] = curve(pathlib.Path(path), int(base.train.batch_size))
+    for name, row in rows.items():  # Rows trained before their source was recorded.
+        run_dir = pathlib.Path(args.workdir) / name
+        if row.get("spec") and "source" not in row and (run_dir / "run.json").is_file():
+            row |= trained(run_dir, configs.load_config(row["spec"]))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"provenance": provenance.record(data_seed=0, train_seed=0), "args": vars(args), "rows": rows}
+    record = {
+        "provenance": provenance.record(data_seed=0, train_seed=0),
+        "args": vars(args),
+        "rows": rows,
+        "scaling": scaling(rows),
+    }
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     out.with_suffix(".md").write_text(table(rows) + "\n")
     plot(rows, out.with_suffix(".png"))
