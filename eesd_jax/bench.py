@@ -3,8 +3,9 @@
 Reports per-mode tokens/s (medians over repeats), the speedup of EESD over AR,
 whether greedy outputs are identical, and the hardware-independent figures:
 acceptance rate alpha, mean accepted tokens per round tau (bonus included), mean
-draft length, and the measured draft/target cost ratio c (one draft step through
-layers [0, N) + exit + draft head, over one full-model step).
+draft length, the measured draft/target cost ratio c (one draft step through
+layers [0, N) + exit + draft head, over one full-model step), and on request the
+acceptance by draft position (from one traced EESD pass after the timed ones).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import eesd, exits, generate, model, provenance
+from eesd_jax import eesd, exits, generate, model, outcomes, provenance
 from eesd_jax.kv_cache import init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.sampling import SamplingConfig
@@ -270,22 +271,25 @@ def run(
     seed: int = 0,
     progress=None,
     step_costs: bool = True,
+    by_position: bool = False,
 ) -> dict:
     """Generate every prompt (in batches) with each mode; returns the report dict.
 
-    step_costs: also time one draft step against one AR step (cost_ratio) when EESD runs."""
+    step_costs: also time one draft step against one AR step (cost_ratio) when EESD runs.
+    by_position: also decode the prompts once more with EESD traced (EESDConfig.trace, outside
+    the timing) and report acceptance by draft position 1..K (outcomes.acceptance_by_position)."""
     free_executables_near_map_limit()
     cfg, params = setup.cfg, setup.params
     split = eesd.split_params(params, setup.ecfg.exit_layer, setup.ecfg.context_layer)
     batches = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
 
-    def one(mode, rows):
+    def one(mode, rows, ecfg=setup.ecfg):
         if mode == "ar":
             return generate.generate_ar(
                 cfg, params, rows, max_new_tokens, sampling, setup.eos_ids, seed, mesh=setup.mesh
             )
         return generate.generate_eesd(
-            cfg, params, setup.exit_params, setup.ecfg, rows, max_new_tokens, sampling, setup.eos_ids, seed, split=split
+            cfg, params, setup.exit_params, ecfg, rows, max_new_tokens, sampling, setup.eos_ids, seed, split=split
         )
 
     # Warm-up: compile every shape the measured runs will use (prompt widths vary).
@@ -315,6 +319,10 @@ def run(
         if mode == "eesd":
             totals = {k: sum(sum(g.stats["per_row"][k]) for g in gens) for k in ("rounds", "drafted", "accepted")}
             entry.update(generate.speculation_stats(totals["rounds"], totals["drafted"], totals["accepted"]))
+            if by_position:
+                traced = [one(mode, rows, dataclasses.replace(setup.ecfg, trace=True)) for rows in batches]
+                judged = outcomes.drafts([g.trace for g in traced], [g.stats["per_row"]["rounds"] for g in traced])
+                entry["acceptance_by_position"] = outcomes.acceptance_by_position(judged, setup.ecfg.max_draft)
         report["modes"][mode] = entry
     if "ar" in modes and "eesd" in modes:
         ar, es = report["modes"]["ar"], report["modes"]["eesd"]
@@ -357,6 +365,10 @@ def format_table(report: dict) -> str:
             f"{e.get('acceptance_rate', float('nan')):7.3f} {e.get('mean_accepted_per_round', float('nan')):6.2f} "
             f"{e.get('mean_draft_length', float('nan')):6.2f}"
         )
+    by_position = report["modes"].get("eesd", {}).get("acceptance_by_position")
+    if by_position:
+        rates = " ".join("-" if p["rate"] is None else f"{p['rate']:.2f}" for p in by_position)
+        lines.append(f"acceptance by draft position 1..{len(by_position)} (given the prefix stood): {rates}")
     if "speedup" in report:
         lines.append(
             f"speedup EESD/AR: {report['speedup']:.3f}x (median {report['median_speedup']:.3f}x), "

@@ -427,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_eesd_args(b)
     add_mesh_args(b)
+    b.add_argument(
+        "--by-position",
+        action="store_true",
+        help="also report acceptance by draft position (one more, traced EESD pass, not timed)",
+    )
     b.add_argument("--json", action="store_true", help="print only the final JSON line")
     b.set_defaults(func=cmd_bench, validate=validate_bench)
     add_distill_parsers(sub)
@@ -633,6 +638,7 @@ def cmd_bench(args) -> int:
         args.repeats,
         args.seed,
         progress,
+        by_position=args.by_position,
     )
     source = f"random:{args.random_shape}" if args.random_shape else args.prompts
     report["config"].update(prompts=source, split=args.split, exit=exit_path or "untrained", model=session.lm.source)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import full_forward
 
-from eesd_jax import bench, eesd, exits, generate
+from eesd_jax import bench, control, eesd, exits, generate
 
 
 def test_report_counts_prompts_and_records_provenance(tiny):
@@ -60,3 +60,23 @@ def test_executables_are_dropped_only_near_the_memory_map_limit(monkeypatch):
     assert cleared == []
     bench.free_executables_near_map_limit(fraction=0.0)
     assert cleared == [True]
+
+
+def test_acceptance_by_position_comes_from_a_traced_pass_of_the_same_decoding(tiny):
+    cfg, params = tiny
+    exit_params = exits.init_exit(cfg, params, exits.ExitConfig(1))
+    ecfg = eesd.EESDConfig(exit_layer=1, max_draft=3, controller=control.ControllerConfig("fixed"))
+    setup = bench.BenchSetup(cfg, params, exit_params, ecfg, eos_ids=())
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    report = bench.run(setup, prompts, max_new_tokens=12, modes=("eesd",), step_costs=False, by_position=True)
+    entry = report["modes"]["eesd"]
+    by_position = entry["acceptance_by_position"]
+    assert [p["position"] for p in by_position] == [1, 2, 3]
+    # The traced pass decodes what the timed one did: every accepted draft is counted once.
+    assert sum(p["accepted"] for p in by_position) == entry["accepted"] > 0
+    for here, after in zip(by_position, by_position[1:]):  # A draft is judged only on a standing prefix.
+        assert after["judged"] <= here["accepted"] <= here["judged"]
+        assert here["rate"] == round(here["accepted"] / here["judged"], 4)
+    assert "acceptance by draft position 1..3" in bench.format_table(report)
+    plain = bench.run(setup, prompts, max_new_tokens=12, modes=("eesd",), step_costs=False)
+    assert "acceptance_by_position" not in plain["modes"]["eesd"]
