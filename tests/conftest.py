@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import pathlib
@@ -119,6 +120,17 @@ def cache_dir(tmp_path, monkeypatch) -> pathlib.Path:
     path = tmp_path / "eesd_cache"
     monkeypatch.setenv("EESD_JAX_CACHE", str(path))
     return path
+
+
+def load_experiment(name: str):
+    """experiments/<name>.py imported as module `name`, registered in sys.modules (its dataclasses
+    resolve their annotations through it)."""
+    path = pathlib.Path(__file__).parent.parent / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def files_under(path: pathlib.Path) -> list[pathlib.Path]:

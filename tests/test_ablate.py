@@ -1,16 +1,13 @@
 """experiments/ablate.py on the tiny config: every study writes its JSON (with provenance), markdown
 table and PNG; every row is checked against AR, and a row whose output leaves AR's stops the study."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
+from conftest import load_experiment
 
 from eesd_jax import configs, generate
 
-SCRIPT = pathlib.Path(__file__).parent.parent / "experiments" / "ablate.py"
 # Two prompts, K = 2: the depth cell (N = 1, K = 2, fixed) and the policies reuse loops the
 # components study compiled (same shapes and EESD configs), which keeps this module fast.
 FAST = ["--config", "tiny", "--n", "1", "--max-new-tokens", "12", "--max-draft", "2"]
@@ -18,12 +15,7 @@ FAST = ["--config", "tiny", "--n", "1", "--max-new-tokens", "12", "--max-draft",
 
 @pytest.fixture(scope="module")
 def ablate():
-    spec = importlib.util.spec_from_file_location("ablate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ablate"] = module  # Its dataclasses resolve their annotations through it.
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["ablate"]
+    return load_experiment("ablate")
 
 
 KNOBS = {

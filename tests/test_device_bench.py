@@ -1,18 +1,13 @@
 """experiments/device_bench.py --quick: one JSON with every figure, provenance and the device in its name."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
-
-SCRIPT = pathlib.Path(__file__).parent.parent / "experiments" / "device_bench.py"
+from conftest import load_experiment
 
 
 def test_quick_run_writes_one_complete_json(tmp_path):
-    spec = importlib.util.spec_from_file_location("device_bench", SCRIPT)
-    device_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(device_bench)
+    device_bench = load_experiment("device_bench")
     out = tmp_path / "result.json"
     assert device_bench.main(["--quick", "--out", str(out)]) == 0
     result = json.loads(out.read_text())

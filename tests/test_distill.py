@@ -344,9 +344,18 @@ def test_teacher_forced_text_trains_the_exit(run, lm, tmp_path):
     meta = exits.read_exit_metadata(path)
     assert json.loads(meta["extra"])["data"]["text"]["counts"]["train_positions"] == seq["mask"].sum()
 
-    with pytest.raises(ValueError, match="made differently"):  # Another corpus in the same dir is refused.
-        (docs / "a.md").write_text("# Changed\n" + "other text " * 40)
-        distill.prepare_text_data(lm, c, tmp_path / "run" / "text_data", progress=False)
+    text_dir = tmp_path / "run" / "text_data"
+    made = distill.read_manifest(text_dir)
+    (docs / "a.md").write_text("# Changed\n" + "other text " * 40)
+    with pytest.raises(ValueError, match=r"made differently \(corpus_sha256 differ\).*data.text.frozen"):
+        distill.prepare_text_data(lm, c, text_dir, progress=False)  # Another corpus in the same dir is refused.
+    # frozen: the data as made is used, whatever the corpus is now, and its manifest is left as it was.
+    frozen = tiny_config(**{"data.text.corpus": str(docs), "data.text.seq_len": 40, "data.text.frozen": True})
+    assert distill.prepare_text_data(lm, frozen, text_dir, progress=False) == made
+    with pytest.raises(ValueError, match="another model or seq_len"):
+        distill.prepare_text_data(lm, tiny_config(**{"data.text.seq_len": 48, "data.text.frozen": True}), text_dir)
+    with pytest.raises(ValueError, match="holds no text data"):
+        distill.prepare_text_data(lm, frozen, tmp_path / "empty", progress=False)
 
 
 def test_joint_run_trains_an_exit_per_layer_on_one_data_preparation(run, lm, tmp_path):

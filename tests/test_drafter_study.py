@@ -1,25 +1,16 @@
 """experiments/drafter_study.py: the data-scaling fit, and on the tiny config rows that record
 their source and trained positions, a scaling line per source, and a re-render from the JSON."""
 
-import importlib.util
 import json
 import math
-import pathlib
-import sys
 
 import pytest
-
-SCRIPT = pathlib.Path(__file__).parent.parent / "experiments" / "drafter_study.py"
+from conftest import load_experiment
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("drafter_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["drafter_study"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["drafter_study"]
+    return load_experiment("drafter_study")
 
 
 def test_scaling_fits_top1_per_doubling_and_the_positions_a_target_needs(study):

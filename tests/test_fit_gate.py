@@ -1,29 +1,21 @@
 """experiments/fit_gate.py on the tiny config: the gate fitted on traced verification outcomes ships
 beside the exit and `--controller gate` then uses it; the scores it reports are computed right."""
 
-import importlib.util
 import json
 import pathlib
 import shutil
-import sys
 
 import numpy as np
 import pytest
+from conftest import load_experiment
 
 from eesd_jax import configs, control, distill, eesd, exits
 from eesd_jax.policies import gate
 
-SCRIPT = pathlib.Path(__file__).parent.parent / "experiments" / "fit_gate.py"
-
 
 @pytest.fixture(scope="module")
 def fit_gate():
-    spec = importlib.util.spec_from_file_location("fit_gate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fit_gate"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["fit_gate"]
+    return load_experiment("fit_gate")
 
 
 def test_scores_rank_and_calibrate(fit_gate):

@@ -9,7 +9,6 @@ below read it.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_experiment
 
 from eesd_jax import model, sharding
 from eesd_jax.kv_cache import KVCache, init_cache
@@ -494,9 +494,7 @@ def _mesh_checks() -> dict:
     }
 
     # Collectives of a verify step on (1, 8) (the experiment script, tiny config).
-    spec = importlib.util.spec_from_file_location("count_collectives", ROOT / "experiments" / "count_collectives.py")
-    cc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cc)
+    cc = load_experiment("count_collectives")
     summary = cc.run("tiny", "data=1,model=8", tokens=8, batch=1, cache_len=64)
     keys = ("per_layer", "outside_layers", "total", "layer_trip_count", "matches_megatron")
     out["collectives"] = {k: summary[k] for k in keys}

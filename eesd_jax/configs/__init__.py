@@ -233,6 +233,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text.seq_len = 512  # Tokens per sequence the corpus is cut into.
     c.data.text.max_tokens = 0  # Trained positions drawn from it (0 = all).
     c.data.text.only = False  # Train on the text alone (the responses' validation split still validates).
+    # Use the text data already in data.text.dir as made, without reading the corpus again (its
+    # manifest names the corpus and its sha256; "readmes" changes whenever packages are installed).
+    c.data.text.frozen = False
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 300
