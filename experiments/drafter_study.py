@@ -50,13 +50,27 @@ def variant_overrides(spec: str) -> tuple[str, str]:
     return name, overrides or VARIANTS[name]
 
 
-def measure(lm, exit_path: pathlib.Path, data_dir: str, val_every: int, round_len: int) -> dict:
-    """Validation figures of one exit: first-draft top-1 and top-1 by draft position."""
+def validation(lm, exit_path: pathlib.Path, data_dir: str, val_every: int):
+    """(exit config, exit params, validation Data) of an exit on the shared data's validation prompts."""
     exit_cfg, params = exits.load_exit(exit_path, lm.cfg, lm.fingerprint)
     data = distill.load_data(data_dir, exit_cfg.layer, context_layer=exit_cfg.context_layer)
     _, val = data.split(val_every)
     if val is None:
         raise SystemExit("measuring needs validation prompts: set train.val_every_prompt > 0")
+    return exit_cfg, params, val
+
+
+def draft_vocab_coverage(exit_params, val: distill.Data) -> float | None:
+    """Share of validation positions whose LLM top-1 is in the exit's draft vocabulary: the ceiling of
+    its first-draft top-1 (None for a full-vocabulary head)."""
+    if "vocab" not in exit_params:
+        return None
+    return round(float(np.isin(val.topk_ids[val.mask, 0], np.asarray(exit_params["vocab"])).mean()), 6)
+
+
+def measure(lm, exit_path: pathlib.Path, data_dir: str, val_every: int, round_len: int) -> dict:
+    """Validation figures of one exit: first-draft top-1, top-1 by draft position, draft-vocabulary coverage."""
+    exit_cfg, params, val = validation(lm, exit_path, data_dir, val_every)
     first = distill.data_metrics(lm.cfg, lm.params, params, val)
     by_pos = distill.data_metrics(lm.cfg, lm.params, params, val, round_len=round_len)
     return {
@@ -68,6 +82,7 @@ def measure(lm, exit_path: pathlib.Path, data_dir: str, val_every: int, round_le
         "val_kl": first["kl"],
         "val_positions": first["positions"],
         "val_top1_by_draft_position": by_pos["top1_by_draft_position"],
+        "val_draft_vocab_coverage": draft_vocab_coverage(params, val),
     }
 
 
@@ -126,10 +141,14 @@ def scaling(rows: dict) -> dict:
     return fits
 
 
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def table(rows: dict) -> str:
     head = (
         "| variant | N | context | source | trained positions | val first-draft top-1 (best) "
-        "| by draft position 1..K | val KL | data s (responses / text) | train s |"
+        "| by draft position 1..K | draft-vocab coverage | val KL | data s (responses / text) | train s |"
     )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for name, r in rows.items():
@@ -137,7 +156,7 @@ def table(rows: dict) -> str:
         lines.append(
             f"| {name} | {r['N']} | {r['context_layer'] or '-'} | {r.get('source', '-')} "
             f"| {r.get('trained_positions', '-')} | {r['val_first_draft_top1']:.3f} ({best(r):.3f}) | {pos} "
-            f"| {r['val_kl']:.3f} "
+            f"| {_num(r.get('val_draft_vocab_coverage'))} | {r['val_kl']:.3f} "
             f"| {' / '.join(str(v) for v in r['data_seconds'].values()) if 'data_seconds' in r else '-'} "
             f"| {r.get('train_seconds', '-')} |"
         )
@@ -257,10 +276,15 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.curve:
         name, _, path = spec.partition("=")
         rows[name]["curve"] = curve(pathlib.Path(path), int(base.train.batch_size))
-    for name, row in rows.items():  # Rows trained before their source was recorded.
+    for name, row in rows.items():  # Rows measured before their source or coverage was recorded.
         run_dir = pathlib.Path(args.workdir) / name
         if row.get("spec") and "source" not in row and (run_dir / "run.json").is_file():
             row |= trained(run_dir, configs.load_config(row["spec"]))
+        if "val_draft_vocab_coverage" not in row and pathlib.Path(row.get("exit", "")).is_file():
+            lm = lm or distill.load_lm(base.model)
+            val_every = int((configs.load_config(row["spec"]) if row.get("spec") else base).train.val_every_prompt)
+            _, params, val = validation(lm, pathlib.Path(row["exit"]), args.data_dir, val_every)
+            row["val_draft_vocab_coverage"] = draft_vocab_coverage(params, val)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {

@@ -51,7 +51,9 @@ def test_tiny_rows_record_source_and_positions_and_render_again(study, tmp_path)
     rows = saved["rows"]
     assert {k: r["source"] for k, r in rows.items()} == {"small": "responses", "all": "responses", "text": "notes"}
     assert 0 < rows["small"]["trained_positions"] <= 60 < rows["all"]["trained_positions"]
-    assert all(len(r["curve"]) == 2 and 0 <= r["val_first_draft_top1"] <= 1 for r in rows.values())
+    assert all(len(r["curve"]) == 2 for r in rows.values())
+    # The draft head's vocabulary caps agreement: the LLM's top-1 must be in it.
+    assert all(0 <= r["val_first_draft_top1"] <= r["val_draft_vocab_coverage"] <= 1 for r in rows.values())
     assert saved["scaling"]["responses"]["top1_per_doubling"] == pytest.approx(
         (study.best(rows["all"]) - study.best(rows["small"]))
         / math.log2(rows["all"]["trained_positions"] / rows["small"]["trained_positions"])
@@ -61,5 +63,10 @@ def test_tiny_rows_record_source_and_positions_and_render_again(study, tmp_path)
     assert "per doubling" in table and all(f"| {k} |" in table for k in rows)
     assert out.with_suffix(".png").stat().st_size > 0
     out.with_suffix(".md").unlink()
-    study.main(["--render", "--out", str(out), "--workdir", str(tmp_path / "runs")])
+    older = json.loads(json.dumps(saved))
+    del older["rows"]["all"]["val_draft_vocab_coverage"]  # A row measured before coverage was: filled in.
+    out.with_suffix(".json").write_text(json.dumps(older))
+    study.main(["--render", "--out", str(out), "--workdir", str(tmp_path / "runs"), "--base", "tiny",
+                "--data-dir", str(tmp_path / "data")])  # fmt: skip
     assert out.with_suffix(".md").read_text() == table
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == rows
