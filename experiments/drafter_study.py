@@ -108,9 +108,27 @@ def source(config) -> str:
 
 
 def trained(workdir: pathlib.Path, config) -> dict:
-    """What a finished training run saw: its source and trained positions (from its run.json)."""
+    """What a finished training run saw (from its run.json): its source, trained positions, and what
+    making its kind of data cost per position here (ms: generation or tokenizing + teacher pass)."""
     run = json.loads((workdir / "run.json").read_text())
-    return {"source": source(config), "trained_positions": run["metrics"]["trained"]["train"]["positions"]}
+    layer = int(config.exit.layer)
+    made = {"responses": (_seconds_for(run["data_seconds"], layer), run["counts"]["train_positions"])}
+    if run.get("text"):
+        made["text"] = (_seconds_for(run["text"]["seconds"], layer), run["text"]["counts"]["train_positions"])
+    if config.data.text.only:
+        del made["responses"]
+    seconds, positions = (sum(x) for x in zip(*made.values(), strict=True))
+    return {
+        "source": source(config),
+        "trained_positions": run["metrics"]["trained"]["train"]["positions"],
+        "data_ms_per_position": round(1e3 * seconds / positions, 2),
+    }
+
+
+def _seconds_for(seconds: dict, layer: int) -> float:
+    """Data-making seconds an exit at `layer` needed: all but teacher passes that did not store its layer
+    (a later exit sharing the data dir added those)."""
+    return sum(v for k, v in seconds.items() if not k.startswith("teacher_") or str(layer) in k.split("_")[1:])
 
 
 def best(row: dict) -> float:
@@ -138,6 +156,11 @@ def scaling(rows: dict) -> dict:
         need = {str(t): float(2 ** ((t - icept) / slope)) if slope > 0 else None for t in TARGETS}
         fits[src] = {"points": pts, "top1_per_doubling": float(slope), "intercept": float(icept),
                      "positions_needed": need}  # fmt: skip
+        rates = [rows[name]["data_ms_per_position"] for _, _, name in pts if "data_ms_per_position" in rows[name]]
+        if rates:  # What making that much data of this kind would take on this machine.
+            ms = float(np.median(rates))
+            fits[src] |= {"data_ms_per_position": ms,
+                          "data_hours_needed": {t: n and n * ms / 3.6e6 for t, n in need.items()}}  # fmt: skip
     return fits
 
 
@@ -148,7 +171,7 @@ def _num(x) -> str:
 def table(rows: dict) -> str:
     head = (
         "| variant | N | context | source | trained positions | val first-draft top-1 (best) "
-        "| by draft position 1..K | draft-vocab coverage | val KL | data s (responses / text) | train s |"
+        "| by draft position 1..K | draft-vocab coverage | val KL | data dir made in s (responses / text) | train s |"
     )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for name, r in rows.items():
@@ -162,18 +185,21 @@ def table(rows: dict) -> str:
         )
     fits = scaling(rows)
     if any("top1_per_doubling" in f for f in fits.values()):
-        lines += [
-            "",
-            "| source | budgets (trained positions: best top-1) | top-1 per doubling | "
-            + " | ".join(f"positions for {t}" for t in TARGETS)
-            + " |",
-            "|---" * (3 + len(TARGETS)) + "|",
-        ]
+        head = ["source", "budgets (trained positions: best top-1)", "top-1 per doubling", "data ms per position"]
+        head += [f"positions (data-making hours) for {t}" for t in TARGETS]
+        lines += ["", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for src, f in fits.items():
             pts = ", ".join(f"{p // 1000}k: {t:.3f}" for p, t, _ in f["points"])
-            need = [f"{v:.2g}" if v else "never" for v in f.get("positions_needed", {}).values()]
-            per = f"{f['top1_per_doubling']:+.3f}" if "top1_per_doubling" in f else "-"
-            lines.append(f"| {src} | {pts} | {per} | " + " | ".join(need or ["-"] * len(TARGETS)) + " |")
+            if "top1_per_doubling" not in f:
+                lines.append(f"| {src} | {pts} |" + " - |" * (len(head) - 2))
+                continue
+            hours = f.get("data_hours_needed", {})
+            need = [
+                "never" if n is None else f"{n:.2g}" + (f" ({hours[t]:,.0f} h)" if hours.get(t) else "")
+                for t, n in f["positions_needed"].items()
+            ]
+            ms = f"{f['data_ms_per_position']:.1f}" if "data_ms_per_position" in f else "-"
+            lines.append(f"| {src} | {pts} | {f['top1_per_doubling']:+.3f} | {ms} | " + " | ".join(need) + " |")
     return "\n".join(lines)
 
 
@@ -278,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         rows[name]["curve"] = curve(pathlib.Path(path), int(base.train.batch_size))
     for name, row in rows.items():  # Rows measured before their source or coverage was recorded.
         run_dir = pathlib.Path(args.workdir) / name
-        if row.get("spec") and "source" not in row and (run_dir / "run.json").is_file():
+        if row.get("spec") and "data_ms_per_position" not in row and (run_dir / "run.json").is_file():
             row |= trained(run_dir, configs.load_config(row["spec"]))
         if "val_draft_vocab_coverage" not in row and pathlib.Path(row.get("exit", "")).is_file():
             lm = lm or distill.load_lm(base.model)

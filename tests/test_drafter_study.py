@@ -30,6 +30,7 @@ def test_scaling_fits_top1_per_doubling_and_the_positions_a_target_needs(study):
     assert fit["top1_per_doubling"] == pytest.approx(0.05)
     for target, positions in fit["positions_needed"].items():
         assert line(positions) == pytest.approx(float(target))
+    assert "data_hours_needed" not in fit  # No row says what its data cost to make.
     flat = {k: {**r, "val_first_draft_top1": 0.3, "curve": []} for k, r in rows.items() if k.startswith("r")}
     assert all(v is None for v in study.scaling(flat)["responses"]["positions_needed"].values())
 
@@ -58,6 +59,12 @@ def test_tiny_rows_record_source_and_positions_and_render_again(study, tmp_path)
         (study.best(rows["all"]) - study.best(rows["small"]))
         / math.log2(rows["all"]["trained_positions"] / rows["small"]["trained_positions"])
     )
+    fit = saved["scaling"]["responses"]
+    assert fit["data_ms_per_position"] == rows["small"]["data_ms_per_position"] > 0  # The same responses dir.
+    for target, positions in fit["positions_needed"].items():
+        hours = fit["data_hours_needed"][target]  # None where the line never reaches the target.
+        assert hours == (positions and pytest.approx(positions * fit["data_ms_per_position"] / 3.6e6))
+    assert rows["text"]["data_ms_per_position"] > 0
     assert saved["provenance"]["versions"]["jax"]
     table = out.with_suffix(".md").read_text()
     assert "per doubling" in table and all(f"| {k} |" in table for k in rows)
