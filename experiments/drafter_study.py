@@ -189,7 +189,7 @@ def table(rows: dict) -> str:
         head += [f"positions (data-making hours) for {t}" for t in TARGETS]
         lines += ["", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for src, f in fits.items():
-            pts = ", ".join(f"{p // 1000}k: {t:.3f}" for p, t, _ in f["points"])
+            pts = ", ".join(f"{p / 1000:.0f}k: {t:.3f}" for p, t, _ in f["points"])
             if "top1_per_doubling" not in f:
                 lines.append(f"| {src} | {pts} |" + " - |" * (len(head) - 2))
                 continue
