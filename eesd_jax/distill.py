@@ -402,39 +402,56 @@ def prepare_data(lm: LM, config, data_dir, progress: bool = True) -> dict:
 
 
 def prepare_text_data(lm: LM, config, data_dir, progress: bool = True) -> dict:
-    """prepare_data for the teacher-forced corpus of config.data.text.
+    """prepare_data for the teacher-forced corpus of config.data.text."""
+    return plan_text_data(lm, config, data_dir)(progress)
+
+
+def plan_text_data(lm: LM, config, data_dir):
+    """Check what config.data.text asks of data_dir, before any compute; returns prepare(progress) -> manifest.
 
     With data.text.frozen the corpus is not read: the text data already in data_dir is used as
     it was made (its manifest records the corpus and its sha256), as long as it was made by this
     model at this seq_len. A corpus like "readmes" changes when packages are installed, and
     the teacher pass over it takes most of an hour on a CPU.
     """
-    text_cfg = config.data.text
+    text_cfg, data_dir = config.data.text, pathlib.Path(data_dir)
     if text_cfg.frozen:
-        manifest = read_manifest(pathlib.Path(data_dir))
-        if manifest is None or not (pathlib.Path(data_dir) / "sequences.npz").is_file():
+        manifest = read_manifest(data_dir)
+        if manifest is None or not (data_dir / "sequences.npz").is_file():
             raise ValueError(f"data.text.frozen: {data_dir} holds no text data to use (run once without frozen)")
         spec = manifest["spec"]
         made_for = {"model_fingerprint": lm.fingerprint, "seq_len": int(text_cfg.seq_len)}
         if any(spec.get(k) != v for k, v in made_for.items()):
             raise ValueError(f"data.text.frozen: {data_dir} was made for another model or seq_len than this config's")
-        return _prepare(lm, config, data_dir, spec, None, progress)
-    docs = corpus.load_corpus(text_cfg.corpus)
-    make = lambda: text_data(lm, text_cfg, docs, data_dir, progress)  # noqa: E731
-    return _prepare(lm, config, data_dir, text_spec(lm, text_cfg, docs), make, progress)
+        docs = None  # Not read: the sequences are there.
+    else:
+        docs = corpus.load_corpus(text_cfg.corpus)
+        spec = text_spec(lm, text_cfg, docs)
+        _check_spec(data_dir, spec)
+
+    def prepare(progress: bool = True) -> dict:
+        make = lambda: text_data(lm, text_cfg, docs, data_dir, progress)  # noqa: E731
+        return _prepare(lm, config, data_dir, spec, make, progress)
+
+    return prepare
 
 
-def _prepare(lm: LM, config, data_dir, spec: dict, make_sequences, progress: bool) -> dict:
-    data_dir = pathlib.Path(data_dir)
-    manifest = read_manifest(data_dir)
-    if manifest is not None and manifest.get("spec") != spec:
-        made = manifest.get("spec") or {}
+def _check_spec(data_dir: pathlib.Path, spec: dict) -> None:
+    """Refuse a data dir whose manifest says it was made differently, naming what differs."""
+    made = (read_manifest(data_dir) or {}).get("spec")
+    if made is not None and made != spec:
         differ = sorted(k for k in made.keys() | spec.keys() if made.get(k) != spec.get(k))
         raise ValueError(
             f"{data_dir} holds data made differently ({', '.join(differ)} differ); "
             "use another workdir or data dir, or delete it"
             + (" (or data.text.frozen=true to train on that text data as made)" if "corpus_sha256" in differ else "")
         )
+
+
+def _prepare(lm: LM, config, data_dir, spec: dict, make_sequences, progress: bool) -> dict:
+    data_dir = pathlib.Path(data_dir)
+    _check_spec(data_dir, spec)
+    manifest = read_manifest(data_dir)
     if manifest is None or not (data_dir / "sequences.npz").is_file():
         manifest = make_sequences()
     e, d = config.exit, config.data

@@ -278,6 +278,9 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
 
     t0 = time.perf_counter()
     t = config.train
+    if config.data.text.corpus:  # Checked before the responses, which may take hours to make.
+        text_dir = pathlib.Path(config.data.text.dir) if config.data.text.dir else workdir / "text_data"
+        prepare_text = distill.plan_text_data(lm, config, text_dir)
     data_dir = pathlib.Path(config.data.dir) if config.data.dir else workdir / "data"
     manifest = distill.prepare_data(lm, config, data_dir, progress)
     all_data = distill.load_data(data_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer)
@@ -288,8 +291,7 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
         {k: manifest[k] for k in ("counts", "prompts", "sampling", "seed", "created")},
     )
     if config.data.text.corpus:
-        text_dir = pathlib.Path(config.data.text.dir) if config.data.text.dir else workdir / "text_data"
-        text_manifest = distill.prepare_text_data(lm, config, text_dir, progress)
+        text_manifest = prepare_text(progress)
         text = distill.load_data(text_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer)
         text = text.take_tokens(int(config.data.text.max_tokens), int(config.data.seed))
         data = text if config.data.text.only else distill.Data.concat([data, text])

@@ -358,6 +358,15 @@ def test_teacher_forced_text_trains_the_exit(run, lm, tmp_path):
         distill.prepare_text_data(lm, frozen, tmp_path / "empty", progress=False)
 
 
+def test_a_bad_text_request_is_refused_before_any_data_is_made(lm, tmp_path):
+    """The text data is checked before the responses are generated (hours on a CPU)."""
+    c = tiny_config(**{"data.dir": str(tmp_path / "data"), "data.text.corpus": "readmes",
+                       "data.text.dir": str(tmp_path / "no_text"), "data.text.frozen": True})  # fmt: skip
+    with pytest.raises(ValueError, match="holds no text data"):
+        train.run_distill(c, tmp_path / "run", lm=lm, progress=False)
+    assert not (tmp_path / "data").exists()
+
+
 def test_joint_run_trains_an_exit_per_layer_on_one_data_preparation(run, lm, tmp_path):
     """exit.joint_layers (COST-EFF multi-exit training): an exit at every N from one run and one data
     preparation. The LLM is frozen, so each exit is the one a run of its own trains on that data."""
