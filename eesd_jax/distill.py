@@ -436,9 +436,11 @@ def plan_text_data(lm: LM, config, data_dir):
     return prepare
 
 
-def _check_spec(data_dir: pathlib.Path, spec: dict) -> None:
-    """Refuse a data dir whose manifest says it was made differently, naming what differs."""
-    made = (read_manifest(data_dir) or {}).get("spec")
+def _check_spec(data_dir: pathlib.Path, spec: dict) -> dict | None:
+    """The data dir's manifest (None if it has none); refused if it says the data was made differently,
+    naming what differs."""
+    manifest = read_manifest(data_dir)
+    made = (manifest or {}).get("spec")
     if made is not None and made != spec:
         differ = sorted(k for k in made.keys() | spec.keys() if made.get(k) != spec.get(k))
         raise ValueError(
@@ -446,12 +448,12 @@ def _check_spec(data_dir: pathlib.Path, spec: dict) -> None:
             "use another workdir or data dir, or delete it"
             + (" (or data.text.frozen=true to train on that text data as made)" if "corpus_sha256" in differ else "")
         )
+    return manifest
 
 
 def _prepare(lm: LM, config, data_dir, spec: dict, make_sequences, progress: bool) -> dict:
     data_dir = pathlib.Path(data_dir)
-    _check_spec(data_dir, spec)
-    manifest = read_manifest(data_dir)
+    manifest = _check_spec(data_dir, spec)
     if manifest is None or not (data_dir / "sequences.npz").is_file():
         manifest = make_sequences()
     e, d = config.exit, config.data
