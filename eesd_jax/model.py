@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from eesd_jax import cpu_kernel
 from eesd_jax.kv_cache import KVCache
 
 Params = dict[str, Any]
@@ -181,20 +182,25 @@ def lm_head(params: Params, x_btd: jax.Array) -> jax.Array:
 def dense(x_btd: jax.Array, w_od: jax.Array, out_dtype=None) -> jax.Array:
     """[B, T, D] @ stored (out, in) weight [O, D] -> [B, T, O].
 
-    For a small block of 2..SMALL_BLOCK rows the weight is the dot's left operand
-    ("od,btd->obt"): XLA:CPU's GEMM packs its right operand, so the block there is
-    cheap while the weight streams once; with the weight on the right a 2..8 token
-    verification block cost ~2x a one-token step instead of ~1.3x. One row (a GEMV)
-    and long blocks (prefill, teacher passes: 1.4-1.7x slower weight-left) keep the
-    usual order.
+    On CPU, up to SMALL_BLOCK rows (decode, verify and draft shapes) run on the small-block
+    kernel (cpu_kernel.py) when it is available: it streams the weight once for all rows, and
+    a row's result does not depend on how many rows share the call. Otherwise XLA's dot; for
+    2..SMALL_BLOCK rows with the weight as its left operand ("od,btd->obt"): XLA:CPU's GEMM
+    packs its right operand, so the block there is cheap while the weight streams once (a 2..8
+    token block cost ~2x a one-token step with the weight on the right, ~1.3x on the left). One
+    row (a GEMV) and long blocks (prefill, teacher passes: 1.4-1.7x slower weight-left) keep
+    the usual order.
     """
-    B, T, _ = x_btd.shape
+    B, T, D = x_btd.shape
+    if cpu_kernel.applies(B * T, w_od):
+        y_no = cpu_kernel.matmul(x_btd.reshape(B * T, D), w_od)
+        return y_no.reshape(B, T, -1).astype(out_dtype or jnp.result_type(x_btd, w_od))
     if 1 < B * T <= SMALL_BLOCK:
         return jnp.einsum("od,btd->obt", w_od, x_btd, preferred_element_type=out_dtype).transpose(1, 2, 0)
     return jnp.einsum("btd,od->bto", x_btd, w_od, preferred_element_type=out_dtype)
 
 
-SMALL_BLOCK = 16  # Rows (B * T) up to which dense() puts the weight on the left.
+SMALL_BLOCK = 16  # Rows (B * T) up to which dense() uses the CPU kernel, else puts the weight on the left.
 
 
 # ----------------------------------------------------------------------------- one block

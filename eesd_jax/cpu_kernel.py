@@ -1,0 +1,103 @@
+"""The CPU small-block matmul kernel (eesd_jax/kernels/small_matmul.cc) as a jax.ffi custom call.
+
+For decode, verify and draft shapes (rows = B * T <= model.SMALL_BLOCK) XLA:CPU's GEMM costs
+2.5-3.7x a one-row GEMV for 2-8 rows; the kernel streams each weight row once for all rows, so
+verifying a few tokens costs about one AR step. A row's result depends only on that row, with
+the same arithmetic whatever the row count: AR (one row) and verification (k + 1 rows) round
+identically.
+
+The library is built by setup.py at install time (an optional extension: no compiler, no
+kernel). It is used only when all of these hold, else `model.dense` keeps XLA's dot:
+  * the library was built and this CPU has AVX2 and FMA;
+  * EESD_CPU_KERNEL is not "0" (read when a function is traced);
+  * the default backend is the CPU and no mesh is set (`jax.set_mesh`): a custom call is
+    opaque to the SPMD partitioner, so sharded graphs keep XLA's dot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import logging
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+TARGET = "eesd_small_matmul"
+LIBRARY = "_small_matmul"  # setup.py's extension eesd_jax._small_matmul.
+WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def library_path() -> pathlib.Path | None:
+    """The built library inside the package, or None when it was not built."""
+    here = pathlib.Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if (path := here / f"{LIBRARY}{suffix}").exists():
+            return path
+    return None
+
+
+def load(path: pathlib.Path | None) -> str | None:
+    """Register the kernel from the library at `path`; None on success, else why not."""
+    if path is None:
+        return "not built at install (no C++ compiler, or not an x86-64 machine)"
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+    except OSError as e:
+        return f"cannot load {path}: {e}"
+    if not lib.eesd_small_matmul_supported():
+        return "this CPU lacks AVX2/FMA"
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.EesdSmallMatmul), platform="cpu")
+    return None
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is registered (loads it once; one log line either way)."""
+    why_not = load(library_path())
+    if why_not:
+        log.info("eesd_jax CPU kernel unavailable (%s): XLA's dot for small blocks", why_not)
+    else:
+        log.info("eesd_jax CPU kernel loaded: small-block matmuls stream weights once (EESD_CPU_KERNEL=0 disables)")
+    return why_not is None
+
+
+def enabled() -> bool:
+    return os.environ.get("EESD_CPU_KERNEL", "1").strip() != "0"
+
+
+def applies(rows: int, w_od: jax.Array) -> bool:
+    """Whether dense() over `rows` rows with weight w_od runs on the kernel (decided at trace time)."""
+    from eesd_jax import model  # The threshold lives with dense(); model imports this module.
+
+    return (
+        1 <= rows <= model.SMALL_BLOCK
+        and w_od.ndim == 2
+        and w_od.dtype in WEIGHT_DTYPES
+        and enabled()
+        and jax.default_backend() == "cpu"
+        and jax.sharding.get_abstract_mesh().empty
+        and available()
+    )
+
+
+@jax.custom_jvp
+def matmul(x_nd: jax.Array, w_od: jax.Array) -> jax.Array:
+    """x[N, D] . w[O, D]^T -> [N, O] float32 on the kernel (x taken as float32, w float32 or bfloat16)."""
+    if not available():
+        raise RuntimeError("the eesd_jax CPU kernel is unavailable (see the log); use model.dense")
+    out = jax.ShapeDtypeStruct((x_nd.shape[0], w_od.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x_nd.astype(jnp.float32), w_od)
+
+
+@matmul.defjvp
+def _matmul_jvp(primals, tangents):
+    """The product rule through XLA's dot (the kernel has no transpose; gradients rarely reach it)."""
+    (x, w), (dx, dw) = primals, tangents
+    dot = lambda a, b: jnp.einsum("nd,od->no", a, b, preferred_element_type=jnp.float32)
+    return matmul(x, w), dot(dx, w) + dot(x, dw)
