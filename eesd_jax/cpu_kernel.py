@@ -57,14 +57,25 @@ def load(path: pathlib.Path | None) -> str | None:
 
 
 @functools.cache
+def unavailable_reason() -> str | None:
+    """None once the kernel is registered (loads it on the first call), else why it cannot be."""
+    return load(library_path())
+
+
 def available() -> bool:
-    """Whether the kernel is registered (loads it once; one log line either way)."""
-    why_not = load(library_path())
+    return unavailable_reason() is None
+
+
+def status() -> str:
+    """One line for logs and `make`: whether small-block matmuls run on the kernel."""
+    if not enabled():
+        return "eesd_jax CPU kernel: off (EESD_CPU_KERNEL=0), XLA's dot for small blocks"
+    why_not = unavailable_reason()
     if why_not:
-        log.info("eesd_jax CPU kernel unavailable (%s): XLA's dot for small blocks", why_not)
-    else:
-        log.info("eesd_jax CPU kernel loaded: small-block matmuls stream weights once (EESD_CPU_KERNEL=0 disables)")
-    return why_not is None
+        return f"eesd_jax CPU kernel: unavailable ({why_not}), XLA's dot for small blocks"
+    return (
+        "eesd_jax CPU kernel: loaded, small-block matmuls on CPU stream each weight once (EESD_CPU_KERNEL=0 disables)"
+    )
 
 
 def enabled() -> bool:
@@ -82,8 +93,14 @@ def applies(rows: int, w_od: jax.Array) -> bool:
         and enabled()
         and jax.default_backend() == "cpu"
         and jax.sharding.get_abstract_mesh().empty
-        and available()
+        and _logged_available()
     )
+
+
+@functools.cache
+def _logged_available() -> bool:
+    log.info(status())
+    return available()
 
 
 @jax.custom_jvp
