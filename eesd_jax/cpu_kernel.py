@@ -58,8 +58,10 @@ def load(path: pathlib.Path | None) -> str | None:
 
 @functools.cache
 def unavailable_reason() -> str | None:
-    """None once the kernel is registered (loads it on the first call), else why it cannot be."""
-    return load(library_path())
+    """None once the kernel is registered (loads it on the first call, logging the outcome), else why not."""
+    why_not = load(library_path())
+    log.info("eesd_jax CPU kernel %s", f"unavailable ({why_not})" if why_not else "loaded")
+    return why_not
 
 
 def available() -> bool:
@@ -93,14 +95,8 @@ def applies(rows: int, w_od: jax.Array) -> bool:
         and enabled()
         and jax.default_backend() == "cpu"
         and jax.sharding.get_abstract_mesh().empty
-        and _logged_available()
+        and available()
     )
-
-
-@functools.cache
-def _logged_available() -> bool:
-    log.info(status())
-    return available()
 
 
 @jax.custom_jvp
