@@ -24,7 +24,7 @@ Studies (knobs: STUDY_DEFAULTS, overridden with --set key=value, or the flags):
               [0, N) (EESDConfig.recompute_lower), verification always over K + 1.
   depth       an N x K grid with the `fixed` controller (every round drafts K, so the round's
               measured parts apply exactly): measured speedup against the one predicted from
-              round_costs' part costs and the measured tau. The exit is the trained one at its
+              eesd_jax.costs' part costs (round_costs.py's) and the measured tau. The exit is the trained one at its
               N, an untrained one (same draft head rows) at every other N.
   joint       multi-exit training (COST-EFF): exits at joint.layers trained in one run with the
               config's recipe (train.run_joint: one data preparation, the same batches), each
@@ -40,17 +40,13 @@ import dataclasses
 import json
 import pathlib
 import statistics
-import sys
 import tempfile
 
 import ml_collections
 import numpy as np
 
-from eesd_jax import bench, control, distill, eesd, exits, provenance, shipped, train
+from eesd_jax import bench, control, costs, distill, eesd, exits, provenance, shipped, train
 from eesd_jax.configs import apply_overrides, load_config
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import round_costs  # noqa: E402  (a sibling script, not a package)
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -229,7 +225,7 @@ def depth(s: Setup) -> dict:
     d, cfg = s.c.depth, s.lm.cfg
     draft_vocab = len(s.exit_params["vocab"]) if "vocab" in s.exit_params else 0
     tokens = sorted({k + 1 for k in d.max_drafts})
-    ms = round_costs.measure(cfg, s.lm.params, d.layers, tokens, draft_vocab, d.cache_len, d.cost_repeats)
+    ms = costs.measure(cfg, s.lm.params, d.layers, tokens, draft_vocab, d.cache_len, d.cost_repeats)
     rows = []
     for n in d.layers:
         trained = n == s.exit_cfg.layer
@@ -240,9 +236,9 @@ def depth(s: Setup) -> dict:
             ecfg = dataclasses.replace(s.ecfg(n, "fixed"), max_draft=k, **context)
             r = s.bench(f"N={n} K={k}", exit_params, ecfg)
             # Prefill and the budget's last short rounds are outside the model: it is decode-only.
-            predicted = r["tau"] * ms["ar_step"] / round_costs.round_ms(ms, n, k)
+            predicted = r["tau"] * ms["ar_step"] / costs.round_ms(ms, n, k)
             rows.append({"N": n, "K": k, "exit": "trained" if trained else "untrained", **r,
-                         "round_ms": round(round_costs.round_ms(ms, n, k), 2), "predicted": round(predicted, 3)})  # fmt: skip
+                         "round_ms": round(costs.round_ms(ms, n, k), 2), "predicted": round(predicted, 3)})  # fmt: skip
     ratio = round(float(np.median([r["predicted"] / r["speedup"] for r in rows])), 3)
     return {"rows": rows, "part_ms": {k: round(v, 3) for k, v in ms.items()}, "predicted_over_measured_median": ratio}
 

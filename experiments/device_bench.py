@@ -25,30 +25,16 @@ import argparse
 import json
 import pathlib
 import re
-import statistics
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-from eesd_jax import bench, control, eesd, exits, generate, loading, provenance
+from eesd_jax import bench, control, costs, eesd, exits, generate, loading, provenance
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 EXIT_LAYER = {"smollm2": 3, "1b": 2, "8b": 4, "bundled": 2}  # N per model (as in PLATFORM.md's table).
-
-
-def copy_bandwidth(nbytes: int, repeats: int) -> float:
-    """Bytes/s of a device copy (read + write counted), the measured bandwidth ceiling."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    copy = jax.jit(lambda x: x + 1.0)  # Not a no-op, so XLA reads and writes every byte.
-    jax.block_until_ready(copy(x))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(copy(x))
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times)
 
 
 def loop_costs(cfg, params, exit_params, n: int, max_draft: int, max_new: int) -> dict:
@@ -78,7 +64,7 @@ def measure(cfg, params, n: int, args) -> dict:
     params = bench.decode_layout(params)
     exit_params = exits.init_exit(cfg, params, exits.ExitConfig(n))
     ms = bench.step_costs(cfg, params, exit_params, [n], args.tokens, args.cache_len, args.repeats)
-    ar, draft = ms["ar_step"], ms[f"lower_N{n}"] + ms["exit_step"]
+    ar, draft = ms["ar_step"], costs.draft_ms(ms, n)
     loops = loop_costs(cfg, params, exit_params, n, args.max_draft, args.max_new)
     # A fixed-K round drafts k = mean draft length tokens: k + 1 draft steps and one verify of the
     # smallest bucket >= k + 1 (rounds near the end draft fewer; the mean covers them).
@@ -146,7 +132,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.cache_len, args.repeats, args.max_new, args.tokens = 128, 3, 12, [1, 2, 4]
     t_start = time.perf_counter()
-    args.bandwidth = copy_bandwidth((64 if args.quick else 1024) << 20, args.repeats)
+    args.bandwidth = costs.copy_bandwidth((64 if args.quick else 1024) << 20, args.repeats)
     kind = jax.devices()[0].device_kind
     out = {
         "device_kind": kind,

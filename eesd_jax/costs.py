@@ -1,0 +1,86 @@
+"""The EESD round-cost model: a round's time from its measured parts, and the speedup it predicts.
+
+An EESD round with k kept drafts runs k + 1 draft steps (block tokens 0..k through layers
+[0, N), the exit block and the draft head; the last one only writes the exit's cache) and one
+verification of layers [N, L) + the LM head over T = k + 1 tokens. AR runs one full one-token
+step per token. So
+
+    round(k) ~= (k + 1) * draft_step + verify(T = k + 1)
+    speedup  ~= tau * ar_step / round(k)
+
+`ms` holds the parts in milliseconds as `bench.step_costs` names them ("ar_step", "exit_step",
+"lower_N{n}", "verify_N{n}_T{t}"); `measure` times them for an exit head of a given size.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eesd_jax import bench, exits
+
+
+def measure(cfg, params, exit_layers, tokens, draft_vocab: int, cache_len: int, repeats: int) -> dict[str, float]:
+    """bench.step_costs' median ms of each part, with an exit head of draft_vocab rows (0: the shared head).
+
+    params in bench.decode_layout. An exit's cost depends on its shapes only, not its weights
+    or N: an untrained exit after layer 1 stands for any.
+    """
+    vocab_ids = np.arange(draft_vocab) if draft_vocab else None
+    exit_params = exits.init_exit(cfg, params, exits.ExitConfig(1, draft_vocab=draft_vocab), vocab_ids)
+    return bench.step_costs(cfg, params, exit_params, exit_layers, tokens, cache_len, repeats)
+
+
+def draft_ms(ms: dict, n: int) -> float:
+    """One draft step at exit layer N: layers [0, N) and the exit block + head on one token."""
+    return ms[f"lower_N{n}"] + ms["exit_step"]
+
+
+def round_ms(ms: dict, n: int, k: int) -> float:
+    """The parts of a round of k drafts at exit layer N: k + 1 draft steps and verification of T = k + 1."""
+    return (k + 1) * draft_ms(ms, n) + ms[f"verify_N{n}_T{k + 1}"]
+
+
+def predicted_speedup(ms: dict, n: int, k: int, p: float) -> float:
+    """AR time / EESD time per token for rounds of k drafts, each accepted with probability p in turn."""
+    tau = sum(p**i for i in range(k + 1))  # The accepted prefix's expected length + the LLM's own token.
+    return tau * ms["ar_step"] / round_ms(ms, n, k)
+
+
+def acceptance_needed(ms: dict, n: int, ks, target: float) -> float:
+    """The smallest per-token acceptance p at which the best k reaches `target` (bisection; 1.0 if never)."""
+    lo, hi = 0.0, 1.0
+    if max(predicted_speedup(ms, n, k, hi) for k in ks) < target:
+        return 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if max(predicted_speedup(ms, n, k, mid) for k in ks) < target else (lo, mid)
+    return hi
+
+
+def _median_seconds(fn, arg, repeats: int) -> float:
+    jax.block_until_ready(fn(arg))  # Compile.
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(arg))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def read_bandwidth(nbytes: int, repeats: int) -> float:
+    """Bytes/s of a jitted sum over nbytes of float32: the rate weights can stream at (the floor's bandwidth)."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    return nbytes / _median_seconds(jax.jit(jnp.sum), x, repeats)
+
+
+def copy_bandwidth(nbytes: int, repeats: int) -> float:
+    """Bytes/s of a device copy (read + write counted), the measured bandwidth ceiling."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    return (
+        2 * nbytes / _median_seconds(jax.jit(lambda x: x + 1.0), x, repeats)
+    )  # Not a no-op: XLA reads and writes every byte.
