@@ -24,15 +24,17 @@ import numpy as np
 from eesd_jax import bench, exits
 
 
-def measure(cfg, params, exit_layers, tokens, draft_vocab: int, cache_len: int, repeats: int) -> dict[str, float]:
-    """bench.step_costs' median ms of each part, with an exit head of draft_vocab rows (0: the shared head).
+def measure(
+    cfg, params, exit_layers, tokens, draft_vocab: int, cache_len: int, repeats: int, stat=statistics.median
+) -> dict[str, float]:
+    """bench.step_costs' ms of each part (`stat` of the repeats), with an exit head of draft_vocab rows (0: the shared head).
 
     params in bench.decode_layout. An exit's cost depends on its shapes only, not its weights
     or N: an untrained exit after layer 1 stands for any.
     """
     vocab_ids = np.arange(draft_vocab) if draft_vocab else None
     exit_params = exits.init_exit(cfg, params, exits.ExitConfig(1, draft_vocab=draft_vocab), vocab_ids)
-    return bench.step_costs(cfg, params, exit_params, exit_layers, tokens, cache_len, repeats)
+    return bench.step_costs(cfg, params, exit_params, exit_layers, tokens, cache_len, repeats, stat)
 
 
 def draft_ms(ms: dict, n: int) -> float:
@@ -62,25 +64,25 @@ def acceptance_needed(ms: dict, n: int, ks, target: float) -> float:
     return hi
 
 
-def _median_seconds(fn, arg, repeats: int) -> float:
+def _seconds(fn, arg, repeats: int, stat) -> float:
     jax.block_until_ready(fn(arg))  # Compile.
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(arg))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return stat(times)
 
 
-def read_bandwidth(nbytes: int, repeats: int) -> float:
+def read_bandwidth(nbytes: int, repeats: int, stat=statistics.median) -> float:
     """Bytes/s of a jitted sum over nbytes of float32: the rate weights can stream at (the floor's bandwidth)."""
     x = jnp.ones((nbytes // 4,), jnp.float32)
-    return nbytes / _median_seconds(jax.jit(jnp.sum), x, repeats)
+    return nbytes / _seconds(jax.jit(jnp.sum), x, repeats, stat)
 
 
 def copy_bandwidth(nbytes: int, repeats: int) -> float:
     """Bytes/s of a device copy (read + write counted), the measured bandwidth ceiling."""
     x = jnp.ones((nbytes // 4,), jnp.float32)
     return (
-        2 * nbytes / _median_seconds(jax.jit(lambda x: x + 1.0), x, repeats)
+        2 * nbytes / _seconds(jax.jit(lambda x: x + 1.0), x, repeats, statistics.median)
     )  # Not a no-op: XLA reads and writes every byte.
