@@ -10,8 +10,9 @@ The library is built by setup.py at install time (an optional extension: no comp
 kernel). It is used only when all of these hold, else `model.dense` keeps XLA's dot:
   * the library was built and this CPU has AVX2 and FMA;
   * EESD_CPU_KERNEL is not "0" (read when a function is traced);
-  * the default backend is the CPU and no mesh is set (`jax.set_mesh`): a custom call is
-    opaque to the SPMD partitioner, so sharded graphs keep XLA's dot.
+  * the default backend is the CPU, with one device and no mesh set (`jax.set_mesh`): a custom
+    call is opaque to the SPMD partitioner (it would gather sharded operands whole), and a jit
+    can shard its inputs over several devices without a mesh in context.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def applies(rows: int, w_od: jax.Array) -> bool:
         and w_od.dtype in WEIGHT_DTYPES
         and enabled()
         and jax.default_backend() == "cpu"
+        and jax.device_count() == 1
         and jax.sharding.get_abstract_mesh().empty
         and available()
     )

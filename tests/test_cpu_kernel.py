@@ -81,6 +81,9 @@ def test_dense_picks_the_kernel_only_for_small_blocks_on_one_device(monkeypatch)
     assert not _uses_kernel(dense, jnp.ones((1, 2, 16)), w.astype(jnp.float16))  # Not a kernel dtype.
     with jax.set_mesh(sharding.make_mesh()):  # A mesh: XLA's dot, which the partitioner can shard.
         assert not _uses_kernel(dense, jnp.ones((1, 2, 16)), w)
+    with monkeypatch.context() as m:  # Several devices: a jit may shard its inputs without a mesh.
+        m.setattr(jax, "device_count", lambda: 8)
+        assert not _uses_kernel(dense, jnp.ones((1, 2, 16)), w)
     monkeypatch.setenv("EESD_CPU_KERNEL", "0")
     assert not _uses_kernel(dense, jnp.ones((1, 2, 16)), w)
 
