@@ -4,7 +4,7 @@
 previous ones, as when drafting), the head and the loss only on the selected (response)
 positions. `distill_loss` is KL(teacher top-k || draft) (renormalized over top-k ∩ draft
 vocabulary) and / or CE on the sampled tokens; `data_metrics` measures an exit over a
-whole `Data` (train.eval_exit measures it in real EESD decoding).
+whole `Data` (evaluation.eval_exit measures it in real EESD decoding).
 """
 
 from __future__ import annotations

@@ -437,6 +437,12 @@ def unstack(params: Params) -> Params:
     return {**params, "layers": [jax.tree.map(lambda w, i=i: w[i], layers) for i in range(num_layers(layers))]}
 
 
+def decode_layout(params: Params) -> Params:
+    """params in the layout the decode loops run fastest in on this backend: per-layer lists on CPU
+    (run_layers: XLA:CPU copies a layer out of a stacked array each step), stacked elsewhere."""
+    return unstack(params) if jax.default_backend() == "cpu" else params
+
+
 def split_layers(layers: Layers, n: int) -> tuple[Layers, Layers]:
     """(layers [0, n), layers [n, L)) in the same layout; call outside jit."""
     if isinstance(layers, list):

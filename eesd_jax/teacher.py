@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import model, prompts
+from eesd_jax import engine, loading, model, prompts
 from eesd_jax.kv_cache import init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
 
@@ -78,20 +78,18 @@ def load_lm(model_cfg) -> LM:
     """The teacher named by a config's `model` section ("tiny", "bundled", a folder or .gguf)."""
     if model_cfg.source == "tiny":
         return tiny_lm(model_cfg.tiny)
-    from eesd_jax import loading
-
     lm = loading.load_model(None if model_cfg.source in ("bundled", "", None) else model_cfg.source)
     return as_lm(lm)
 
 
-def as_lm(obj) -> LM:
-    """An LM from an LM, a loading.LoadedModel, or a cli.Session-like object (lm, params, tokenizer)."""
+def as_lm(obj: LM | loading.LoadedModel | engine.Session) -> LM:
+    """An LM from an LM, a loading.LoadedModel or an engine.Session."""
     if isinstance(obj, LM):
         return obj
-    if hasattr(obj, "lm") and hasattr(obj, "tokenizer"):  # cli.Session
+    if isinstance(obj, engine.Session):
         tok = obj.tokenizer
         params, loaded = obj.params, obj.lm
-    else:  # loading.LoadedModel
+    else:
         loaded, tok = obj, obj.tokenizer()
         params = jax.tree.map(jnp.asarray, obj.params)
     eos = () if tok.eos_token_id is None else (int(tok.eos_token_id),)
