@@ -177,7 +177,7 @@ def step_costs(
 
     caches = {}
     for name, (fn, n_layers) in parts.items():  # Compile and warm up.
-        out, caches[name] = fn(init_cache(n_layers, 1, S, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype))
+        out, caches[name] = fn(init_cache(cfg, 1, S, layers=n_layers))
         jax.block_until_ready(out)
     times = {name: [] for name in parts}
     for _ in range(repeats):
@@ -226,15 +226,8 @@ def prefix_logits(cfg: ModelConfig, params: Params, tokens: list[int]) -> np.nda
     T = round_up(len(tokens), 64)
     padded = np.zeros((1, T), np.int32)
     padded[0, : len(tokens)] = tokens  # Causal: the padding after cannot change earlier logits.
-    logits = _forward_fresh(cfg, params, jnp.asarray(padded))
+    logits = model.forward_uncached(cfg, params, jnp.asarray(padded))
     return np.asarray(logits[0, len(tokens) - 1])
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_fresh(cfg: ModelConfig, params: Params, tokens_bt: jax.Array) -> jax.Array:
-    B, T = tokens_bt.shape
-    cache = init_cache(cfg.n_layers, B, T, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
-    return model.forward(cfg, params, tokens_bt, jnp.broadcast_to(jnp.arange(T), (B, T)), cache)[0]
 
 
 def free_executables_near_map_limit(fraction: float = 0.4) -> None:

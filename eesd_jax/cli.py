@@ -186,7 +186,7 @@ def add_eesd_args(p: argparse.ArgumentParser) -> None:
         help=f"draft-stop policy and its knobs, e.g. confidence:threshold=0.4 ({', '.join(control.KINDS)}; "
         f"default {control.ControllerConfig.kind})",
     )
-    g.add_argument("--max-draft", type=int, default=6, metavar="K", help="draft tokens per round at most (default 6)")
+    g.add_argument("--max-draft", type=int, default=6, metavar="J", help="draft tokens per round at most (default 6)")
 
 
 def validate_eesd(args) -> None:

@@ -17,7 +17,6 @@ so a run killed mid-way and restarted ends with exactly the params of an uninter
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import pathlib
@@ -49,25 +48,19 @@ def split_trainable(exit_params: Params, train_head: bool) -> tuple[Params, Para
 
 
 def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warmup + cosine decay and global-norm clipping; no decay on norm scales.
-
-    The same settings give the same (cached) objects, so the jitted train step is reused.
-    """
-    return _optimizer(int(tcfg.steps), int(tcfg.warmup_steps), float(tcfg.lr), float(tcfg.end_lr_frac),
-                      float(tcfg.weight_decay), float(tcfg.clip_norm))  # fmt: skip
-
-
-@functools.lru_cache(maxsize=16)
-def _optimizer(steps, warmup_steps, lr, end_lr_frac, weight_decay, clip_norm):
-    warmup = max(0, min(warmup_steps, steps - 1))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * end_lr_frac)
+    """AdamW with linear warmup + cosine decay and global-norm clipping; no decay on norm scales."""
+    steps, lr = int(tcfg.steps), float(tcfg.lr)
+    warmup = max(0, min(int(tcfg.warmup_steps), steps - 1))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * float(tcfg.end_lr_frac)
+    )
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
 
     tx = optax.chain(
-        optax.clip_by_global_norm(clip_norm),
-        optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask),
+        optax.clip_by_global_norm(float(tcfg.clip_norm)),
+        optax.adamw(schedule, weight_decay=float(tcfg.weight_decay), mask=decay_mask),
     )
     return tx, schedule
 
@@ -83,22 +76,25 @@ def batch_indices(n_seq: int, batch_size: int, seed: int, step: int) -> np.ndarr
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "tx", "kl_weight", "ce_weight"))
-def train_step(cfg: ModelConfig, tx, head_vd, static, state, vmap_v, batch, kl_weight, ce_weight):
-    """One AdamW step on the trainable exit params; returns (state, metrics)."""
+def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, kl_weight: float, ce_weight: float):
+    """The jitted AdamW step on the trainable exit params, (head_vd, static, state, vmap_v, batch) -> (state,
+    metrics); `state` is donated (updated in place)."""
 
-    def loss_fn(trainable):
-        exit_params = {**static, **trainable}
-        head = exit_params.get("head", head_vd)
-        logits = losses.exit_train_logits(
-            cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start
-        )
-        return losses.distill_loss(logits, vmap_v, batch, kl_weight, ce_weight)
+    def train_step(head_vd, static, state, vmap_v, batch):
+        def loss_fn(trainable):
+            exit_params = {**static, **trainable}
+            head = exit_params.get("head", head_vd)
+            logits = losses.exit_train_logits(
+                cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start
+            )
+            return losses.distill_loss(logits, vmap_v, batch, kl_weight, ce_weight)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    return {"params": params, "opt": opt}, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt": opt}, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(train_step, donate_argnames=("state",))
 
 
 def select_count(*datas: distill_data.Data | None) -> int:
@@ -154,6 +150,7 @@ def train_exit(
     head_vd = losses.frozen_head(lm.params, init) if "head" not in trainable else jnp.zeros((0, lm.cfg.d_model))
     vmap = jnp.asarray(distill_data.vocab_map(lm.cfg.vocab_size, vocab_ids))
     tx, schedule = make_optimizer(t)
+    train_step = make_train_step(lm.cfg, tx, float(t.kl_weight), float(t.ce_weight))
     state = {"params": trainable, "opt": tx.init(trainable)}
 
     ckpt_dir = workdir / "checkpoints"
@@ -208,8 +205,7 @@ def train_exit(
             batch = losses.make_batch(data, idx, int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select,
                                        rounds, int(t.max_round))  # fmt: skip
             n_tokens += batch.weights.shape[0] * batch.weights.shape[1]
-            state, m = train_step(lm.cfg, tx, head_vd, static, state, vmap, losses.to_device(batch),
-                                  float(t.kl_weight), float(t.ce_weight))  # fmt: skip
+            state, m = train_step(head_vd, static, state, vmap, losses.to_device(batch))
             acc.append(m)
             done = step + 1
             if done % int(t.log_every) == 0 or done == steps:

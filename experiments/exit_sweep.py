@@ -46,6 +46,7 @@ def held_out_prompts(session, n_per_set: int) -> list[list[int]]:
 
 
 def bench_one(session, exit_path, controller: str, max_draft: int, ids, max_new_tokens: int, repeats: int = 1) -> dict:
+    bench.free_executables_near_map_limit()  # Every configuration compiles new loops (see there).
     eng = engine.eesd_engine(session, exit_path, max_draft=max_draft, controller=controller)
     report = bench.run(engine.bench_setup(session, eng), ids, max_new_tokens, repeats=repeats).report
     es = report["modes"]["eesd"]

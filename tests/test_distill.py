@@ -90,7 +90,7 @@ def test_stored_data_layout(run, lm):
 
     @jax.jit
     def reference(params, toks):  # Uncached full forward, keeping the hidden state after layer 1.
-        cache = init_cache(lm.cfg.n_layers, 1, T, lm.cfg.n_kv_heads, lm.cfg.head_dim)
+        cache = init_cache(lm.cfg, 1, T)
         lower, upper = model.split_layers(params["layers"], 1)
         positions = jnp.arange(T)[None]
         h, cache = model.run_layers(lm.cfg, lower, model.embed(params, toks), positions, cache)
@@ -138,7 +138,7 @@ def test_train_logits_equal_exit_logits(run, lm):
     h = jax.random.normal(jax.random.key(1), (2, 9, lm.cfg.d_model))
     ours = jax.jit(losses.exit_train_logits, static_argnums=0)(lm.cfg, losses.frozen_head(lm.params, params),
                                                                 params, h)  # fmt: skip
-    cache = init_cache(1, 2, 16, lm.cfg.n_kv_heads, lm.cfg.head_dim)
+    cache = init_cache(lm.cfg, 2, 16, layers=1)
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
     full, _ = jax.jit(exits.exit_logits, static_argnums=0)(lm.cfg, lm.params, params, h, positions, cache)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(full)[..., np.asarray(params["vocab"])], atol=1e-5)
