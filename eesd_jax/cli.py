@@ -78,14 +78,13 @@ def engine_from_args(session, args):
     return engine.eesd_engine(session, args.exit, args.exit_layer, args.max_draft, args.controller)
 
 
-def run_mode(mode: str, session, prompt_ids: list[int], args, on_tokens: Callable | None, eng=None):
-    """One generation of `mode` ("ar" or "eesd"; eesd builds its engine from args unless given)."""
+def run_mode(mode: str, session, prompt_ids: list[int], args, on_tokens: Callable | None):
+    """One generation of `mode` ("ar", or "eesd" with the engine the EESD flags ask for)."""
     from eesd_jax import engine
 
-    common = dict(sampling=sampling_config(args), seed=args.seed, on_tokens=on_tokens)
-    if mode == "ar":
-        return engine.run_ar(session, [prompt_ids], args.max_new_tokens, **common)
-    return engine.run_eesd(session, eng or engine_from_args(session, args), [prompt_ids], args.max_new_tokens, **common)
+    eng = engine_from_args(session, args) if mode == "eesd" else None
+    sampling = sampling_config(args)
+    return engine.decode(session, [prompt_ids], args.max_new_tokens, eng, sampling, args.seed, on_tokens)
 
 
 MODES = ("ar", "eesd")

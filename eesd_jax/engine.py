@@ -120,49 +120,20 @@ def bench_setup(session: Session, eng: Engine) -> bench.BenchSetup:
     return bench.BenchSetup(session.cfg, session.params, eng.exit_params, eng.ecfg, session.eos_ids, session.mesh)
 
 
-def run_ar(
+def decode(
     session: Session,
     prompt_ids: list[list[int]],
     max_new_tokens: int,
+    eng: Engine | None = None,
     sampling: SamplingConfig = SamplingConfig(),
     seed: int = 0,
     on_tokens: Callable | None = None,
 ) -> generate.Generation:
-    """Vanilla autoregressive decoding (the baseline)."""
-    return generate.generate_ar(
-        session.cfg,
-        session.params,
-        prompt_ids,
-        max_new_tokens,
-        sampling=sampling,
-        eos_ids=session.eos_ids,
-        seed=seed,
-        on_tokens=on_tokens,
-        mesh=session.mesh,
-    )
-
-
-def run_eesd(
-    session: Session,
-    eng: Engine,
-    prompt_ids: list[list[int]],
-    max_new_tokens: int,
-    sampling: SamplingConfig = SamplingConfig(),
-    seed: int = 0,
-    on_tokens: Callable | None = None,
-) -> generate.Generation:
-    """Early-exiting speculative decoding: same tokens as AR (greedy) or the same distribution."""
+    """Vanilla autoregressive decoding (eng None: the baseline), or EESD with `eng`: the same tokens as AR
+    (greedy) or the same distribution."""
+    common = dict(sampling=sampling, eos_ids=session.eos_ids, seed=seed, on_tokens=on_tokens, mesh=session.mesh)
+    if eng is None:
+        return generate.generate_ar(session.cfg, session.params, prompt_ids, max_new_tokens, **common)
     return generate.generate_eesd(
-        session.cfg,
-        session.params,
-        eng.exit_params,
-        eng.ecfg,
-        prompt_ids,
-        max_new_tokens,
-        sampling=sampling,
-        eos_ids=session.eos_ids,
-        seed=seed,
-        on_tokens=on_tokens,
-        split=eng.split,
-        mesh=session.mesh,
+        session.cfg, session.params, eng.exit_params, eng.ecfg, prompt_ids, max_new_tokens, split=eng.split, **common
     )

@@ -40,7 +40,7 @@ class ByteTokenizer:
         return [1 + b % (self.vocab_size - 1) for b in text.encode("utf-8")]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LM:
     """The frozen teacher: model, params (jax arrays), identity, tokenizer, EOS ids."""
 

@@ -266,7 +266,7 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     lm = teacher.load_lm(config.model) if lm is None else teacher.as_lm(lm)
     exit_cfg = exit_config(config)
     exit_cfg.validate(lm.cfg)
-    lm.params = jax.tree.map(jnp.asarray, lm.params)
+    lm = dataclasses.replace(lm, params=jax.tree.map(jnp.asarray, lm.params))
     seconds["load_model"] = round(time.perf_counter() - t0, 2)
 
     t0 = time.perf_counter()
