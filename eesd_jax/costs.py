@@ -29,7 +29,7 @@ def measure(
 ) -> dict[str, float]:
     """bench.step_costs' ms of each part (`stat` of the repeats), with an exit head of draft_vocab rows (0: the shared head).
 
-    params in bench.decode_layout. An exit's cost depends on its shapes only, not its weights
+    params in model.decode_layout. An exit's cost depends on its shapes only, not its weights
     or N: an untrained exit after layer 1 stands for any.
     """
     vocab_ids = np.arange(draft_vocab) if draft_vocab else None

@@ -83,7 +83,7 @@ def main() -> None:
 
     loaded = loading.load_model(None, dtype=args.dtype)
     cfg = loaded.cfg
-    params = bench.decode_layout(jax.tree.map(jnp.asarray, loaded.params))
+    params = model.decode_layout(jax.tree.map(jnp.asarray, loaded.params))
     stat = {"median": statistics.median, "min": min}[args.stat]
     bandwidth = costs.read_bandwidth(args.bandwidth_mb << 20, args.repeats, stat)
     ms = costs.measure(cfg, params, args.exit_layers, args.tokens, args.draft_vocab, args.cache_len, args.repeats, stat)
