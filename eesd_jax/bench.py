@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import pathlib
 import statistics
 import time
@@ -328,6 +329,8 @@ def run(
             "tokens_per_second": round(new / seconds, 2),
             "new_tokens": new,
             "seconds": round(seconds, 3),
+            # Compares outputs across runs (e.g. EESD_CPU_KERNEL=0 against the kernel) without storing them.
+            "tokens_sha1": hashlib.sha1(str(tokens).encode()).hexdigest()[:16],
         }
         if mode == "eesd":
             totals = {k: sum(sum(g.stats["per_row"][k]) for g in gens) for k in ("rounds", "drafted", "accepted")}
