@@ -70,17 +70,11 @@ EESD_TARGET void tile(const float* x, const float* tail_x, const W* w, const flo
     for (int c = 0; c < C; ++c) y[r * O + c] = hsum(acc[r][c]);
 }
 
-constexpr int kRows = 4;  // Input rows per tile: 4 x 2 accumulators + 2 weight vectors.
-
 template <int C, typename W>
 EESD_TARGET void rows_tile(int64_t rows, const float* x, const float* tail_x, const W* w, const float* tail_w,
                            float* y, int64_t D, int64_t O) {
-  switch (rows) {
-    case 4: return tile<4, C>(x, tail_x, w, tail_w, y, D, O);
-    case 3: return tile<3, C>(x, tail_x, w, tail_w, y, D, O);
-    case 2: return tile<2, C>(x, tail_x, w, tail_w, y, D, O);
-    default: return tile<1, C>(x, tail_x, w, tail_w, y, D, O);
-  }
+  if (rows == 2) return tile<2, C>(x, tail_x, w, tail_w, y, D, O);
+  return tile<1, C>(x, tail_x, w, tail_w, y, D, O);
 }
 
 inline float to_float(float v) { return v; }
@@ -91,9 +85,10 @@ inline float to_float(uint16_t v) {
   return f;
 }
 
-// Output columns [o0, o1): weight rows in pairs (one left over at an odd end), each pair
-// streamed once for all N rows. With one row (AR) four weight rows at a time give the FMA
-// units more independent chains; a dot's own arithmetic is the same either way.
+// Output columns [o0, o1): four weight rows at a time (two or one at the chunk's end), each
+// streamed from memory once for all N rows, which take them two at a time from L1: 2 x 4
+// independent accumulators keep both FMA units busy. A dot's own arithmetic is the same in
+// every tile shape.
 template <typename W>
 EESD_TARGET void columns(const float* x, const float* tail_x, const W* w, float* y, int64_t N, int64_t D,
                          int64_t O, int64_t o0, int64_t o1) {
@@ -102,16 +97,16 @@ EESD_TARGET void columns(const float* x, const float* tail_x, const W* w, float*
   std::memset(tail_w, 0, sizeof(tail_w));
   int64_t o = o0;
   while (o < o1) {
-    const int C = N == 1 && o + 4 <= o1 ? 4 : (o + 2 <= o1 ? 2 : 1);
+    const int C = o + 4 <= o1 ? 4 : (o + 2 <= o1 ? 2 : 1);
     for (int c = 0; c < C; ++c)
       for (int64_t d = body; d < D; ++d) tail_w[c * 8 + (d - body)] = to_float(w[(o + c) * D + d]);
-    for (int64_t n = 0; n < N; n += kRows) {
-      const int64_t rows = std::min<int64_t>(kRows, N - n);
+    for (int64_t n = 0; n < N; n += 2) {
+      const int64_t rows = std::min<int64_t>(2, N - n);
       const float* xn = x + n * D;
       const float* tn = tail_x + n * 8;
       float* yn = y + n * O + o;
       const W* wo = w + o * D;
-      if (C == 4) tile<1, 4>(xn, tn, wo, tail_w, yn, D, O);
+      if (C == 4) rows_tile<4>(rows, xn, tn, wo, tail_w, yn, D, O);
       else if (C == 2) rows_tile<2>(rows, xn, tn, wo, tail_w, yn, D, O);
       else rows_tile<1>(rows, xn, tn, wo, tail_w, yn, D, O);
     }
