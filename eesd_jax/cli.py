@@ -242,15 +242,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_dtype_args(p)
 
 
-def add_dtype_args(p: argparse.ArgumentParser) -> None:
+def add_dtype_args(p: argparse.ArgumentParser, default: str | None = "float32") -> None:
+    """--dtype; default None: the config's model.dtype (distill, eval-exit)."""
     from eesd_jax.model import DTYPES
 
     p.add_argument(
         "--dtype",
         choices=DTYPES,
-        default="float32",
-        help="params, activations and KV caches (logits and acceptance stay float32); default float32, "
-        "bfloat16 on GPU/TPU",
+        default=default,
+        help="params, activations and KV caches (logits and acceptance stay float32); "
+        f"default {default or 'the config model.dtype, float32'}, bfloat16 on GPU/TPU",
     )
 
 
@@ -452,7 +453,8 @@ def add_distill_parsers(sub) -> None:
         "with an optional :arg (e.g. smollm2:N=6,draft_vocab=8192)",
     )
     d.add_argument("--workdir", default=None, metavar="DIR", help="data, checkpoints, metrics (default runs/<config>)")
-    add_dtype_args(d)
+    add_dtype_args(d, default=None)
+    add_mesh_args(d)
     d.set_defaults(func=cmd_distill, validate=validate_config)
 
     e = sub.add_parser("eval-exit", help="top-1 agreement, alpha and tau of a trained exit on held-out prompts")
@@ -466,6 +468,8 @@ def add_distill_parsers(sub) -> None:
         metavar="SOURCE",
         help="comma-separated prompt sets (humaneval, chat, a file); default: the config's",
     )
+    add_dtype_args(e, default=None)
+    add_mesh_args(e)
     e.set_defaults(func=cmd_eval_exit, validate=validate_config)
 
 
@@ -476,20 +480,38 @@ def validate_config(args) -> None:
         args.config_dict = configs.load_config(args.config)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise UsageError(f"--config {args.config}: {e}") from None
+    validate_mesh(args)
     if hasattr(args, "exit"):
         validate_exit_file(args)
+    config = args.config_dict  # --dtype / --mesh go into the config, so that config.json records them.
+    if args.dtype is not None:
+        config.model.dtype = args.dtype
+    if args.mesh is not None:
+        config.mesh = args.mesh
+
+
+def load_teacher(config):
+    """The config's teacher LM in config.model.dtype, its params sharded over config.mesh (if any).
+
+    Megatron tensor parallel over 'model', replicated over 'data'; the stages then run on
+    the mesh by sharding propagation (rows are not yet split over 'data')."""
+    from eesd_jax import distill, model, sharding
+
+    lm = distill.load_lm(config.model)
+    dtype = config.model.get("dtype", lm.cfg.dtype)
+    if dtype != lm.cfg.dtype:  # The teacher (and the exit, initialized from it) in another dtype.
+        cfg, params = model.with_dtype(lm.cfg, lm.params, dtype)
+        lm = dataclasses.replace(lm, cfg=cfg, params=params)
+    if mesh := sharding.mesh_from_spec(config.get("mesh") or None):
+        lm = dataclasses.replace(lm, params=sharding.shard_params(lm.params, mesh))
+    return lm
 
 
 def cmd_distill(args) -> int:
-    from eesd_jax import distill, model, train
+    from eesd_jax import train
 
     workdir = args.workdir or str(pathlib.Path("runs") / args.config.replace(":", "_").replace("/", "_"))
-    lm = None  # float32: run_distill loads the teacher itself.
-    if args.dtype != "float32":  # The teacher (and the exit, initialized from it) in another dtype.
-        lm = distill.load_lm(args.config_dict.model)
-        cfg, params = model.with_dtype(lm.cfg, lm.params, args.dtype)
-        lm = dataclasses.replace(lm, cfg=cfg, params=params)
-    path = train.run_distill(args.config_dict, workdir, lm=lm)
+    path = train.run_distill(args.config_dict, workdir, lm=load_teacher(args.config_dict))
     written = [path]
     if args.config_dict.exit.joint_layers:  # run_joint lists an exit per N.
         written = json.loads((pathlib.Path(workdir) / "joint.json").read_text()).values()
@@ -505,7 +527,7 @@ def cmd_eval_exit(args) -> int:
     if args.prompts:
         with config.eval.ignore_type():
             config.eval.sets = tuple(args.prompts.split(","))
-    print(json.dumps(train.run_eval(config, args.exit)))
+    print(json.dumps(train.run_eval(config, args.exit, lm=load_teacher(config))))
     return 0
 
 
