@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import eesd, exits, generate, model, outcomes, provenance
+from eesd_jax import eesd, exits, generate, model, outcomes, provenance, sharding
 from eesd_jax.kv_cache import init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.sampling import SamplingConfig
@@ -233,7 +233,7 @@ def prefix_logits(cfg: ModelConfig, params: Params, tokens: list[int]) -> np.nda
     padded = np.zeros((1, T), np.int32)
     padded[0, : len(tokens)] = tokens  # Causal: the padding after cannot change earlier logits.
     logits = _forward_fresh(cfg, params, jnp.asarray(padded))
-    return np.asarray(logits[0, len(tokens) - 1])
+    return sharding.fetch(logits)[0, len(tokens) - 1]  # Vocab-split over hosts: gathered on every process.
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -289,7 +289,17 @@ def run(
                 cfg, params, rows, max_new_tokens, sampling, setup.eos_ids, seed, mesh=setup.mesh
             )
         return generate.generate_eesd(
-            cfg, params, setup.exit_params, ecfg, rows, max_new_tokens, sampling, setup.eos_ids, seed, split=split
+            cfg,
+            params,
+            setup.exit_params,
+            ecfg,
+            rows,
+            max_new_tokens,
+            sampling,
+            setup.eos_ids,
+            seed,
+            split=split,
+            mesh=setup.mesh,
         )
 
     # Warm-up: compile every shape the measured runs will use (prompt widths vary).

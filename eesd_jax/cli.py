@@ -14,6 +14,7 @@ Structure, so that new modes and subcommands are small additions:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -678,15 +679,18 @@ def main(argv: list[str] | None = None) -> int:
     from eesd_jax import sharding
 
     sharding.maybe_initialize_distributed()  # Multi-host (TPU pod slices): a no-op in one process.
-    try:
-        args.validate(args)
-        return args.func(args)
-    except ValueError as e:  # UsageError, CheckpointError and the library's input checks.
-        print(f"eesd {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    with contextlib.ExitStack() as stack:
+        if not sharding.is_main_process():  # SPMD: every process runs this; only process 0 prints results.
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        try:
+            args.validate(args)
+            return args.func(args)
+        except ValueError as e:  # UsageError, CheckpointError and the library's input checks (any process).
+            print(f"eesd {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

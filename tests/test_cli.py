@@ -91,6 +91,19 @@ def test_distill_and_eval_exit_on_a_fake_8_device_mesh_equal_one_device(tmp_path
         assert mesh_eval[k] == one_eval[k], k
 
 
+@pytest.mark.parametrize("main_process", [True, False])
+def test_only_process_0_prints_results(main_process, monkeypatch, tmp_path, capsys):
+    """Multi-host runs execute the same command on every host: one copy of the results; errors from any."""
+    from eesd_jax import sharding, train
+
+    monkeypatch.setattr(sharding, "is_main_process", lambda: main_process)
+    monkeypatch.setattr(train, "run_distill", lambda config, workdir, lm=None: "exit.safetensors")
+    assert cli.main(["distill", "--config", "tiny", "--workdir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == ("exit written to exit.safetensors\n" if main_process else "")
+    assert cli.main(["distill", "--config", "tiny", "--mesh", "data=two"]) == 2
+    assert "--mesh: bad mesh spec" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- bench prompt sets
 
 
