@@ -54,8 +54,9 @@ class Session:
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        return () if eos is None else (int(eos),)
+        from eesd_jax import loading
+
+        return loading.eos_ids(getattr(self.lm, "source", ""), self.tokenizer)
 
     @property
     def has_chat_template(self) -> bool:
@@ -84,17 +85,17 @@ def load_session(
     import jax
     import jax.numpy as jnp
 
-    from eesd_jax import bench, loading, sharding
+    from eesd_jax import bench, loading, mesh_loading, sharding
 
     enable_compilation_cache()
     t0 = time.perf_counter()
+    mesh = sharding.mesh_from_spec(mesh_spec)
     if random_shape:
         cfg, params = bench.random_model(random_shape, dtype)
         lm = loading.LoadedModel(cfg, params, fingerprint=f"random:{random_shape}", source=f"random:{random_shape}")
-    else:
-        lm = loading.load_model(model, dtype)
+    else:  # An HF folder is read slice by slice onto the mesh.
+        lm = mesh_loading.load_model(model, dtype, mesh)
     params = bench.decode_layout(jax.tree.map(jnp.asarray, lm.params))
-    mesh = sharding.mesh_from_spec(mesh_spec)
     if mesh is not None:  # Megatron tensor parallel over 'model', batch over 'data'.
         params = sharding.shard_params(params, mesh)
     tokenizer = None if random_shape else lm.tokenizer()
@@ -494,18 +495,20 @@ def validate_config(args) -> None:
 def load_teacher(config):
     """The config's teacher LM in config.model.dtype, its params sharded over config.mesh (if any).
 
-    Megatron tensor parallel over 'model', replicated over 'data'; the stages then run on
-    the mesh by sharding propagation (rows are not yet split over 'data')."""
-    from eesd_jax import distill, model, sharding
+    Megatron tensor parallel over 'model', replicated over 'data' (an HF folder read straight onto
+    the mesh); the stages then run on the mesh by sharding propagation (rows not yet split over 'data')."""
+    from eesd_jax import distill, loading, mesh_loading, model, sharding
 
+    dtype, mesh = config.model.get("dtype", "float32"), sharding.mesh_from_spec(config.get("mesh") or None)
+    if config.model.source != "tiny":  # Real weights: an HF folder read slice by slice onto the mesh.
+        source = None if config.model.source in ("bundled", "", None) else config.model.source
+        lm = distill.as_lm(mesh_loading.load_model(source, dtype, mesh))
+        return dataclasses.replace(lm, eos_ids=loading.eos_ids(source or "", lm.tokenizer))
     lm = distill.load_lm(config.model)
-    dtype = config.model.get("dtype", lm.cfg.dtype)
     if dtype != lm.cfg.dtype:  # The teacher (and the exit, initialized from it) in another dtype.
         cfg, params = model.with_dtype(lm.cfg, lm.params, dtype)
         lm = dataclasses.replace(lm, cfg=cfg, params=params)
-    if mesh := sharding.mesh_from_spec(config.get("mesh") or None):
-        lm = dataclasses.replace(lm, params=sharding.shard_params(lm.params, mesh))
-    return lm
+    return lm if mesh is None else dataclasses.replace(lm, params=sharding.shard_params(lm.params, mesh))
 
 
 def cmd_distill(args) -> int:
