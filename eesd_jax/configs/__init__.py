@@ -68,6 +68,7 @@ REQUIRED = {
 
 # Short names accepted in ARG (besides full dotted paths).
 ALIASES = {
+    "model": "model.source",
     "N": "exit.layer",
     "layer": "exit.layer",
     "own_head": "exit.own_head",
