@@ -102,12 +102,13 @@ def load_session(
     return Session(lm=lm, params=params, tokenizer=tokenizer, load_seconds=time.perf_counter() - t0, mesh=mesh)
 
 
-def encode_prompt(session: Session, text: str, chat: bool | None) -> list[int]:
-    """Token ids of one prompt; chat=None applies the chat template when the tokenizer has one."""
+def encode_prompt(session: Session, text: str, chat: bool | None, context=()) -> list[int]:
+    """Token ids of one prompt (after a conversation's earlier turns); chat=None applies the chat
+    template when the tokenizer has one."""
     from eesd_jax import prompts
 
     use_chat = session.has_chat_template if chat is None else chat
-    return prompts.encode(session.tokenizer, text, use_chat)
+    return prompts.encode(session.tokenizer, text, use_chat, context)
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -392,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts",
         default="chat",
         metavar="SOURCE",
-        help="humaneval, chat, or a file (JSONL with a 'prompt' field, or one prompt per line)",
+        help="humaneval, chat, or a file: .jsonl ('prompt' or a conversation per line), .json (ShareGPT: "
+        "every user turn, earlier turns as context), .parquet or a datasets folder (with pyarrow), .txt (a line each)",
     )
     b.add_argument(
         "--split",
@@ -559,7 +561,7 @@ def validate_prompt_set(args) -> None:
     from eesd_jax import prompts
 
     named = args.prompts in NAMED_PROMPT_SETS
-    if not named and not pathlib.Path(args.prompts).is_file():
+    if not named and not pathlib.Path(args.prompts).exists():
         raise UsageError(f"--prompts {args.prompts}: neither {' nor '.join(NAMED_PROMPT_SETS)} nor an existing file")
     if args.split is None:  # A file is the user's own selection: all of it unless a split is asked for.
         args.split = "heldout" if named else "all"
@@ -646,7 +648,9 @@ def cmd_bench(args) -> int:
     if args.random_shape:  # No tokenizer: as many prompts of random ids as the prompt set chose.
         ids = bench.random_prompts(len(args.chosen), session.cfg.vocab_size, args.seed)
     else:
-        ids = [encode_prompt(session, p.text, p.chat if args.chat is None else args.chat) for p in args.chosen]
+        ids = [
+            encode_prompt(session, p.text, p.chat if args.chat is None else args.chat, p.context) for p in args.chosen
+        ]
     ecfg, exit_params, _, exit_path = eesd_engine(session, args)
     setup = bench.BenchSetup(session.cfg, session.params, exit_params, ecfg, session.eos_ids, session.mesh)
 
