@@ -499,14 +499,14 @@ def load_teacher(config):
 
     Megatron tensor parallel over 'model', replicated over 'data' (an HF folder read straight onto
     the mesh); the stages then run on the mesh by sharding propagation (rows not yet split over 'data')."""
-    from eesd_jax import distill, loading, mesh_loading, model, sharding
+    from eesd_jax import loading, mesh_loading, model, sharding, teacher
 
     dtype, mesh = config.model.get("dtype", "float32"), sharding.mesh_from_spec(config.get("mesh") or None)
     if config.model.source != "tiny":  # Real weights: an HF folder read slice by slice onto the mesh.
         source = None if config.model.source in ("bundled", "", None) else config.model.source
-        lm = distill.as_lm(mesh_loading.load_model(source, dtype, mesh))
+        lm = teacher.as_lm(mesh_loading.load_model(source, dtype, mesh))
         return dataclasses.replace(lm, eos_ids=loading.eos_ids(source or "", lm.tokenizer))
-    lm = distill.load_lm(config.model)
+    lm = teacher.load_lm(config.model)
     if dtype != lm.cfg.dtype:  # The teacher (and the exit, initialized from it) in another dtype.
         cfg, params = model.with_dtype(lm.cfg, lm.params, dtype)
         lm = dataclasses.replace(lm, cfg=cfg, params=params)
