@@ -499,13 +499,12 @@ def load_teacher(config):
 
     Megatron tensor parallel over 'model', replicated over 'data' (an HF folder read straight onto
     the mesh); the stages then run on the mesh by sharding propagation (rows not yet split over 'data')."""
-    from eesd_jax import loading, mesh_loading, model, sharding, teacher
+    from eesd_jax import mesh_loading, model, sharding, teacher
 
     dtype, mesh = config.model.get("dtype", "float32"), sharding.mesh_from_spec(config.get("mesh") or None)
     if config.model.source != "tiny":  # Real weights: an HF folder read slice by slice onto the mesh.
         source = None if config.model.source in ("bundled", "", None) else config.model.source
-        lm = teacher.as_lm(mesh_loading.load_model(source, dtype, mesh))
-        return dataclasses.replace(lm, eos_ids=loading.eos_ids(source or "", lm.tokenizer))
+        return teacher.as_lm(mesh_loading.load_model(source, dtype, mesh))
     lm = teacher.load_lm(config.model)
     if dtype != lm.cfg.dtype:  # The teacher (and the exit, initialized from it) in another dtype.
         cfg, params = model.with_dtype(lm.cfg, lm.params, dtype)

@@ -74,6 +74,20 @@ def test_encode_puts_the_context_before_the_user_turn(tmp_path):
         prompts.encode(ChatTokenizer(), p.text, False, p.context)
 
 
+def test_the_distillation_teacher_encodes_the_context(tmp_path):
+    from eesd_jax import teacher
+
+    path = tmp_path / "talks.json"
+    path.write_text(json.dumps(SHAREGPT))
+    p = prompts.load_prompts(str(path))[1]
+    lm = teacher.LM(None, {}, "fp", "name", ChatTokenizer(), ())
+    assert (
+        lm.encode(p)
+        == prompts.encode(ChatTokenizer(), p.text, True, p.context)
+        != prompts.encode(ChatTokenizer(), p.text, True)
+    )
+
+
 def test_bench_encodes_a_sharegpt_files_context(tmp_path, monkeypatch):
     """eesd bench --prompts talks.json: every user turn, encoded after its conversation's earlier turns."""
     path = tmp_path / "talks.json"
