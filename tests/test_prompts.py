@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from eesd_jax import cli, prompts
+from eesd_jax import cli, engine, prompts
 
 HAS_ARROW = importlib.util.find_spec("pyarrow") is not None
 
@@ -94,8 +94,8 @@ def test_bench_encodes_a_sharegpt_files_context(tmp_path, monkeypatch):
     path.write_text(json.dumps(SHAREGPT))
     args = cli.build_parser().parse_args(["bench", "--prompts", str(path)])
     cli.validate_prompt_set(args)
-    session = cli.Session(lm=None, params=None, tokenizer=ChatTokenizer(), load_seconds=0.0)
-    turns = [json.loads("".join(map(chr, cli.encode_prompt(session, p.text, None, p.context)))) for p in args.chosen]
+    session = engine.Session(lm=None, params=None, tokenizer=ChatTokenizer(), load_seconds=0.0)
+    turns = [json.loads("".join(map(chr, engine.encode_prompt(session, p.text, None, p.context)))) for p in args.chosen]
     assert [len(t) for t in turns] == [2, 4, 1]
 
 
