@@ -356,13 +356,14 @@ def test_eos_ids_from_generation_config_and_tokenizer(tmp_path, generation_confi
 def test_the_distillation_teacher_stops_at_every_eos_id(tmp_path):
     import types
 
-    from eesd_jax import model, teacher
+    from eesd_jax import engine, model, teacher
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128009]}))
     cfg = model.ModelConfig(vocab_size=8, d_model=4, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=4, ffn_dim=4)
     loaded = loading.LoadedModel(cfg=cfg, params={}, fingerprint="fp", source=str(tmp_path))
     tok = types.SimpleNamespace(eos_token_id=128009)
-    assert teacher.as_lm(types.SimpleNamespace(lm=loaded, params={}, tokenizer=tok)).eos_ids == (128001, 128009)
+    session = engine.Session(lm=loaded, params={}, tokenizer=tok, load_seconds=0.0)
+    assert teacher.as_lm(session).eos_ids == session.eos_ids == (128001, 128009)
 
 
 def test_bad_eos_ids_are_refused(tmp_path):
