@@ -100,10 +100,20 @@ def exit_logits(
 
 
 def exit_hidden(
-    cfg: ModelConfig, exit_params: Params, hidden_btd: jax.Array, positions_bt: jax.Array, exit_cache: KVCache
+    cfg: ModelConfig,
+    exit_params: Params,
+    hidden_btd: jax.Array,
+    positions_bt: jax.Array,
+    exit_cache: KVCache,
+    slots_bt: jax.Array | None = None,
+    visible_bts: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """The exit block and its norm over layer-N hidden states: ([B, T, D], the exit's cache written)."""
-    x, exit_cache = model.run_layers(cfg, exit_params["block"], hidden_btd, positions_bt, exit_cache)
+    """The exit block and its norm over layer-N hidden states: ([B, T, D], the exit's cache written).
+
+    slots_bt, visible_bts: a draft tree's node slots and masks (model.block)."""
+    x, exit_cache = model.run_layers(
+        cfg, exit_params["block"], hidden_btd, positions_bt, exit_cache, 0, slots_bt, visible_bts
+    )
     return model.rms_norm(x, exit_params["norm"], cfg.rms_eps), exit_cache
 
 
