@@ -178,7 +178,7 @@ def eesd_engine(session: Session, args):
             from eesd_jax import sharding
 
             exit_params = sharding.shard_exit_params(exit_params, session.mesh)
-        ecfg = eesd.config_for_exit(exit_cfg, exit_path, args.max_draft, args.controller)
+        ecfg = eesd.config_for_exit(exit_cfg, exit_path, args.max_draft, args.controller, args.tree)
         ecfg.validate(session.cfg)
         split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer)
         session.engine = (ecfg, exit_params, split, exit_path)
@@ -306,10 +306,18 @@ def add_eesd_args(p: argparse.ArgumentParser) -> None:
         f"default {control.ControllerConfig.kind})",
     )
     g.add_argument("--max-draft", type=int, default=6, metavar="K", help="draft tokens per round at most (default 6)")
+    g.add_argument(
+        "--tree",
+        type=int,
+        default=0,
+        metavar="N",
+        help="draft a tree of N nodes per round, 4 per depth (a multiple of 4; replaces --max-draft and "
+        "--controller); 0 = a chain (default)",
+    )
 
 
 def validate_eesd(args) -> None:
-    from eesd_jax import control
+    from eesd_jax import control, eesd
 
     try:
         control.from_spec(args.controller)
@@ -317,6 +325,8 @@ def validate_eesd(args) -> None:
         raise UsageError(f"--controller {args.controller}: {e}") from None
     if args.max_draft < 1:
         raise UsageError(f"--max-draft must be >= 1, got {args.max_draft}")
+    if args.tree < 0 or args.tree % eesd.EESDConfig.tree_width:
+        raise UsageError(f"--tree must be 0 or a positive multiple of {eesd.EESDConfig.tree_width}, got {args.tree}")
     if args.exit_layer is not None and args.exit_layer < 1:
         raise UsageError(f"--exit-layer must be >= 1, got {args.exit_layer}")
     validate_exit_file(args)

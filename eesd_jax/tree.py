@@ -51,8 +51,9 @@ def _visible(ancestors_btn: jax.Array, pos0_b: jax.Array, n_slots: int) -> jax.A
     return (rel_b1s < 0) | in_tree
 
 
-def _run_nodes(cfg, params, lower, exit_params, t: Tree, idx_w, pos0_b, depth):
-    """Nodes idx_w ([W], one depth) through layers [0, N) and the exit: (t updated, [B, W, V] exit log-probs)."""
+def _run_nodes(cfg, params, lower, exit_params, t: Tree, idx_w, pos0_b, depth, width):
+    """Nodes idx_w ([W'], one depth) through layers [0, N) and the exit: (t updated, each node's `width`
+    likeliest children by the exit: log-probs and token ids [B, W', width])."""
     anc_bwn = t.ancestors[:, idx_w]
     positions = jnp.broadcast_to((pos0_b + depth)[:, None], anc_bwn.shape[:2])
     slots = pos0_b[:, None] + idx_w[None]
@@ -60,14 +61,18 @@ def _run_nodes(cfg, params, lower, exit_params, t: Tree, idx_w, pos0_b, depth):
     x = model.embed(params, t.tokens[:, idx_w])
     h_bwd, cache = model.run_layers(cfg, lower, x, positions, t.cache, 0, slots, visible)
     x_bwd, exit_cache = exits.exit_hidden(cfg, exit_params, h_bwd, positions, t.exit_cache, slots, visible)
-    logp = jax.nn.log_softmax(exits.draft_logits(cfg, params, exit_params, x_bwd), -1)
-    return t.replace(hidden=t.hidden.at[:, idx_w].set(h_bwd), cache=cache, exit_cache=exit_cache), logp
+    # top-k over the draft vocabulary, then its ids mapped to the LLM's (not over a scattered full vocabulary).
+    top_logp, top = jax.lax.top_k(jax.nn.log_softmax(exits.draft_vocab_logits(params, exit_params, x_bwd), -1), width)
+    top = exit_params["vocab"][top] if "vocab" in exit_params else top
+    t = t.replace(hidden=t.hidden.at[:, idx_w].set(h_bwd), cache=cache, exit_cache=exit_cache)
+    return t, top_logp, top
 
 
-def _expand(logp_bwv: jax.Array, cum_bw: jax.Array, frontier_bw: jax.Array):
-    """The W best children of the frontier nodes: (tokens, parents, cumulative log-probs), each [B, W]."""
-    B, W, _ = logp_bwv.shape
-    top_logp, top_ids = jax.lax.top_k(logp_bwv, W)  # [B, W, W]: each frontier node's W best children.
+def _expand(top_logp: jax.Array, top_ids: jax.Array, cum_bw: jax.Array, frontier_bw: jax.Array):
+    """The W best children of the frontier nodes: (tokens, parents, cumulative log-probs), each [B, W].
+
+    top_logp, top_ids: [B, W, W] each frontier node's W likeliest children (`_run_nodes`)."""
+    B, W, _ = top_logp.shape
     cum, pick = jax.lax.top_k((cum_bw[..., None] + top_logp).reshape(B, W * W), W)
     tokens = jnp.take_along_axis(top_ids.reshape(B, W * W), pick, 1).astype(jnp.int32)
     return tokens, jnp.take_along_axis(frontier_bw, pick // W, 1), cum
@@ -85,14 +90,14 @@ def draft(cfg, ecfg, params, lower, exit_params, last_b, pos0_b, cache: KVCache,
         cache=cache,
         exit_cache=exit_cache,
     )
-    t, logp_b1v = _run_nodes(cfg, params, lower, exit_params, t, jnp.zeros((1,), jnp.int32), pos0_b, 0)
+    t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, jnp.zeros((1,), jnp.int32), pos0_b, 0, W)
     # The root as a frontier of W: its copies past the first have -inf cumulative log-prob.
     cum = jnp.where(jnp.arange(W)[None] == 0, 0.0, -jnp.inf) * jnp.ones((B, 1))
-    carry = (t, jnp.broadcast_to(logp_b1v, (B, W, logp_b1v.shape[-1])), cum, jnp.zeros((B, W), jnp.int32))
+    carry = (t, *(jnp.broadcast_to(a, (B, W, W)) for a in (top_logp, top_ids)), cum, jnp.zeros((B, W), jnp.int32))
 
     def depth_step(d, carry):
-        t, logp, cum, frontier = carry
-        tokens, parent, cum = _expand(logp, cum, frontier)
+        t, top_logp, top_ids, cum, frontier = carry
+        tokens, parent, cum = _expand(top_logp, top_ids, cum, frontier)
         idx_w = 1 + (d - 1) * W + jnp.arange(W)
         own = jax.nn.one_hot(idx_w, n1, dtype=bool)[None]
         anc = jnp.take_along_axis(t.ancestors, parent[..., None], 1) | own
@@ -103,8 +108,8 @@ def draft(cfg, ecfg, params, lower, exit_params, last_b, pos0_b, cache: KVCache,
         )
         # The deepest nodes' exit output is unused but their exit cache slots are needed (a fully
         # accepted path is the next round's context).
-        t, logp = _run_nodes(cfg, params, lower, exit_params, t, idx_w, pos0_b, d)
-        return t, logp, cum, jnp.broadcast_to(idx_w, (B, W))
+        t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, idx_w, pos0_b, d, W)
+        return t, top_logp, top_ids, cum, jnp.broadcast_to(idx_w, (B, W))
 
     return jax.lax.fori_loop(1, n // W + 1, depth_step, carry)[0]
 

@@ -1,12 +1,14 @@
 """Draft trees are lossless: greedy output equals AR, sampling has AR's distribution, and the
 caches after decoding equal AR's at every accepted position (DESIGN.md §7.8)."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eesd_jax import control, decoding, eesd, exits, generate, model, tree
+from eesd_jax import cli, control, decoding, eesd, exits, generate, model, tree
 from eesd_jax.sampling import SamplingConfig
 from tests import test_eesd_sampling as sampling_tests
 from tests.test_eesd import CFG, EOS, make_prompts, perturbed_exit
@@ -149,3 +151,17 @@ def test_tree_sampling_test_fails_without_the_residual(s_params, monkeypatch):
         jax.clear_caches()
     p = sampling_tests.chi_square_p(counts, sampling_tests.exact_distribution(s_params, SC))
     assert p < sampling_tests.P_VALUE, p
+
+
+def test_cli_tree_reaches_the_engine(params):
+    session = cli.Session(types.SimpleNamespace(cfg=CFG, fingerprint="tiny"), params, None, 0.0)
+    args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--exit-layer", "1", "--tree", "8"])
+    cli.validate_eesd(args)
+    assert cli.eesd_engine(session, args)[0].tree == 8
+
+
+@pytest.mark.parametrize("bad", ["6", "-4"])
+def test_cli_refuses_a_bad_tree_before_loading(monkeypatch, capsys, bad):
+    monkeypatch.setattr(cli, "load_session", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    assert cli.main(["generate", "--prompt", "hi", "--tree", bad]) == 2
+    assert "--tree must be 0 or a positive multiple of 4" in capsys.readouterr().err
