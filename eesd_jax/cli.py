@@ -536,6 +536,8 @@ def validate_bench(args) -> None:
     validate_prompt_set(args)
     if args.random_shape and (args.model or args.exit):
         raise UsageError("--random-shape makes random weights and an untrained exit: drop --model / --exit")
+    if args.by_position and args.tree:
+        raise UsageError("--by-position traces chain rounds: drop --tree")
 
 
 def validate_prompt_set(args) -> None:
