@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import decoding, distill, eesd, exits, generate, loading, prompts, shipped
+from eesd_jax import decoding, eesd, exits, generate, loading, losses, prompts, shipped
 from eesd_jax.bench import decode_layout
 
 KS = (1, 2, 4, 8)
@@ -41,7 +41,7 @@ def ranks(cfg, params, exit_cfg, exit_params, seq: list[int], first: int) -> np.
     T = tokens.shape[1]
     segments = eesd.split_params(params, exit_cfg.layer, exit_cfg.context_layer)
     _, _, hiddens = decoding.prefill(cfg, params, tokens, jnp.asarray([T]), T, segments)
-    head = distill.frozen_head(params, exit_params)
+    head = losses.frozen_head(params, exit_params)
     vocab = np.asarray(exit_params["vocab"]) if "vocab" in exit_params else np.arange(cfg.vocab_size)
     index = np.full(cfg.vocab_size, -1)
     index[vocab] = np.arange(len(vocab))
@@ -50,7 +50,7 @@ def ranks(cfg, params, exit_cfg, exit_params, seq: list[int], first: int) -> np.
     for depth in (1, 2):
         start = jnp.maximum(jnp.arange(T) - (depth - 1), 0)[None]
         context = hiddens[1] if exit_cfg.context_layer else None
-        logits = np.asarray(distill.exit_train_logits(cfg, head, exit_params, hiddens[0], None, context, start)[0])
+        logits = np.asarray(losses.exit_train_logits(cfg, head, exit_params, hiddens[0], None, context, start)[0])
         target = index[nxt]
         own = np.take_along_axis(logits, np.maximum(target, 0)[:, None], 1)[:, 0]
         rank = np.where(target >= 0, (logits > own[:, None]).sum(-1), cfg.vocab_size)
