@@ -1,8 +1,8 @@
 """Draft trees: several candidate continuations per round, verified in one pass (EAGLE-2 style).
 
 A round's tree, for a row whose newest accepted token x sits at position p, has a static
-shape (EESDConfig.tree nodes, tree_width W per depth, depth D = tree // W):
-  * node 0, the root, is x; depth d = 1..D holds nodes 1 + (d-1)W .. dW;
+shape (EESDConfig.tree nodes, tree_width W per depth, depth R = tree // W):
+  * node 0, the root, is x; depth d = 1..R holds nodes 1 + (d-1)W .. dW;
   * depth d's nodes are the W children with the highest cumulative exit log-probability
     among the top-W children of each of depth d-1's nodes (a deterministic choice);
   * node j lives in cache slot p + j (scratch past the accepted length) at RoPE position
@@ -10,7 +10,7 @@ shape (EESDConfig.tree nodes, tree_width W per depth, depth D = tree // W):
 Drafting runs each depth as one batch through layers [0, N) and the exit; verification runs
 every node through layers [N, L) at once from the stored layer-N states (`verify`). The
 accepted path is walked from the root (`accept_greedy`, `accept_sampled`), then its keys and
-values move to the contiguous slots p, p+1, ... (`compact`: one gather-scatter of D + 1
+values move to the contiguous slots p, p+1, ... (`compact`: one gather-scatter of R + 1
 slots per row), after which the caches look as if the path had been drafted as a chain.
 """
 
@@ -140,13 +140,13 @@ def _children(t: Tree, d: int, W: int):
 def accept_greedy(t: Tree, logits_bnv: jax.Array, width: int):
     """Walk from the root taking the child equal to the LLM's argmax.
 
-    Returns (n_accepted [B], next token [B], path [B, D + 1] of node indices: the root, the
+    Returns (n_accepted [B], next token [B], path [B, R + 1] of node indices: the root, the
     accepted nodes, then the last one repeated).
     """
     target = jnp.argmax(logits_bnv, -1).astype(jnp.int32)
-    B, D = target.shape[0], (target.shape[1] - 1) // width
+    B, R = target.shape[0], (target.shape[1] - 1) // width
     cur, n_acc, path = jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32), [jnp.zeros((B,), jnp.int32)]
-    for d in range(1, D + 1):
+    for d in range(1, R + 1):
         idx, tokens, parent = _children(t, d, width)
         want = jnp.take_along_axis(target, cur[:, None], 1)
         match = (parent == cur[:, None]) & (tokens == want) & (n_acc == d - 1)[:, None]
@@ -173,12 +173,12 @@ def accept_sampled(key, t: Tree, logits_bnv: jax.Array, width: int, cfg: samplin
     Returns accept_greedy's (n_accepted, next token, path).
     """
     p_bnv = jnp.exp(sampling.warp(logits_bnv, cfg))
-    B, D = p_bnv.shape[0], (p_bnv.shape[1] - 1) // width
-    keys = jax.random.split(key, D * width + 1)
+    B, R = p_bnv.shape[0], (p_bnv.shape[1] - 1) // width
+    keys = jax.random.split(key, R * width + 1)
     rows = jnp.arange(B)
     cur, n_acc, path = jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32), [jnp.zeros((B,), jnp.int32)]
     final = p_bnv[:, 0]
-    for d in range(1, D + 1):
+    for d in range(1, R + 1):
         idx, tokens, parent = _children(t, d, width)
         going = n_acc == d - 1
         r, nxt, took = p_bnv[rows, cur], cur, jnp.zeros((B,), bool)
@@ -191,13 +191,13 @@ def accept_sampled(key, t: Tree, logits_bnv: jax.Array, width: int, cfg: samplin
             r = jnp.where((child & ~take)[:, None], reject(r, c), r)
         final = jnp.where((going & ~took)[:, None], r, final)
         cur, n_acc, path = nxt, n_acc + took, path + [nxt]
-    final = jnp.where((n_acc == D)[:, None], p_bnv[rows, cur], final)
+    final = jnp.where((n_acc == R)[:, None], p_bnv[rows, cur], final)
     nxt = jax.random.categorical(keys[-1], jnp.log(final), -1).astype(jnp.int32)
     return n_acc, nxt, jnp.stack(path, 1)
 
 
 def compact(cache: KVCache, pos0_b: jax.Array, path_bk: jax.Array) -> KVCache:
-    """Move the path's keys/values from slots p + path[i] to p + i (one gather-scatter of D + 1 slots per row)."""
+    """Move the path's keys/values from slots p + path[i] to p + i (one gather-scatter of R + 1 slots per row)."""
     rows = jnp.arange(path_bk.shape[0])[:, None]
     src, dst = pos0_b[:, None] + path_bk, pos0_b[:, None] + jnp.arange(path_bk.shape[1])[None]
     move = lambda a: a.at[:, rows, dst].set(a[:, rows, src], mode="drop")  # noqa: E731

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eesd_jax import cli, control, decoding, eesd, exits, generate, model, tree
+from eesd_jax import cli, control, decoding, eesd, engine, exits, generate, model, tree
 from eesd_jax.sampling import SamplingConfig
 from tests import test_eesd_sampling as sampling_tests
 from tests.test_eesd import CFG, EOS, make_prompts, perturbed_exit
@@ -159,10 +159,10 @@ def test_tree_sampling_test_fails_without_the_residual(s_params, monkeypatch):
 
 
 def test_cli_tree_reaches_the_engine(params):
-    session = cli.Session(types.SimpleNamespace(cfg=CFG, fingerprint="tiny"), params, None, 0.0)
+    session = engine.Session(types.SimpleNamespace(cfg=CFG, fingerprint="tiny"), params, None, 0.0)
     args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--exit-layer", "1", "--tree", "8"])
     cli.validate_eesd(args)
-    assert cli.eesd_engine(session, args)[0].tree == 8
+    assert cli.engine_from_args(session, args).ecfg.tree == 8
 
 
 @pytest.mark.parametrize("bad", ["6", "-4"])
