@@ -167,7 +167,7 @@ def test_cli_tree_reaches_the_engine(params):
 
 @pytest.mark.parametrize("bad", ["6", "-4"])
 def test_cli_refuses_a_bad_tree_before_loading(monkeypatch, capsys, bad):
-    monkeypatch.setattr(cli, "load_session", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    monkeypatch.setattr(engine, "load_session", lambda *a, **k: pytest.fail("model loaded despite bad input"))
     assert cli.main(["generate", "--prompt", "hi", "--tree", bad]) == 2
     assert "--tree must be 0 or a positive multiple of 4" in capsys.readouterr().err
 
