@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import decoding, eesd, exits, generate, loading, losses, prompts, shipped
-from eesd_jax.bench import decode_layout
+from eesd_jax import decoding, eesd, exits, generate, loading, losses, model, prompts, shipped
 
 KS = (1, 2, 4, 8)
 OUT = pathlib.Path(__file__).parent / "results" / "tree_ceiling.json"
@@ -70,7 +69,7 @@ def main() -> None:
 
     lm = loading.load_model(None)
     cfg, tok = lm.cfg, lm.tokenizer()
-    params = decode_layout(jax.tree.map(jnp.asarray, lm.params))
+    params = model.decode_layout(jax.tree.map(jnp.asarray, lm.params))
     exit_path = args.exit or shipped.default_exit(lm)
     exit_cfg, exit_params = exits.load_exit(exit_path, cfg, lm.fingerprint)
     eos = (int(tok.eos_token_id),)

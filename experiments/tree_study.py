@@ -20,8 +20,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from eesd_jax import cli, control, eesd, exits, generate, loading, prompts, shipped
-from eesd_jax.bench import decode_layout
+from eesd_jax import control, eesd, engine, exits, generate, loading, model, prompts, shipped
 
 OUT = pathlib.Path(__file__).parent / "results" / "tree_study.json"
 TREES = ("4x4", "8x4", "16x4", "8x2")  # Node budget x nodes per depth.
@@ -72,10 +71,10 @@ def main() -> None:
     if args.render:
         return render(json.loads(out.read_text()), out)
 
-    cli.enable_compilation_cache()
+    engine.enable_compilation_cache()
     lm = loading.load_model(None)
     cfg, tok = lm.cfg, lm.tokenizer()
-    params = decode_layout(jax.tree.map(jnp.asarray, lm.params))
+    params = model.decode_layout(jax.tree.map(jnp.asarray, lm.params))
     exit_path = shipped.default_exit(lm)
     exit_cfg, exit_params = exits.load_exit(exit_path, cfg, lm.fingerprint)
     chain = eesd.config_for_exit(exit_cfg, exit_path, 6, control.ControllerConfig.kind)  # The CLI defaults.
