@@ -1,10 +1,10 @@
 """A loaded model and its EESD engine: what the `eesd` command and the experiments decode with.
 
 from eesd_jax import engine
-session = engine.load_session(None)                       # The bundled SmolLM2, decode layout.
-eng = engine.eesd_engine(session)                         # Its shipped exit, default controller.
+session = engine.load_session(None)                # The bundled SmolLM2, decode layout.
+eng = engine.eesd_engine(session)                  # Its shipped exit, default controller.
 ids = engine.encode_prompt(session, "Write a haiku.", chat=None)
-gen = engine.run_eesd(session, eng, [ids], max_new_tokens=64)
+gen = engine.decode(session, [ids], 64, eng)       # eng=None: AR.
 """
 
 from __future__ import annotations
