@@ -180,7 +180,7 @@ def eesd_engine(session: Session, args):
             exit_params = sharding.shard_exit_params(exit_params, session.mesh)
         ecfg = eesd.config_for_exit(exit_cfg, exit_path, args.max_draft, args.controller)
         ecfg.validate(session.cfg)
-        split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer)
+        split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer, ecfg.fuse_layers)
         session.engine = (ecfg, exit_params, split, exit_path)
     return session.engine
 

@@ -107,7 +107,7 @@ def prefill(
 
     With `segments` = consecutive layer ranges covering [0, L) (e.g.
     eesd.split_params), also returns the [B, P, D] hidden states after each
-    segment but the last (an early exit's input, its context layer's states).
+    segment (an early exit's input, its context layer's states, ..., the final state).
     Returns (cache, [B, V] logits after each row's last prompt token, hiddens or None).
     """
     B, P = tokens_bp.shape
@@ -121,7 +121,7 @@ def prefill(
         hiddens.append(x)
         first += model.num_layers(layers)
     logits = last_logits(cfg, params, x, prompt_lens_b - 1)
-    return cache.replace(lengths=prompt_lens_b), logits, (tuple(hiddens[:-1]) if segments else None)
+    return cache.replace(lengths=prompt_lens_b), logits, (tuple(hiddens) if segments else None)
 
 
 @flax.struct.dataclass

@@ -403,7 +403,7 @@ def eval_exit(
     if not ids:
         raise ValueError("no prompts to evaluate on")
     ecfg = eesd.config_for_exit(exit_cfg, exit_path, max_draft, controller)
-    split = eesd.split_params(params, exit_cfg.layer, exit_cfg.context_layer)
+    split = eesd.split_params(params, exit_cfg.layer, exit_cfg.context_layer, exit_cfg.fuse_layers)
     seen: set = set()
     rows, ar_time, es_time, new_ar, new_es = [], 0.0, 0.0, 0, 0
     totals = {"rounds": 0, "drafted": 0, "accepted": 0}

@@ -36,7 +36,7 @@ def main() -> None:
     exit_path = args.exit or shipped.default_exit(session.lm)
     exit_cfg, exit_params = exits.load_exit(exit_path, session.cfg, session.lm.fingerprint)
     ecfg = eesd.config_for_exit(exit_cfg, exit_path, args.max_draft, args.controller)
-    split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer)
+    split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer, ecfg.fuse_layers)
     common = dict(max_new_tokens=args.max_new_tokens, eos_ids=session.eos_ids)
     runs = {
         "ar": lambda: generate.generate_ar(session.cfg, session.params, [ids], **common),

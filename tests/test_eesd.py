@@ -44,11 +44,12 @@ DRAFTING_KNOBS = {
 }
 
 
-def eesd_tokens(params, prompts, exit_layer, max_draft, kind, exit_params=None, context_layer=0, **kw):
+def eesd_tokens(params, prompts, exit_layer, max_draft, kind, exit_params=None, context_layer=0, fuse_layers=(), **kw):
     ctrl = control.ControllerConfig(kind=kind, **DRAFTING_KNOBS.get(kind, {}))
-    ecfg = eesd.EESDConfig(exit_layer, max_draft, ctrl, context_layer=context_layer)
+    ecfg = eesd.EESDConfig(exit_layer, max_draft, ctrl, context_layer=context_layer, fuse_layers=fuse_layers)
     if exit_params is None:
-        exit_params = exits.init_exit(CFG, params, exits.ExitConfig(exit_layer, context_layer=context_layer))
+        exit_cfg = exits.ExitConfig(exit_layer, context_layer=context_layer, fuse_layers=fuse_layers)
+        exit_params = exits.init_exit(CFG, params, exit_cfg)
     return generate.generate_eesd(CFG, params, exit_params, ecfg, prompts, 24, eos_ids=(EOS,), **kw)
 
 
@@ -110,6 +111,43 @@ def test_context_exit_greedy_eesd_equals_ar(params, ar_outputs, kind, exit_layer
     assert out.stats["drafted"] > 0 or kind == "confidence"
 
 
+# Fused exits (ExitConfig.fuse_layers): the final state alone, low/mid/high sets, with a context layer.
+FUSED_GRID = [
+    ("beta-ts", 2, 0, (4,), 4),
+    ("fixed", 2, 0, (2, 3, 4), 8),
+    ("fixed", 2, 3, (2, 4), 2),
+    ("calibration-ts", 2, 3, (3,), 3),
+]
+
+
+@pytest.mark.parametrize("kind,exit_layer,context_layer,fuse_layers,max_draft", FUSED_GRID)
+def test_fused_exit_greedy_eesd_equals_ar(params, ar_outputs, kind, exit_layer, context_layer, fuse_layers, max_draft):
+    """An exit fusing the previous position's verified states into its input is lossless too, at batch 3 and 1."""
+    exit_cfg = exits.ExitConfig(exit_layer, own_head=True, context_layer=context_layer, fuse_layers=fuse_layers)
+    ep = perturbed_exit(params, exit_cfg)
+    ep["fuse"]["w"] = 0.2 * ep["fuse"]["w"]  # Small enough that drafts are still accepted (an untrained block).
+    assert float(jnp.abs(ep["fuse"]["w"]).min()) > 0  # The fused states really enter the drafts.
+    stats = []
+    for batch in (3, 1):
+        out = eesd_tokens(params, make_prompts(batch), exit_layer, max_draft, kind, ep, context_layer, fuse_layers)
+        assert out.tokens == ar_outputs[batch]
+        stats.append((out.stats["accepted"], out.stats["drafted"]))
+    assert any(0 < acc < drafted for acc, drafted in stats), stats  # Accepted and rejected drafts both occur.
+
+
+def test_untrained_fused_exit_drafts_like_the_unfused_one(params):
+    """Zero weights on the fused states: the same drafts, the same draft features, round by round."""
+
+    def run(fuse_layers):
+        ecfg = eesd.EESDConfig(2, 4, control.ControllerConfig("beta-ts"), fuse_layers=fuse_layers, trace=True)
+        ep = exits.init_exit(CFG, params, exits.ExitConfig(2, fuse_layers=fuse_layers))
+        return generate.generate_eesd(CFG, params, ep, ecfg, make_prompts(3), 24, eos_ids=(EOS,))
+
+    plain, fused = run(()), run((2, 3, 4))
+    assert fused.tokens == plain.tokens and fused.stats == plain.stats
+    np.testing.assert_array_equal(np.asarray(fused.trace.features), np.asarray(plain.trace.features))
+
+
 def test_context_exit_cache_holds_context_layer_keys_at_every_verified_position(params):
     """After EESD decoding, the exit's cache below each row's length is the exit block's keys/values of
     the context layer's states of the final sequence: verification rewrote every drafted slot."""
@@ -131,7 +169,7 @@ def test_context_exit_cache_holds_context_layer_keys_at_every_verified_position(
         n = int(state.exit_cache.lengths[b])
         seq = (prompt + np.asarray(state.tokens[b, : int(state.n_new[b])]).tolist())[:n]
         assert n == len(prompt) + int(state.n_new[b]) - 1
-        _, _, (_, h_c) = decoding.prefill(CFG, params, jnp.asarray([seq]), jnp.asarray([n]), n, segments)
+        _, _, (_, h_c, _) = decoding.prefill(CFG, params, jnp.asarray([seq]), jnp.asarray([n]), n, segments)
         k, v = model.keys_values(CFG, block, h_c, jnp.arange(n)[None])
         np.testing.assert_allclose(np.asarray(state.exit_cache.k[0, b, :n]), np.asarray(k[0]), atol=2e-5)
         np.testing.assert_allclose(np.asarray(state.exit_cache.v[0, b, :n]), np.asarray(v[0]), atol=2e-5)
@@ -143,7 +181,7 @@ def test_context_exit_drafts_what_training_computes(params):
     N, C, T = 1, 3, 10
     ep = perturbed_exit(params, exits.ExitConfig(N, own_head=True, context_layer=C))
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (2, T)), jnp.int32)
-    _, _, (h_n, h_c) = decoding.prefill(CFG, params, tokens, jnp.full((2,), T), T, eesd.split_params(params, N, C))
+    _, _, (h_n, h_c, _) = decoding.prefill(CFG, params, tokens, jnp.full((2,), T), T, eesd.split_params(params, N, C))
     starts = np.array([[0, 1, 1, 1, 4, 5, 5, 7, 7, 7], [0, 0, 2, 3, 4, 4, 4, 4, 8, 9]], np.int32)
     train_logits = losses.exit_train_logits(CFG, ep["head"], ep, h_n, None, h_c, jnp.asarray(starts))
     # First drafts (t = s) and drafts 2..4 of a round (e.g. row 1, t = 7: s = 4), with and without context.
