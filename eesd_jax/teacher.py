@@ -113,7 +113,7 @@ def _teacher_batch(cfg, params, segments, tokens_bt, starts, top_k):
         return hiddens, None, None
     logp = jax.nn.log_softmax(model.lm_head(params, model.final_norm(params, cfg, x)), axis=-1)
     values, ids = jax.lax.top_k(logp, top_k)
-    return hiddens[:-1], values, ids.astype(jnp.int32)
+    return hiddens, values, ids.astype(jnp.int32)
 
 
 def run_teacher(
@@ -125,22 +125,25 @@ def run_teacher(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "teacher",
+    half: Sequence[int] = (),
 ):
     """One pass of the frozen LLM over every sequence.
 
     Returns ({n: [total, D] hidden after layer n}, [total, k] top-k log-probs, [total, k] ids),
-    flat like `tokens`. With top_k = 0 only the first max(layers) layers run.
+    flat like `tokens`; n = L is the final state (before the final norm). The states after
+    the layers in `half` are kept in float16 (fused exits' inputs: storage).
+    With top_k = 0 only the first max(layers) layers run.
     """
     cfg = lm.cfg
     layers = sorted(set(int(n) for n in layers))
-    if any(not 1 <= n < cfg.n_layers for n in layers):
-        raise ValueError(f"feature layers {layers} must be in [1, {cfg.n_layers})")
-    bounds = layers + ([cfg.n_layers] if top_k else [])
+    if any(not 1 <= n <= cfg.n_layers for n in layers):
+        raise ValueError(f"feature layers {layers} must be in [1, {cfg.n_layers}]")
+    bounds = sorted(set(layers) | ({cfg.n_layers} if top_k else set()))
     starts = tuple([0] + bounds[:-1])
     segments = [jax.tree.map(lambda w, a=a, b=b: w[a:b], lm.params["layers"]) for a, b in zip(starts, bounds)]
     lengths = np.diff(offsets)
     total = int(offsets[-1])
-    hidden = {n: np.zeros((total, cfg.d_model), np.float32) for n in layers}
+    hidden = {n: np.zeros((total, cfg.d_model), np.float16 if n in half else np.float32) for n in layers}
     top_logp = np.zeros((total, top_k), np.float32)
     top_ids = np.zeros((total, top_k), np.int32)
     order = np.argsort(lengths, kind="stable")
@@ -156,8 +159,9 @@ def run_teacher(
         hs, logp, ids = jax.device_get(_teacher_batch(cfg, lm.params, segments, jnp.asarray(tok), starts, top_k))
         for r, k in enumerate(idx):
             a, b, n = offsets[k], offsets[k + 1], lengths[k]
-            for layer, h in zip(layers, hs):
-                hidden[layer][a:b] = h[r, :n]
+            for layer, h in zip(bounds, hs):
+                if layer in hidden:
+                    hidden[layer][a:b] = h[r, :n]
             if top_k:
                 top_logp[a:b], top_ids[a:b] = logp[r, :n], ids[r, :n]
         i += len(idx)

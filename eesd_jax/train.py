@@ -45,8 +45,9 @@ STATE_FORMAT = "eesd_jax.train_state/1"
 
 
 def split_trainable(exit_params: Params, train_head: bool) -> tuple[Params, Params]:
-    """(trainable, static): the block and norm train; an own head too when train_head; vocab ids never."""
-    names = {"block", "norm"} | ({"head"} if train_head else set())
+    """(trainable, static): the block, norm and fusion layer train; an own head too when train_head; vocab ids
+    never."""
+    names = {"block", "norm", "fuse"} | ({"head"} if train_head else set())
     return ({k: v for k, v in exit_params.items() if k in names},
             {k: v for k, v in exit_params.items() if k not in names})  # fmt: skip
 
@@ -86,15 +87,17 @@ def batch_indices(n_seq: int, batch_size: int, seed: int, step: int) -> np.ndarr
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "tx", "kl_weight", "ce_weight"))
-def train_step(cfg: ModelConfig, tx, head_vd, static, state, vmap_v, batch, kl_weight, ce_weight):
-    """One AdamW step on the trainable exit params; returns (state, metrics)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "tx", "kl_weight", "ce_weight", "n_round"))
+def train_step(cfg: ModelConfig, tx, head_vd, static, state, vmap_v, batch, kl_weight, ce_weight, n_round=1):
+    """One AdamW step on the trainable exit params; returns (state, metrics).
+
+    n_round: the longest simulated round a fused exit runs (losses.exit_train_logits)."""
 
     def loss_fn(trainable):
         exit_params = {**static, **trainable}
         head = exit_params.get("head", head_vd)
         logits = losses.exit_train_logits(
-            cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start
+            cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start, batch.fuse, n_round
         )
         return losses.distill_loss(logits, vmap_v, batch, kl_weight, ce_weight)
 
@@ -212,7 +215,8 @@ def train_exit(
                                        rounds, int(t.max_round))  # fmt: skip
             n_tokens += batch.weights.shape[0] * batch.weights.shape[1]
             state, m = train_step(lm.cfg, tx, head_vd, static, state, vmap, losses.to_device(batch),
-                                  float(t.kl_weight), float(t.ce_weight))  # fmt: skip
+                                  float(t.kl_weight), float(t.ce_weight),
+                                  int(t.max_round) if exit_cfg.fuse_layers else 1)  # fmt: skip
             acc.append(m)
             done = step + 1
             if done % int(t.log_every) == 0 or done == steps:
@@ -252,7 +256,8 @@ def train_exit(
 
 def exit_config(config) -> exits.ExitConfig:
     e = config.exit
-    return exits.ExitConfig(int(e.layer), bool(e.own_head), int(e.draft_vocab), int(e.get("context_layer", 0)))
+    fuse = tuple(int(j) for j in e.get("fuse_layers", ()))
+    return exits.ExitConfig(int(e.layer), bool(e.own_head), int(e.draft_vocab), int(e.get("context_layer", 0)), fuse)
 
 
 def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, stop_at: int | None = None):
@@ -283,7 +288,9 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
         prepare_text = distill_data.plan_text_data(lm, config, text_dir)
     data_dir = pathlib.Path(config.data.dir) if config.data.dir else workdir / "data"
     manifest = distill_data.prepare_data(lm, config, data_dir, progress)
-    all_data = distill_data.load_data(data_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer)
+    all_data = distill_data.load_data(
+        data_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer, exit_cfg.fuse_layers
+    )
     data, val = all_data.split(int(t.val_every_prompt))
     data = data.take_tokens(int(config.data.response_tokens), int(config.data.seed))
     data_spec, data_info = (
@@ -292,7 +299,9 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     )
     if config.data.text.corpus:
         text_manifest = prepare_text(progress)
-        text = distill_data.load_data(text_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer)
+        text = distill_data.load_data(
+            text_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer, exit_cfg.fuse_layers
+        )
         text = text.take_tokens(int(config.data.text.max_tokens), int(config.data.seed))
         data = text if config.data.text.only else distill_data.Data.concat([data, text])
         data_spec = data_spec | {"text": text_manifest["spec"]}  # Checkpoints resume only on the same text.
@@ -447,9 +456,9 @@ def eval_exit(
     for k, p in enumerate(ids):
         mask[offsets[k] + len(p) - 1 : offsets[k + 1] - 1] = True
     tmp_lm = LM(cfg, params, fingerprint, cfg.name, None, eos)
-    c = exit_cfg.context_layer
-    hidden, _, _ = teacher.run_teacher(tmp_lm, tokens, offsets, [exit_cfg.layer, c] if c else [exit_cfg.layer], 0,
-                                       progress=False)  # fmt: skip
+    c, fuse = exit_cfg.context_layer, exit_cfg.fuse_layers
+    layers = [exit_cfg.layer, *([c] if c else []), *fuse]
+    hidden, _, _ = teacher.run_teacher(tmp_lm, tokens, offsets, layers, 0, progress=False)
     nxt = np.roll(tokens, -1)[:, None]
     data = distill_data.Data(
         tokens,
@@ -462,6 +471,7 @@ def eval_exit(
         np.zeros(cfg.vocab_size, np.int64),
         np.zeros(cfg.vocab_size),
         context=hidden[c] if c else None,
+        fuse=np.stack([hidden[j] for j in fuse], 1) if fuse else None,
     )
     agreement = losses.data_metrics(cfg, params, exit_params, data, seq_len=cfg.max_seq_len)
 

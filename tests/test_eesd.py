@@ -193,6 +193,47 @@ def test_context_exit_drafts_what_training_computes(params):
         np.testing.assert_allclose(np.asarray(draft[0, -1]), np.asarray(train_logits[b, t]), atol=2e-5)
 
 
+@pytest.mark.parametrize("exit_layer,context_layer,fuse_layers", [(2, 0, (4,)), (1, 3, (1, 2, 4))])
+def test_fused_exit_drafts_what_training_computes(params, exit_layer, context_layer, fuse_layers):
+    """After some rounds of decoding, the next round's draft log-probs equal losses.exit_train_logits' over
+    the sequence with that round simulated: training-time test sees exactly what drafting sees (the
+    verified states of p - 1 at the round's first draft, the exit's own outputs after it, and the exit
+    cache verification rewrote)."""
+    N, K = exit_layer, 3
+    exit_cfg = exits.ExitConfig(N, own_head=True, context_layer=context_layer, fuse_layers=fuse_layers)
+    ep = perturbed_exit(params, exit_cfg)
+    ecfg = eesd.EESDConfig(
+        N, K, control.ControllerConfig("fixed"), context_layer=context_layer, fuse_layers=fuse_layers
+    )
+    prompts = make_prompts(3)
+    sc = SamplingConfig(temperature=1.0)  # The draft block keeps its log-probs (log_softmax at T = 1).
+    req = decoding.make_request(CFG, prompts, 40, slack=K + 1)
+    segments = eesd.split_params(params, N, context_layer, fuse_layers)
+    tokens_bp, lens_b, max_new_b = (jnp.asarray(a) for a in (req.tokens_bp, req.prompt_lens_b, req.max_new_b))
+    for rounds in (0, 3):
+        cache, logits, hiddens = decoding.prefill(CFG, params, tokens_bp, lens_b, req.cache_len, segments)
+        state = eesd.eesd_init(CFG, ecfg, params, ep, cache, hiddens, logits, max_new_b, jax.random.key(0), sc, (),
+                               req.max_new)  # fmt: skip
+        state = eesd.eesd_decode(CFG, ecfg, params, segments, ep, state, sc, (), jnp.int32(rounds))
+        d = eesd._draft(CFG, ecfg, sc, params, segments[0], ep, state)
+        assert (np.asarray(d.n_draft) == K).all()
+        for b, prompt in enumerate(prompts):
+            p0 = int(state.cache.lengths[b])  # Position of the round's block token 0.
+            seq = (
+                prompt
+                + np.asarray(state.tokens[b, : int(state.n_new[b])]).tolist()
+                + np.asarray(d.tokens[b, : K - 1]).tolist()
+            )
+            assert len(seq) == p0 + K
+            _, _, states = decoding.prefill(CFG, params, jnp.asarray([seq]), jnp.asarray([p0 + K]), p0 + K, segments)
+            fuse = eesd._at(CFG, ecfg, states, fuse_layers)
+            start = jnp.asarray([np.minimum(np.arange(p0 + K), p0)], jnp.int32)
+            context = eesd._at(CFG, ecfg, states, [context_layer])[..., 0, :] if context_layer else None
+            prev = exits.previous_features(fuse, jnp.zeros_like(fuse[:, 0]))
+            train = losses.exit_train_logits(CFG, ep["head"], ep, states[0], None, context, start, prev, K)
+            np.testing.assert_allclose(np.asarray(jax.nn.log_softmax(train[0, p0:])), np.asarray(d.logp[b]), atol=5e-5)
+
+
 def test_oracle_drafter_is_always_accepted(params):
     """At N = L-1 the untrained exit is the LLM's own last block: every draft is accepted."""
     prompts = make_prompts(3)
