@@ -30,29 +30,37 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from eesd_jax import corpus, generate, prompts
+from eesd_jax import corpus, generate, prompts, self_prompts
 from eesd_jax.sampling import SamplingConfig
 from eesd_jax.teacher import LM, progress_bar, run_teacher
 
 DATA_FORMAT = "eesd_jax.distill_data/1"
 
 
-def prompt_list(sets: Sequence[str], n_per_set: int = 0) -> list[prompts.Prompt]:
-    """Prompts of "source:split" sets (split defaults to "all"), the first n of each (0 = all)."""
+def prompt_list(sets: Sequence[str], n_per_set: int = 0, lm: LM | None = None) -> list[prompts.Prompt]:
+    """Prompts of "source:split" sets (split defaults to "all"), the first n of each (0 = all).
+
+    "self:N[@SEED]" sets are made by the LLM `lm` itself (self_prompts)."""
     out = []
     for spec in sets:
         source, _, split = spec.rpartition(":") if spec.rsplit(":", 1)[-1] in prompts.SPLITS else (spec, "", "all")
-        out += prompts.load_prompts(source, split, n_per_set or None)
+        if (made := self_prompts.parse_set(source)) is None:
+            out += prompts.load_prompts(source, split, n_per_set or None)
+            continue
+        if lm is None:
+            raise ValueError(f"{spec}: self-made prompts need the model")
+        got = [p for p in self_prompts.make_prompts(lm, *made) if split == "all" or p.heldout == (split == "heldout")]
+        out += got[: n_per_set or None]
     if not out:
         raise ValueError(f"no prompts in {list(sets)}")
     return out
 
 
-def validation_prompts(config, n: int = 0) -> list[prompts.Prompt]:
+def validation_prompts(config, n: int = 0, lm: LM | None = None) -> list[prompts.Prompt]:
     """The prompts an exit distilled with `config` held out for validation (config.train.val_every_prompt,
     Data.split's rule): never trained on, disjoint from the held-out sets. n of them spread over
-    the list (0: all); the training prompts if the config holds none out (tiny)."""
-    pool = prompt_list(config.data.sets, int(config.data.n_per_set))
+    the list (0: all); the training prompts if the config holds none out (tiny). lm: for self-made sets."""
+    pool = prompt_list(config.data.sets, int(config.data.n_per_set), lm)
     if every := int(config.train.val_every_prompt):
         pool = pool[every - 1 :: every]
     return pool[:: max(1, len(pool) // n)][:n] if n else pool
@@ -82,7 +90,7 @@ def generate_data(lm: LM, data_cfg, data_dir, progress: bool = True) -> dict:
     data_dir = pathlib.Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     spec = data_spec(lm, data_cfg)
-    plist = prompt_list(data_cfg.sets, data_cfg.n_per_set)
+    plist = prompt_list(data_cfg.sets, data_cfg.n_per_set, lm)
     encoded = [lm.encode(p)[-data_cfg.max_prompt_tokens :] for p in plist]
     jobs = [(i, s) for s in range(data_cfg.samples_per_prompt) for i in range(len(plist))]
     order = sorted(range(len(jobs)), key=lambda j: (len(encoded[jobs[j][0]]), j))  # Less padding per batch.

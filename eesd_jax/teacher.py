@@ -39,6 +39,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [1 + b % (self.vocab_size - 1) for b in text.encode("utf-8")]
 
+    def decode(self, ids) -> str:
+        return bytes((int(i) - 1) % 256 for i in ids).decode("utf-8", errors="replace")
+
 
 @dataclasses.dataclass
 class LM:

@@ -407,3 +407,36 @@ def test_teacher_top_k_equals_a_full_sort(V, k):
     np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))  # Random floats: no ties.
     np.testing.assert_allclose(np.asarray(got_v), np.asarray(want_v), atol=1e-6)
     assert got_i.dtype == jnp.int32
+
+
+def test_self_made_prompts_are_filtered_deduplicated_and_deterministic(lm):
+    """self:N sets: the tiny model's own samples from its template prefix, n distinct ones, the same for
+    the same seed, other ones for another seed; held out every 5th; the model is required."""
+    from eesd_jax import self_prompts
+
+    keep = lambda text: len(text) >= 3  # noqa: E731  (a random model writes no English: length only)
+    made = self_prompts.make_prompts(lm, 7, seed=1, max_new_tokens=32, batch_size=16, keep=keep)
+    assert len(made) == 7 and len({self_prompts._key(p.text) for p in made}) == 7
+    assert all(keep(p.text) and p.chat for p in made) and [p.heldout for p in made].count(True) == 1
+    again = self_prompts.make_prompts(lm, 7, seed=1, max_new_tokens=32, batch_size=16, keep=keep)
+    self_prompts._made.clear()  # Made anew, not the process cache: still the same.
+    assert [p.text for p in self_prompts.make_prompts(lm, 7, 1, 32, 16, keep=keep)] == [p.text for p in again]
+    other = self_prompts.make_prompts(lm, 7, seed=2, max_new_tokens=32, batch_size=16, keep=keep)
+    assert [p.text for p in other] != [p.text for p in made]
+    with pytest.raises(ValueError, match="passed the filters"):
+        self_prompts.make_prompts(lm, 3, max_new_tokens=32, batch_size=16, max_batches=1)  # English filter
+    with pytest.raises(ValueError, match="need the model"):
+        distill_data.prompt_list(["self:4"])
+    with pytest.raises(ValueError, match="expected self:N"):
+        distill_data.prompt_list(["self:x"], lm=lm)
+
+
+def test_self_made_prompt_filter():
+    from eesd_jax import self_prompts
+
+    assert self_prompts.acceptable("How do I reverse a linked list in Python without recursion?")
+    assert not self_prompts.acceptable("Hi?")  # Too short.
+    assert not self_prompts.acceptable("Объясни, пожалуйста, как работает быстрая сортировка.")  # Not English.
+    assert not self_prompts.acceptable("the cat the cat the cat the cat the cat the cat")  # Repeats itself.
+    assert self_prompts.parse_set("self:200") == (200, 0) and self_prompts.parse_set("self:5@3") == (5, 3)
+    assert self_prompts.parse_set("chat") is None
