@@ -4,6 +4,10 @@ Axis glossary (used in names, einsum strings and `PARAM_AXES`):
   B batch, T new tokens in this call, S cache length, D model width,
   H query heads, K kv heads, G query heads per kv head (H = K * G), E head dim,
   F ffn width, V vocab, L layers.
+Decoding and distillation add: P prompt width, M new tokens (budget), J draft slots per
+round (EESDConfig.max_draft; a verify block holds J + 1), C teacher top-k candidates
+(distillation targets), R positions a distillation loss is taken at (losses.Batch) or
+rounds of a trace (eesd.RoundTrace), V' draft vocabulary (an exit's head).
 
 Per-layer params are stacked on a leading L axis, so "the first N layers" and
 "layers N..L" are ranges run by one `lax.scan` (`run_layers`). Weights are stored
@@ -19,12 +23,15 @@ returns for the first n layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from eesd_jax.kv_cache import KVCache
+from eesd_jax.kv_cache import KVCache, init_cache
 
 Params = dict[str, Any]
 
@@ -437,6 +444,12 @@ def unstack(params: Params) -> Params:
     return {**params, "layers": [jax.tree.map(lambda w, i=i: w[i], layers) for i in range(num_layers(layers))]}
 
 
+def decode_layout(params: Params) -> Params:
+    """params in the layout the decode loops run fastest in on this backend: per-layer lists on CPU
+    (run_layers: XLA:CPU copies a layer out of a stacked array each step), stacked elsewhere."""
+    return unstack(params) if jax.default_backend() == "cpu" else params
+
+
 def split_layers(layers: Layers, n: int) -> tuple[Layers, Layers]:
     """(layers [0, n), layers [n, L)) in the same layout; call outside jit."""
     if isinstance(layers, list):
@@ -454,3 +467,38 @@ def forward(
     """Full forward over T new tokens: ([B, T, V] float32 logits, cache)."""
     x, cache = run_layers(cfg, params["layers"], embed(params, tokens_bt), positions_bt, cache)
     return lm_head(params, final_norm(params, cfg, x)), cache
+
+
+def run_segments(
+    cfg: ModelConfig, segments: Sequence[Layers], x_btd: jax.Array, positions_bt: jax.Array, cache: KVCache
+) -> tuple[list[jax.Array], KVCache]:
+    """Consecutive layer ranges from layer 0 on (e.g. eesd.split_params): the hidden state after each, and the
+    cache with their slots written."""
+    hiddens, first = [], 0
+    for layers in segments:
+        x_btd, cache = run_layers(cfg, layers, x_btd, positions_bt, cache, first)
+        hiddens.append(x_btd)
+        first += num_layers(layers)
+    return hiddens, cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward_uncached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array) -> jax.Array:
+    """[B, T, V] float32 logits of whole sequences (positions 0..T-1) from a fresh cache: the reference forward."""
+    B, T = tokens_bt.shape
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    return forward(cfg, params, tokens_bt, positions, init_cache(cfg, B, T))[0]
+
+
+def random_params(cfg: ModelConfig, rng: np.random.Generator | np.random.RandomState, scale: float) -> Params:
+    """numpy params in init_params' layout: norm scales 1, every other weight scale * N(0, 1) (no jax.random
+    compiles per shape, which cost seconds on CPU)."""
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, s: (
+            np.ones(s.shape, s.dtype)
+            if "norm" in jax.tree_util.keystr(path)
+            else (scale * rng.standard_normal(s.shape)).astype(s.dtype)
+        ),
+        shapes,
+    )

@@ -104,13 +104,13 @@ def session_cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def no_persistent_compilation_cache():
-    """The CLI keeps compiled programs on disk (cli.enable_compilation_cache), a process-wide
+    """The CLI keeps compiled programs on disk (engine.enable_compilation_cache), a process-wide
     setting: after one in-process CLI test every later compile of the session would be written
     there. A full run crashed (SIGSEGV) inside jax's cache writer that way; tests compile fresh."""
-    from eesd_jax import cli
+    from eesd_jax import engine
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "enable_compilation_cache", lambda: None)
+        mp.setattr(engine, "enable_compilation_cache", lambda: None)
         yield
 
 
@@ -247,16 +247,6 @@ def torch_logits(model, tokens_bt: np.ndarray) -> np.ndarray:
     return out.logits.float().numpy()
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_fresh_cache(cfg, params, tokens_bt):
-    from eesd_jax import model
-    from eesd_jax.kv_cache import init_cache
-
-    B, T = tokens_bt.shape
-    cache = init_cache(cfg.n_layers, B, T, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
-    return model.forward(cfg, params, tokens_bt, jax.numpy.broadcast_to(jax.numpy.arange(T), (B, T)), cache)[0]
-
-
 def full_forward(cfg, params, tokens_bt) -> np.ndarray:
     """Our uncached forward over whole sequences: [B, T, V] float32 logits from a fresh cache.
 
@@ -267,7 +257,9 @@ def full_forward(cfg, params, tokens_bt) -> np.ndarray:
     B, T = tokens_bt.shape
     padded = np.zeros((B, -(-T // 32) * 32), np.int32)
     padded[:, :T] = tokens_bt
-    return np.asarray(_forward_fresh_cache(cfg, params, padded))[:, :T]
+    from eesd_jax import model
+
+    return np.asarray(model.forward_uncached(cfg, params, padded))[:, :T]
 
 
 def random_tokens(vocab: int, shape, seed: int = 0) -> np.ndarray:

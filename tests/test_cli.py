@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from eesd_jax import cli, control, exits
+from eesd_jax import cli, control, engine, exits
 
 
 @pytest.mark.parametrize(
@@ -27,7 +27,7 @@ from eesd_jax import cli, control, exits
     ],
 )
 def test_bad_input_exits_2_before_loading(argv, message, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load_session", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    monkeypatch.setattr(engine, "load_session", lambda *a, **k: pytest.fail("model loaded despite bad input"))
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
 
@@ -35,11 +35,11 @@ def test_bad_input_exits_2_before_loading(argv, message, capsys, monkeypatch):
 def test_controller_knobs_reach_the_engine(tiny):
     """--controller KIND:KNOB=V,... is checked with the other input, then builds the EESD config's controller."""
     cfg, params = tiny
-    session = cli.Session(types.SimpleNamespace(cfg=cfg, fingerprint="tiny"), params, None, 0.0)
+    session = engine.Session(types.SimpleNamespace(cfg=cfg, fingerprint="tiny"), params, None, 0.0)
     spec = "calibration-ts:break_even=0.3,n_bins=4"
     args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--exit-layer", "1", "--controller", spec])
     cli.validate_eesd(args)
-    ecfg = cli.eesd_engine(session, args)[0]
+    ecfg = cli.engine_from_args(session, args).ecfg
     assert ecfg.controller == control.ControllerConfig("calibration-ts", break_even=0.3, n_bins=4)
 
 
@@ -65,7 +65,7 @@ def bench_prompts(argv, monkeypatch, capsys):
     def stop(*args, **kwargs):
         raise _Loaded
 
-    monkeypatch.setattr(cli, "load_session", stop)
+    monkeypatch.setattr(engine, "load_session", stop)
     monkeypatch.setattr(cli, "validate_prompt_set", _recording(cli.validate_prompt_set, chosen))
     try:
         code = cli.main(["bench", *argv])

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eesd_jax import bench, cli, decoding, eesd, exits, generate, loading, model, train
+from eesd_jax import bench, cli, decoding, eesd, engine, exits, generate, loading, model, train
 
 PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26, 43]]
 
@@ -79,7 +79,7 @@ def test_dtype_flag_reaches_the_loader(argv, expected, monkeypatch):
         seen.append((dtype, random_shape))
         raise _Loaded
 
-    monkeypatch.setattr(cli, "load_session", fake_load)
+    monkeypatch.setattr(engine, "load_session", fake_load)
     with pytest.raises(_Loaded):
         cli.main(argv)
     assert seen == [expected]

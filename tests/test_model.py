@@ -103,7 +103,7 @@ def test_incremental_decoding_equals_full_forward(tiny, prefill_len, layout):
     if layout == "unstacked":
         params = model.unstack(params)
         assert isinstance(params["layers"], list) and len(params["layers"]) == cfg.n_layers
-    cache = init_cache(cfg.n_layers, 2, CACHE_SLOTS, cfg.n_kv_heads, cfg.head_dim)
+    cache = init_cache(cfg, 2, CACHE_SLOTS)
     got, start = [], 0
     for size in sizes:
         pos = jnp.broadcast_to(jnp.arange(start, start + size), (2, size))
@@ -159,7 +159,7 @@ def test_prefill_split_equals_unsplit(tiny):
 
     # The hidden state after layer 1: model.block on layer 0 directly (not through run_layers).
     layer0 = jax.tree.map(lambda w: w[0], params["layers"])
-    fresh = init_cache(1, 2, 16, cfg.n_kv_heads, cfg.head_dim)
+    fresh = init_cache(cfg, 2, 16, layers=1)
     positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
     x, _, _ = model.block(cfg, layer0, model.embed(params, tokens), positions, fresh.k, fresh.v, 0)
     np.testing.assert_allclose(np.asarray(hidden2), np.asarray(x), rtol=1e-5, atol=1e-5)
@@ -178,7 +178,7 @@ def test_readonly_block_equals_written_block(tiny, layout):
     _, upper = model.split_layers(layers, first)
     rng = np.random.default_rng(0)
     shape = (cfg.n_layers, B, CACHE_SLOTS, cfg.n_kv_heads, cfg.head_dim)
-    cache = init_cache(cfg.n_layers, B, CACHE_SLOTS, cfg.n_kv_heads, cfg.head_dim).replace(
+    cache = init_cache(cfg, B, CACHE_SLOTS).replace(
         k=jnp.asarray(rng.normal(size=shape), jnp.float32), v=jnp.asarray(rng.normal(size=shape), jnp.float32)
     )
     pos0 = jnp.asarray([7, 3], jnp.int32)
@@ -197,7 +197,7 @@ def test_readonly_block_equals_written_block(tiny, layout):
 
 def test_run_layers_rejects_layers_outside_cache(tiny):
     cfg, params = tiny
-    cache = init_cache(cfg.n_layers, 1, 8, cfg.n_kv_heads, cfg.head_dim)
+    cache = init_cache(cfg, 1, 8)
     x = model.embed(params, jnp.zeros((1, 1), jnp.int32))
     with pytest.raises(ValueError, match="outside the cache"):
         model.run_layers(cfg, params["layers"], x, jnp.zeros((1, 1), jnp.int32), cache, first_layer=1)

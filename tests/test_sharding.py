@@ -130,7 +130,7 @@ def test_state_axes_follow_params_caches_and_batch():
     assert adam.nu["embed"] == ("vocab", "embed")
     assert adam.count is None and axes["step"] is None
 
-    cache = init_cache(2, 4, 16, 8, 8)
+    cache = init_cache(_cfg(), 4, 16)
     state = {"cache": cache, "tokens": jnp.zeros((4, 10), jnp.int32), "key": jax.random.key(0), "steps": 0}
     axes = sharding.tree_logical_axes(state, batch_size=4)
     assert isinstance(axes["cache"], KVCache) and axes["cache"].k == sharding.CACHE_AXES["k"]
@@ -149,7 +149,7 @@ def test_fetch_and_put_single_process():
 
 
 def test_constrain_is_identity_without_mesh():
-    cache = init_cache(2, 4, 16, 8, 8)
+    cache = init_cache(_cfg(), 4, 16)
     out = jax.jit(sharding.constrain_cache)(cache)
     np.testing.assert_array_equal(out.k, cache.k)
     assert sharding.active_mesh_shape() is None
@@ -345,16 +345,7 @@ def _pinned_generate_ar(cfg, params, prompts, max_new, mesh):
 
 def _np_params(cfg, seed: int, scale: float = 0.2):
     """Random params made with numpy: no per-shape compiles of jax.random, no reshard compiles in device_put."""
-    rng = np.random.RandomState(seed)
-    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
-    return jax.tree_util.tree_map_with_path(
-        lambda path, s: (
-            np.ones(s.shape, np.float32)
-            if "norm" in jax.tree_util.keystr(path)
-            else (scale * rng.standard_normal(s.shape)).astype(np.float32)
-        ),
-        shapes,
-    )
+    return model.random_params(cfg, np.random.RandomState(seed), scale)
 
 
 def _exit_train_step(cfg, exit_params, opt_state, hidden_btd, targets_bt):
