@@ -305,6 +305,9 @@ def test_loop_state_types_survive_a_chunk(params, kind, greedy):
         (dict(exit_layer=2, max_draft=0), "max_draft must be >= 1"),
         (dict(exit_layer=2, context_layer=2), r"context layer 2 must be 0 or in \(2, 4\)"),
         (dict(exit_layer=2, context_layer=4), r"context layer 4 must be 0 or in \(2, 4\)"),
+        (dict(exit_layer=2, fuse_layers=(1,)), r"fuse layers \(1,\) must be increasing and in \[2, 4\]"),
+        (dict(exit_layer=2, fuse_layers=(4, 3)), r"fuse layers \(4, 3\) must be increasing"),
+        (dict(exit_layer=2, fuse_layers=(5,)), r"fuse layers \(5,\) must be increasing and in \[2, 4\]"),
     ],
 )
 def test_bad_engine_config_is_refused(params, kwargs, match):
@@ -328,6 +331,13 @@ def test_exit_files_round_trip_and_refuse_other_models(params, tmp_path):
     other = model.ModelConfig(**{**CFG.__dict__, "d_model": 48})
     with pytest.raises(ValueError, match="do not match"):
         exits.load_exit(path, other, "a" * 64)
+    fused_cfg = exits.ExitConfig(2, context_layer=3, fuse_layers=(2, 4))  # A fused exit keeps its fuse layers.
+    exits.save_exit(path, exits.init_exit(CFG, params, fused_cfg), fused_cfg, "tiny", "a" * 64)
+    got_cfg, got = exits.load_exit(path, CFG, "a" * 64)
+    assert got_cfg == fused_cfg and got["fuse"]["w"].shape == (CFG.d_model, 2 * CFG.d_model)
+    with pytest.raises(ValueError, match="do not match"):  # Its fusion layer must be there.
+        exits.save_exit(path, ep, fused_cfg, "tiny", "a" * 64)
+        exits.load_exit(path, CFG, "a" * 64)
 
 
 def test_exit_files_stored_in_float16_load_back_in_the_model_dtype(params, tmp_path):
