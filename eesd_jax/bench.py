@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import eesd, exits, generate, model, outcomes, provenance
+from eesd_jax import eesd, exits, generate, model, outcomes, provenance, sharding
 from eesd_jax.kv_cache import init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.sampling import SamplingConfig
@@ -227,7 +227,7 @@ def prefix_logits(cfg: ModelConfig, params: Params, tokens: list[int]) -> np.nda
     padded = np.zeros((1, T), np.int32)
     padded[0, : len(tokens)] = tokens  # Causal: the padding after cannot change earlier logits.
     logits = model.forward_uncached(cfg, params, jnp.asarray(padded))
-    return np.asarray(logits[0, len(tokens) - 1])
+    return sharding.fetch(logits)[0, len(tokens) - 1]  # Vocab-split over hosts: gathered on every process.
 
 
 def free_executables_near_map_limit(fraction: float = 0.4) -> None:

@@ -15,6 +15,7 @@ Structure, so that new modes and subcommands are small additions:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -122,15 +123,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_dtype_args(p)
 
 
-def add_dtype_args(p: argparse.ArgumentParser) -> None:
+def add_dtype_args(p: argparse.ArgumentParser, default: str | None = "float32") -> None:
+    """--dtype; default None: the config's model.dtype (distill, eval-exit)."""
     from eesd_jax.model import DTYPES
 
     p.add_argument(
         "--dtype",
         choices=DTYPES,
-        default="float32",
-        help="params, activations and KV caches (logits and acceptance stay float32); default float32, "
-        "bfloat16 on GPU/TPU",
+        default=default,
+        help="params, activations and KV caches (logits and acceptance stay float32); "
+        f"default {default or 'the config model.dtype, float32'}, bfloat16 on GPU/TPU",
     )
 
 
@@ -269,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts",
         default="chat",
         metavar="SOURCE",
-        help="humaneval, chat, or a file (JSONL with a 'prompt' field, or one prompt per line)",
+        help="humaneval, chat, or a file: .jsonl ('prompt' or a conversation per line), .json (ShareGPT: "
+        "every user turn, earlier turns as context), .parquet or a datasets folder (with pyarrow), .txt (a line each)",
     )
     b.add_argument(
         "--split",
@@ -332,7 +335,8 @@ def add_distill_parsers(sub) -> None:
         "with an optional :arg (e.g. smollm2:N=6,draft_vocab=8192)",
     )
     d.add_argument("--workdir", default=None, metavar="DIR", help="data, checkpoints, metrics (default runs/<config>)")
-    add_dtype_args(d)
+    add_dtype_args(d, default=None)
+    add_mesh_args(d)
     d.set_defaults(func=cmd_distill, validate=validate_config)
 
     e = sub.add_parser("eval-exit", help="top-1 agreement, alpha and tau of a trained exit on held-out prompts")
@@ -346,6 +350,8 @@ def add_distill_parsers(sub) -> None:
         metavar="SOURCE",
         help="comma-separated prompt sets (humaneval, chat, a file); default: the config's",
     )
+    add_dtype_args(e, default=None)
+    add_mesh_args(e)
     e.set_defaults(func=cmd_eval_exit, validate=validate_config)
 
 
@@ -356,20 +362,39 @@ def validate_config(args) -> None:
         args.config_dict = configs.load_config(args.config)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise UsageError(f"--config {args.config}: {e}") from None
+    validate_mesh(args)
     if hasattr(args, "exit"):
         validate_exit_file(args)
+    config = args.config_dict  # --dtype / --mesh go into the config, so that config.json records them.
+    if args.dtype is not None:
+        config.model.dtype = args.dtype
+    if args.mesh is not None:
+        config.mesh = args.mesh
+
+
+def load_teacher(config):
+    """The config's teacher LM in config.model.dtype, its params sharded over config.mesh (if any).
+
+    Megatron tensor parallel over 'model', replicated over 'data' (an HF folder read straight onto
+    the mesh); the stages then run on the mesh by sharding propagation (rows not yet split over 'data')."""
+    from eesd_jax import mesh_loading, model, sharding, teacher
+
+    dtype, mesh = config.model.get("dtype", "float32"), sharding.mesh_from_spec(config.get("mesh") or None)
+    if config.model.source != "tiny":  # Real weights: an HF folder read slice by slice onto the mesh.
+        source = None if config.model.source in ("bundled", "", None) else config.model.source
+        return teacher.as_lm(mesh_loading.load_model(source, dtype, mesh))
+    lm = teacher.load_lm(config.model)
+    if dtype != lm.cfg.dtype:  # The teacher (and the exit, initialized from it) in another dtype.
+        cfg, params = model.with_dtype(lm.cfg, lm.params, dtype)
+        lm = dataclasses.replace(lm, cfg=cfg, params=params)
+    return lm if mesh is None else dataclasses.replace(lm, params=sharding.shard_params(lm.params, mesh))
 
 
 def cmd_distill(args) -> int:
-    from eesd_jax import model, teacher, train
+    from eesd_jax import train
 
     workdir = args.workdir or str(pathlib.Path("runs") / args.config.replace(":", "_").replace("/", "_"))
-    lm = None  # float32: run_distill loads the teacher itself.
-    if args.dtype != "float32":  # The teacher (and the exit, initialized from it) in another dtype.
-        lm = teacher.load_lm(args.config_dict.model)
-        cfg, params = model.with_dtype(lm.cfg, lm.params, args.dtype)
-        lm = dataclasses.replace(lm, cfg=cfg, params=params)
-    path = train.run_distill(args.config_dict, workdir, lm=lm)
+    path = train.run_distill(args.config_dict, workdir, lm=load_teacher(args.config_dict))
     written = [path]
     if args.config_dict.exit.joint_layers:  # run_joint lists an exit per N.
         written = json.loads((pathlib.Path(workdir) / "joint.json").read_text()).values()
@@ -385,7 +410,7 @@ def cmd_eval_exit(args) -> int:
     if args.prompts:
         with config.eval.ignore_type():
             config.eval.sets = tuple(args.prompts.split(","))
-    print(json.dumps(evaluation.run_eval(config, args.exit)))
+    print(json.dumps(evaluation.run_eval(config, args.exit, lm=load_teacher(config))))
     return 0
 
 
@@ -413,7 +438,7 @@ def validate_prompt_set(args) -> None:
     from eesd_jax import prompts
 
     named = args.prompts in NAMED_PROMPT_SETS
-    if not named and not pathlib.Path(args.prompts).is_file():
+    if not named and not pathlib.Path(args.prompts).exists():
         raise UsageError(f"--prompts {args.prompts}: neither {' nor '.join(NAMED_PROMPT_SETS)} nor an existing file")
     if args.split is None:  # A file is the user's own selection: all of it unless a split is asked for.
         args.split = "heldout" if named else "all"
@@ -501,7 +526,10 @@ def cmd_bench(args) -> int:
     if args.random_shape:  # No tokenizer: as many prompts of random ids as the prompt set chose.
         ids = bench.random_prompts(len(args.chosen), session.cfg.vocab_size, args.seed)
     else:
-        ids = [engine.encode_prompt(session, p.text, p.chat if args.chat is None else args.chat) for p in args.chosen]
+        ids = [
+            engine.encode_prompt(session, p.text, p.chat if args.chat is None else args.chat, p.context)
+            for p in args.chosen
+        ]
     eng = engine_from_args(session, args)
 
     def progress(mode, gen):
@@ -538,15 +566,18 @@ def main(argv: list[str] | None = None) -> int:
     from eesd_jax import sharding
 
     sharding.maybe_initialize_distributed()  # Multi-host (TPU pod slices): a no-op in one process.
-    try:
-        args.validate(args)
-        return args.func(args)
-    except ValueError as e:  # UsageError, CheckpointError and the library's input checks.
-        print(f"eesd {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    with contextlib.ExitStack() as stack:
+        if not sharding.is_main_process():  # SPMD: every process runs this; only process 0 prints results.
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        try:
+            args.validate(args)
+            return args.func(args)
+        except ValueError as e:  # UsageError, CheckpointError and the library's input checks (any process).
+            print(f"eesd {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from eesd_jax import bench, control, eesd, exits, generate, loading, model, prompts, sharding, shipped
+from eesd_jax import bench, control, eesd, exits, generate, loading, mesh_loading, model, prompts, sharding, shipped
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.sampling import SamplingConfig
 
@@ -38,8 +38,8 @@ class Session:
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        return () if eos is None else (int(eos),)
+        """generation_config.json's EOS ids (a folder's), then the tokenizer's."""
+        return loading.eos_ids(getattr(self.lm, "source", ""), self.tokenizer)
 
     @property
     def has_chat_template(self) -> bool:
@@ -73,23 +73,24 @@ def load_session(
     """
     enable_compilation_cache()
     t0 = time.perf_counter()
+    mesh = sharding.mesh_from_spec(mesh_spec)
     if random_shape:
         cfg, params = bench.random_model(random_shape, dtype)
         lm = loading.LoadedModel(cfg, params, fingerprint=f"random:{random_shape}", source=f"random:{random_shape}")
-    else:
-        lm = loading.load_model(model_path, dtype)
+    else:  # An HF folder is read slice by slice straight onto the mesh.
+        lm = mesh_loading.load_model(model_path, dtype, mesh)
     params = model.decode_layout(jax.tree.map(jnp.asarray, lm.params))
-    mesh = sharding.mesh_from_spec(mesh_spec)
     if mesh is not None:  # Megatron tensor parallel over 'model', batch over 'data'.
         params = sharding.shard_params(params, mesh)
     tokenizer = None if random_shape else lm.tokenizer()
     return Session(lm=lm, params=params, tokenizer=tokenizer, load_seconds=time.perf_counter() - t0, mesh=mesh)
 
 
-def encode_prompt(session: Session, text: str, chat: bool | None) -> list[int]:
-    """Token ids of one prompt; chat=None applies the chat template when the tokenizer has one."""
+def encode_prompt(session: Session, text: str, chat: bool | None, context: prompts.Context = ()) -> list[int]:
+    """Token ids of one prompt (after a conversation's earlier turns); chat=None applies the chat
+    template when the tokenizer has one."""
     use_chat = session.has_chat_template if chat is None else chat
-    return prompts.encode(session.tokenizer, text, use_chat)
+    return prompts.encode(session.tokenizer, text, use_chat, context)
 
 
 def eesd_engine(

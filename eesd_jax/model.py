@@ -80,6 +80,9 @@ class ModelConfig:
     max_seq_len: int = 4096
     dtype: str = "float32"  # Activation and param dtype.
     name: str = "llama"  # Free-form identity, recorded in exit files.
+    # LLaMA-3.1 RoPE scaling ("rope_type": "llama3"): (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings); None = plain RoPE.
+    rope_scaling: tuple[float, float, float, int] | None = None
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
@@ -91,6 +94,12 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.rope_scaling is not None:  # A tuple (hashable: cfg is a static jit argument), also from JSON lists.
+            object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+            factor, low, high, _ = self.rope_scaling
+            if not (factor >= 1 and 0 < low < high):
+                raise ValueError(f"rope_scaling needs factor >= 1 and 0 < low_freq_factor < high_freq_factor, "
+                                 f"got {self.rope_scaling}")  # fmt: skip
 
     @property
     def jnp_dtype(self):
@@ -158,10 +167,23 @@ def rms_norm(x_btd: jax.Array, scale_d: jax.Array, eps: float) -> jax.Array:
     return (y * scale_d.astype(jnp.float32)).astype(x_btd.dtype)
 
 
-def rope(x_bthe: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half convention (Hugging Face LLaMA)."""
-    half = x_bthe.shape[-1] // 2
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None = None) -> jax.Array:
+    """[E/2] float32 inverse frequencies; with LLaMA-3.1 scaling, long wavelengths (beyond
+    original_len / low_freq_factor) slowed by `factor`, short ones (below original_len /
+    high_freq_factor) kept, and a linear blend of the two in between (in 1 / wavelength)."""
+    half = head_dim // 2
     inv_freq_f = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    if scaling is not None:
+        factor, low, high, original_len = scaling
+        smooth_f = jnp.clip((original_len * inv_freq_f / (2 * jnp.pi) - low) / (high - low), 0.0, 1.0)
+        inv_freq_f = (1 - smooth_f) * inv_freq_f / factor + smooth_f * inv_freq_f
+    return inv_freq_f
+
+
+def rope(x_bthe: jax.Array, positions_bt: jax.Array, theta: float, scaling: tuple | None = None) -> jax.Array:
+    """Rotary embedding, rotate-half convention (Hugging Face LLaMA); scaling: ModelConfig.rope_scaling."""
+    half = x_bthe.shape[-1] // 2
+    inv_freq_f = rope_frequencies(2 * half, theta, scaling)
     angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq_f
     sin = jnp.sin(angles_btf)[:, :, None, :]
     cos = jnp.cos(angles_btf)[:, :, None, :]
@@ -324,7 +346,8 @@ def _qkv(cfg: ModelConfig, p: Params, x_btd: jax.Array, positions_bt: jax.Array)
     v_btke = dense(h, p["wv"].reshape(K * E, D)).reshape(B, T, K, E)
     if cfg.qkv_bias:
         q_bthe, k_btke, v_btke = q_bthe + p["bq"], k_btke + p["bk"], v_btke + p["bv"]
-    return rope(q_bthe, positions_bt, cfg.rope_theta), rope(k_btke, positions_bt, cfg.rope_theta), v_btke
+    rot = lambda x: rope(x, positions_bt, cfg.rope_theta, cfg.rope_scaling)
+    return rot(q_bthe), rot(k_btke), v_btke
 
 
 def _scores(cfg: ModelConfig, q_bthe: jax.Array, k_bske: jax.Array, visible_bts: jax.Array) -> jax.Array:

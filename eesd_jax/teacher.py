@@ -57,7 +57,7 @@ class LM:
     def encode(self, prompt: prompts.Prompt) -> list[int]:
         if isinstance(self.tokenizer, ByteTokenizer):
             return self.tokenizer.encode(prompt.text)
-        return prompts.encode(self.tokenizer, prompt.text, prompt.chat)
+        return prompts.encode(self.tokenizer, prompt.text, prompt.chat, prompt.context)
 
 
 def tiny_lm(spec) -> LM:
@@ -91,7 +91,9 @@ def as_lm(obj: LM | loading.LoadedModel | engine.Session) -> LM:
     else:
         loaded, tok = obj, obj.tokenizer()
         params = jax.tree.map(jnp.asarray, obj.params)
-    eos = () if tok.eos_token_id is None else (int(tok.eos_token_id),)
+    from eesd_jax import loading
+
+    eos = loading.eos_ids(getattr(loaded, "source", ""), tok)  # generation_config.json's, then the tokenizer's.
     return LM(loaded.cfg, params, loaded.fingerprint, loaded.cfg.name, tok, eos)
 
 

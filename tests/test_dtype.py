@@ -104,7 +104,7 @@ def test_distill_dtype_casts_the_teacher(monkeypatch, tmp_path):
     assert cli.main(["distill", "--config", "tiny", "--workdir", str(tmp_path), "--dtype", "bfloat16"]) == 0
     assert got[0].cfg.dtype == "bfloat16" and dtypes(got[0].params) == {"bfloat16"}
     assert cli.main(["distill", "--config", "tiny", "--workdir", str(tmp_path)]) == 0
-    assert got[1] is None  # float32: run_distill loads the teacher as before.
+    assert got[1].cfg.dtype == "float32" and dtypes(got[1].params) == {"float32"}  # The config's dtype.
 
 
 def test_random_shape_too_big_is_refused(monkeypatch):
