@@ -159,6 +159,8 @@ def exit_train_logits(
     j makes round position j exact); verified positions' keys/values come from verified inputs.
     """
     B, T, _ = hidden_btd.shape
+    if ("fuse" in exit_params) != (fuse_btfd is not None):
+        raise ValueError("a fused exit needs the fuse layers' states (Data.fuse), and only a fused exit reads them")
     if context_btd is None and fuse_btfd is None:
         cache = init_cache(cfg, B, T, layers=1, dtype=hidden_btd.dtype)
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
