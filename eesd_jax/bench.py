@@ -280,7 +280,7 @@ def run(
     (EESDConfig.trace, outside the timing) and report acceptance by draft position 1..J
     (outcomes.acceptance_by_position)."""
     cfg, params = setup.cfg, setup.params
-    split = eesd.split_params(params, setup.ecfg.exit_layer, setup.ecfg.context_layer)
+    split = eesd.split_params(params, setup.ecfg.exit_layer, setup.ecfg.context_layer, setup.ecfg.fuse_layers)
     batches = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
 
     def one(mode, rows, ecfg=setup.ecfg):

@@ -107,7 +107,7 @@ def prefill(
 
     With `segments` = consecutive layer ranges covering [0, L) (e.g.
     eesd.split_params), also returns the [B, P, D] hidden states after each
-    segment but the last (an early exit's input, its context layer's states).
+    segment (an early exit's input, its context layer's states, ..., the final state).
     Returns (cache, [B, V] logits after each row's last prompt token, hiddens or None).
     """
     B, P = tokens_bp.shape
@@ -117,7 +117,7 @@ def prefill(
     x = model.embed(params, tokens_bp)
     hiddens, cache = model.run_segments(cfg, segments or (params["layers"],), x, positions, cache)
     logits = last_logits(cfg, params, hiddens[-1], prompt_lens_b - 1)
-    return cache.replace(lengths=prompt_lens_b), logits, (tuple(hiddens[:-1]) if segments else None)
+    return cache.replace(lengths=prompt_lens_b), logits, (tuple(hiddens) if segments else None)
 
 
 @flax.struct.dataclass

@@ -30,29 +30,37 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from eesd_jax import corpus, generate, prompts
+from eesd_jax import corpus, generate, prompts, self_prompts
 from eesd_jax.sampling import SamplingConfig
 from eesd_jax.teacher import LM, progress_bar, run_teacher
 
 DATA_FORMAT = "eesd_jax.distill_data/1"
 
 
-def prompt_list(sets: Sequence[str], n_per_set: int = 0) -> list[prompts.Prompt]:
-    """Prompts of "source:split" sets (split defaults to "all"), the first n of each (0 = all)."""
+def prompt_list(sets: Sequence[str], n_per_set: int = 0, lm: LM | None = None) -> list[prompts.Prompt]:
+    """Prompts of "source:split" sets (split defaults to "all"), the first n of each (0 = all).
+
+    "self:N[@SEED]" sets are made by the LLM `lm` itself (self_prompts)."""
     out = []
     for spec in sets:
         source, _, split = spec.rpartition(":") if spec.rsplit(":", 1)[-1] in prompts.SPLITS else (spec, "", "all")
-        out += prompts.load_prompts(source, split, n_per_set or None)
+        if (made := self_prompts.parse_set(source)) is None:
+            out += prompts.load_prompts(source, split, n_per_set or None)
+            continue
+        if lm is None:
+            raise ValueError(f"{spec}: self-made prompts need the model")
+        got = [p for p in self_prompts.make_prompts(lm, *made) if split == "all" or p.heldout == (split == "heldout")]
+        out += got[: n_per_set or None]
     if not out:
         raise ValueError(f"no prompts in {list(sets)}")
     return out
 
 
-def validation_prompts(config, n: int = 0) -> list[prompts.Prompt]:
+def validation_prompts(config, n: int = 0, lm: LM | None = None) -> list[prompts.Prompt]:
     """The prompts an exit distilled with `config` held out for validation (config.train.val_every_prompt,
     Data.split's rule): never trained on, disjoint from the held-out sets. n of them spread over
-    the list (0: all); the training prompts if the config holds none out (tiny)."""
-    pool = prompt_list(config.data.sets, int(config.data.n_per_set))
+    the list (0: all); the training prompts if the config holds none out (tiny). lm: for self-made sets."""
+    pool = prompt_list(config.data.sets, int(config.data.n_per_set), lm)
     if every := int(config.train.val_every_prompt):
         pool = pool[every - 1 :: every]
     return pool[:: max(1, len(pool) // n)][:n] if n else pool
@@ -82,7 +90,7 @@ def generate_data(lm: LM, data_cfg, data_dir, progress: bool = True) -> dict:
     data_dir = pathlib.Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     spec = data_spec(lm, data_cfg)
-    plist = prompt_list(data_cfg.sets, data_cfg.n_per_set)
+    plist = prompt_list(data_cfg.sets, data_cfg.n_per_set, lm)
     encoded = [lm.encode(p)[-data_cfg.max_prompt_tokens :] for p in plist]
     jobs = [(i, s) for s in range(data_cfg.samples_per_prompt) for i in range(len(plist))]
     order = sorted(range(len(jobs)), key=lambda j: (len(encoded[jobs[j][0]]), j))  # Less padding per batch.
@@ -214,13 +222,14 @@ def load_npz(path) -> dict[str, np.ndarray]:
 
 
 def teacher_pass(
-    lm: LM, data_dir, layers: Sequence[int], top_k: int, batch_size: int = 8, progress: bool = True
+    lm: LM, data_dir, layers: Sequence[int], top_k: int, batch_size: int = 8, progress: bool = True, half=()
 ) -> dict:
-    """Store teacher.npz (unless top_k == 0) and hidden_N{n}.npz for each n; update the manifest."""
+    """Store teacher.npz (unless top_k == 0) and hidden_N{n}.npz for each n (float16 for n in `half`);
+    update the manifest."""
     data_dir = pathlib.Path(data_dir)
     seq = load_npz(data_dir / "sequences.npz")
     t0 = time.perf_counter()
-    hidden, logp, ids = run_teacher(lm, seq["tokens"], seq["offsets"], layers, top_k, batch_size, progress)
+    hidden, logp, ids = run_teacher(lm, seq["tokens"], seq["offsets"], layers, top_k, batch_size, progress, half=half)
     manifest = read_manifest(data_dir)
     if top_k:
         top1 = ids[seq["mask"], 0]
@@ -305,14 +314,16 @@ def _prepare(lm: LM, config, data_dir, spec: dict, make_sequences, progress: boo
     if manifest is None or not (data_dir / "sequences.npz").is_file():
         manifest = make_sequences()
     e, d = config.exit, config.data
-    want = sorted({int(e.layer), *map(int, d.feature_layers)} | {int(e.context_layer)} - {0})
+    read = {int(e.layer), *map(int, d.feature_layers)} | {int(e.context_layer)} - {0}
+    half = {int(n) for n in e.get("fuse_layers", ())} - read  # Fused exits' inputs only: stored in float16.
+    want = sorted(read | half)
     top_k = int(d.top_k)
     teacher_ok = manifest.get("teacher", {}).get("top_k", 0) >= top_k and (data_dir / "teacher.npz").is_file()
     missing = [n for n in want if not (data_dir / f"hidden_N{n}.npz").is_file()]
     if not teacher_ok:
-        manifest = teacher_pass(lm, data_dir, want, top_k, config.data.batch_size, progress)
+        manifest = teacher_pass(lm, data_dir, want, top_k, config.data.batch_size, progress, half)
     elif missing:
-        manifest = teacher_pass(lm, data_dir, missing, 0, config.data.batch_size, progress)
+        manifest = teacher_pass(lm, data_dir, missing, 0, config.data.batch_size, progress, half)
     return manifest
 
 
@@ -331,6 +342,7 @@ class Data:
     topk_mass: np.ndarray  # [V] float64.
     prompt_index: np.ndarray | None = None  # [n_seq] which prompt each sequence answers.
     context: np.ndarray | None = None  # [total, D] float32 context-layer hidden state (ExitConfig.context_layer).
+    fuse: np.ndarray | None = None  # [total, F, D] float16 states after the fuse layers (ExitConfig.fuse_layers).
 
     @property
     def n_seq(self) -> int:
@@ -351,6 +363,7 @@ class Data:
             topk_mass=np.bincount(ids[mask].ravel(), np.exp(logp[mask]).ravel(), minlength=V),
             prompt_index=None if self.prompt_index is None else self.prompt_index[seq_idx],
             context=None if self.context is None else self.context[pos],
+            fuse=None if self.fuse is None else self.fuse[pos],
         )  # fmt: skip
 
     def take_tokens(self, budget: int, seed: int) -> Data:
@@ -369,6 +382,8 @@ class Data:
         """The sequences of every part, in order; no prompt index (the parts' indices would collide)."""
         if any((p.context is None) != (parts[0].context is None) for p in parts):
             raise ValueError("cannot mix data with and without context-layer states")
+        if any((p.fuse is None) != (parts[0].fuse is None) for p in parts):
+            raise ValueError("cannot mix data with and without fuse-layer states")
         cat = lambda field: (
             None if getattr(parts[0], field) is None else np.concatenate([getattr(p, field) for p in parts])
         )  # noqa: E731
@@ -378,7 +393,7 @@ class Data:
             prompt_lens=cat("prompt_lens"), mask=cat("mask"), hidden=cat("hidden"), topk_logp=cat("topk_logp"),
             topk_ids=cat("topk_ids"), top1_counts=sum(p.top1_counts for p in parts),
             topk_mass=sum(p.topk_mass for p in parts),
-            context=cat("context"),
+            context=cat("context"), fuse=cat("fuse"),
         )  # fmt: skip
 
     def split(self, every: int) -> tuple[Data, Data | None]:
@@ -393,7 +408,9 @@ class Data:
         return self.subset(np.flatnonzero(~val)), self.subset(np.flatnonzero(val))
 
 
-def load_data(data_dir, layer: int, top_k: int | None = None, context_layer: int = 0) -> Data:
+def load_data(
+    data_dir, layer: int, top_k: int | None = None, context_layer: int = 0, fuse_layers: Sequence[int] = ()
+) -> Data:
     data_dir = pathlib.Path(data_dir)
     seq, teacher = load_npz(data_dir / "sequences.npz"), load_npz(data_dir / "teacher.npz")
     k = top_k or teacher["topk_ids"].shape[1]
@@ -403,6 +420,8 @@ def load_data(data_dir, layer: int, top_k: int | None = None, context_layer: int
         topk_logp=teacher["topk_logp"][:, :k], topk_ids=teacher["topk_ids"][:, :k],
         top1_counts=teacher["top1_counts"], topk_mass=teacher["topk_mass"], prompt_index=seq["prompt_index"],
         context=load_npz(data_dir / f"hidden_N{context_layer}.npz")["hidden"] if context_layer else None,
+        fuse=np.stack([load_npz(data_dir / f"hidden_N{n}.npz")["hidden"].astype(np.float16) for n in fuse_layers], 1)
+        if fuse_layers else None,
     )  # fmt: skip
 
 

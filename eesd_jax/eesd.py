@@ -43,6 +43,7 @@ class EESDConfig:
     controller: control.ControllerConfig = control.ControllerConfig()
     buckets: tuple[int, ...] = ()  # Verify block sizes; () = powers of two up to J + 1.
     context_layer: int = 0  # The exit's exits.ExitConfig.context_layer (0: none).
+    fuse_layers: tuple[int, ...] = ()  # The exit's exits.ExitConfig.fuse_layers (): none).
     # Ablation only (experiments/ablate.py --study components): verification runs the block's
     # tokens through layers [0, N) again, as verifying with the full model (a separate draft
     # model's way) would, instead of reusing the layer-N states drafting stored. Same output.
@@ -57,7 +58,7 @@ class EESDConfig:
     tree_width: int = 4
 
     def validate(self, cfg: ModelConfig) -> None:
-        exits.ExitConfig(self.exit_layer, context_layer=self.context_layer).validate(cfg)
+        exits.ExitConfig(self.exit_layer, context_layer=self.context_layer, fuse_layers=self.fuse_layers).validate(cfg)
         if self.max_draft < 1:
             raise ValueError(f"max_draft must be >= 1, got {self.max_draft}")
         if self.tree < 0 or self.tree_width < 1:
@@ -66,8 +67,15 @@ class EESDConfig:
             raise ValueError(f"tree (node budget {self.tree}) must be a multiple of tree_width ({self.tree_width})")
         if self.tree and (self.trace or self.recompute_lower):
             raise ValueError("draft trees support neither trace nor recompute_lower")
+        if self.tree and self.fuse_layers:
+            raise ValueError("draft trees do not read fused states yet: use a chain (tree=0) with a fused exit")
         if self.buckets and (sorted(self.buckets) != list(self.buckets) or self.buckets[-1] != self.max_draft + 1):
             raise ValueError(f"buckets must be increasing and end at max_draft + 1, got {self.buckets}")
+
+    def state_layers(self, n_layers: int) -> tuple[int, ...]:
+        """The layers after which split_params cuts, ending with L: N, a context layer, fuse layers."""
+        cuts = sorted({self.context_layer, *self.fuse_layers} - {0, self.exit_layer, n_layers})
+        return (self.exit_layer, *cuts, n_layers)
 
     @property
     def block_len(self) -> int:
@@ -91,7 +99,14 @@ def config_for_exit(
     (control.from_spec) completed with what was fitted for that exit (control.for_exit); `tree`
     nodes per round (0: a chain)."""
     ctrl = control.for_exit(control.from_spec(controller), exit_path)
-    return EESDConfig(exit_cfg.layer, max_draft, ctrl, context_layer=exit_cfg.context_layer, tree=tree)
+    return EESDConfig(
+        exit_cfg.layer,
+        max_draft,
+        ctrl,
+        context_layer=exit_cfg.context_layer,
+        fuse_layers=exit_cfg.fuse_layers,
+        tree=tree,
+    )
 
 
 # What RoundTrace.features holds per draft token, in order (control.DraftFeatures' fields).
@@ -126,6 +141,9 @@ class EESDState:
     accepted: jax.Array  # [B] draft tokens accepted (bonus/correction tokens not counted).
     steps: jax.Array  # [] int32 rounds run by the loop (for chunked streaming).
     trace: RoundTrace | None = None  # With EESDConfig.trace, R = max_new rounds at most; else None.
+    # [B, F, D] the LLM's states after the fuse layers at the position before `last` (verified),
+    # what a fused exit's first draft of the next round reads; None without fuse layers.
+    fuse_prev: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -135,10 +153,11 @@ class Draft:
     i: jax.Array  # [] block index being processed.
     token: jax.Array  # [B] block token i.
     hidden: jax.Array  # [B, J+1, D] layer-N hidden state of block tokens 0..J.
-    tokens: jax.Array  # [B, J] draft tokens d_1..d_J (valid below n_draft).
+    tokens: jax.Array  # [B, J] draft tokens d_1..d_K (valid below n_draft).
     logp: jax.Array  # [B, J, V] warped draft log-probs when sampling, else [B, J, 1] unused.
     confidence: jax.Array  # [B, J] q(d_i), for the controller update.
     features: jax.Array | None  # [B, J, len(TRACED)] with EESDConfig.trace, else None.
+    fused: jax.Array | None  # [B, F, D] a fused exit's features for block token i, else None.
     n_draft: jax.Array  # [B] tokens kept so far.
     drafting: jax.Array  # [B] bool: the row kept its last draft and goes on.
     cache: KVCache
@@ -146,15 +165,26 @@ class Draft:
     key: jax.Array
 
 
-def split_params(params: Params, exit_layer: int, context_layer: int = 0) -> tuple[Params, ...]:
-    """(layers [0, N), layers [N, L)), or with a context layer c (layers [0, N), [N, c), [c, L)).
+def split_params(
+    params: Params, exit_layer: int, context_layer: int = 0, fuse_layers: tuple[int, ...] = ()
+) -> tuple[Params, ...]:
+    """Layer ranges [0, N), [N, L), cut also at a context layer c and at fuse layers (EESDConfig.state_layers).
 
-    Made once outside jit (see model.run_layers); the engine reads hidden states at the cuts.
+    E.g. c: ([0, N), [N, c), [c, L)). Made once outside jit (see model.run_layers); the engine
+    reads hidden states after each range.
     """
-    lower, upper = model.split_layers(params["layers"], exit_layer)
-    if not context_layer:
-        return lower, upper
-    return lower, *model.split_layers(upper, context_layer - exit_layer)
+    ecfg = EESDConfig(exit_layer, context_layer=context_layer, fuse_layers=tuple(fuse_layers))
+    cuts = ecfg.state_layers(model.num_layers(params["layers"]))
+    segments, rest = [], params["layers"]
+    for a, b in zip((0, *cuts[:-2]), cuts[:-1]):
+        seg, rest = model.split_layers(rest, b - a)
+        segments.append(seg)
+    return (*segments, rest)
+
+
+def _at(cfg: ModelConfig, ecfg: EESDConfig, states: tuple[jax.Array, ...], layers) -> jax.Array:
+    """The states [..., len(layers), D] after `layers`, from `states` (one per EESDConfig.state_layers)."""
+    return jnp.stack([states[ecfg.state_layers(cfg.n_layers).index(j)] for j in layers], -2)
 
 
 @functools.partial(
@@ -165,17 +195,27 @@ def eesd_init(
 ) -> EESDState:
     """State after prefill: fill the exit's cache over the prompt, choose token 1.
 
-    hiddens: the prompt's [B, P, D] states after layer N (and after the context layer),
-    from decoding.prefill with split_params' segments.
+    hiddens: the prompt's [B, P, D] states after each of ecfg.state_layers (N, a context layer,
+    fuse layers, L), from decoding.prefill with split_params' segments.
     """
     B, P, _ = hiddens[0].shape
     exit_cache = init_cache(cfg, B, cache.max_len, layers=1)
     exit_cache = sharding.constrain_cache(exit_cache)  # Same layout as the LLM's cache under a mesh.
     positions = jnp.broadcast_to(jnp.arange(P), (B, P))
+    fuse_prev, exit_in = None, hiddens[0]
+    if ecfg.fuse_layers:  # Each prompt position reads its predecessor's states (none before position 0).
+        states_bpfd = _at(cfg, ecfg, hiddens, ecfg.fuse_layers)
+        feats = exits.fuse_features(cfg, exit_params, states_bpfd)
+        exit_in = exits.fused_input(
+            hiddens[0], exit_params, exits.previous_features(feats, jnp.zeros_like(feats[:, 0]))
+        )
+        fuse_prev = jnp.take_along_axis(states_bpfd, (cache.lengths - 1)[:, None, None, None], axis=1)[:, 0]
     if ecfg.context_layer:  # The prompt is verified: its context comes from the context layer.
-        exit_cache = exits.write_context(cfg, exit_params, exit_cache, hiddens[1], positions)
+        exit_cache = exits.write_context(
+            cfg, exit_params, exit_cache, _at(cfg, ecfg, hiddens, [ecfg.context_layer])[..., 0, :], positions
+        )
     else:
-        _, exit_cache = model.run_layers(cfg, exit_params["block"], hiddens[0], positions, exit_cache)
+        _, exit_cache = model.run_layers(cfg, exit_params["block"], exit_in, positions, exit_cache)
     tokens, n_new, last, done, key = start_state(first_logits_bv, max_new_b, key, max_new, sampling_cfg, eos_ids)
     zeros = jnp.zeros((B,), jnp.int32)
     return EESDState(
@@ -199,6 +239,7 @@ def eesd_init(
         )
         if ecfg.trace
         else None,
+        fuse_prev=fuse_prev,
     )
 
 
@@ -257,8 +298,11 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
         # The exit's cache slot is written for every block token, J included (the next
         # round attends to it if every draft is accepted), and outside the cond: a cache
         # written inside a branch is copied whole by XLA.
-        x_b1d, exit_cache = exits.exit_hidden(cfg, exit_params, h_b1d, positions, d.exit_cache)
+        exit_in = h_b1d if d.fused is None else exits.fused_input(h_b1d, exit_params, d.fused[:, None])
+        x_b1d, exit_cache = exits.exit_hidden(cfg, exit_params, exit_in, positions, d.exit_cache)
         d = d.replace(hidden=d.hidden.at[:, d.i].set(h_b1d[:, 0]), cache=cache, exit_cache=exit_cache)
+        if d.fused is not None:  # The next block token has no verified predecessor: the exit's output stands in.
+            d = d.replace(fused=jnp.broadcast_to(x_b1d.astype(d.fused.dtype), d.fused.shape))
         # Block token J can only be verified, never extended: no draft head there.
         d = jax.lax.cond(d.i < J, exit_step, stop, d, x_b1d)
         return d.replace(i=d.i + 1)
@@ -274,6 +318,7 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
         logp=jnp.zeros((B, J, 1 if sampling_cfg.greedy else V), jnp.float32),
         confidence=jnp.zeros((B, J), jnp.float32),
         features=jnp.zeros((B, J, len(TRACED)), jnp.float32) if ecfg.trace else None,
+        fused=None if s.fuse_prev is None else exits.fuse_features(cfg, exit_params, s.fuse_prev),
         n_draft=jnp.zeros((B,), jnp.int32),
         drafting=~s.done,
         cache=s.cache,
@@ -287,7 +332,7 @@ def _verify(cfg, ecfg, params, segments, d: Draft, last_b, pos0_b):
     """Step 2: layers [N, L) over the block, padded to a bucket size.
 
     segments: split_params' segments; last_b: block token 0. Returns ([B, J+1, V] logits,
-    cache, [B, J+1, D] block states after the context layer, or None without one).
+    cache, the [B, J+1, D] block states after each of ecfg.state_layers but N).
     The branches only read the cache and return the block's keys/values, written
     after the switch: a cache written inside a lax.switch branch is copied whole
     by XLA (four full-cache copies per round were measured).
@@ -311,7 +356,7 @@ def _verify(cfg, ecfg, params, segments, d: Draft, last_b, pos0_b):
             logits = model.lm_head(params, model.final_norm(params, cfg, x))
             pad = ((0, 0), (0, 0), (0, J + 1 - size), (0, 0), (0, 0))
             k_nbtke, v_nbtke = (jnp.pad(jnp.concatenate(a), pad) for a in (ks, vs))
-            context = [jnp.pad(c, ((0, 0), (0, J + 1 - size), (0, 0))) for c in cuts[:-1]]
+            context = [jnp.pad(c, ((0, 0), (0, J + 1 - size), (0, 0))) for c in cuts]
             return jnp.pad(logits, ((0, 0), (0, J + 1 - size), (0, 0))), k_nbtke, v_nbtke, context
 
         return run
@@ -321,7 +366,7 @@ def _verify(cfg, ecfg, params, segments, d: Draft, last_b, pos0_b):
     logits, k_nbtke, v_nbtke, context = jax.lax.switch(which, [branch(n) for n in ecfg.block_sizes], d.hidden, d.cache)
     # Padding slots land past every row's accepted length: stale, overwritten before being seen.
     cache = model.write_layers(d.cache, 0 if ecfg.recompute_lower else N, k_nbtke, v_nbtke, positions_bt)
-    return logits, cache, (context[0] if context else None)
+    return logits, cache, context
 
 
 def _record(t: RoundTrace, round_b, live_b, d: Draft, n_acc_b) -> RoundTrace:
@@ -345,19 +390,31 @@ def eesd_decode(
 ) -> EESDState:
     """Run draft/verify rounds until every row is done or max_steps rounds ran.
 
-    segments = split_params(params, ecfg.exit_layer, ecfg.context_layer).
+    segments = split_params(params, ecfg.exit_layer, ecfg.context_layer, ecfg.fuse_layers).
     """
+    if len(segments) != len(ecfg.state_layers(cfg.n_layers)):
+        raise ValueError(f"segments must be split_params' for this EESDConfig: {len(segments)} segments")
     J, R = ecfg.max_draft, ecfg.tree // ecfg.tree_width
     lower = segments[0]
 
     def round_(s: EESDState) -> EESDState:
         pos0 = s.cache.lengths
         d = _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s)
-        logits, cache, context_bjd = _verify(cfg, ecfg, params, segments, d, s.last, pos0)
+        logits, cache, uppers = _verify(cfg, ecfg, params, segments, d, s.last, pos0)
+        states = (d.hidden, *uppers)  # The block's states after each of ecfg.state_layers.
         exit_cache = d.exit_cache
+        block_positions = pos0[:, None] + jnp.arange(J + 1)[None]
         if ecfg.context_layer:  # The block is verified now: its context-layer states replace the drafted ones.
-            block_positions = pos0[:, None] + jnp.arange(J + 1)[None]
+            context_bjd = _at(cfg, ecfg, states, [ecfg.context_layer])[..., 0, :]
             exit_cache = exits.write_context(cfg, exit_params, exit_cache, context_bjd, block_positions)
+        if ecfg.fuse_layers:
+            fuse_bjfd = _at(cfg, ecfg, states, ecfg.fuse_layers)
+            if not ecfg.context_layer:  # Verified inputs replace the drafted ones (their own outputs stood in).
+                feats = exits.previous_features(
+                    exits.fuse_features(cfg, exit_params, fuse_bjfd), exits.fuse_features(cfg, exit_params, s.fuse_prev)
+                )
+                exit_in = exits.fused_input(d.hidden, exit_params, feats)
+                exit_cache = exits.write_context(cfg, exit_params, exit_cache, exit_in, block_positions)
         key, k_acc = jax.random.split(d.key)
         if sampling_cfg.greedy:
             n_acc, nxt = sampling.accept_greedy(d.tokens, d.n_draft, logits)
@@ -367,9 +424,16 @@ def eesd_decode(
         drafts = jnp.pad(d.tokens, ((0, 0), (0, 1)))
         new_bj = jnp.where(idx < n_acc[:, None], drafts, nxt[:, None])
         live = ~s.done
-        return _advance(s, eos_ids, new_bj, n_acc, cache, exit_cache, key, d.n_draft).replace(
+        new = _advance(s, eos_ids, new_bj, n_acc, cache, exit_cache, key, d.n_draft)
+        fuse_prev = s.fuse_prev
+        if ecfg.fuse_layers:  # `last` sits at pos0 + n_keep: its predecessor is block position n_keep - 1.
+            n_keep = new.n_new - s.n_new
+            kept = jnp.take_along_axis(fuse_bjfd, jnp.maximum(n_keep - 1, 0)[:, None, None, None], axis=1)[:, 0]
+            fuse_prev = jnp.where(live[:, None, None], kept, s.fuse_prev)
+        return new.replace(
             ctrl=control.update(ecfg.controller, s.ctrl, d.n_draft, n_acc, d.confidence, live),
             trace=None if s.trace is None else _record(s.trace, s.rounds, live, d, n_acc),
+            fuse_prev=fuse_prev,
         )
 
     def tree_round(s: EESDState) -> EESDState:

@@ -52,7 +52,7 @@ class Engine:
 
     ecfg: eesd.EESDConfig
     exit_params: Params
-    split: Params  # eesd.split_params at the exit layer (and context layer).
+    split: Params  # eesd.split_params at the exit layer (and context and fuse layers).
     exit_path: str | None  # None: untrained (the LLM's last block on top of layer N).
 
 
@@ -114,7 +114,7 @@ def eesd_engine(
         exit_params = sharding.shard_exit_params(exit_params, session.mesh)
     ecfg = eesd.config_for_exit(exit_cfg, exit_path, max_draft, controller, tree)
     ecfg.validate(session.cfg)
-    split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer)
+    split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer, ecfg.fuse_layers)
     return Engine(ecfg, exit_params, split, str(exit_path) if exit_path else None)
 
 

@@ -109,8 +109,8 @@ def greedy_agreement(
     mask = np.zeros(len(tokens), bool)
     for k, p in enumerate(ids):
         mask[offsets[k] + len(p) - 1 : offsets[k + 1] - 1] = True
-    c = exit_cfg.context_layer
-    layers = [exit_cfg.layer, c] if c else [exit_cfg.layer]
+    c, fuse = exit_cfg.context_layer, exit_cfg.fuse_layers
+    layers = [exit_cfg.layer, *([c] if c else []), *fuse]
     hidden, _, _ = teacher.run_teacher(lm, tokens, offsets, layers, 0, progress=False)
     nxt = np.roll(tokens, -1)[:, None]
     data = distill_data.Data(
@@ -124,6 +124,7 @@ def greedy_agreement(
         np.zeros(cfg.vocab_size, np.int64),
         np.zeros(cfg.vocab_size),
         context=hidden[c] if c else None,
+        fuse=np.stack([hidden[j] for j in fuse], 1).astype(np.float16) if fuse else None,
     )
     return losses.data_metrics(cfg, lm.params, exit_params, data, seq_len=cfg.max_seq_len)
 

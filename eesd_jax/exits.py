@@ -41,6 +41,12 @@ class ExitConfig:
     # Top-layer context at early-exit cost (exits never read their own predictions, so
     # the context is exact for every verified prefix).
     context_layer: int = 0
+    # () : the exit's input is the drafted-from token's layer-N state (the paper). Layers j in
+    # [N, L] (L: the LLM's final hidden state): the input at a position is fused with the LLM's
+    # states after those layers at the *previous* position, by one linear layer (`fused_input`),
+    # which verification computes anyway (EAGLE / EAGLE-3). A round's later drafts have no
+    # verified previous position: the exit's own output state stands in for each of them.
+    fuse_layers: tuple[int, ...] = ()
 
     def validate(self, cfg: ModelConfig) -> None:
         if not 1 <= self.layer < cfg.n_layers:
@@ -50,6 +56,12 @@ class ExitConfig:
         if self.context_layer and not self.layer < self.context_layer < cfg.n_layers:
             raise ValueError(
                 f"context layer {self.context_layer} must be 0 or in ({self.layer}, {cfg.n_layers}) "
+                f"for an exit after layer {self.layer}"
+            )
+        fuse = tuple(self.fuse_layers)
+        if list(fuse) != sorted(set(fuse)) or any(not self.layer <= j <= cfg.n_layers for j in fuse):
+            raise ValueError(
+                f"fuse layers {fuse} must be increasing and in [{self.layer}, {cfg.n_layers}] "
                 f"for an exit after layer {self.layer}"
             )
         if not 0 <= self.draft_vocab <= cfg.vocab_size:
@@ -68,6 +80,12 @@ def init_exit(cfg: ModelConfig, params: Params, exit_cfg: ExitConfig, vocab_ids=
         "block": jax.tree.map(lambda w: jnp.array(w[None]), _last_layer(params["layers"])),  # [1, ...] leaves
         "norm": jnp.array(params["final_norm"]),
     }
+    if exit_cfg.fuse_layers:  # Zero weights on the fused states: untrained, the unfused exit exactly.
+        F, D = len(exit_cfg.fuse_layers), cfg.d_model
+        exit_params["fuse"] = {
+            "norm": jnp.tile(jnp.asarray(params["final_norm"])[None], (F, 1)),  # [F, D]
+            "w": jnp.zeros((D, F * D), cfg.jnp_dtype),  # (out, in), like model.dense's weights.
+        }
     head_vd = params["lm_head"] if "lm_head" in params else params["embed"]
     if exit_cfg.draft_vocab:
         if vocab_ids is None or len(vocab_ids) != exit_cfg.draft_vocab:
@@ -115,6 +133,29 @@ def exit_hidden(
         cfg, exit_params["block"], hidden_btd, positions_bt, exit_cache, 0, slots_bt, visible_bts
     )
     return model.rms_norm(x, exit_params["norm"], cfg.rms_eps), exit_cache
+
+
+def fuse_features(cfg: ModelConfig, exit_params: Params, states_btfd: jax.Array) -> jax.Array:
+    """The fused inputs [B, T, F, D] of the LLM's states after the fuse layers (each normed by its own
+    scale, as the exit's output is, which stands in for them in a round's later drafts)."""
+    return model.rms_norm(states_btfd, exit_params["fuse"]["norm"], cfg.rms_eps)
+
+
+def fused_input(hidden_btd: jax.Array, exit_params: Params, features_btfd: jax.Array) -> jax.Array:
+    """The exit block's input [B, T, D]: the layer-N state plus one linear layer over the fused features
+    of the previous position (`fuse_features`, or the exit's own output state in each slot).
+
+    The layer-N state enters with a fixed identity (the block's pre-norm rescales its input), so
+    the linear layer over [layer-N state; features] costs F*D*D, not (F+1)*D*D, per draft token.
+    """
+    B, T, F, D = features_btfd.shape
+    w = exit_params["fuse"]["w"]
+    return hidden_btd + model.dense(features_btfd.reshape(B, T, F * D).astype(w.dtype), w).astype(hidden_btd.dtype)
+
+
+def previous_features(features_btfd: jax.Array, first_bfd: jax.Array) -> jax.Array:
+    """Features shifted one position later: [first; features[:, :-1]] ([B, T, F, D])."""
+    return jnp.concatenate([first_bfd[:, None], features_btfd[:, :-1]], 1)
 
 
 def write_context(
@@ -171,6 +212,7 @@ def save_exit(
         "own_head": str(exit_cfg.own_head),
         "draft_vocab": str(exit_cfg.draft_vocab),
         "context_layer": str(exit_cfg.context_layer),
+        "fuse_layers": json.dumps(list(exit_cfg.fuse_layers)),
         "base_name": base_name,
         "base_fingerprint": base_fingerprint,
         "extra": json.dumps(extra or {}),
@@ -214,6 +256,7 @@ def load_exit(
         own_head=meta["own_head"] == "True",
         draft_vocab=int(meta.get("draft_vocab", 0)),
         context_layer=int(meta.get("context_layer", 0)),
+        fuse_layers=tuple(json.loads(meta.get("fuse_layers", "[]"))),
     )
     if meta["base_fingerprint"] != base_fingerprint:
         raise ValueError(

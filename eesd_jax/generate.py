@@ -165,14 +165,14 @@ def generate_eesd(
 ) -> Generation:
     """Early-exiting speculative decoding; same output as generate_ar (greedy) or its distribution.
 
-    `split` = eesd.split_params(params, ecfg.exit_layer, ecfg.context_layer) may be passed to reuse
+    `split` = eesd.split_params(params, ecfg.exit_layer, ecfg.context_layer, ecfg.fuse_layers) may be passed to reuse
     the pre-sliced layer stacks across calls. With `mesh`, params and exit params
     should already be placed (sharding.shard_params / shard_exit_params).
     """
     ecfg.validate(cfg)
     req = decoding.make_request(cfg, prompts, max_new_tokens, slack=ecfg.block_len)
     eos = tuple(int(e) for e in eos_ids)
-    segments = split or eesd.split_params(params, ecfg.exit_layer, ecfg.context_layer)
+    segments = split or eesd.split_params(params, ecfg.exit_layer, ecfg.context_layer, ecfg.fuse_layers)
 
     def start(tokens_bp, prompt_lens_b, max_new_b):
         cache, logits, hiddens = decoding.prefill(cfg, params, tokens_bp, prompt_lens_b, req.cache_len, segments)

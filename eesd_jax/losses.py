@@ -38,6 +38,9 @@ class Batch:
     response: np.ndarray  # [B, R] bool: position predicts a response token (metrics).
     start: np.ndarray  # [B, T] int32 the first position of the draft round each position belongs to.
     context: np.ndarray | None = None  # [B, T, D] context-layer states (ExitConfig.context_layer), else None.
+    # [B, T, F, D] the LLM's states after the fuse layers (ExitConfig.fuse_layers) at each position's
+    # *previous* position (zeros before a sequence's first), else None.
+    fuse: np.ndarray | None = None
 
 
 Rounds = np.random.Generator | int | None  # How make_batch / round_starts tile a sequence into draft rounds.
@@ -96,6 +99,7 @@ def make_batch(
         response=np.zeros((B, R), bool),
         start=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
         context=None if data.context is None else np.zeros((B, T, D), np.float32),
+        fuse=None if data.fuse is None else np.zeros((B, T, *data.fuse.shape[1:]), np.float32),
     )
     for r, (a, b) in enumerate(spans):
         n = b - a
@@ -105,6 +109,9 @@ def make_batch(
         out.start[r, :n] = round_starts(n, first_new, rounds, max_round)
         if data.context is not None:
             out.context[r, :n] = data.context[a:b]
+        if data.fuse is not None:  # Position a's predecessor is in the data unless a starts the sequence.
+            first = int(a > data.offsets[k])
+            out.fuse[r, 1 - first : n] = data.fuse[a - first : b - 1]
         mask = data.mask[a:b]
         pos = np.arange(n) if R == T else np.flatnonzero(mask)
         if len(pos) > R:
@@ -134,6 +141,8 @@ def exit_train_logits(
     select_br: jax.Array | None = None,
     context_btd: jax.Array | None = None,
     start_bt: jax.Array | None = None,
+    fuse_btfd: jax.Array | None = None,
+    n_round: int = 1,
 ) -> jax.Array:
     """Draft logits [B, R, V'] (V' = draft vocabulary or full vocabulary).
 
@@ -143,16 +152,37 @@ def exit_train_logits(
     the exit's own head, or the LLM's frozen one. With a context layer, context_btd and
     start_bt (Batch.context, Batch.start) give each position the mixture it sees when
     drafting (model.block_with_context).
+
+    A fused exit (fuse_btfd: Batch.fuse) runs as in decoding ("training-time test"): a round's
+    first position reads its predecessor's verified states, a later one the exit's own output
+    at its predecessor, which needs n_round passes for rounds of up to n_round positions (pass
+    j makes round position j exact); verified positions' keys/values come from verified inputs.
     """
     B, T, _ = hidden_btd.shape
-    if context_btd is None:
+    if ("fuse" in exit_params) != (fuse_btfd is not None):
+        raise ValueError("a fused exit needs the fuse layers' states (Data.fuse), and only a fused exit reads them")
+    if context_btd is None and fuse_btfd is None:
         cache = init_cache(cfg, B, T, layers=1, dtype=hidden_btd.dtype)
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
         x, _ = exits.exit_hidden(cfg, exit_params, hidden_btd, positions, cache)
     else:
         block = jax.tree.map(lambda w: w[0], exit_params["block"])
-        x = model.block_with_context(cfg, block, hidden_btd, context_btd, start_bt)
-        x = model.rms_norm(x, exit_params["norm"], cfg.rms_eps)
+        start_bt = jnp.broadcast_to(jnp.arange(T), (B, T)) if start_bt is None else start_bt
+        exit_in, verified = hidden_btd, None
+        if fuse_btfd is not None:
+            verified = exits.fuse_features(cfg, exit_params, fuse_btfd)
+            exit_in = exits.fused_input(hidden_btd, exit_params, verified)
+        context_btd = exit_in if context_btd is None else context_btd
+        first_bt11 = (start_bt == jnp.arange(T))[..., None, None]
+        x = model.rms_norm(model.block_with_context(cfg, block, exit_in, context_btd, start_bt), exit_params["norm"],
+                           cfg.rms_eps)  # fmt: skip
+        for _ in range(n_round - 1 if verified is not None else 0):
+            own = exits.previous_features(
+                jnp.broadcast_to(x[..., None, :], verified.shape), jnp.zeros_like(verified[:, 0])
+            )
+            exit_in = exits.fused_input(hidden_btd, exit_params, jnp.where(first_bt11, verified, own))
+            x = model.rms_norm(model.block_with_context(cfg, block, exit_in, context_btd, start_bt),
+                               exit_params["norm"], cfg.rms_eps)  # fmt: skip
     if select_br is not None:
         x = jnp.take_along_axis(x, select_br[..., None], axis=1)
     return jnp.einsum("btd,vd->btv", x, head_vd, preferred_element_type=jnp.float32)
@@ -209,10 +239,12 @@ def frozen_head(lm_params: Params, exit_params: Params) -> jax.Array:
     return lm_params["lm_head"] if "lm_head" in lm_params else lm_params["embed"]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _eval_batch(cfg, lm_params, exit_params, vmap_v, batch):
+@functools.partial(jax.jit, static_argnames=("cfg", "n_round"))
+def _eval_batch(cfg, lm_params, exit_params, vmap_v, batch, n_round):
     head = frozen_head(lm_params, exit_params)
-    logits = exit_train_logits(cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start)
+    logits = exit_train_logits(
+        cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start, batch.fuse, n_round
+    )
     _, m = distill_loss(logits, vmap_v, batch, 1.0, 1.0)
     return m, agreement(logits, vmap_v[batch.topk_ids])
 
@@ -244,7 +276,7 @@ def data_metrics(
     n_select = max(n_select, round_up(max_train_positions(data), 16))
     for i in range(0, len(order), batch_size):
         b = make_batch(data, order[i : i + batch_size], seq_len, bucket, n_select=n_select, rounds=round_len or None)
-        m, agree = jax.device_get(_eval_batch(cfg, lm_params, exit_params, vmap, to_device(b)))
+        m, agree = jax.device_get(_eval_batch(cfg, lm_params, exit_params, vmap, to_device(b), max(round_len, 1)))
         for key in sums:
             sums[key] += float(m[key]) * float(m["n"])
         n += float(m["n"])

@@ -70,12 +70,13 @@ CACHE_AXES = {
 }
 
 # Logical axes of an early exit's params (exits.init_exit): one stacked block like the model's
-# layers, its norm, and optionally its own LM head over a draft vocabulary (row ids replicated).
+# layers, its norm, optionally its own LM head over a draft vocabulary (row ids replicated) and fusion layer.
 EXIT_PARAM_AXES = {
     "block": model.PARAM_AXES["layers"],
     "norm": ("embed",),
     "head": ("vocab", "embed"),
     "vocab": (None,),
+    "fuse": {"norm": (None, "embed"), "w": ("embed", None)},  # A fused exit's input layer: replicated.
 }
 
 LogicalAxes = tuple[str | None, ...]

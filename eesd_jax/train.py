@@ -41,8 +41,9 @@ STATE_FORMAT = "eesd_jax.train_state/1"
 
 
 def split_trainable(exit_params: Params, train_head: bool) -> tuple[Params, Params]:
-    """(trainable, static): the block and norm train; an own head too when train_head; vocab ids never."""
-    names = {"block", "norm"} | ({"head"} if train_head else set())
+    """(trainable, static): the block, norm and fusion layer train; an own head too when train_head; vocab ids
+    never."""
+    names = {"block", "norm", "fuse"} | ({"head"} if train_head else set())
     return ({k: v for k, v in exit_params.items() if k in names},
             {k: v for k, v in exit_params.items() if k not in names})  # fmt: skip
 
@@ -76,16 +77,19 @@ def batch_indices(n_seq: int, batch_size: int, seed: int, step: int) -> np.ndarr
     return out
 
 
-def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, kl_weight: float, ce_weight: float):
+def make_train_step(
+    cfg: ModelConfig, tx: optax.GradientTransformation, kl_weight: float, ce_weight: float, n_round: int = 1
+):
     """The jitted AdamW step on the trainable exit params, (head_vd, static, state, vmap_v, batch) -> (state,
-    metrics); `state` is donated (updated in place)."""
+    metrics); `state` is donated (updated in place). n_round: the longest simulated round a fused exit
+    runs (losses.exit_train_logits)."""
 
     def train_step(head_vd, static, state, vmap_v, batch):
         def loss_fn(trainable):
             exit_params = {**static, **trainable}
             head = exit_params.get("head", head_vd)
             logits = losses.exit_train_logits(
-                cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start
+                cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start, batch.fuse, n_round
             )
             return losses.distill_loss(logits, vmap_v, batch, kl_weight, ce_weight)
 
@@ -150,7 +154,9 @@ def train_exit(
     head_vd = losses.frozen_head(lm.params, init) if "head" not in trainable else jnp.zeros((0, lm.cfg.d_model))
     vmap = jnp.asarray(distill_data.vocab_map(lm.cfg.vocab_size, vocab_ids))
     tx, schedule = make_optimizer(t)
-    train_step = make_train_step(lm.cfg, tx, float(t.kl_weight), float(t.ce_weight))
+    train_step = make_train_step(
+        lm.cfg, tx, float(t.kl_weight), float(t.ce_weight), int(t.max_round) if exit_cfg.fuse_layers else 1
+    )
     state = {"params": trainable, "opt": tx.init(trainable)}
 
     ckpt_dir = workdir / "checkpoints"
@@ -245,7 +251,8 @@ def train_exit(
 
 def exit_config(config) -> exits.ExitConfig:
     e = config.exit
-    return exits.ExitConfig(int(e.layer), bool(e.own_head), int(e.draft_vocab), int(e.get("context_layer", 0)))
+    fuse = tuple(int(j) for j in e.get("fuse_layers", ()))
+    return exits.ExitConfig(int(e.layer), bool(e.own_head), int(e.draft_vocab), int(e.get("context_layer", 0)), fuse)
 
 
 def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, stop_at: int | None = None):
@@ -276,7 +283,9 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
         prepare_text = distill_data.plan_text_data(lm, config, text_dir)
     data_dir = pathlib.Path(config.data.dir) if config.data.dir else workdir / "data"
     manifest = distill_data.prepare_data(lm, config, data_dir, progress)
-    all_data = distill_data.load_data(data_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer)
+    all_data = distill_data.load_data(
+        data_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer, exit_cfg.fuse_layers
+    )
     data, val = all_data.split(int(t.val_every_prompt))
     data = data.take_tokens(int(config.data.response_tokens), int(config.data.seed))
     data_spec, data_info = (
@@ -285,7 +294,9 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     )
     if config.data.text.corpus:
         text_manifest = prepare_text(progress)
-        text = distill_data.load_data(text_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer)
+        text = distill_data.load_data(
+            text_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer, exit_cfg.fuse_layers
+        )
         text = text.take_tokens(int(config.data.text.max_tokens), int(config.data.seed))
         data = text if config.data.text.only else distill_data.Data.concat([data, text])
         data_spec = data_spec | {"text": text_manifest["spec"]}  # Checkpoints resume only on the same text.

@@ -53,7 +53,9 @@ def variant_overrides(spec: str) -> tuple[str, str]:
 def validation(lm, exit_path: pathlib.Path, data_dir: str, val_every: int):
     """(exit config, exit params, validation Data) of an exit on the shared data's validation prompts."""
     exit_cfg, params = exits.load_exit(exit_path, lm.cfg, lm.fingerprint)
-    data = distill_data.load_data(data_dir, exit_cfg.layer, context_layer=exit_cfg.context_layer)
+    data = distill_data.load_data(
+        data_dir, exit_cfg.layer, context_layer=exit_cfg.context_layer, fuse_layers=exit_cfg.fuse_layers
+    )
     _, val = data.split(val_every)
     if val is None:
         raise SystemExit("measuring needs validation prompts: set train.val_every_prompt > 0")

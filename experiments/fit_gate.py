@@ -38,7 +38,7 @@ def record(lm, exit_path, prompt_list, max_new: int, max_draft: int, max_prompt_
     ecfg = eesd.EESDConfig(
         exit_cfg.layer, max_draft, control.ControllerConfig("fixed"), context_layer=exit_cfg.context_layer, trace=True
     )
-    split = eesd.split_params(lm.params, exit_cfg.layer, exit_cfg.context_layer)
+    split = eesd.split_params(lm.params, exit_cfg.layer, exit_cfg.context_layer, exit_cfg.fuse_layers)
     ids = [lm.encode(p)[-max_prompt_tokens:] for p in prompt_list]
     traces, rounds = [], []
     for start in range(0, len(ids), batch):

@@ -7,6 +7,7 @@ so each later run only trains. Everything here is CPU and takes seconds.
 from __future__ import annotations
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -270,24 +271,32 @@ def test_round_starts_tile_the_response_into_draft_rounds():
     assert set(lengths) == {1, 2, 3, 4}  # Every round length up to max_round occurs.
 
 
-def test_context_exit_distills_and_decodes_losslessly(run, lm, tmp_path):
-    """exit.context_layer=2: the tiny pipeline trains an exit over layer-2 context, exports and evaluates it."""
+@pytest.mark.parametrize("field,value", [("context_layer", 2), ("fuse_layers", (1, 3))])
+def test_context_exit_distills_and_decodes_losslessly(run, lm, tmp_path, field, value):
+    """exit.context_layer=2 (attend over layer-2 context) or exit.fuse_layers=(1, L) (fuse the previous
+    position's layer-1 and final states, trained on simulated rounds): the tiny pipeline trains the
+    exit, exports and evaluates it."""
     config, _, _ = run
-    c = tiny_config(**{"data.dir": config.data.dir, "exit.context_layer": 2})
+    c = tiny_config(**{"data.dir": config.data.dir, f"exit.{field}": value})
     path = train.run_distill(c, tmp_path, lm=lm, progress=False)
     exit_cfg, params = load(path, lm)
-    assert exit_cfg == exits.ExitConfig(1, draft_vocab=48, context_layer=2)
+    assert exit_cfg == exits.ExitConfig(1, draft_vocab=48, **{field: value})
     report = json.loads((tmp_path / "run.json").read_text())
     before, after = report["metrics"]["untrained"]["train"], report["metrics"]["trained"]["train"]
     assert after["kl"] < 0.7 * before["kl"] and after["top1"] > before["top1"] + 0.1
 
     # Per draft position, on rounds of 3: position 1 is the plain first-draft figure.
-    data = distill_data.load_data(config.data.dir, 1, context_layer=2)
+    data = distill_data.load_data(config.data.dir, 1, **{field: value})
     m = losses.data_metrics(lm.cfg, lm.params, params, data, 48, 4, 48, round_len=3)
     first = losses.data_metrics(lm.cfg, lm.params, params, data, 48, 4, 48)
     assert len(m["top1_by_draft_position"]) == 3 and m["positions"] == first["positions"]
-    # Without its context the same exit drafts worse: the context carries information.
-    blind = distill_data.Data(**{**data.__dict__, "context": data.hidden})
+    # Without its context (fused states) the same exit drafts worse: they carry information.
+    if field == "context_layer":
+        blind = distill_data.Data(**{**data.__dict__, "context": data.hidden})
+    else:  # The final state is stored in 16 bits only (no other reader).
+        assert data.fuse.dtype == np.float16 and data.fuse.shape == (len(data.tokens), 2, lm.cfg.d_model)
+        assert np.load(pathlib.Path(config.data.dir) / "hidden_N3.npz")["hidden"].dtype == np.float16
+        blind = distill_data.Data(**{**data.__dict__, "fuse": np.zeros_like(data.fuse)})
     assert losses.data_metrics(lm.cfg, lm.params, params, blind, 48, 4, 48)["top1"] < first["top1"]
 
     plist = distill_data.prompt_list(config.eval.sets, 1)
@@ -385,3 +394,49 @@ def test_joint_run_trains_an_exit_per_layer_on_one_data_preparation(run, lm, tmp
     exit_cfg, _ = load(paths["2"], lm, layer=2)
     assert exit_cfg == exits.ExitConfig(layer=2, own_head=False, draft_vocab=48)
     assert not np.array_equal(load_file(paths["2"])["norm"], ours["norm"])  # Trained on its own layer's states.
+
+
+@pytest.mark.parametrize("V,k", [(4096, 8), (96, 5)])
+def test_teacher_top_k_equals_a_full_sort(V, k):
+    """teacher.top_k_logprobs (k best groups of 64, then their top k) = log_softmax + top_k over the vocabulary,
+    also when the top k crowd into one group and when the vocabulary is too small for groups."""
+    logits = 3.0 * jax.random.normal(jax.random.key(0), (3, 5, V))
+    logits = logits.at[0, 0, 64:128].add(20.0)  # Row (0, 0): its whole top k lies in one group.
+    want_v, want_i = jax.lax.top_k(jax.nn.log_softmax(logits, -1), k)
+    got_v, got_i = teacher.top_k_logprobs(logits, k)
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))  # Random floats: no ties.
+    np.testing.assert_allclose(np.asarray(got_v), np.asarray(want_v), atol=1e-6)
+    assert got_i.dtype == jnp.int32
+
+
+def test_self_made_prompts_are_filtered_deduplicated_and_deterministic(lm):
+    """self:N sets: the tiny model's own samples from its template prefix, n distinct ones, the same for
+    the same seed, other ones for another seed; held out every 5th; the model is required."""
+    from eesd_jax import self_prompts
+
+    keep = lambda text: len(text) >= 3  # noqa: E731  (a random model writes no English: length only)
+    made = self_prompts.make_prompts(lm, 7, seed=1, max_new_tokens=32, batch_size=16, keep=keep)
+    assert len(made) == 7 and len({self_prompts._key(p.text) for p in made}) == 7
+    assert all(keep(p.text) and p.chat for p in made) and [p.heldout for p in made].count(True) == 1
+    again = self_prompts.make_prompts(lm, 7, seed=1, max_new_tokens=32, batch_size=16, keep=keep)
+    self_prompts._made.clear()  # Made anew, not the process cache: still the same.
+    assert [p.text for p in self_prompts.make_prompts(lm, 7, 1, 32, 16, keep=keep)] == [p.text for p in again]
+    other = self_prompts.make_prompts(lm, 7, seed=2, max_new_tokens=32, batch_size=16, keep=keep)
+    assert [p.text for p in other] != [p.text for p in made]
+    with pytest.raises(ValueError, match="passed the filters"):
+        self_prompts.make_prompts(lm, 3, max_new_tokens=32, batch_size=16, max_batches=1)  # English filter
+    with pytest.raises(ValueError, match="need the model"):
+        distill_data.prompt_list(["self:4"])
+    with pytest.raises(ValueError, match="expected self:N"):
+        distill_data.prompt_list(["self:x"], lm=lm)
+
+
+def test_self_made_prompt_filter():
+    from eesd_jax import self_prompts
+
+    assert self_prompts.acceptable("How do I reverse a linked list in Python without recursion?")
+    assert not self_prompts.acceptable("Hi?")  # Too short.
+    assert not self_prompts.acceptable("Объясни, пожалуйста, как работает быстрая сортировка.")  # Not English.
+    assert not self_prompts.acceptable("the cat the cat the cat the cat the cat the cat")  # Repeats itself.
+    assert self_prompts.parse_set("self:200") == (200, 0) and self_prompts.parse_set("self:5@3") == (5, 3)
+    assert self_prompts.parse_set("chat") is None

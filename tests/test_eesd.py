@@ -44,11 +44,12 @@ DRAFTING_KNOBS = {
 }
 
 
-def eesd_tokens(params, prompts, exit_layer, max_draft, kind, exit_params=None, context_layer=0, **kw):
+def eesd_tokens(params, prompts, exit_layer, max_draft, kind, exit_params=None, context_layer=0, fuse_layers=(), **kw):
     ctrl = control.ControllerConfig(kind=kind, **DRAFTING_KNOBS.get(kind, {}))
-    ecfg = eesd.EESDConfig(exit_layer, max_draft, ctrl, context_layer=context_layer)
+    ecfg = eesd.EESDConfig(exit_layer, max_draft, ctrl, context_layer=context_layer, fuse_layers=fuse_layers)
     if exit_params is None:
-        exit_params = exits.init_exit(CFG, params, exits.ExitConfig(exit_layer, context_layer=context_layer))
+        exit_cfg = exits.ExitConfig(exit_layer, context_layer=context_layer, fuse_layers=fuse_layers)
+        exit_params = exits.init_exit(CFG, params, exit_cfg)
     return generate.generate_eesd(CFG, params, exit_params, ecfg, prompts, 24, eos_ids=(EOS,), **kw)
 
 
@@ -110,6 +111,43 @@ def test_context_exit_greedy_eesd_equals_ar(params, ar_outputs, kind, exit_layer
     assert out.stats["drafted"] > 0 or kind == "confidence"
 
 
+# Fused exits (ExitConfig.fuse_layers): the final state alone, low/mid/high sets, with a context layer.
+FUSED_GRID = [
+    ("beta-ts", 2, 0, (4,), 4),
+    ("fixed", 2, 0, (2, 3, 4), 8),
+    ("fixed", 2, 3, (2, 4), 2),
+    ("calibration-ts", 2, 3, (3,), 3),
+]
+
+
+@pytest.mark.parametrize("kind,exit_layer,context_layer,fuse_layers,max_draft", FUSED_GRID)
+def test_fused_exit_greedy_eesd_equals_ar(params, ar_outputs, kind, exit_layer, context_layer, fuse_layers, max_draft):
+    """An exit fusing the previous position's verified states into its input is lossless too, at batch 3 and 1."""
+    exit_cfg = exits.ExitConfig(exit_layer, own_head=True, context_layer=context_layer, fuse_layers=fuse_layers)
+    ep = perturbed_exit(params, exit_cfg)
+    ep["fuse"]["w"] = 0.2 * ep["fuse"]["w"]  # Small enough that drafts are still accepted (an untrained block).
+    assert float(jnp.abs(ep["fuse"]["w"]).min()) > 0  # The fused states really enter the drafts.
+    stats = []
+    for batch in (3, 1):
+        out = eesd_tokens(params, make_prompts(batch), exit_layer, max_draft, kind, ep, context_layer, fuse_layers)
+        assert out.tokens == ar_outputs[batch]
+        stats.append((out.stats["accepted"], out.stats["drafted"]))
+    assert any(0 < acc < drafted for acc, drafted in stats), stats  # Accepted and rejected drafts both occur.
+
+
+def test_untrained_fused_exit_drafts_like_the_unfused_one(params):
+    """Zero weights on the fused states: the same drafts, the same draft features, round by round."""
+
+    def run(fuse_layers):
+        ecfg = eesd.EESDConfig(2, 4, control.ControllerConfig("beta-ts"), fuse_layers=fuse_layers, trace=True)
+        ep = exits.init_exit(CFG, params, exits.ExitConfig(2, fuse_layers=fuse_layers))
+        return generate.generate_eesd(CFG, params, ep, ecfg, make_prompts(3), 24, eos_ids=(EOS,))
+
+    plain, fused = run(()), run((2, 3, 4))
+    assert fused.tokens == plain.tokens and fused.stats == plain.stats
+    np.testing.assert_array_equal(np.asarray(fused.trace.features), np.asarray(plain.trace.features))
+
+
 def test_context_exit_cache_holds_context_layer_keys_at_every_verified_position(params):
     """After EESD decoding, the exit's cache below each row's length is the exit block's keys/values of
     the context layer's states of the final sequence: verification rewrote every drafted slot."""
@@ -131,7 +169,7 @@ def test_context_exit_cache_holds_context_layer_keys_at_every_verified_position(
         n = int(state.exit_cache.lengths[b])
         seq = (prompt + np.asarray(state.tokens[b, : int(state.n_new[b])]).tolist())[:n]
         assert n == len(prompt) + int(state.n_new[b]) - 1
-        _, _, (_, h_c) = decoding.prefill(CFG, params, jnp.asarray([seq]), jnp.asarray([n]), n, segments)
+        _, _, (_, h_c, _) = decoding.prefill(CFG, params, jnp.asarray([seq]), jnp.asarray([n]), n, segments)
         k, v = model.keys_values(CFG, block, h_c, jnp.arange(n)[None])
         np.testing.assert_allclose(np.asarray(state.exit_cache.k[0, b, :n]), np.asarray(k[0]), atol=2e-5)
         np.testing.assert_allclose(np.asarray(state.exit_cache.v[0, b, :n]), np.asarray(v[0]), atol=2e-5)
@@ -143,7 +181,7 @@ def test_context_exit_drafts_what_training_computes(params):
     N, C, T = 1, 3, 10
     ep = perturbed_exit(params, exits.ExitConfig(N, own_head=True, context_layer=C))
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (2, T)), jnp.int32)
-    _, _, (h_n, h_c) = decoding.prefill(CFG, params, tokens, jnp.full((2,), T), T, eesd.split_params(params, N, C))
+    _, _, (h_n, h_c, _) = decoding.prefill(CFG, params, tokens, jnp.full((2,), T), T, eesd.split_params(params, N, C))
     starts = np.array([[0, 1, 1, 1, 4, 5, 5, 7, 7, 7], [0, 0, 2, 3, 4, 4, 4, 4, 8, 9]], np.int32)
     train_logits = losses.exit_train_logits(CFG, ep["head"], ep, h_n, None, h_c, jnp.asarray(starts))
     # First drafts (t = s) and drafts 2..4 of a round (e.g. row 1, t = 7: s = 4), with and without context.
@@ -153,6 +191,47 @@ def test_context_exit_drafts_what_training_computes(params):
         cache = exits.write_context(CFG, ep, cache, h_c[b : b + 1, :s], jnp.arange(s)[None])
         draft, _ = exits.exit_logits(CFG, params, ep, h_n[b : b + 1, s : t + 1], jnp.arange(s, t + 1)[None], cache)
         np.testing.assert_allclose(np.asarray(draft[0, -1]), np.asarray(train_logits[b, t]), atol=2e-5)
+
+
+@pytest.mark.parametrize("exit_layer,context_layer,fuse_layers", [(2, 0, (4,)), (1, 3, (1, 2, 4))])
+def test_fused_exit_drafts_what_training_computes(params, exit_layer, context_layer, fuse_layers):
+    """After some rounds of decoding, the next round's draft log-probs equal losses.exit_train_logits' over
+    the sequence with that round simulated: training-time test sees exactly what drafting sees (the
+    verified states of p - 1 at the round's first draft, the exit's own outputs after it, and the exit
+    cache verification rewrote)."""
+    N, K = exit_layer, 3
+    exit_cfg = exits.ExitConfig(N, own_head=True, context_layer=context_layer, fuse_layers=fuse_layers)
+    ep = perturbed_exit(params, exit_cfg)
+    ecfg = eesd.EESDConfig(
+        N, K, control.ControllerConfig("fixed"), context_layer=context_layer, fuse_layers=fuse_layers
+    )
+    prompts = make_prompts(3)
+    sc = SamplingConfig(temperature=1.0)  # The draft block keeps its log-probs (log_softmax at T = 1).
+    req = decoding.make_request(CFG, prompts, 40, slack=K + 1)
+    segments = eesd.split_params(params, N, context_layer, fuse_layers)
+    tokens_bp, lens_b, max_new_b = (jnp.asarray(a) for a in (req.tokens_bp, req.prompt_lens_b, req.max_new_b))
+    for rounds in (0, 3):
+        cache, logits, hiddens = decoding.prefill(CFG, params, tokens_bp, lens_b, req.cache_len, segments)
+        state = eesd.eesd_init(CFG, ecfg, params, ep, cache, hiddens, logits, max_new_b, jax.random.key(0), sc, (),
+                               req.max_new)  # fmt: skip
+        state = eesd.eesd_decode(CFG, ecfg, params, segments, ep, state, sc, (), jnp.int32(rounds))
+        d = eesd._draft(CFG, ecfg, sc, params, segments[0], ep, state)
+        assert (np.asarray(d.n_draft) == K).all()
+        for b, prompt in enumerate(prompts):
+            p0 = int(state.cache.lengths[b])  # Position of the round's block token 0.
+            seq = (
+                prompt
+                + np.asarray(state.tokens[b, : int(state.n_new[b])]).tolist()
+                + np.asarray(d.tokens[b, : K - 1]).tolist()
+            )
+            assert len(seq) == p0 + K
+            _, _, states = decoding.prefill(CFG, params, jnp.asarray([seq]), jnp.asarray([p0 + K]), p0 + K, segments)
+            fuse = eesd._at(CFG, ecfg, states, fuse_layers)
+            start = jnp.asarray([np.minimum(np.arange(p0 + K), p0)], jnp.int32)
+            context = eesd._at(CFG, ecfg, states, [context_layer])[..., 0, :] if context_layer else None
+            prev = exits.previous_features(fuse, jnp.zeros_like(fuse[:, 0]))
+            train = losses.exit_train_logits(CFG, ep["head"], ep, states[0], None, context, start, prev, K)
+            np.testing.assert_allclose(np.asarray(jax.nn.log_softmax(train[0, p0:])), np.asarray(d.logp[b]), atol=5e-5)
 
 
 def test_oracle_drafter_is_always_accepted(params):
@@ -226,6 +305,9 @@ def test_loop_state_types_survive_a_chunk(params, kind, greedy):
         (dict(exit_layer=2, max_draft=0), "max_draft must be >= 1"),
         (dict(exit_layer=2, context_layer=2), r"context layer 2 must be 0 or in \(2, 4\)"),
         (dict(exit_layer=2, context_layer=4), r"context layer 4 must be 0 or in \(2, 4\)"),
+        (dict(exit_layer=2, fuse_layers=(1,)), r"fuse layers \(1,\) must be increasing and in \[2, 4\]"),
+        (dict(exit_layer=2, fuse_layers=(4, 3)), r"fuse layers \(4, 3\) must be increasing"),
+        (dict(exit_layer=2, fuse_layers=(5,)), r"fuse layers \(5,\) must be increasing and in \[2, 4\]"),
     ],
 )
 def test_bad_engine_config_is_refused(params, kwargs, match):
@@ -249,6 +331,13 @@ def test_exit_files_round_trip_and_refuse_other_models(params, tmp_path):
     other = model.ModelConfig(**{**CFG.__dict__, "d_model": 48})
     with pytest.raises(ValueError, match="do not match"):
         exits.load_exit(path, other, "a" * 64)
+    fused_cfg = exits.ExitConfig(2, context_layer=3, fuse_layers=(2, 4))  # A fused exit keeps its fuse layers.
+    exits.save_exit(path, exits.init_exit(CFG, params, fused_cfg), fused_cfg, "tiny", "a" * 64)
+    got_cfg, got = exits.load_exit(path, CFG, "a" * 64)
+    assert got_cfg == fused_cfg and got["fuse"]["w"].shape == (CFG.d_model, 2 * CFG.d_model)
+    with pytest.raises(ValueError, match="do not match"):  # Its fusion layer must be there.
+        exits.save_exit(path, ep, fused_cfg, "tiny", "a" * 64)
+        exits.load_exit(path, CFG, "a" * 64)
 
 
 def test_exit_files_stored_in_float16_load_back_in_the_model_dtype(params, tmp_path):

@@ -46,9 +46,10 @@ def exact_distribution(params, sc: SamplingConfig) -> np.ndarray:
     return joint / joint.sum()
 
 
-def eesd_counts(params, sc, ecfg) -> np.ndarray:
+def eesd_counts(params, sc, ecfg, exit_params=None) -> np.ndarray:
     V = CFG.vocab_size
-    exit_params = exits.init_exit(CFG, params, exits.ExitConfig(ecfg.exit_layer, context_layer=ecfg.context_layer))
+    if exit_params is None:
+        exit_params = exits.init_exit(CFG, params, exits.ExitConfig(ecfg.exit_layer, context_layer=ecfg.context_layer))
     counts = np.zeros(V**3, np.int64)
     for seed in range(SEEDS):
         out = generate.generate_eesd(CFG, params, exit_params, ecfg, [PROMPT] * ROWS, 3, sc, seed=seed)
@@ -116,6 +117,16 @@ def test_eesd_sampling_with_a_context_exit(params):
     sc = SAMPLING[1]
     ecfg = eesd.EESDConfig(exit_layer=1, max_draft=2, controller=control.ControllerConfig("fixed"), context_layer=2)
     assert chi_square_p(eesd_counts(params, sc, ecfg), exact_distribution(params, sc)) > P_VALUE
+
+
+def test_eesd_sampling_with_a_fused_exit(params):
+    """An exit fusing the previous position's final and layer-2 states (ExitConfig.fuse_layers) keeps the
+    distribution; its fusion weights are nonzero, so the drafts really read them."""
+    sc, fuse = SAMPLING[2], (2, CFG.n_layers)
+    ecfg = eesd.EESDConfig(exit_layer=1, max_draft=2, controller=control.ControllerConfig("fixed"), fuse_layers=fuse)
+    ep = exits.init_exit(CFG, params, exits.ExitConfig(1, fuse_layers=fuse))
+    ep["fuse"]["w"] = 0.05 * jax.random.normal(jax.random.key(1), ep["fuse"]["w"].shape)
+    assert chi_square_p(eesd_counts(params, sc, ecfg, ep), exact_distribution(params, sc)) > P_VALUE
 
 
 def always_accept(key, draft_bj, n_draft_b, draft_logp_bjv, target_logits_bjv, cfg):

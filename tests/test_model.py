@@ -152,7 +152,7 @@ def test_prefill_split_equals_unsplit(tiny):
         np.asarray(logits), full_forward(cfg, params, tokens)[[0, 1], [15, 8]], rtol=1e-5, atol=1e-5
     )
     split = model.split_layers(params["layers"], 1)
-    cache2, logits2, (hidden2,) = decoding.prefill(cfg, params, tokens, lens, CACHE_SLOTS, split)
+    cache2, logits2, (hidden2, _) = decoding.prefill(cfg, params, tokens, lens, CACHE_SLOTS, split)
     np.testing.assert_allclose(np.asarray(logits2), np.asarray(logits), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(cache2.k), np.asarray(cache.k), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(cache2.v), np.asarray(cache.v), rtol=1e-5, atol=1e-5)

@@ -52,7 +52,7 @@ def test_every_judged_draft_matches_an_offline_replay(setup):
     seqs = [prompt + traced.tokens[b] for b, prompt in enumerate(PROMPTS)]
     T = max(map(len, seqs))
     tokens = np.array([s + [0] * (T - len(s)) for s in seqs])  # Causal: the padding changes nothing before it.
-    _, _, (h_n, h_c) = decoding.prefill(
+    _, _, (h_n, h_c, _) = decoding.prefill(
         CFG, params, jnp.asarray(tokens), jnp.asarray([len(s) for s in seqs]), T, eesd.split_params(params, N, C)
     )
     starts, round_start = np.tile(np.arange(T), (len(seqs), 1)), {}

@@ -106,6 +106,7 @@ def test_exit_param_axes_cover_every_exit_variant():
         exits.ExitConfig(1),
         exits.ExitConfig(1, own_head=True),
         exits.ExitConfig(1, draft_vocab=32),
+        exits.ExitConfig(1, fuse_layers=(1, cfg.n_layers)),
     ]
     for ecfg in variants:
         ids = np.arange(ecfg.draft_vocab) if ecfg.draft_vocab else None
@@ -434,11 +435,17 @@ def _eesd_check(cfg, params, sharded, prompts, max_new, ref_ar, mesh) -> dict:
     """Greedy EESD with sharded params and exit params; lossless, so it must equal single-device AR."""
     from eesd_jax import control, eesd, exits, generate
 
-    exit_params = exits.init_exit(cfg, params, exits.ExitConfig(cfg.n_layers - 1, own_head=True))
+    # A fused exit (the previous position's final state) with nonzero fusion weights: the fused
+    # states verification leaves in the loop state are sharded by row like the rest of it.
+    fuse = (cfg.n_layers,)
+    exit_params = exits.init_exit(cfg, params, exits.ExitConfig(cfg.n_layers - 1, own_head=True, fuse_layers=fuse))
+    exit_params["fuse"]["w"] = 0.01 * jax.random.normal(jax.random.key(5), exit_params["fuse"]["w"].shape)
     sharded_exit = sharding.shard_exit_params(exit_params, mesh)
     # beta-ts drafts from the start; the default (confidence >= 0.5) seldom trusts this
     # untrained exit on a random model, and the check needs drafts to verify.
-    ecfg = eesd.EESDConfig(exit_layer=cfg.n_layers - 1, max_draft=3, controller=control.ControllerConfig("beta-ts"))
+    ecfg = eesd.EESDConfig(
+        exit_layer=cfg.n_layers - 1, max_draft=3, controller=control.ControllerConfig("beta-ts"), fuse_layers=fuse
+    )
     with jax.set_mesh(mesh):
         g = generate.generate_eesd(cfg, sharded, sharded_exit, ecfg, prompts, max_new)
     want = sharding.exit_param_shardings(exit_params, mesh)

@@ -74,6 +74,7 @@ ALIASES = {
     "own_head": "exit.own_head",
     "draft_vocab": "exit.draft_vocab",
     "context": "exit.context_layer",
+    "fuse": "exit.fuse_layers",
     "steps": "train.steps",
     "lr": "train.lr",
     "n_per_set": "data.n_per_set",
@@ -212,6 +213,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.exit.draft_vocab = 0  # >0: own head over the most frequent draft_vocab tokens of the data.
     c.exit.file_dtype = "float32"  # Float type of the exported file; "float16" halves it.
     c.exit.context_layer = 0  # c > N: attend over layer-c states at verified positions (exits.ExitConfig).
+    # Layers in [N, L] whose states at the previous position the exit's input fuses (exits.ExitConfig).
+    c.exit.fuse_layers = ()
     # COST-EFF multi-exit training: exits at these N too, from the same data and batches (train.run_joint).
     c.exit.joint_layers = ()
 

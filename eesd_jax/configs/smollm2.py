@@ -58,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.name = (
         f"smollm2-N{c.exit.layer}"
         + (f"-c{c.exit.context_layer}" if c.exit.context_layer else "")
+        + (f"-f{'.'.join(map(str, c.exit.fuse_layers))}" if c.exit.fuse_layers else "")
         + (f"-dv{c.exit.draft_vocab}" if c.exit.draft_vocab else "")
     )
     return c
