@@ -87,7 +87,7 @@ def test_caches_after_tree_decoding_equal_ar_at_every_accepted_position(params):
         n = int(state.cache.lengths[b])
         seq = (prompt + np.asarray(state.tokens[b, : int(state.n_new[b])]).tolist())[:n]
         assert n == len(prompt) + int(state.n_new[b]) - 1
-        ar_cache, _, (h_n,) = decoding.prefill(
+        ar_cache, _, (h_n, _) = decoding.prefill(
             CFG, params, jnp.asarray([seq]), jnp.asarray([n]), n, eesd.split_params(params, N)
         )
         for got, want in ((state.cache.k, ar_cache.k), (state.cache.v, ar_cache.v)):
