@@ -4,7 +4,7 @@ table and PNG; every row is checked against AR, and a row whose output leaves AR
 import json
 
 import pytest
-from conftest import load_experiment
+from helpers import load_experiment
 
 from eesd_jax import configs, generate
 

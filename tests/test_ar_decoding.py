@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
-from conftest import N_GREEDY, REFERENCE_GREEDY_PREFIX, full_forward, golden_smollm, random_tokens
+from helpers import N_GREEDY, REFERENCE_GREEDY_PREFIX, full_forward, golden_smollm, random_tokens
 
 from eesd_jax import decoding, model, sampling
 from eesd_jax.generate import generate_ar

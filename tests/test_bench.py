@@ -5,7 +5,7 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-from conftest import full_forward
+from helpers import full_forward
 
 from eesd_jax import bench, control, eesd, exits, generate
 

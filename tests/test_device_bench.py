@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import load_experiment
+from helpers import load_experiment
 
 
 def test_quick_run_writes_one_complete_json(tmp_path):

@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from conftest import load_experiment
+from helpers import load_experiment
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import load_experiment
+from helpers import load_experiment
 
 from eesd_jax import configs, control, distill, eesd, exits
 from eesd_jax.policies import gate

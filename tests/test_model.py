@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (
+from helpers import (
     REFERENCE_SOURCES,
     full_forward,
     golden_hf,

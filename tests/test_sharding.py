@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_experiment
+from helpers import load_experiment
 
 from eesd_jax import model, sharding
 from eesd_jax.kv_cache import KVCache, init_cache
