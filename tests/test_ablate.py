@@ -144,3 +144,20 @@ def test_joint_trains_an_exit_per_layer_and_benches_each(studies):
     _, result = studies["joint"]
     assert [r["N"] for r in result["rows"]] == [1, 2] and result["recipe"] == "tiny"
     assert all(r["identical"] for r in result["rows"])
+
+
+@pytest.mark.parametrize("study", ["components", "depth", "policies", "joint"])
+def test_study_config_file_is_the_reported_run(ablate, study):
+    """`--study NAME` alone reruns what experiments/results/NAME/smollm2.json reports: the same model
+    config, and the settings that file recorded (shared knobs and the study's own section)."""
+    reported = ablate.reported(study)
+    recorded = json.loads((ablate.RESULTS / study / "smollm2.json").read_text())
+    assert reported.config == recorded["config"]
+    knobs = json.loads(json.dumps(ablate.merge(ablate.study_config(reported.config), reported.knobs).to_dict()))
+    compared = [k for k, v in recorded["settings"].items() if not isinstance(v, dict)] + [study]
+    assert {k: knobs[k] for k in compared} == {k: recorded["settings"][k] for k in compared}
+
+
+def test_a_study_knob_that_does_not_exist_is_refused(ablate):
+    with pytest.raises(ValueError, match="policies.tune"):
+        ablate.merge(ablate.study_config("tiny"), {"policies": {"tune": 4}})
