@@ -1,4 +1,4 @@
-"""Self-distillation data and losses for the early-exiting layer (DESIGN.md §5).
+"""Self-distillation data and losses for the early-exiting layer (docs/design.md, Self-distillation).
 
 Pipeline (train.run_distill drives it):
   1. `generate_data`: prompts from prompts.load_prompts sets, responses sampled from the

@@ -8,7 +8,7 @@ Axis glossary (used in names, einsum strings and `PARAM_AXES`):
 Per-layer params are stacked on a leading L axis, so "the first N layers" and
 "layers N..L" are ranges run by one `lax.scan` (`run_layers`). Weights are stored
 (out, in) as in Hugging Face checkpoints: contracting the last axis was measured
-faster for the one-token matmuls that dominate decoding on CPU (see PLATFORM.md).
+faster for the one-token matmuls that dominate decoding on CPU (docs/design.md, CPU notes).
 
 Everything else — prefill, an incremental step, drafting through an early exit,
 verifying a draft block — composes `embed`, `run_layers`, `final_norm` and

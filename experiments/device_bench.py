@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from eesd_jax import bench, control, eesd, exits, generate, loading, provenance
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-EXIT_LAYER = {"smollm2": 3, "1b": 2, "8b": 4, "bundled": 2}  # N per model (as in PLATFORM.md's table).
+EXIT_LAYER = {"smollm2": 3, "1b": 2, "8b": 4, "bundled": 2}  # N per model.
 
 
 def copy_bandwidth(nbytes: int, repeats: int) -> float:

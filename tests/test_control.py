@@ -1,4 +1,4 @@
-"""Draft-length controllers: posterior arithmetic, convergence, limits (DESIGN.md §7.6)."""
+"""Draft-length controllers: posterior arithmetic, convergence, limits (docs/design.md, invariant 6)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""EESD decoding is lossless: greedy output equals AR token for token (DESIGN.md §7.3)."""
+"""EESD decoding is lossless: greedy output equals AR token for token (docs/design.md, invariant 3)."""
 
 import os
 

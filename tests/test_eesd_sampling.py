@@ -1,4 +1,4 @@
-"""EESD sampling is lossless: its samples have exactly AR's distribution (DESIGN.md §7.4).
+"""EESD sampling is lossless: its samples have exactly AR's distribution (docs/design.md, invariant 4).
 
 On a 16-token vocabulary we enumerate the exact distribution of the first three
 generated tokens (16^3 outcomes) from the LLM's own warped logits, draw tens of

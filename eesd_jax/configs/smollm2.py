@@ -19,18 +19,18 @@ from eesd_jax.configs import apply_overrides, base_config
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base_config()
     c.model.source = "bundled"
-    c.exit.layer = 2  # The shipped exit's N: the cheapest draft step measured best (README).
+    c.exit.layer = 2  # The shipped exit's N: the cheapest draft step measured best (docs/studies.md).
     c.exit.own_head = False
     # The full 49152x576 head costs as much as ~8 layers per draft token; a draft head
     # over the most frequent 8192 tokens of the LLM's own outputs is ~9.4 MB.
     c.exit.draft_vocab = 8192
     # context=29: verified positions from the LLM's layer-29 states; validation first-draft top-1
-    # 0.376 vs 0.339, and 0.401 with text=readmes (the shipped ..._N2_c29 exit; README).
+    # 0.376 vs 0.339, and 0.401 with text=readmes (the shipped ..._N2_c29 exit; docs/studies.md).
     c.exit.context_layer = 0
 
     c.data.sets = ("chat:train", "humaneval:train")  # 165 + 132 prompts.
     c.data.n_per_set = 0
-    c.data.samples_per_prompt = 2  # 594 responses: held-out top-1 grows +0.043 per doubling of them (README).
+    c.data.samples_per_prompt = 2  # 594 responses: held-out top-1 grows +0.043 per doubling of them (docs/studies.md).
     c.data.max_prompt_tokens = 512
     c.data.max_new_tokens = 256
     c.data.temperature = 0.6  # Close to the greedy text EESD mostly drafts for, still varied.
