@@ -43,9 +43,10 @@ def side_ours(args, work: pathlib.Path) -> None:
     report = bench.run(
         setup, ids, args.max_new_tokens, ("ar",), repeats=args.repeats, progress=lambda _, g: tokens.extend(g.tokens)
     )
+    report["config"].update(prompts=args.prompts, split=bench_args.split)
     record = {
         "report": report,
-        "model": session.lm.source,
+        "model": pathlib.Path(session.lm.source).name,
         "prompt_ids": [p.id for p in bench_args.chosen],
         "ids": ids,
         "eos": list(session.eos_ids),
@@ -148,7 +149,7 @@ def markdown(s: dict) -> str:
     lines = [
         "# Our AR vs transformers' greedy generate (each in its own process)",
         "",
-        f"{s['model']}, {c['n_prompts']} held-out {c.get('prompts', 'chat')} prompts, greedy, batch 1, "
+        f"{s['model']}, {c['n_prompts']} {c['prompts']} prompts ({c['split']}), greedy, batch 1, "
         f"max_new_tokens={c['max_new_tokens']}, {c['repeats']} timed runs after a warm-up; "
         f"commit {s['provenance']['commit']}, {s['provenance']['device']['platform']}.",
         "",

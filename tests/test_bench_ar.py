@@ -21,7 +21,7 @@ def ours_record(tokens, seconds):
     """What side_ours writes, for prompts of `tokens` decoded in `seconds` (first timed run)."""
     new = sum(len(t) for t in tokens)
     ar = {"tokens_per_second": round(new / sum(seconds), 2), "median_tokens_per_second": 0.0, "new_tokens": new}
-    config = {"n_prompts": len(tokens), "max_new_tokens": 8, "repeats": 2, "prompts": "chat"}
+    config = {"n_prompts": len(tokens), "max_new_tokens": 8, "repeats": 2, "prompts": "chat", "split": "heldout"}
     provenance = {"commit": "abc", "device": {"platform": "cpu"}}
     return {
         "report": {"modes": {"ar": ar}, "config": config, "provenance": provenance},
