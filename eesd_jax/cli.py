@@ -481,12 +481,12 @@ def validate_config(args) -> None:
 
 
 def cmd_distill(args) -> int:
-    from eesd_jax import distill, model, train
+    from eesd_jax import model, teacher, train
 
     workdir = args.workdir or str(pathlib.Path("runs") / args.config.replace(":", "_").replace("/", "_"))
     lm = None  # float32: run_distill loads the teacher itself.
     if args.dtype != "float32":  # The teacher (and the exit, initialized from it) in another dtype.
-        lm = distill.load_lm(args.config_dict.model)
+        lm = teacher.load_lm(args.config_dict.model)
         cfg, params = model.with_dtype(lm.cfg, lm.params, args.dtype)
         lm = dataclasses.replace(lm, cfg=cfg, params=params)
     path = train.run_distill(args.config_dict, workdir, lm=lm)

@@ -2,7 +2,7 @@
 
 One forward pass of the frozen LLM over existing text gives its distribution at every
 position, several times cheaper per token than sampling responses and then scoring them
-(distill.teacher_pass either way). Corpora by name:
+(distill_data.teacher_pass either way). Corpora by name:
 
   * "readmes": the long descriptions (READMEs) in the metadata of the installed Python
     distributions, eesd_jax's own excluded: markdown prose with code, the register of an
@@ -11,7 +11,7 @@ position, several times cheaper per token than sampling responses and then scori
   * a path: a text file, or a folder whose *.txt / *.md / *.py files (sorted, recursive)
     are the documents.
 
-A corpus is identified by the sha256 of its documents (distill reuses data only if it matches).
+A corpus is identified by the sha256 of its documents (distill_data reuses data only if it matches).
 """
 
 from __future__ import annotations

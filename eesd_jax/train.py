@@ -4,7 +4,7 @@
     path = train.run_distill(configs.load_config("smollm2:N=6"), "runs/smollm2_n6")
     figures = train.run_eval(configs.load_config("smollm2:N=6"), path)
 
-`run_distill` = data (distill.prepare_data, reused when it matches) -> training
+`run_distill` = data (distill_data.prepare_data, reused when it matches) -> training
 (`train_exit`) -> export (exits.save_exit with the config and metrics in its metadata).
 WORKDIR holds: data/ (unless config.data.dir), checkpoints/ (orbax), metrics.jsonl
 (one record per log step), run.json (stage wall times, metrics, the exit's path),
@@ -33,10 +33,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from eesd_jax import control, decoding, distill, eesd, exits, generate, prompts
-from eesd_jax.distill import LM
+from eesd_jax import control, decoding, distill_data, eesd, exits, generate, losses, prompts, teacher
 from eesd_jax.kv_cache import round_up
 from eesd_jax.model import ModelConfig, Params
+from eesd_jax.teacher import LM
 
 STATE_FORMAT = "eesd_jax.train_state/1"
 
@@ -93,10 +93,10 @@ def train_step(cfg: ModelConfig, tx, head_vd, static, state, vmap_v, batch, kl_w
     def loss_fn(trainable):
         exit_params = {**static, **trainable}
         head = exit_params.get("head", head_vd)
-        logits = distill.exit_train_logits(
+        logits = losses.exit_train_logits(
             cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start
         )
-        return distill.distill_loss(logits, vmap_v, batch, kl_weight, ce_weight)
+        return losses.distill_loss(logits, vmap_v, batch, kl_weight, ce_weight)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -104,10 +104,10 @@ def train_step(cfg: ModelConfig, tx, head_vd, static, state, vmap_v, batch, kl_w
     return {"params": params, "opt": opt}, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-def select_count(*datas: distill.Data | None) -> int:
+def select_count(*datas: distill_data.Data | None) -> int:
     """Positions per row the head and loss run on: the most response positions of any sequence,
     rounded up (one fixed count, so few compiled shapes)."""
-    return round_up(max(distill.max_train_positions(d) for d in datas if d is not None), 16)
+    return round_up(max(losses.max_train_positions(d) for d in datas if d is not None), 16)
 
 
 def _run_identity(config, data_spec: dict, vocab_ids) -> dict:
@@ -133,13 +133,13 @@ def _jsonable(tree):
 def train_exit(
     config,
     lm: LM,
-    data: distill.Data,
+    data: distill_data.Data,
     workdir,
     vocab_ids=None,
     progress: bool = True,
     stop_at: int | None = None,
     data_spec: dict | None = None,
-    val: distill.Data | None = None,
+    val: distill_data.Data | None = None,
 ) -> tuple[Params, dict]:
     """Train the exit of config.exit on `data`, resuming from WORKDIR/checkpoints.
 
@@ -154,8 +154,8 @@ def train_exit(
     init = exits.init_exit(lm.cfg, lm.params, exit_cfg, vocab_ids)
     own_head = "head" in init
     trainable, static = split_trainable(init, bool(t.train_head) and own_head)
-    head_vd = distill.frozen_head(lm.params, init) if "head" not in trainable else jnp.zeros((0, lm.cfg.d_model))
-    vmap = jnp.asarray(distill.vocab_map(lm.cfg.vocab_size, vocab_ids))
+    head_vd = losses.frozen_head(lm.params, init) if "head" not in trainable else jnp.zeros((0, lm.cfg.d_model))
+    vmap = jnp.asarray(distill_data.vocab_map(lm.cfg.vocab_size, vocab_ids))
     tx, schedule = make_optimizer(t)
     state = {"params": trainable, "opt": tx.init(trainable)}
 
@@ -186,7 +186,7 @@ def train_exit(
     n_select = select_count(data, val)
 
     def validate(done, exit_trainable):
-        m = distill.data_metrics(lm.cfg, lm.params, {**static, **exit_trainable}, val, int(t.seq_len),
+        m = losses.data_metrics(lm.cfg, lm.params, {**static, **exit_trainable}, val, int(t.seq_len),
                                  int(t.batch_size), int(t.seq_bucket), n_select)  # fmt: skip
         rec = {"step": done, **{f"val_{k}": v for k, v in m.items()}}
         bar.write(f"step {done:>6}  validation: kl {m['kl']:.4f}  top1 {m['top1']:.3f}")
@@ -208,10 +208,10 @@ def train_exit(
         for step in range(start, end):
             idx = batch_indices(data.n_seq, int(t.batch_size), int(t.seed), step)
             rounds = np.random.default_rng([int(t.seed), step])  # Resume-exact, like the batch order.
-            batch = distill.make_batch(data, idx, int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select,
+            batch = losses.make_batch(data, idx, int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select,
                                        rounds, int(t.max_round))  # fmt: skip
             n_tokens += batch.weights.shape[0] * batch.weights.shape[1]
-            state, m = train_step(lm.cfg, tx, head_vd, static, state, vmap, distill.to_device(batch),
+            state, m = train_step(lm.cfg, tx, head_vd, static, state, vmap, losses.to_device(batch),
                                   float(t.kl_weight), float(t.ce_weight))  # fmt: skip
             acc.append(m)
             done = step + 1
@@ -259,7 +259,7 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     """Data -> training -> export for one config. Returns the exported exit's path (None if stopped early).
 
     lm: the teacher, if already loaded (an LM, loading.LoadedModel or cli.Session);
-    default: distill.load_lm(config.model). stop_at: see train_exit. With config.exit.joint_layers,
+    default: teacher.load_lm(config.model). stop_at: see train_exit. With config.exit.joint_layers,
     exits at those N too (run_joint); the path returned is still exit.layer's.
     """
     workdir = pathlib.Path(workdir)
@@ -270,7 +270,7 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     (workdir / "config.json").write_text(json.dumps(_jsonable(config.to_dict()), indent=1))
     seconds = {}
     t0 = time.perf_counter()
-    lm = distill.load_lm(config.model) if lm is None else distill.as_lm(lm)
+    lm = teacher.load_lm(config.model) if lm is None else teacher.as_lm(lm)
     exit_cfg = exit_config(config)
     exit_cfg.validate(lm.cfg)
     lm.params = jax.tree.map(jnp.asarray, lm.params)
@@ -280,10 +280,10 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     t = config.train
     if config.data.text.corpus:  # Checked before the responses, which may take hours to make.
         text_dir = pathlib.Path(config.data.text.dir) if config.data.text.dir else workdir / "text_data"
-        prepare_text = distill.plan_text_data(lm, config, text_dir)
+        prepare_text = distill_data.plan_text_data(lm, config, text_dir)
     data_dir = pathlib.Path(config.data.dir) if config.data.dir else workdir / "data"
-    manifest = distill.prepare_data(lm, config, data_dir, progress)
-    all_data = distill.load_data(data_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer)
+    manifest = distill_data.prepare_data(lm, config, data_dir, progress)
+    all_data = distill_data.load_data(data_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer)
     data, val = all_data.split(int(t.val_every_prompt))
     data = data.take_tokens(int(config.data.response_tokens), int(config.data.seed))
     data_spec, data_info = (
@@ -292,20 +292,20 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     )
     if config.data.text.corpus:
         text_manifest = prepare_text(progress)
-        text = distill.load_data(text_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer)
+        text = distill_data.load_data(text_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer)
         text = text.take_tokens(int(config.data.text.max_tokens), int(config.data.seed))
-        data = text if config.data.text.only else distill.Data.concat([data, text])
+        data = text if config.data.text.only else distill_data.Data.concat([data, text])
         data_spec = data_spec | {"text": text_manifest["spec"]}  # Checkpoints resume only on the same text.
         data_info["text"] = {k: text_manifest[k] for k in ("spec", "counts", "seconds")}
-    vocab_ids = (distill.choose_draft_vocab(data, exit_cfg.draft_vocab, lm.eos_ids) if exit_cfg.draft_vocab
+    vocab_ids = (distill_data.choose_draft_vocab(data, exit_cfg.draft_vocab, lm.eos_ids) if exit_cfg.draft_vocab
                  else None)  # fmt: skip
     seconds["data"] = round(time.perf_counter() - t0, 2)
 
     def metrics(exit_params):
         args = (int(t.seq_len), int(t.batch_size), int(t.seq_bucket), select_count(data, val))
-        out = {"train": distill.data_metrics(lm.cfg, lm.params, exit_params, data, *args)}
+        out = {"train": losses.data_metrics(lm.cfg, lm.params, exit_params, data, *args)}
         if val is not None:
-            out["val"] = distill.data_metrics(lm.cfg, lm.params, exit_params, val, *args)
+            out["val"] = losses.data_metrics(lm.cfg, lm.params, exit_params, val, *args)
         return out
 
     t0 = time.perf_counter()
@@ -347,7 +347,7 @@ def run_joint(config, workdir, lm: LM | None = None, progress: bool = True, stop
     """
     workdir = pathlib.Path(workdir)
     layers = list(dict.fromkeys([int(config.exit.layer), *map(int, config.exit.joint_layers)]))
-    lm = distill.load_lm(config.model) if lm is None else distill.as_lm(lm)
+    lm = teacher.load_lm(config.model) if lm is None else teacher.as_lm(lm)
     for n in layers:  # Every N is checked before any data is made.
         dataclasses.replace(exit_config(config), layer=n).validate(lm.cfg)
     paths = {}
@@ -394,7 +394,7 @@ def eval_exit(
         cfg, params, fingerprint = lm
         lm_obj, eos = None, tuple(eos_ids or ())
     else:
-        lm_obj = distill.as_lm(lm)
+        lm_obj = teacher.as_lm(lm)
         cfg, params, fingerprint = lm_obj.cfg, lm_obj.params, lm_obj.fingerprint
         eos = tuple(lm_obj.eos_ids if eos_ids is None else eos_ids)
     exit_cfg, exit_params = exits.load_exit(exit_path, cfg, fingerprint)
@@ -407,7 +407,7 @@ def eval_exit(
     seen: set = set()
     rows, ar_time, es_time, new_ar, new_es = [], 0.0, 0.0, 0, 0
     totals = {"rounds": 0, "drafted": 0, "accepted": 0}
-    bar = distill._tqdm(progress, total=len(ids), desc="eval-exit", unit="prompt")
+    bar = teacher.progress_bar(progress, total=len(ids), desc="eval-exit", unit="prompt")
     for p in ids:
         run_ar = lambda p=p: generate.generate_ar(cfg, params, [p], max_new_tokens, eos_ids=eos)
         run_es = lambda p=p: generate.generate_eesd(
@@ -448,10 +448,10 @@ def eval_exit(
         mask[offsets[k] + len(p) - 1 : offsets[k + 1] - 1] = True
     tmp_lm = LM(cfg, params, fingerprint, cfg.name, None, eos)
     c = exit_cfg.context_layer
-    hidden, _, _ = distill.run_teacher(tmp_lm, tokens, offsets, [exit_cfg.layer, c] if c else [exit_cfg.layer], 0,
+    hidden, _, _ = teacher.run_teacher(tmp_lm, tokens, offsets, [exit_cfg.layer, c] if c else [exit_cfg.layer], 0,
                                        progress=False)  # fmt: skip
     nxt = np.roll(tokens, -1)[:, None]
-    data = distill.Data(
+    data = distill_data.Data(
         tokens,
         offsets,
         np.array([len(p) for p in ids], np.int32),
@@ -463,7 +463,7 @@ def eval_exit(
         np.zeros(cfg.vocab_size),
         context=hidden[c] if c else None,
     )
-    agreement = distill.data_metrics(cfg, params, exit_params, data, seq_len=cfg.max_seq_len)
+    agreement = losses.data_metrics(cfg, params, exit_params, data, seq_len=cfg.max_seq_len)
 
     stats = generate.speculation_stats(totals["rounds"], totals["drafted"], totals["accepted"])
     ar_tps, es_tps = new_ar / max(ar_time, 1e-9), new_es / max(es_time, 1e-9)
@@ -497,10 +497,10 @@ def eval_exit(
 
 def run_eval(config, exit_path, lm=None, progress: bool = True, out: str | pathlib.Path | None = None) -> dict:
     """eval_exit on config.eval's prompt sets (held-out by default); optionally writes JSON."""
-    lm = distill.load_lm(config.model) if lm is None else distill.as_lm(lm)
+    lm = teacher.load_lm(config.model) if lm is None else teacher.as_lm(lm)
     lm.params = jax.tree.map(jnp.asarray, lm.params)
     e = config.eval
-    plist = distill.prompt_list(e.sets, int(e.n_per_set))
+    plist = distill_data.prompt_list(e.sets, int(e.n_per_set))
     result = eval_exit(lm, exit_path, plist, int(e.max_new_tokens), int(e.max_draft), str(e.controller),
                                max_prompt_tokens=int(config.data.max_prompt_tokens), progress=progress)  # fmt: skip
     result["sets"] = list(e.sets)

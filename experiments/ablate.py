@@ -50,7 +50,7 @@ import tempfile
 import ml_collections
 import numpy as np
 
-from eesd_jax import bench, control, distill, eesd, exits, provenance, shipped, train
+from eesd_jax import bench, control, distill_data, eesd, exits, provenance, shipped, teacher, train
 from eesd_jax.configs import apply_overrides, load_config
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -77,7 +77,7 @@ def study_config(model_config: str) -> ml_collections.ConfigDict:
     c.repeats = 1  # Runs per prompt and mode (median).
     c.seed = 0
     c.policies = ml_collections.ConfigDict({"kinds": control.KINDS})
-    c.policies.tune_n = 2 if tiny else 8  # Tuning prompts (distill.validation_prompts).
+    c.policies.tune_n = 2 if tiny else 8  # Tuning prompts (distill_data.validation_prompts).
     # Knob settings tried per policy ("knob=value"); a policy without an entry runs at its defaults.
     c.policies.grid = ml_collections.ConfigDict({
         "confidence": ("threshold=0.3", "threshold=0.4", "threshold=0.5", "threshold=0.6", "threshold=0.7"),
@@ -132,7 +132,7 @@ def merge(c: ml_collections.ConfigDict, knobs, where: str = "") -> ml_collection
 
 @dataclasses.dataclass
 class Setup:
-    lm: distill.LM  # params in bench.decode_layout.
+    lm: teacher.LM  # params in bench.decode_layout.
     exit_cfg: exits.ExitConfig  # The trained exit's.
     exit_params: dict
     exit_name: str
@@ -227,7 +227,7 @@ def policies(s: Setup) -> dict:
         if s.rows_file:
             with s.rows_file.open("a") as f:
                 f.write(json.dumps({"key": key(kind), "row": rows[-1]}) + "\n")
-    return {"rows": rows, "tuned_on": f"{len(s.tune_ids)} tuning prompts (distill.validation_prompts)"}
+    return {"rows": rows, "tuned_on": f"{len(s.tune_ids)} tuning prompts (distill_data.validation_prompts)"}
 
 
 def components(s: Setup) -> dict:
@@ -345,7 +345,7 @@ def plot(study: str, rows: list[dict], path: pathlib.Path) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
-def trained_exit(config, lm: distill.LM, path: str | None, workdir: str) -> tuple[exits.ExitConfig, dict, str, str]:
+def trained_exit(config, lm: teacher.LM, path: str | None, workdir: str) -> tuple[exits.ExitConfig, dict, str, str]:
     """(exit config, params, name, path): --exit, else the shipped exit, else one distilled now (tiny: seconds)."""
     if path is None and (path := shipped.default_exit(lm)) is None:
         path = str(train.run_distill(config, workdir, lm=lm, progress=False))
@@ -381,14 +381,14 @@ def main(argv=None) -> dict:
                       ("repeats", "repeats")):  # fmt: skip
         if getattr(args, flag) is not None:
             c[key] = getattr(args, flag)
-    lm = distill.load_lm(config.model)
+    lm = teacher.load_lm(config.model)
     with tempfile.TemporaryDirectory() as workdir:
         exit_cfg, exit_params, exit_name, exit_path = trained_exit(config, lm, args.exit, workdir)
     lm.params = bench.decode_layout(lm.params)
-    prompts = distill.prompt_list(("chat:heldout", "humaneval:heldout"), c.n_per_set)
+    prompts = distill_data.prompt_list(("chat:heldout", "humaneval:heldout"), c.n_per_set)
     ids, tune_ids = (
         [lm.encode(p)[-c.max_prompt_tokens :] for p in ps]
-        for ps in (prompts, distill.validation_prompts(config, c.policies.tune_n))
+        for ps in (prompts, distill_data.validation_prompts(config, c.policies.tune_n))
     )
     out = pathlib.Path(args.out or RESULTS / args.study / args.config.split(":")[0])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from eesd_jax import configs, distill, exits, provenance, train
+from eesd_jax import configs, distill_data, exits, losses, provenance, teacher, train
 
 # name -> smollm2 config overrides (configs.apply_overrides syntax).
 VARIANTS = {
@@ -53,14 +53,14 @@ def variant_overrides(spec: str) -> tuple[str, str]:
 def validation(lm, exit_path: pathlib.Path, data_dir: str, val_every: int):
     """(exit config, exit params, validation Data) of an exit on the shared data's validation prompts."""
     exit_cfg, params = exits.load_exit(exit_path, lm.cfg, lm.fingerprint)
-    data = distill.load_data(data_dir, exit_cfg.layer, context_layer=exit_cfg.context_layer)
+    data = distill_data.load_data(data_dir, exit_cfg.layer, context_layer=exit_cfg.context_layer)
     _, val = data.split(val_every)
     if val is None:
         raise SystemExit("measuring needs validation prompts: set train.val_every_prompt > 0")
     return exit_cfg, params, val
 
 
-def draft_vocab_coverage(exit_params, val: distill.Data) -> float | None:
+def draft_vocab_coverage(exit_params, val: distill_data.Data) -> float | None:
     """Share of validation positions whose LLM top-1 is in the exit's draft vocabulary: the ceiling of
     its first-draft top-1 (None for a full-vocabulary head)."""
     if "vocab" not in exit_params:
@@ -71,8 +71,8 @@ def draft_vocab_coverage(exit_params, val: distill.Data) -> float | None:
 def measure(lm, exit_path: pathlib.Path, data_dir: str, val_every: int, round_len: int) -> dict:
     """Validation figures of one exit: first-draft top-1, top-1 by draft position, draft-vocabulary coverage."""
     exit_cfg, params, val = validation(lm, exit_path, data_dir, val_every)
-    first = distill.data_metrics(lm.cfg, lm.params, params, val)
-    by_pos = distill.data_metrics(lm.cfg, lm.params, params, val, round_len=round_len)
+    first = losses.data_metrics(lm.cfg, lm.params, params, val)
+    by_pos = losses.data_metrics(lm.cfg, lm.params, params, val, round_len=round_len)
     return {
         "exit": str(exit_path),
         "N": exit_cfg.layer,
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         if spec and args.overrides:
             spec += f",{args.overrides}"
         config = configs.load_config(spec) if spec else None
-        lm = lm or distill.load_lm(base.model)
+        lm = lm or teacher.load_lm(base.model)
         row = {"spec": spec}
         if config is not None:
             workdir = pathlib.Path(args.workdir) / name
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         if row.get("spec") and "data_ms_per_position" not in row and (run_dir / "run.json").is_file():
             row |= trained(run_dir, configs.load_config(row["spec"]))
         if "val_draft_vocab_coverage" not in row and pathlib.Path(row.get("exit", "")).is_file():
-            lm = lm or distill.load_lm(base.model)
+            lm = lm or teacher.load_lm(base.model)
             val_every = int((configs.load_config(row["spec"]) if row.get("spec") else base).train.val_every_prompt)
             _, params, val = validation(lm, pathlib.Path(row["exit"]), args.data_dir, val_every)
             row["val_draft_vocab_coverage"] = draft_vocab_coverage(params, val)

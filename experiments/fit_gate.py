@@ -3,7 +3,7 @@
   python experiments/fit_gate.py                  # the bundled model's default exit (minutes on CPU)
   python experiments/fit_gate.py --config tiny --exit EXIT.safetensors
 
-The exit's distillation-validation prompts (distill.validation_prompts: never trained on,
+The exit's distillation-validation prompts (distill_data.validation_prompts: never trained on,
 disjoint from every held-out set) are decoded with EESD as the engine runs it, greedy, with
 `fixed` K so that every draft position 1..K gets judged, each round recorded
 (EESDConfig.trace). Every draft whose round prefix still stood is one sample: the exit's
@@ -24,7 +24,7 @@ import pathlib
 
 import numpy as np
 
-from eesd_jax import bench, control, distill, eesd, exits, generate, outcomes, provenance, shipped
+from eesd_jax import bench, control, distill_data, eesd, exits, generate, outcomes, provenance, shipped, teacher
 from eesd_jax.configs import load_config
 from eesd_jax.policies import gate
 
@@ -83,13 +83,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", help="results JSON (default results/fit_gate/CONFIG.json)")
     args = ap.parse_args(argv)
     config = load_config(args.config)
-    lm = distill.load_lm(config.model)
+    lm = teacher.load_lm(config.model)
     exit_path = args.exit or shipped.default_exit(lm)
     if exit_path is None:
         raise SystemExit(f"no exit: pass --exit (nothing is shipped for {lm.name})")
     exits.load_exit(exit_path, lm.cfg, lm.fingerprint)  # A wrong exit fails here, before any decoding.
     lm.params = bench.decode_layout(lm.params)
-    prompt_list = distill.validation_prompts(config, args.n)
+    prompt_list = distill_data.validation_prompts(config, args.n)
     if len(prompt_list) < 2:
         raise SystemExit(f"{args.config} holds out {len(prompt_list)} prompt(s): fitting and checking need 2")
     K = args.max_draft
@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
         "base rate": scores(np.full(int(check.sum()), base_rate), y[check]),
     }
     fitted_on = {
-        "prompts": f"the even-numbered of {len(prompt_list)} distill.validation_prompts({args.config!r}); odd: check",
+        "prompts": f"the even-numbered of {len(prompt_list)} distill_data.validation_prompts({args.config!r}); odd: check",
         "samples": int(fit_rows.sum()),
         "check_samples": int(check.sum()),
         "decoding": {"controller": "fixed", "max_draft": K, "max_new_tokens": args.max_new_tokens, "greedy": True},

@@ -87,15 +87,15 @@ def test_policies_are_tuned_on_the_tuning_prompts_then_benched_held_out(ablate, 
     for r in rows.values():
         best = max(r["trials"], key=lambda t: t["speedup"])
         assert r["tuned"] == best["controller"] and r["tune_speedup"] == best["speedup"]
-    tuning = ablate.distill.validation_prompts(configs.load_config("tiny"), 2)
-    held_out = ablate.distill.prompt_list(("chat:heldout", "humaneval:heldout"), 1)
+    tuning = ablate.distill_data.validation_prompts(configs.load_config("tiny"), 2)
+    held_out = ablate.distill_data.prompt_list(("chat:heldout", "humaneval:heldout"), 1)
     assert len(tuning) == 2 and not {p.text for p in tuning} & {p.text for p in held_out}
 
 
 def test_tuning_prompts_are_the_exits_validation_prompts(ablate):
     config = configs.load_config("smollm2")
-    train_prompts = ablate.distill.prompt_list(config.data.sets)
-    tuning = ablate.distill.validation_prompts(config, 8)
+    train_prompts = ablate.distill_data.prompt_list(config.data.sets)
+    tuning = ablate.distill_data.validation_prompts(config, 8)
     every = config.train.val_every_prompt
     positions = [train_prompts.index(p) for p in tuning]
     assert len(tuning) == 8 and all(i % every == every - 1 for i in positions)

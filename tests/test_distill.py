@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eesd_jax import configs, distill, exits, model, train
+from eesd_jax import configs, distill_data, exits, losses, model, teacher, train
 from eesd_jax.kv_cache import init_cache
 
 
@@ -31,7 +31,7 @@ def tiny_config(**overrides):
 
 @pytest.fixture(scope="module")
 def lm():
-    return distill.load_lm(configs.load_config("tiny").model)
+    return teacher.load_lm(configs.load_config("tiny").model)
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +49,14 @@ def load(path, lm, layer=None):
 
 def test_data_is_deterministic_for_a_seed(run, lm, tmp_path):
     config, _, _ = run
-    again = distill.generate_data(lm, config.data, tmp_path / "again", progress=False)
-    first = distill.load_npz(f"{config.data.dir}/sequences.npz")
-    second = distill.load_npz(tmp_path / "again" / "sequences.npz")
+    again = distill_data.generate_data(lm, config.data, tmp_path / "again", progress=False)
+    first = distill_data.load_npz(f"{config.data.dir}/sequences.npz")
+    second = distill_data.load_npz(tmp_path / "again" / "sequences.npz")
     assert first.keys() == second.keys()
     for key in first:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
 
-    manifest = distill.read_manifest(config.data.dir)
+    manifest = distill_data.read_manifest(config.data.dir)
     assert manifest == {**again, "created": manifest["created"], "seconds": manifest["seconds"],
                         "teacher": manifest["teacher"], "hidden_layers": manifest["hidden_layers"]}  # fmt: skip
     assert manifest["model"]["fingerprint"] == lm.fingerprint
@@ -64,16 +64,16 @@ def test_data_is_deterministic_for_a_seed(run, lm, tmp_path):
     assert manifest["hidden_layers"] == [1, 2]  # exit.layer plus data.feature_layers in one pass.
 
     config.data.seed = 1
-    other = distill.generate_data(lm, config.data, tmp_path / "other", progress=False)
-    assert not np.array_equal(distill.load_npz(tmp_path / "other" / "sequences.npz")["tokens"][: len(first["tokens"])],
+    other = distill_data.generate_data(lm, config.data, tmp_path / "other", progress=False)
+    assert not np.array_equal(distill_data.load_npz(tmp_path / "other" / "sequences.npz")["tokens"][: len(first["tokens"])],
                               first["tokens"][: other["counts"]["tokens"]])  # fmt: skip
     config.data.seed = 0
 
 
 def test_stored_data_layout(run, lm):
     config, _, _ = run
-    data = distill.load_data(config.data.dir, 1)
-    seq = distill.load_npz(f"{config.data.dir}/sequences.npz")
+    data = distill_data.load_data(config.data.dir, 1)
+    seq = distill_data.load_npz(f"{config.data.dir}/sequences.npz")
     lengths = np.diff(data.offsets)
     assert len(data.tokens) == data.offsets[-1] == lengths.sum()
     assert data.hidden.shape == (len(data.tokens), lm.cfg.d_model)
@@ -106,20 +106,20 @@ def test_stored_data_layout(run, lm):
 
 def test_draft_vocab(run, lm):
     config, _, _ = run
-    data = distill.load_data(config.data.dir, 1)
-    ids = distill.choose_draft_vocab(data, 48, lm.eos_ids)
+    data = distill_data.load_data(config.data.dir, 1)
+    ids = distill_data.choose_draft_vocab(data, 48, lm.eos_ids)
     assert len(ids) == len(set(ids.tolist())) == 48 and list(ids) == sorted(ids)
     assert set(lm.eos_ids) <= set(ids.tolist())
     top = np.argsort(-data.top1_counts, kind="stable")
     n_seen = int((data.top1_counts > 0).sum())
     assert set(top[: min(n_seen, 40)].tolist()) <= set(ids.tolist())
-    vmap = distill.vocab_map(lm.cfg.vocab_size, ids)
+    vmap = distill_data.vocab_map(lm.cfg.vocab_size, ids)
     assert (vmap[ids] == np.arange(48)).all() and (vmap >= 0).sum() == 48
 
 
 def test_validation_split_by_prompt(run):
     config, _, _ = run
-    data = distill.load_data(config.data.dir, 1)
+    data = distill_data.load_data(config.data.dir, 1)
     train_part, val = data.split(3)
     assert set(val.prompt_index % 3) == {2} and 2 not in set(train_part.prompt_index % 3)
     assert train_part.n_seq + val.n_seq == data.n_seq and len(train_part.tokens) + len(val.tokens) == len(data.tokens)
@@ -136,7 +136,7 @@ def test_train_logits_equal_exit_logits(run, lm):
     _, _, path = run
     exit_cfg, params = load(path, lm)
     h = jax.random.normal(jax.random.key(1), (2, 9, lm.cfg.d_model))
-    ours = jax.jit(distill.exit_train_logits, static_argnums=0)(lm.cfg, distill.frozen_head(lm.params, params),
+    ours = jax.jit(losses.exit_train_logits, static_argnums=0)(lm.cfg, losses.frozen_head(lm.params, params),
                                                                 params, h)  # fmt: skip
     cache = init_cache(1, 2, 16, lm.cfg.n_kv_heads, lm.cfg.head_dim)
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
@@ -145,7 +145,7 @@ def test_train_logits_equal_exit_logits(run, lm):
     outside = np.setdiff1d(np.arange(lm.cfg.vocab_size), np.asarray(params["vocab"]))
     assert np.isneginf(np.asarray(full)[..., outside]).all()
     select = jnp.asarray([[8, 0, 3], [2, 2, 5]])
-    picked = jax.jit(distill.exit_train_logits, static_argnums=0)(lm.cfg, params["head"], params, h, select)
+    picked = jax.jit(losses.exit_train_logits, static_argnums=0)(lm.cfg, params["head"], params, h, select)
     np.testing.assert_allclose(
         np.asarray(picked), np.take_along_axis(np.asarray(ours), select[..., None], 1), atol=1e-6
     )
@@ -154,17 +154,17 @@ def test_train_logits_equal_exit_logits(run, lm):
 def test_selecting_response_positions_changes_nothing(run, lm):
     """The head and loss on response positions only (n_select) give the same metrics as on all positions."""
     config, _, path = run
-    data = distill.load_data(config.data.dir, 1)
+    data = distill_data.load_data(config.data.dir, 1)
     _, params = load(path, lm)
-    assert distill.max_train_positions(data) == max(int(m.sum()) for m in np.split(data.mask, data.offsets[1:-1]))
+    assert losses.max_train_positions(data) == max(int(m.sum()) for m in np.split(data.mask, data.offsets[1:-1]))
     n_select = train.select_count(data)  # As in training (and the shape compiled there).
-    vmap = jnp.asarray(distill.vocab_map(lm.cfg.vocab_size, np.asarray(params["vocab"])))
+    vmap = jnp.asarray(distill_data.vocab_map(lm.cfg.vocab_size, np.asarray(params["vocab"])))
     idx = [0, 5, 7, 11]
-    full = distill.make_batch(data, idx, 48, 48)
-    sel = distill.make_batch(data, idx, 48, 48, n_select=n_select)
+    full = losses.make_batch(data, idx, 48, 48)
+    sel = losses.make_batch(data, idx, 48, 48, n_select=n_select)
     assert sel.select.shape == (4, n_select) and full.select.shape == (4, 48)
-    m_full, _ = distill._eval_batch(lm.cfg, lm.params, params, vmap, distill.to_device(full))
-    m_sel, _ = distill._eval_batch(lm.cfg, lm.params, params, vmap, distill.to_device(sel))
+    m_full, _ = losses._eval_batch(lm.cfg, lm.params, params, vmap, losses.to_device(full))
+    m_sel, _ = losses._eval_batch(lm.cfg, lm.params, params, vmap, losses.to_device(sel))
     for key in ("kl", "ce", "top1", "n"):
         np.testing.assert_allclose(float(m_full[key]), float(m_sel[key]), rtol=1e-5, err_msg=key)
 
@@ -213,7 +213,7 @@ def test_exit_for_another_base_model_or_layer_is_refused(run, lm):
     with pytest.raises(ValueError, match="not 2"):
         load(path, lm, layer=2)
     spec = dict(configs.load_config("tiny").model.tiny)
-    other = distill.tiny_lm({**spec, "init_seed": 1})
+    other = teacher.tiny_lm({**spec, "init_seed": 1})
     assert other.fingerprint != lm.fingerprint
     with pytest.raises(ValueError, match="trained for base model"):
         exits.load_exit(path, other.cfg, other.fingerprint)
@@ -222,9 +222,9 @@ def test_exit_for_another_base_model_or_layer_is_refused(run, lm):
 def test_data_of_another_model_is_not_reused(run, tmp_path):
     config, _, _ = run
     spec = dict(config.model.tiny)
-    other = distill.tiny_lm({**spec, "init_seed": 1})
+    other = teacher.tiny_lm({**spec, "init_seed": 1})
     with pytest.raises(ValueError, match="made differently"):
-        distill.prepare_data(other, config, config.data.dir, progress=False)
+        distill_data.prepare_data(other, config, config.data.dir, progress=False)
 
 
 def test_loss_variants_shared_head_ce_prompt_positions(run, lm, tmp_path):
@@ -232,7 +232,7 @@ def test_loss_variants_shared_head_ce_prompt_positions(run, lm, tmp_path):
     config, _, _ = run
     c = tiny_config(**{"data.dir": config.data.dir, "exit.draft_vocab": 0, "train.ce_weight": 0.5,
                        "train.prompt_weight": 0.5, "train.steps": 4, "train.log_every": 2, "train.val_every": 4})  # fmt: skip
-    data, val = distill.load_data(config.data.dir, 1).split(3)
+    data, val = distill_data.load_data(config.data.dir, 1).split(3)
     params, summary = train.train_exit(c, lm, data, tmp_path, progress=False, val=val)
     assert summary["finished"] and set(params) == {"block", "norm"}
     rec = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -245,7 +245,7 @@ def test_loss_variants_shared_head_ce_prompt_positions(run, lm, tmp_path):
 
 def test_eval_exit_reports_lossless_speculation(run, lm):
     config, _, path = run
-    plist = distill.prompt_list(config.eval.sets, 1)
+    plist = distill_data.prompt_list(config.eval.sets, 1)
     r = train.eval_exit(lm, path, plist, max_new_tokens=12, max_draft=1, controller="fixed", warmup=False,
                           max_prompt_tokens=config.data.max_prompt_tokens, progress=False)  # fmt: skip
     assert r["identical"] and r["n_identical"] == r["prompts"] == 2
@@ -255,18 +255,18 @@ def test_eval_exit_reports_lossless_speculation(run, lm):
 
 def test_round_starts_tile_the_response_into_draft_rounds():
     n, first = 20, 6
-    assert distill.round_starts(n, first, None).tolist() == list(range(n))
-    fixed = distill.round_starts(n, first, 4)
+    assert losses.round_starts(n, first, None).tolist() == list(range(n))
+    fixed = losses.round_starts(n, first, 4)
     assert fixed[:first].tolist() == list(range(first))  # The prompt is verified context.
     assert fixed[first:].tolist() == [6] * 4 + [10] * 4 + [14] * 4 + [18] * 2
     rng = np.random.default_rng(0)
     for _ in range(20):
-        starts = distill.round_starts(n, first, rng, max_round=3)
+        starts = losses.round_starts(n, first, rng, max_round=3)
         t = np.arange(n)
         assert (starts <= t).all() and (np.diff(starts) >= 0).all() and (t - starts < 3).all()
         assert starts[first] == first and (starts[:first] == t[:first]).all()
         assert set(t[first:] - starts[first:]) <= {0, 1, 2}
-    lengths = np.diff(np.flatnonzero(np.diff(distill.round_starts(10_000, 0, rng, max_round=4)) > 0))
+    lengths = np.diff(np.flatnonzero(np.diff(losses.round_starts(10_000, 0, rng, max_round=4)) > 0))
     assert set(lengths) == {1, 2, 3, 4}  # Every round length up to max_round occurs.
 
 
@@ -282,15 +282,15 @@ def test_context_exit_distills_and_decodes_losslessly(run, lm, tmp_path):
     assert after["kl"] < 0.7 * before["kl"] and after["top1"] > before["top1"] + 0.1
 
     # Per draft position, on rounds of 3: position 1 is the plain first-draft figure.
-    data = distill.load_data(config.data.dir, 1, context_layer=2)
-    m = distill.data_metrics(lm.cfg, lm.params, params, data, 48, 4, 48, round_len=3)
-    first = distill.data_metrics(lm.cfg, lm.params, params, data, 48, 4, 48)
+    data = distill_data.load_data(config.data.dir, 1, context_layer=2)
+    m = losses.data_metrics(lm.cfg, lm.params, params, data, 48, 4, 48, round_len=3)
+    first = losses.data_metrics(lm.cfg, lm.params, params, data, 48, 4, 48)
     assert len(m["top1_by_draft_position"]) == 3 and m["positions"] == first["positions"]
     # Without its context the same exit drafts worse: the context carries information.
-    blind = distill.Data(**{**data.__dict__, "context": data.hidden})
-    assert distill.data_metrics(lm.cfg, lm.params, params, blind, 48, 4, 48)["top1"] < first["top1"]
+    blind = distill_data.Data(**{**data.__dict__, "context": data.hidden})
+    assert losses.data_metrics(lm.cfg, lm.params, params, blind, 48, 4, 48)["top1"] < first["top1"]
 
-    plist = distill.prompt_list(config.eval.sets, 1)
+    plist = distill_data.prompt_list(config.eval.sets, 1)
     r = train.eval_exit(lm, path, plist, max_new_tokens=12, max_draft=2, controller="fixed", warmup=False,
                         max_prompt_tokens=config.data.max_prompt_tokens, progress=False)  # fmt: skip
     assert r["identical"] and r["eesd_tokens"] > 0 and r["alpha"] > 0
@@ -298,7 +298,7 @@ def test_context_exit_distills_and_decodes_losslessly(run, lm, tmp_path):
 
 def test_take_tokens_and_concat(run):
     config, _, _ = run
-    data = distill.load_data(config.data.dir, 1)
+    data = distill_data.load_data(config.data.dir, 1)
     per_seq = np.add.reduceat(data.mask, data.offsets[:-1])
     some = data.take_tokens(150, seed=0)
     assert some.mask.sum() <= 150 < some.mask.sum() + per_seq.max()  # Filled up to one sequence short.
@@ -307,7 +307,7 @@ def test_take_tokens_and_concat(run):
     with pytest.raises(ValueError, match="no whole sequence"):
         data.take_tokens(1, seed=0)
 
-    both = distill.Data.concat([some, data])
+    both = distill_data.Data.concat([some, data])
     assert both.n_seq == some.n_seq + data.n_seq and both.prompt_index is None
     back = both.subset(range(some.n_seq, both.n_seq))
     for field in ("tokens", "offsets", "mask", "hidden", "topk_logp", "topk_ids"):
@@ -328,7 +328,7 @@ def test_teacher_forced_text_trains_the_exit(run, lm, tmp_path):
                        "data.text.only": True})  # fmt: skip
     path = train.run_distill(c, tmp_path / "run", lm=lm, progress=False)
 
-    seq = distill.load_npz(tmp_path / "run" / "text_data" / "sequences.npz")
+    seq = distill_data.load_npz(tmp_path / "run" / "text_data" / "sequences.npz")
     want = []  # (document id, tokens) of each expected sequence, in corpus order.
     for name in ("a.md", "sub/b.txt"):
         ids = lm.tokenizer.encode((docs / name).read_text())
@@ -345,17 +345,17 @@ def test_teacher_forced_text_trains_the_exit(run, lm, tmp_path):
     assert json.loads(meta["extra"])["data"]["text"]["counts"]["train_positions"] == seq["mask"].sum()
 
     text_dir = tmp_path / "run" / "text_data"
-    made = distill.read_manifest(text_dir)
+    made = distill_data.read_manifest(text_dir)
     (docs / "a.md").write_text("# Changed\n" + "other text " * 40)
     with pytest.raises(ValueError, match=r"made differently \(corpus_sha256 differ\).*data.text.frozen"):
-        distill.prepare_text_data(lm, c, text_dir, progress=False)  # Another corpus in the same dir is refused.
+        distill_data.prepare_text_data(lm, c, text_dir, progress=False)  # Another corpus in the same dir is refused.
     # frozen: the data as made is used, whatever the corpus is now, and its manifest is left as it was.
     frozen = tiny_config(**{"data.text.corpus": str(docs), "data.text.seq_len": 40, "data.text.frozen": True})
-    assert distill.prepare_text_data(lm, frozen, text_dir, progress=False) == made
+    assert distill_data.prepare_text_data(lm, frozen, text_dir, progress=False) == made
     with pytest.raises(ValueError, match="another model or seq_len"):
-        distill.prepare_text_data(lm, tiny_config(**{"data.text.seq_len": 48, "data.text.frozen": True}), text_dir)
+        distill_data.prepare_text_data(lm, tiny_config(**{"data.text.seq_len": 48, "data.text.frozen": True}), text_dir)
     with pytest.raises(ValueError, match="holds no text data"):
-        distill.prepare_text_data(lm, frozen, tmp_path / "empty", progress=False)
+        distill_data.prepare_text_data(lm, frozen, tmp_path / "empty", progress=False)
 
 
 def test_a_bad_text_request_is_refused_before_any_data_is_made(lm, tmp_path):

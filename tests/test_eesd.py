@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eesd_jax import control, decoding, distill, eesd, exits, generate, model
+from eesd_jax import control, decoding, eesd, exits, generate, losses, model
 from eesd_jax.kv_cache import init_cache
 from eesd_jax.sampling import SamplingConfig
 
@@ -139,13 +139,13 @@ def test_context_exit_cache_holds_context_layer_keys_at_every_verified_position(
 
 def test_context_exit_drafts_what_training_computes(params):
     """Drafting at position t of a round that started at s (context-layer slots before s, layer-N slots
-    s..t, as the engine writes them) gives distill.exit_train_logits' logits for start[t] = s."""
+    s..t, as the engine writes them) gives losses.exit_train_logits' logits for start[t] = s."""
     N, C, T = 1, 3, 10
     ep = perturbed_exit(params, exits.ExitConfig(N, own_head=True, context_layer=C))
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (2, T)), jnp.int32)
     _, _, (h_n, h_c) = decoding.prefill(CFG, params, tokens, jnp.full((2,), T), T, eesd.split_params(params, N, C))
     starts = np.array([[0, 1, 1, 1, 4, 5, 5, 7, 7, 7], [0, 0, 2, 3, 4, 4, 4, 4, 8, 9]], np.int32)
-    train_logits = distill.exit_train_logits(CFG, ep["head"], ep, h_n, None, h_c, jnp.asarray(starts))
+    train_logits = losses.exit_train_logits(CFG, ep["head"], ep, h_n, None, h_c, jnp.asarray(starts))
     # First drafts (t = s) and drafts 2..4 of a round (e.g. row 1, t = 7: s = 4), with and without context.
     for b, t in [(0, 0), (0, 3), (0, 6), (0, 9), (1, 1), (1, 7), (1, 9)]:
         s = int(starts[b, t])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import load_experiment
 
-from eesd_jax import configs, control, distill, eesd, exits
+from eesd_jax import configs, control, eesd, exits, teacher
 from eesd_jax.policies import gate
 
 
@@ -43,7 +43,7 @@ def test_fitted_gate_ships_beside_the_exit_and_is_used_for_it(fit_gate, tiny_exi
     assert by_pos[0]["judged"] >= by_pos[1]["judged"] >= by_pos[2]["judged"]  # Each needs the one before kept.
     assert set(result["check"]) >= {"gate (fitted)", "base rate"} and result["provenance"]["versions"]["jax"]
     # The engine, given the exit, runs `gate` with these weights unless the spec gives its own.
-    lm = distill.load_lm(configs.load_config("tiny").model)
+    lm = teacher.load_lm(configs.load_config("tiny").model)
     exit_cfg, _ = exits.load_exit(exit_path, lm.cfg, lm.fingerprint)
     assert eesd.config_for_exit(exit_cfg, exit_path, 3, "gate").controller.gate_weights == weights
     assert eesd.config_for_exit(exit_cfg, exit_path, 3, "gate:gate_weights=1+0+0+0+0+0").controller == (

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eesd_jax import control, decoding, distill, eesd, exits, generate, model, outcomes
+from eesd_jax import control, decoding, eesd, exits, generate, losses, model, outcomes
 from eesd_jax.policies import gate
 
 CFG = model.ModelConfig(
@@ -45,7 +45,7 @@ def test_tracing_changes_nothing_else(setup):
 
 def test_every_judged_draft_matches_an_offline_replay(setup):
     """Each judged draft's recorded top probability and verdict are what the exit gives, teacher-forced
-    over the final sequence with its round's start (distill.exit_train_logits), against AR's token."""
+    over the final sequence with its round's start (losses.exit_train_logits), against AR's token."""
     params, ep, _, traced = setup
     t, rounds = traced.trace, traced.stats["per_row"]["rounds"]
     d = outcomes.drafts([t], [rounds])
@@ -62,7 +62,7 @@ def test_every_judged_draft_matches_an_offline_replay(setup):
             round_start[b, r] = pos
             starts[b, pos : pos + K + 1] = pos
             pos += int(t.n_accepted[b, r]) + 1
-    logits = distill.exit_train_logits(CFG, ep["head"], ep, h_n, None, h_c, jnp.asarray(starts))
+    logits = losses.exit_train_logits(CFG, ep["head"], ep, h_n, None, h_c, jnp.asarray(starts))
     q_btv = np.asarray(jax.nn.softmax(logits))
     vocab = np.asarray(ep["vocab"]) if "vocab" in ep else np.arange(CFG.vocab_size)
     checked = 0

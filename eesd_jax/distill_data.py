@@ -1,21 +1,20 @@
-"""Self-distillation data and losses for the early-exiting layer (docs/design.md, Self-distillation).
+"""Self-distillation data: making it, storing it, and the `Data` container training reads
+(docs/design.md, Self-distillation).
 
 Pipeline (train.run_distill drives it):
   1. `generate_data`: prompts from prompts.load_prompts sets, responses sampled from the
      LLM itself with generate.generate_ar (batched, jitted), stored compactly as
      DATA/sequences.npz (flat token ids + offsets, a mask of positions to train on)
      with DATA/manifest.json saying how it was made. Deterministic for a seed.
-  2. `teacher_pass`: one forward of the frozen LLM over each sequence, storing the
-     teacher's top-k log-probs and ids per position (DATA/teacher.npz) and the layer-N
-     hidden states for each N asked (DATA/hidden_N{n}.npz): the first N layers are
+     (`text_data` instead cuts a corpus into teacher-forced sequences.)
+  2. `teacher_pass`: one forward of the frozen LLM (teacher.run_teacher) over each sequence,
+     storing the teacher's top-k log-probs and ids per position (DATA/teacher.npz) and the
+     layer-N hidden states for each N asked (DATA/hidden_N{n}.npz): the first N layers are
      frozen, so the exit trains on these directly.
   3. `choose_draft_vocab`: the most frequent teacher top-1 tokens (EOS included).
-  4. `make_batch` / `distill_loss`: KL(teacher top-k || draft) (renormalized over top-k ∩
-     draft vocabulary) and / or CE on the sampled tokens, on whole sequences: the exit
-     block runs over every position (it attends over previous ones, as when drafting),
-     the head and the loss only on the selected (response) positions. `Data.split`
-     holds out whole prompts for validation.
-  (train.eval_exit then measures top-1 agreement, α and τ in real greedy EESD decoding.)
+`prepare_data` / `plan_text_data` reuse a data dir whose manifest matches and refuse one
+made differently. `Data.split` holds out whole prompts for validation. Batches and losses
+over `Data` are in losses.py.
 
 Position t of a sequence predicts token t+1; the positions trained on are those whose
 next token is a response token (t in [prompt_len - 1, length - 1)).
@@ -25,100 +24,18 @@ All arrays are plain numpy in .npz files (loaded with allow_pickle=False).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import json
 import pathlib
 import time
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import corpus, generate, model, prompts
-from eesd_jax.kv_cache import init_cache, round_up
-from eesd_jax.model import ModelConfig, Params
+from eesd_jax import corpus, generate, prompts
 from eesd_jax.sampling import SamplingConfig
+from eesd_jax.teacher import LM, progress_bar, run_teacher
 
 DATA_FORMAT = "eesd_jax.distill_data/1"
-
-
-def _tqdm(progress: bool, **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(disable=not progress, dynamic_ncols=True, **kw)
-
-
-# ----------------------------------------------------------------------------- the teacher LM
-
-
-class ByteTokenizer:
-    """A toy tokenizer for tiny random models: one id per UTF-8 byte (id 0 is left for EOS)."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def encode(self, text: str) -> list[int]:
-        return [1 + b % (self.vocab_size - 1) for b in text.encode("utf-8")]
-
-
-@dataclasses.dataclass
-class LM:
-    """The frozen teacher: model, params (jax arrays), identity, tokenizer, EOS ids."""
-
-    cfg: ModelConfig
-    params: Params
-    fingerprint: str
-    name: str
-    tokenizer: object  # transformers tokenizer or ByteTokenizer.
-    eos_ids: tuple[int, ...]
-
-    def encode(self, prompt: prompts.Prompt) -> list[int]:
-        if isinstance(self.tokenizer, ByteTokenizer):
-            return self.tokenizer.encode(prompt.text)
-        return prompts.encode(self.tokenizer, prompt.text, prompt.chat)
-
-
-def tiny_lm(spec) -> LM:
-    """A random LLaMA from a config.model.tiny section; fingerprint = hash of the spec."""
-    spec = dict(spec)
-    init_seed, scale, eos = spec.pop("init_seed"), spec.pop("init_scale"), spec.pop("eos_id")
-    cfg = ModelConfig(name="tiny-random", **spec)
-    # model.init_params' layout, drawn with numpy (compiling jax's RNG costs seconds on CPU).
-    rng = np.random.default_rng(init_seed)
-    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, s: jnp.ones(s.shape, s.dtype) if "norm" in jax.tree_util.keystr(path)
-        else jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype), shapes)  # fmt: skip
-    ident = json.dumps(
-        {"cfg": dataclasses.asdict(cfg), "seed": init_seed, "scale": scale, "init": "numpy/1"}, sort_keys=True
-    )
-    return LM(cfg, params, hashlib.sha256(ident.encode()).hexdigest(), cfg.name, ByteTokenizer(cfg.vocab_size), (eos,))
-
-
-def load_lm(model_cfg) -> LM:
-    """The teacher named by a config's `model` section ("tiny", "bundled", a folder or .gguf)."""
-    if model_cfg.source == "tiny":
-        return tiny_lm(model_cfg.tiny)
-    from eesd_jax import loading
-
-    lm = loading.load_model(None if model_cfg.source in ("bundled", "", None) else model_cfg.source)
-    return as_lm(lm)
-
-
-def as_lm(obj) -> LM:
-    """An LM from an LM, a loading.LoadedModel, or a cli.Session-like object (lm, params, tokenizer)."""
-    if isinstance(obj, LM):
-        return obj
-    if hasattr(obj, "lm") and hasattr(obj, "tokenizer"):  # cli.Session
-        tok = obj.tokenizer
-        params, loaded = obj.params, obj.lm
-    else:  # loading.LoadedModel
-        loaded, tok = obj, obj.tokenizer()
-        params = jax.tree.map(jnp.asarray, obj.params)
-    eos = () if tok.eos_token_id is None else (int(tok.eos_token_id),)
-    return LM(loaded.cfg, params, loaded.fingerprint, loaded.cfg.name, tok, eos)
 
 
 def prompt_list(sets: Sequence[str], n_per_set: int = 0) -> list[prompts.Prompt]:
@@ -174,7 +91,7 @@ def generate_data(lm: LM, data_cfg, data_dir, progress: bool = True) -> dict:
     sampling = SamplingConfig(temperature=data_cfg.temperature, top_p=data_cfg.top_p)
     responses: list[list[int]] = [[] for _ in jobs]
     t0 = time.perf_counter()
-    bar = _tqdm(progress, total=len(jobs), desc="generate", unit="seq")
+    bar = progress_bar(progress, total=len(jobs), desc="generate", unit="seq")
     for b, batch in enumerate(batches):
         gen = generate.generate_ar(
             lm.cfg, lm.params, [encoded[jobs[j][0]] for j in batch], data_cfg.max_new_tokens,
@@ -255,7 +172,7 @@ def text_data(lm: LM, text_cfg, docs: Sequence[corpus.Document], data_dir, progr
     data_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     seqs, doc_ids = [], []
-    for doc in _tqdm(progress, iterable=docs, desc="tokenize", unit="doc"):
+    for doc in progress_bar(progress, iterable=docs, desc="tokenize", unit="doc"):
         token_ids = lm.encode(prompts.Prompt(doc.id, doc.text, chat=False, heldout=False))
         for piece in corpus.chunk(token_ids, int(text_cfg.seq_len)):
             seqs.append(piece)
@@ -295,74 +212,6 @@ def load_npz(path) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- 2. teacher pass
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "starts", "top_k"))
-def _teacher_batch(cfg, params, segments, tokens_bt, starts, top_k):
-    """Hidden states after each segment's last layer; teacher top-k log-probs if top_k > 0."""
-    B, T = tokens_bt.shape
-    cache = init_cache(cfg.n_layers, B, T, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
-    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    x = model.embed(params, tokens_bt)
-    hiddens = []
-    for start, seg in zip(starts, segments):
-        x, cache = model.run_layers(cfg, seg, x, positions, cache, start)
-        hiddens.append(x)
-    if not top_k:
-        return hiddens, None, None
-    logp = jax.nn.log_softmax(model.lm_head(params, model.final_norm(params, cfg, x)), axis=-1)
-    values, ids = jax.lax.top_k(logp, top_k)
-    return hiddens[:-1], values, ids.astype(jnp.int32)
-
-
-def run_teacher(
-    lm: LM,
-    tokens: np.ndarray,
-    offsets: np.ndarray,
-    layers: Sequence[int],
-    top_k: int,
-    batch_size: int = 8,
-    progress: bool = True,
-    desc: str = "teacher",
-):
-    """One pass of the frozen LLM over every sequence.
-
-    Returns ({n: [total, D] hidden after layer n}, [total, k] top-k log-probs, [total, k] ids),
-    flat like `tokens`. With top_k = 0 only the first max(layers) layers run.
-    """
-    cfg = lm.cfg
-    layers = sorted(set(int(n) for n in layers))
-    if any(not 1 <= n < cfg.n_layers for n in layers):
-        raise ValueError(f"feature layers {layers} must be in [1, {cfg.n_layers})")
-    bounds = layers + ([cfg.n_layers] if top_k else [])
-    starts = tuple([0] + bounds[:-1])
-    segments = [jax.tree.map(lambda w, a=a, b=b: w[a:b], lm.params["layers"]) for a, b in zip(starts, bounds)]
-    lengths = np.diff(offsets)
-    total = int(offsets[-1])
-    hidden = {n: np.zeros((total, cfg.d_model), np.float32) for n in layers}
-    top_logp = np.zeros((total, top_k), np.float32)
-    top_ids = np.zeros((total, top_k), np.int32)
-    order = np.argsort(lengths, kind="stable")
-    bar = _tqdm(progress, total=len(order), desc=desc, unit="seq")
-    i = 0
-    while i < len(order):
-        T = round_up(int(lengths[order[min(i + batch_size, len(order)) - 1]]), 64)
-        rows = max(1, min(batch_size, 2048 // T))  # Bounds the memory of the [B, T, V] logits.
-        idx = order[i : i + rows]
-        tok = np.zeros((rows, T), np.int32)
-        for r, k in enumerate(idx):
-            tok[r, : lengths[k]] = tokens[offsets[k] : offsets[k + 1]]
-        hs, logp, ids = jax.device_get(_teacher_batch(cfg, lm.params, segments, jnp.asarray(tok), starts, top_k))
-        for r, k in enumerate(idx):
-            a, b, n = offsets[k], offsets[k + 1], lengths[k]
-            for layer, h in zip(layers, hs):
-                hidden[layer][a:b] = h[r, :n]
-            if top_k:
-                top_logp[a:b], top_ids[a:b] = logp[r, :n], ids[r, :n]
-        i += len(idx)
-        bar.update(len(idx))
-    bar.close()
-    return hidden, top_logp, top_ids
 
 
 def teacher_pass(
@@ -579,244 +428,3 @@ def vocab_map(vocab_size: int, vocab_ids: np.ndarray | None) -> np.ndarray:
     out = np.full(vocab_size, -1, np.int32)
     out[np.asarray(vocab_ids)] = np.arange(len(vocab_ids), dtype=np.int32)
     return out
-
-
-# ----------------------------------------------------------------------------- 4. batches and losses
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Batch:
-    """B sequences padded to T positions, of which R (`select`) carry a loss (R = T, or fewer:
-    the head and the loss then run on the response positions only, not on the prompt)."""
-
-    hidden: np.ndarray  # [B, T, D] layer-N hidden states.
-    select: np.ndarray  # [B, R] int32: positions (in T) the loss and metrics are taken at.
-    topk_logp: np.ndarray  # [B, R, k] teacher top-k log-probs there.
-    topk_ids: np.ndarray  # [B, R, k]
-    next_tokens: np.ndarray  # [B, R] the sampled token that follows (0 past the end).
-    weights: np.ndarray  # [B, R] loss weight: 1 response positions, prompt_weight prompt ones, 0 padding.
-    response: np.ndarray  # [B, R] bool: position predicts a response token (metrics).
-    start: np.ndarray  # [B, T] int32 the first position of the draft round each position belongs to.
-    context: np.ndarray | None = None  # [B, T, D] context-layer states (ExitConfig.context_layer), else None.
-
-
-Rounds = np.random.Generator | int | None  # How make_batch / round_starts tile a sequence into draft rounds.
-
-
-def round_starts(n: int, first: int, rounds: Rounds, max_round: int = 4) -> np.ndarray:
-    """[n] the first position of the simulated draft round each position belongs to.
-
-    Positions before `first` (the prompt) are verified context: each starts its own. From
-    `first` on, rounds tile the rest: None makes every position a round start (what the
-    first draft token of a round sees); an int k, rounds of exactly k (position j of a
-    round is draft token j + 1); a Generator, rounds of uniform random length 1..max_round
-    (training: every draft position, in proportion).
-    """
-    starts = np.arange(n)
-    if rounds is None:
-        return starts
-    t = max(first, 0)
-    while t < n:
-        length = rounds if isinstance(rounds, int) else int(rounds.integers(1, max_round + 1))
-        starts[t : t + length] = t
-        t += length
-    return starts
-
-
-def make_batch(
-    data: Data,
-    seq_idx: Sequence[int],
-    seq_len: int,
-    bucket: int,
-    prompt_weight: float = 0.0,
-    n_select: int = 0,
-    rounds: Rounds = None,
-    max_round: int = 4,
-) -> Batch:
-    """Sequences (their last seq_len positions) padded to a multiple of `bucket`.
-
-    With n_select > 0 and prompt_weight == 0, only the (at most n_select) response
-    positions of each row are selected: R = min(T, n_select). With a context layer in
-    `data`, `rounds` and `max_round` choose the draft rounds (round_starts).
-    """
-    spans = []
-    for k in seq_idx:
-        a, b = int(data.offsets[k]), int(data.offsets[k + 1])
-        spans.append((max(a, b - seq_len), b))
-    T = min(round_up(max(b - a for a, b in spans), bucket), round_up(seq_len, bucket))
-    R = min(T, n_select) if n_select and not prompt_weight else T
-    B, D, K = len(spans), data.hidden.shape[1], data.topk_ids.shape[1]
-    out = Batch(
-        hidden=np.zeros((B, T, D), np.float32),
-        select=np.zeros((B, R), np.int32),
-        topk_logp=np.zeros((B, R, K), np.float32),
-        topk_ids=np.zeros((B, R, K), np.int32),
-        next_tokens=np.zeros((B, R), np.int32),
-        weights=np.zeros((B, R), np.float32),
-        response=np.zeros((B, R), bool),
-        start=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
-        context=None if data.context is None else np.zeros((B, T, D), np.float32),
-    )
-    for r, (a, b) in enumerate(spans):
-        n = b - a
-        out.hidden[r, :n] = data.hidden[a:b]
-        k = int(seq_idx[r])
-        first_new = int(data.offsets[k]) + int(data.prompt_lens[k]) - a  # The first generated token's index.
-        out.start[r, :n] = round_starts(n, first_new, rounds, max_round)
-        if data.context is not None:
-            out.context[r, :n] = data.context[a:b]
-        mask = data.mask[a:b]
-        pos = np.arange(n) if R == T else np.flatnonzero(mask)
-        if len(pos) > R:
-            raise ValueError(f"a sequence has {len(pos)} train positions, more than n_select={R}")
-        m = len(pos)
-        out.select[r, :m] = pos
-        out.topk_logp[r, :m] = data.topk_logp[a + pos]
-        out.topk_ids[r, :m] = data.topk_ids[a + pos]
-        has_next = pos + 1 < n
-        out.next_tokens[r, :m] = np.where(has_next, data.tokens[np.minimum(a + pos + 1, b - 1)], 0)
-        out.response[r, :m] = mask[pos]
-        out.weights[r, :m] = np.where(mask[pos], 1.0, np.where(has_next, prompt_weight, 0.0))
-    return out
-
-
-def max_train_positions(data: Data) -> int:
-    """The most train (response) positions any sequence has: n_select for make_batch."""
-    counts = np.add.reduceat(data.mask.astype(np.int64), data.offsets[:-1]) if data.n_seq else np.zeros(1)
-    return int(counts.max())
-
-
-def exit_train_logits(
-    cfg: ModelConfig,
-    head_vd: jax.Array,
-    exit_params: Params,
-    hidden_btd: jax.Array,
-    select_br: jax.Array | None = None,
-    context_btd: jax.Array | None = None,
-    start_bt: jax.Array | None = None,
-) -> jax.Array:
-    """Draft logits [B, R, V'] (V' = draft vocabulary or full vocabulary).
-
-    The same computation as exits.exit_logits with a fresh one-layer cache and positions
-    arange(T), without scattering a draft vocabulary into the full one; the block runs on
-    all T positions, the head only on the R selected ones (default: all). `head_vd` is
-    the exit's own head, or the LLM's frozen one. With a context layer, context_btd and
-    start_bt (Batch.context, Batch.start) give each position the mixture it sees when
-    drafting (model.block_with_context).
-    """
-    B, T, _ = hidden_btd.shape
-    if context_btd is None:
-        cache = init_cache(1, B, T, cfg.n_kv_heads, cfg.head_dim, hidden_btd.dtype)
-        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-        x, _ = model.run_layers(cfg, exit_params["block"], hidden_btd, positions, cache)
-    else:
-        block = jax.tree.map(lambda w: w[0], exit_params["block"])
-        x = model.block_with_context(cfg, block, hidden_btd, context_btd, start_bt)
-    if select_br is not None:
-        x = jnp.take_along_axis(x, select_br[..., None], axis=1)
-    x = model.rms_norm(x, exit_params["norm"], cfg.rms_eps)
-    return jnp.einsum("btd,vd->btv", x, head_vd, preferred_element_type=jnp.float32)
-
-
-def distill_loss(logits_btv, vmap_v, batch, kl_weight: float, ce_weight: float):
-    """Weighted KL(teacher top-k ∩ draft vocab || draft) + CE on the sampled tokens; (loss, metrics).
-
-    vmap_v: [V] index of each token in the draft logits' last axis, -1 outside. Metrics
-    are over response positions: kl, ce, top1 (draft argmax == teacher argmax).
-    """
-    logq = jax.nn.log_softmax(logits_btv, axis=-1)
-    dix = vmap_v[batch.topk_ids]  # [B, T, k]
-    valid = dix >= 0
-    has = valid.any(-1)
-    # Teacher renormalized over its top-k ∩ draft vocabulary (all-invalid rows: dummy zeros, weight 0).
-    log_p = jax.nn.log_softmax(jnp.where(valid, batch.topk_logp, jnp.where(has[..., None], -jnp.inf, 0.0)), -1)
-    log_p = jnp.where(valid, log_p, 0.0)
-    logq_k = jnp.take_along_axis(logq, jnp.maximum(dix, 0), axis=-1)
-    kl = jnp.sum(jnp.where(valid, jnp.exp(log_p) * (log_p - logq_k), 0.0), -1)  # [B, T]
-
-    nd = vmap_v[batch.next_tokens]
-    ce = -jnp.take_along_axis(logq, jnp.maximum(nd, 0)[..., None], axis=-1)[..., 0]
-
-    w_kl = batch.weights * has
-    w_ce = batch.weights * (nd >= 0)
-    loss = 0.0
-    if kl_weight:
-        loss += kl_weight * jnp.sum(w_kl * kl) / jnp.maximum(jnp.sum(w_kl), 1e-9)
-    if ce_weight:
-        loss += ce_weight * jnp.sum(w_ce * ce) / jnp.maximum(jnp.sum(w_ce), 1e-9)
-
-    resp = batch.response.astype(jnp.float32)
-    n_resp = jnp.maximum(jnp.sum(resp), 1.0)
-    agree = agreement(logq, dix)
-    metrics = {
-        "kl": jnp.sum(resp * has * kl) / jnp.maximum(jnp.sum(resp * has), 1.0),
-        "ce": jnp.sum(resp * (nd >= 0) * ce) / jnp.maximum(jnp.sum(resp * (nd >= 0)), 1.0),
-        "top1": jnp.sum(resp * agree) / n_resp,
-        "n": jnp.sum(resp),
-    }
-    return loss, metrics
-
-
-def agreement(logits_btv: jax.Array, dix_btk: jax.Array) -> jax.Array:
-    """[B, T] bool: the draft's argmax is the teacher's top-1 (draft-index space; -1 outside: a miss)."""
-    return jnp.argmax(logits_btv, -1) == dix_btk[..., 0]
-
-
-def frozen_head(lm_params: Params, exit_params: Params) -> jax.Array:
-    """The head the exit drafts with: its own, or the LLM's (tied: the embedding)."""
-    if "head" in exit_params:
-        return exit_params["head"]
-    return lm_params["lm_head"] if "lm_head" in lm_params else lm_params["embed"]
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _eval_batch(cfg, lm_params, exit_params, vmap_v, batch):
-    head = frozen_head(lm_params, exit_params)
-    logits = exit_train_logits(cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start)
-    _, m = distill_loss(logits, vmap_v, batch, 1.0, 1.0)
-    return m, agreement(logits, vmap_v[batch.topk_ids])
-
-
-def data_metrics(
-    cfg: ModelConfig,
-    lm_params: Params,
-    exit_params: Params,
-    data: Data,
-    seq_len: int = 512,
-    batch_size: int = 8,
-    bucket: int = 64,
-    n_select: int = 0,
-    round_len: int = 0,
-) -> dict:
-    """KL / CE / top-1 agreement of an exit over every sequence of `data` (response positions).
-
-    Each position is the first draft of a round (for a context exit: every earlier position
-    verified), so top1 is the first draft's acceptance given a correct prefix. With
-    round_len = K > 0 the responses are tiled into rounds of K instead, and
-    top1_by_draft_position[j] is the top-1 agreement of draft token j + 1 given correct
-    earlier drafts (an exit without a context layer computes the same thing at every j:
-    its figures differ only by which positions fall at j).
-    """
-    vmap = jnp.asarray(vocab_map(cfg.vocab_size, np.asarray(exit_params["vocab"]) if "vocab" in exit_params else None))
-    order = np.argsort(np.diff(data.offsets), kind="stable")
-    sums, n = {"kl": 0.0, "ce": 0.0, "top1": 0.0}, 0.0
-    by_pos = np.zeros((2, max(round_len, 1)))  # (agreements, positions) per draft position.
-    n_select = max(n_select, round_up(max_train_positions(data), 16))
-    for i in range(0, len(order), batch_size):
-        b = make_batch(data, order[i : i + batch_size], seq_len, bucket, n_select=n_select, rounds=round_len or None)
-        m, agree = jax.device_get(_eval_batch(cfg, lm_params, exit_params, vmap, to_device(b)))
-        for key in sums:
-            sums[key] += float(m[key]) * float(m["n"])
-        n += float(m["n"])
-        j = (b.select - np.take_along_axis(b.start, b.select, 1))[b.response]
-        np.add.at(by_pos, (0, j), agree[b.response])
-        np.add.at(by_pos, (1, j), 1)
-    out = {key: round(v / max(n, 1.0), 6) for key, v in sums.items()} | {"positions": int(n)}
-    if round_len:
-        out["top1_by_draft_position"] = [round(float(a / max(c, 1)), 4) for a, c in by_pos.T]
-    return out
-
-
-def to_device(batch: Batch) -> Batch:
-    return jax.tree.map(jnp.asarray, batch)
