@@ -238,3 +238,12 @@ def golden_smollm() -> dict[str, np.ndarray]:
     prompt position, and the values of SAMPLED_IDS there."""
     with np.load(GOLDEN / "smollm2.npz") as f:
         return {k: f[k] for k in f.files}
+
+
+def fast_first(cases, n: int = 1) -> list:
+    """Parametrize cases of which the first `n` run in the fast tier (make test-fast) and the rest
+    are marked slow: a grid's every case runs in the full suite, a sample of it on every change."""
+    return [
+        case if i < n else pytest.param(*(case if isinstance(case, tuple) else (case,)), marks=pytest.mark.slow)
+        for i, case in enumerate(cases)
+    ]

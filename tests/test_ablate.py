@@ -38,6 +38,7 @@ def studies(ablate, tiny_exit, tmp_path_factory):
 
 
 @pytest.mark.parametrize("study, n_rows", [("components", 5), ("depth", 1), ("policies", 2), ("joint", 2)])
+@pytest.mark.slow
 def test_study_writes_json_table_and_plot(studies, study, n_rows):
     out, result = studies[study]
     saved = json.loads(out.with_suffix(".json").read_text())
@@ -53,6 +54,7 @@ def test_study_writes_json_table_and_plot(studies, study, n_rows):
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_components_change_one_part_each(studies):
     rows = {r["tests"]: r for r in studies["components"][1]["rows"]}
     paper = rows["all parts"]
@@ -66,6 +68,7 @@ def test_components_change_one_part_each(studies):
         }
 
 
+@pytest.mark.slow
 def test_depth_predicts_from_the_measured_parts(studies):
     result = studies["depth"][1]
     (r,) = result["rows"]
@@ -77,6 +80,7 @@ def test_depth_predicts_from_the_measured_parts(studies):
     assert result["predicted_over_measured_median"] == pytest.approx(r["predicted"] / r["speedup"], abs=2e-3)
 
 
+@pytest.mark.slow
 def test_policies_are_tuned_on_the_tuning_prompts_then_benched_held_out(ablate, studies):
     _, result = studies["policies"]
     grid = ablate.study_config("tiny").policies.grid
@@ -102,6 +106,7 @@ def test_tuning_prompts_are_the_exits_validation_prompts(ablate):
     assert {p.id.split("/")[0] for p in tuning} == {"chat", "HumanEval"}  # Spread over both sets.
 
 
+@pytest.mark.slow
 def test_policies_rows_outlive_a_crash_and_a_rerun_reuses_them(ablate, tiny_exit, tmp_path, monkeypatch):
     out, real_tune = tmp_path / "p", ablate.tune
 
@@ -126,6 +131,7 @@ def test_policies_rows_outlive_a_crash_and_a_rerun_reuses_them(ablate, tiny_exit
     ]  # Kept: a later run with more policies measures only those.
 
 
+@pytest.mark.slow
 def test_a_row_whose_output_leaves_ar_stops_the_study(ablate, tiny_exit, tmp_path, monkeypatch):
     real = generate.generate_eesd
 
@@ -140,6 +146,7 @@ def test_a_row_whose_output_leaves_ar_stops_the_study(ablate, tiny_exit, tmp_pat
     assert not (tmp_path / "p.json").exists()
 
 
+@pytest.mark.slow
 def test_joint_trains_an_exit_per_layer_and_benches_each(studies):
     _, result = studies["joint"]
     assert [r["N"] for r in result["rows"]] == [1, 2] and result["recipe"] == "tiny"

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import fast_first
 
 from eesd_jax import control, decoding, eesd, exits, generate, losses, model
 from eesd_jax.kv_cache import init_cache
@@ -61,7 +62,7 @@ GRID = [(kind, n, (1, 4, 8)[(n - 1 + i) % 3]) for i, kind in enumerate(FULL_GRID
 GRID += [(kind, 2, 4) for kind in control.KINDS if kind not in FULL_GRID_KINDS]
 
 
-@pytest.mark.parametrize("kind,exit_layer,max_draft", GRID)
+@pytest.mark.parametrize("kind,exit_layer,max_draft", fast_first(GRID, 2))
 def test_greedy_eesd_equals_ar_batch3(params, ar_outputs, kind, exit_layer, max_draft):
     out = eesd_tokens(params, make_prompts(3), exit_layer, max_draft, kind)
     assert out.tokens == ar_outputs[3]
@@ -71,7 +72,7 @@ def test_greedy_eesd_equals_ar_batch3(params, ar_outputs, kind, exit_layer, max_
         assert 0 < out.stats["drafted"] < max_draft * sum(per_row["rounds"])
 
 
-@pytest.mark.parametrize("kind,exit_layer,max_draft", [(k, n, 4) for k in FULL_GRID_KINDS for n in (1, 3)])
+@pytest.mark.parametrize("kind,exit_layer,max_draft", fast_first([(k, n, 4) for k in FULL_GRID_KINDS for n in (1, 3)]))
 def test_greedy_eesd_equals_ar_batch1(params, ar_outputs, kind, exit_layer, max_draft):
     assert eesd_tokens(params, make_prompts(1), exit_layer, max_draft, kind).tokens == ar_outputs[1]
 
@@ -100,7 +101,7 @@ def perturbed_exit(params, exit_cfg, seed=1):
 
 @pytest.mark.parametrize(
     "kind,exit_layer,context_layer,max_draft",
-    [("beta-ts", 1, 3, 4), ("fixed", 1, 2, 8), ("confidence", 2, 3, 1), ("calibration-ts", 1, 3, 3)],
+    fast_first([("beta-ts", 1, 3, 4), ("fixed", 1, 2, 8), ("confidence", 2, 3, 1), ("calibration-ts", 1, 3, 3)]),
 )
 def test_context_exit_greedy_eesd_equals_ar(params, ar_outputs, kind, exit_layer, context_layer, max_draft):
     """An exit attending over context-layer states of verified positions is lossless too."""
@@ -192,7 +193,7 @@ def test_streaming_chunks_give_the_same_tokens(params, ar_outputs):
     assert seen == out.tokens == ar_outputs[3]
 
 
-@pytest.mark.parametrize("kind", control.KINDS)
+@pytest.mark.parametrize("kind", fast_first(control.KINDS))
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampling"])
 def test_loop_state_types_survive_a_chunk(params, kind, greedy):
     """Every loop-state field keeps its type (shape, dtype, weak type) through eesd_decode: a field

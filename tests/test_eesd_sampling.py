@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import fast_first
 from scipy import stats
 
 from eesd_jax import control, eesd, exits, generate, model, sampling
@@ -85,7 +86,7 @@ SAMPLING = [
 ]
 
 
-@pytest.mark.parametrize("sc", SAMPLING, ids=["t1.0", "t0.7-topk5", "t1.3-topp0.8"])
+@pytest.mark.parametrize("sc", fast_first(SAMPLING), ids=["t1.0", "t0.7-topk5", "t1.3-topp0.8"])
 def test_eesd_samples_have_the_ar_distribution(params, sc):
     exact = exact_distribution(params, sc)
     ecfg = eesd.EESDConfig(exit_layer=1, max_draft=2, controller=control.ControllerConfig("fixed"))
@@ -103,7 +104,7 @@ def test_eesd_sampling_with_thompson_control(params):
     assert chi_square_p(eesd_counts(params, sc, ecfg), exact_distribution(params, sc)) > P_VALUE
 
 
-@pytest.mark.parametrize("kind", [k for k in control.KINDS if k not in ("fixed", "beta-ts")])
+@pytest.mark.parametrize("kind", fast_first([k for k in control.KINDS if k not in ("fixed", "beta-ts")]))
 def test_eesd_sampling_with_every_policy(params, kind):
     """Every other registered policy keeps the distribution too (one sampling config each)."""
     sc = SAMPLING[0]

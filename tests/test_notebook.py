@@ -47,6 +47,7 @@ def stdout(cell) -> str:
     return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("name") == "stdout")
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_the_tiny_config(tmp_path):
     nb = load()
     nb.cells.append(nbformat.v4.new_code_cell("import eesd_jax\nprint(eesd_jax.__file__)"))
