@@ -43,6 +43,7 @@ def test_controller_knobs_reach_the_engine(tiny):
     assert ecfg.controller == control.ControllerConfig("calibration-ts", break_even=0.3, n_bins=4)
 
 
+@pytest.mark.slow
 def test_distill_tiny_writes_a_loadable_exit(tmp_path, monkeypatch):
     monkeypatch.setenv("EESD_JAX_CACHE", str(tmp_path / "cache"))
     assert cli.main(["distill", "--config", "tiny", "--workdir", str(tmp_path / "run")]) == 0
