@@ -22,6 +22,7 @@ def test_report_counts_prompts_and_records_provenance(tiny):
     assert "commit" in prov
 
 
+@pytest.mark.slow
 def test_greedy_mismatch_is_reported_with_ar_margin(tiny, monkeypatch):
     """A constructed mismatch (one EESD token changed) is found, located and explained by AR's margin."""
     cfg, params = tiny

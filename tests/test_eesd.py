@@ -84,6 +84,7 @@ def test_outputs_stop_at_eos_inside_a_block(params, ar_outputs):
     assert any(len(r) == 24 for r in rows)
 
 
+@pytest.mark.slow
 def test_trained_like_exit_equals_ar(params, ar_outputs):
     """A perturbed exit (as after training) drafts differently but outputs the same tokens."""
     ep = exits.init_exit(CFG, params, exits.ExitConfig(2, own_head=True))
@@ -111,6 +112,7 @@ def test_context_exit_greedy_eesd_equals_ar(params, ar_outputs, kind, exit_layer
     assert out.stats["drafted"] > 0 or kind == "confidence"
 
 
+@pytest.mark.slow
 def test_context_exit_cache_holds_context_layer_keys_at_every_verified_position(params):
     """After EESD decoding, the exit's cache below each row's length is the exit block's keys/values of
     the context layer's states of the final sequence: verification rewrote every drafted slot."""
@@ -138,6 +140,7 @@ def test_context_exit_cache_holds_context_layer_keys_at_every_verified_position(
         np.testing.assert_allclose(np.asarray(state.exit_cache.v[0, b, :n]), np.asarray(v[0]), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_context_exit_drafts_what_training_computes(params):
     """Drafting at position t of a round that started at s (context-layer slots before s, layer-N slots
     s..t, as the engine writes them) gives losses.exit_train_logits' logits for start[t] = s."""
@@ -174,6 +177,7 @@ def test_oracle_drafter_is_always_accepted(params):
     assert out.stats["mean_accepted_per_round"] == 5.0
 
 
+@pytest.mark.slow
 def test_unstacked_layers_give_identical_outputs(params, ar_outputs):
     """The per-layer list layout (fast on CPU) decodes exactly like the stacked one."""
     fast = model.unstack(params)
@@ -182,6 +186,7 @@ def test_unstacked_layers_give_identical_outputs(params, ar_outputs):
     assert eesd_tokens(fast, make_prompts(3), 2, 4, "calibration-ts").tokens == ar_outputs[3]
 
 
+@pytest.mark.slow
 def test_streaming_chunks_give_the_same_tokens(params, ar_outputs):
     seen = [[] for _ in range(3)]
 
