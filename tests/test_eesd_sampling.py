@@ -105,7 +105,8 @@ def test_eesd_sampling_with_thompson_control(params):
     assert chi_square_p(eesd_counts(params, sc, ecfg), exact_distribution(params, sc)) > P_VALUE
 
 
-@pytest.mark.parametrize("kind", fast_first([k for k in control.KINDS if k not in ("fixed", "beta-ts")], 0))
+@pytest.mark.parametrize("kind", [k for k in control.KINDS if k not in ("fixed", "beta-ts")])
+@pytest.mark.slow
 def test_eesd_sampling_with_every_policy(params, kind):
     """Every other registered policy keeps the distribution too (one sampling config each)."""
     sc = SAMPLING[0]
