@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import eesd, exits, generate, model, outcomes, provenance
+from eesd_jax import eesd, exits, generate, model, outcomes, provenance, sharding
 from eesd_jax.kv_cache import init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.sampling import SamplingConfig
@@ -125,12 +125,6 @@ def random_prompts(n: int, vocab_size: int, seed: int = 0, lengths: tuple[int, i
     return [rng.integers(0, vocab_size, rng.integers(*lengths)).tolist() for _ in range(n)]
 
 
-def decode_layout(params: Params) -> Params:
-    """params in the layout the decode loops run fastest in on this backend: per-layer lists on CPU
-    (model.run_layers: XLA:CPU copies a layer out of a stacked array each step), stacked elsewhere."""
-    return model.unstack(params) if jax.default_backend() == "cpu" else params
-
-
 def step_costs(
     cfg: ModelConfig,
     params: Params,
@@ -183,7 +177,7 @@ def step_costs(
 
     caches = {}
     for name, (fn, n_layers) in parts.items():  # Compile and warm up.
-        out, caches[name] = fn(init_cache(n_layers, 1, S, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype))
+        out, caches[name] = fn(init_cache(cfg, 1, S, layers=n_layers))
         jax.block_until_ready(out)
     times = {name: [] for name in parts}
     for _ in range(repeats):
@@ -232,15 +226,8 @@ def prefix_logits(cfg: ModelConfig, params: Params, tokens: list[int]) -> np.nda
     T = round_up(len(tokens), 64)
     padded = np.zeros((1, T), np.int32)
     padded[0, : len(tokens)] = tokens  # Causal: the padding after cannot change earlier logits.
-    logits = _forward_fresh(cfg, params, jnp.asarray(padded))
-    return np.asarray(logits[0, len(tokens) - 1])
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_fresh(cfg: ModelConfig, params: Params, tokens_bt: jax.Array) -> jax.Array:
-    B, T = tokens_bt.shape
-    cache = init_cache(cfg.n_layers, B, T, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
-    return model.forward(cfg, params, tokens_bt, jnp.broadcast_to(jnp.arange(T), (B, T)), cache)[0]
+    logits = model.forward_uncached(cfg, params, jnp.asarray(padded))
+    return sharding.fetch(logits)[0, len(tokens) - 1]  # Vocab-split over hosts: gathered on every process.
 
 
 def free_executables_near_map_limit(fraction: float = 0.4) -> None:
@@ -260,6 +247,14 @@ def free_executables_near_map_limit(fraction: float = 0.4) -> None:
         jax.clear_caches()
 
 
+@dataclasses.dataclass
+class Measurement:
+    """bench.run's result: the report, and per mode the first timed Generation of each batch."""
+
+    report: dict
+    generations: dict[str, list[generate.Generation]]
+
+
 def run(
     setup: BenchSetup,
     prompts: list[list[int]],
@@ -272,13 +267,15 @@ def run(
     progress=None,
     step_costs: bool = True,
     by_position: bool = False,
-) -> dict:
-    """Generate every prompt (in batches) with each mode; returns the report dict.
+    warmup: bool = True,
+) -> Measurement:
+    """Generate every prompt (in batches) with each mode, after a warm-up; the AR-vs-EESD timing harness.
 
-    step_costs: also time one draft step against one AR step (cost_ratio) when EESD runs.
-    by_position: also decode the prompts once more with EESD traced (EESDConfig.trace, outside
-    the timing) and report acceptance by draft position 1..K (outcomes.acceptance_by_position)."""
-    free_executables_near_map_limit()
+    warmup: first run every batch once with each mode, untimed (compiles every shape the measured
+    runs use; prompt widths vary). step_costs: also time one draft step against one AR step
+    (cost_ratio) when EESD runs. by_position: also decode the prompts once more with EESD traced
+    (EESDConfig.trace, outside the timing) and report acceptance by draft position 1..J
+    (outcomes.acceptance_by_position)."""
     cfg, params = setup.cfg, setup.params
     split = eesd.split_params(params, setup.ecfg.exit_layer, setup.ecfg.context_layer)
     batches = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
@@ -289,29 +286,43 @@ def run(
                 cfg, params, rows, max_new_tokens, sampling, setup.eos_ids, seed, mesh=setup.mesh
             )
         return generate.generate_eesd(
-            cfg, params, setup.exit_params, ecfg, rows, max_new_tokens, sampling, setup.eos_ids, seed, split=split
+            cfg,
+            params,
+            setup.exit_params,
+            ecfg,
+            rows,
+            max_new_tokens,
+            sampling,
+            setup.eos_ids,
+            seed,
+            split=split,
+            mesh=setup.mesh,
         )
 
-    # Warm-up: compile every shape the measured runs will use (prompt widths vary).
-    for mode in modes:
-        for rows in batches:
-            one(mode, rows)
+    if warmup:
+        for mode in modes:
+            for rows in batches:
+                one(mode, rows)
     report: dict = {"modes": {}}
     outputs: dict = {}
+    generations: dict = {}
     for mode in modes:
-        per_prompt_tps, gens = [], []
+        per_prompt_tps, per_prompt_decode, gens = [], [], []
         for rows in batches:
             runs = [one(mode, rows) for _ in range(repeats)]
             per_prompt_tps.append(statistics.median(g.tokens_per_second for g in runs))
+            per_prompt_decode.append(statistics.median(g.new_tokens / max(g.decode_seconds, 1e-9) for g in runs))
             gens.append(runs[0])
             if progress:
                 progress(mode, runs[0])
+        generations[mode] = gens
         tokens = [t for g in gens for t in g.tokens]
         outputs[mode] = tokens
         new = sum(len(t) for t in tokens)
         seconds = sum(g.prefill_seconds + g.decode_seconds for g in gens)
         entry = {
             "median_tokens_per_second": round(statistics.median(per_prompt_tps), 2),
+            "median_decode_tokens_per_second": round(statistics.median(per_prompt_decode), 2),  # Prefill excluded.
             "tokens_per_second": round(new / seconds, 2),
             "new_tokens": new,
             "seconds": round(seconds, 3),
@@ -354,7 +365,7 @@ def run(
         "device": str(jax.devices()[0].device_kind),
     }
     report["provenance"] = provenance.record(seed=seed)
-    return report
+    return Measurement(report, generations)
 
 
 def format_table(report: dict) -> str:

@@ -6,20 +6,21 @@
 Structure, so that new modes and subcommands are small additions:
   * `build_parser()` declares subcommands; shared option groups are `add_*_args` helpers.
   * `validate_*` functions check arguments before the model is loaded (exit code 2).
-  * `load_session(model)` loads weights (as jax arrays, once) and the tokenizer.
-  * `MODES` maps a --mode name to a function running one generation.
+  * `engine.load_session(model)` loads weights (as jax arrays, once) and the tokenizer;
+    `engine_from_args` builds the EESD engine from the EESD flags.
+  * `run_mode` runs one generation of a --mode (`MODES`).
   * `main()` turns ValueError (CheckpointError included) into a one-line message, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import sys
-import time
 from collections.abc import Callable
 
 from eesd_jax import __version__
@@ -31,81 +32,6 @@ DEFAULT_BENCH_PROMPTS = 8  # --n for a named prompt set.
 
 class UsageError(ValueError):
     """Bad command-line input, detected before any model is loaded."""
-
-
-# ----------------------------------------------------------------------------- model + tokenizer
-
-
-@dataclasses.dataclass
-class Session:
-    """A loaded model, its params on device and its tokenizer, shared by all commands."""
-
-    lm: object  # loading.LoadedModel (params left as loaded; use `params`).
-    params: dict  # The same params as jax arrays (per-layer list on CPU).
-    tokenizer: object  # None for random weights (bench --random-shape): prompts are token ids.
-    load_seconds: float
-    engine: tuple | None = None  # EESD (config, exit params, split layers, exit path), built on first use.
-    mesh: object = None  # jax.sharding.Mesh from --mesh, or None (one device).
-
-    @property
-    def cfg(self):
-        return self.lm.cfg
-
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        return () if eos is None else (int(eos),)
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-
-def enable_compilation_cache() -> None:
-    """Keep compiled XLA programs on disk (next to the converted params), so that repeated
-    `eesd` invocations skip most of the JIT compile. JAX_COMPILATION_CACHE_DIR overrides."""
-    import jax
-
-    from eesd_jax import loading
-
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", str(loading.cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def load_session(
-    model: str | None, mesh_spec: str | None = None, dtype: str = "float32", random_shape: str | None = None
-) -> Session:
-    """Load weights from an HF folder / GGUF file (None: the bundled SmolLM2) and the tokenizer, in `dtype`.
-
-    random_shape (a bench.RANDOM_SHAPES name): random weights at that shape instead, no tokenizer.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from eesd_jax import bench, loading, sharding
-
-    enable_compilation_cache()
-    t0 = time.perf_counter()
-    if random_shape:
-        cfg, params = bench.random_model(random_shape, dtype)
-        lm = loading.LoadedModel(cfg, params, fingerprint=f"random:{random_shape}", source=f"random:{random_shape}")
-    else:
-        lm = loading.load_model(model, dtype)
-    params = bench.decode_layout(jax.tree.map(jnp.asarray, lm.params))
-    mesh = sharding.mesh_from_spec(mesh_spec)
-    if mesh is not None:  # Megatron tensor parallel over 'model', batch over 'data'.
-        params = sharding.shard_params(params, mesh)
-    tokenizer = None if random_shape else lm.tokenizer()
-    return Session(lm=lm, params=params, tokenizer=tokenizer, load_seconds=time.perf_counter() - t0, mesh=mesh)
-
-
-def encode_prompt(session: Session, text: str, chat: bool | None) -> list[int]:
-    """Token ids of one prompt; chat=None applies the chat template when the tokenizer has one."""
-    from eesd_jax import prompts
-
-    use_chat = session.has_chat_template if chat is None else chat
-    return prompts.encode(session.tokenizer, text, use_chat)
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -146,68 +72,23 @@ class TextStreamer:
 # ----------------------------------------------------------------------------- modes
 
 
-def run_ar(session: Session, prompt_ids: list[int], args, on_tokens: Callable | None):
-    """Vanilla autoregressive decoding (the baseline)."""
-    from eesd_jax import generate
+def engine_from_args(session, args):
+    """engine.eesd_engine from --exit / --exit-layer / --max-draft / --controller."""
+    from eesd_jax import engine
 
-    return generate.generate_ar(
-        session.cfg,
-        session.params,
-        [prompt_ids],
-        args.max_new_tokens,
-        sampling=sampling_config(args),
-        eos_ids=session.eos_ids,
-        seed=args.seed,
-        on_tokens=on_tokens,
-        mesh=session.mesh,
-    )
+    return engine.eesd_engine(session, args.exit, args.exit_layer, args.max_draft, args.controller)
 
 
-def eesd_engine(session: Session, args):
-    """(EESDConfig, exit params) from --exit / --exit-layer / --controller / --max-draft (built once)."""
-    from eesd_jax import eesd, exits, shipped
+def run_mode(mode: str, session, prompt_ids: list[int], args, on_tokens: Callable | None):
+    """One generation of `mode` ("ar", or "eesd" with the engine the EESD flags ask for)."""
+    from eesd_jax import engine
 
-    if getattr(session, "engine", None) is None:
-        exit_path = args.exit or shipped.default_exit(session.lm, args.exit_layer)
-        if exit_path:
-            exit_cfg, exit_params = exits.load_exit(exit_path, session.cfg, session.lm.fingerprint, args.exit_layer)
-        else:  # Untrained: the LLM's last block on top of layer N. Correct, but drafts poorly.
-            exit_cfg = exits.ExitConfig(args.exit_layer or max(1, session.cfg.n_layers // 4))
-            exit_params = exits.init_exit(session.cfg, session.params, exit_cfg)
-        if session.mesh is not None:
-            from eesd_jax import sharding
-
-            exit_params = sharding.shard_exit_params(exit_params, session.mesh)
-        ecfg = eesd.config_for_exit(exit_cfg, exit_path, args.max_draft, args.controller)
-        ecfg.validate(session.cfg)
-        split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer)
-        session.engine = (ecfg, exit_params, split, exit_path)
-    return session.engine
+    eng = engine_from_args(session, args) if mode == "eesd" else None
+    sampling = sampling_config(args)
+    return engine.decode(session, [prompt_ids], args.max_new_tokens, eng, sampling, args.seed, on_tokens)
 
 
-def run_eesd(session: Session, prompt_ids: list[int], args, on_tokens: Callable | None):
-    """Early-exiting speculative decoding: same tokens as AR (greedy) or the same distribution."""
-    from eesd_jax import generate
-
-    ecfg, exit_params, split, _ = eesd_engine(session, args)
-    return generate.generate_eesd(
-        session.cfg,
-        session.params,
-        exit_params,
-        ecfg,
-        [prompt_ids],
-        args.max_new_tokens,
-        sampling=sampling_config(args),
-        eos_ids=session.eos_ids,
-        seed=args.seed,
-        on_tokens=on_tokens,
-        split=split,
-        mesh=session.mesh,
-    )
-
-
-# Each mode: (session, prompt ids, parsed args, on_tokens or None) -> generate.Generation.
-MODES: dict[str, Callable] = {"ar": run_ar, "eesd": run_eesd}
+MODES = ("ar", "eesd")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -242,15 +123,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_dtype_args(p)
 
 
-def add_dtype_args(p: argparse.ArgumentParser) -> None:
+def add_dtype_args(p: argparse.ArgumentParser, default: str | None = "float32") -> None:
+    """--dtype; default None: the config's model.dtype (distill, eval-exit)."""
     from eesd_jax.model import DTYPES
 
     p.add_argument(
         "--dtype",
         choices=DTYPES,
-        default="float32",
-        help="params, activations and KV caches (logits and acceptance stay float32); default float32, "
-        "bfloat16 on GPU/TPU",
+        default=default,
+        help="params, activations and KV caches (logits and acceptance stay float32); "
+        f"default {default or 'the config model.dtype, float32'}, bfloat16 on GPU/TPU",
     )
 
 
@@ -305,7 +187,7 @@ def add_eesd_args(p: argparse.ArgumentParser) -> None:
         help=f"draft-stop policy and its knobs, e.g. confidence:threshold=0.4 ({', '.join(control.KINDS)}; "
         f"default {control.ControllerConfig.kind})",
     )
-    g.add_argument("--max-draft", type=int, default=6, metavar="K", help="draft tokens per round at most (default 6)")
+    g.add_argument("--max-draft", type=int, default=6, metavar="J", help="draft tokens per round at most (default 6)")
 
 
 def validate_eesd(args) -> None:
@@ -389,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts",
         default="chat",
         metavar="SOURCE",
-        help="humaneval, chat, or a file (JSONL with a 'prompt' field, or one prompt per line)",
+        help="humaneval, chat, or a file: .jsonl ('prompt' or a conversation per line), .json (ShareGPT: "
+        "every user turn, earlier turns as context), .parquet or a datasets folder (with pyarrow), .txt (a line each)",
     )
     b.add_argument(
         "--split",
@@ -452,7 +335,8 @@ def add_distill_parsers(sub) -> None:
         "with an optional :arg (e.g. smollm2:N=6,draft_vocab=8192)",
     )
     d.add_argument("--workdir", default=None, metavar="DIR", help="data, checkpoints, metrics (default runs/<config>)")
-    add_dtype_args(d)
+    add_dtype_args(d, default=None)
+    add_mesh_args(d)
     d.set_defaults(func=cmd_distill, validate=validate_config)
 
     e = sub.add_parser("eval-exit", help="top-1 agreement, alpha and tau of a trained exit on held-out prompts")
@@ -466,6 +350,8 @@ def add_distill_parsers(sub) -> None:
         metavar="SOURCE",
         help="comma-separated prompt sets (humaneval, chat, a file); default: the config's",
     )
+    add_dtype_args(e, default=None)
+    add_mesh_args(e)
     e.set_defaults(func=cmd_eval_exit, validate=validate_config)
 
 
@@ -476,20 +362,39 @@ def validate_config(args) -> None:
         args.config_dict = configs.load_config(args.config)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise UsageError(f"--config {args.config}: {e}") from None
+    validate_mesh(args)
     if hasattr(args, "exit"):
         validate_exit_file(args)
+    config = args.config_dict  # --dtype / --mesh go into the config, so that config.json records them.
+    if args.dtype is not None:
+        config.model.dtype = args.dtype
+    if args.mesh is not None:
+        config.mesh = args.mesh
+
+
+def load_teacher(config):
+    """The config's teacher LM in config.model.dtype, its params sharded over config.mesh (if any).
+
+    Megatron tensor parallel over 'model', replicated over 'data' (an HF folder read straight onto
+    the mesh); the stages then run on the mesh by sharding propagation (rows not yet split over 'data')."""
+    from eesd_jax import mesh_loading, model, sharding, teacher
+
+    dtype, mesh = config.model.get("dtype", "float32"), sharding.mesh_from_spec(config.get("mesh") or None)
+    if config.model.source != "tiny":  # Real weights: an HF folder read slice by slice onto the mesh.
+        source = None if config.model.source in ("bundled", "", None) else config.model.source
+        return teacher.as_lm(mesh_loading.load_model(source, dtype, mesh))
+    lm = teacher.load_lm(config.model)
+    if dtype != lm.cfg.dtype:  # The teacher (and the exit, initialized from it) in another dtype.
+        cfg, params = model.with_dtype(lm.cfg, lm.params, dtype)
+        lm = dataclasses.replace(lm, cfg=cfg, params=params)
+    return lm if mesh is None else dataclasses.replace(lm, params=sharding.shard_params(lm.params, mesh))
 
 
 def cmd_distill(args) -> int:
-    from eesd_jax import model, teacher, train
+    from eesd_jax import train
 
     workdir = args.workdir or str(pathlib.Path("runs") / args.config.replace(":", "_").replace("/", "_"))
-    lm = None  # float32: run_distill loads the teacher itself.
-    if args.dtype != "float32":  # The teacher (and the exit, initialized from it) in another dtype.
-        lm = teacher.load_lm(args.config_dict.model)
-        cfg, params = model.with_dtype(lm.cfg, lm.params, args.dtype)
-        lm = dataclasses.replace(lm, cfg=cfg, params=params)
-    path = train.run_distill(args.config_dict, workdir, lm=lm)
+    path = train.run_distill(args.config_dict, workdir, lm=load_teacher(args.config_dict))
     written = [path]
     if args.config_dict.exit.joint_layers:  # run_joint lists an exit per N.
         written = json.loads((pathlib.Path(workdir) / "joint.json").read_text()).values()
@@ -499,13 +404,13 @@ def cmd_distill(args) -> int:
 
 
 def cmd_eval_exit(args) -> int:
-    from eesd_jax import train
+    from eesd_jax import evaluation
 
     config = args.config_dict
     if args.prompts:
         with config.eval.ignore_type():
             config.eval.sets = tuple(args.prompts.split(","))
-    print(json.dumps(train.run_eval(config, args.exit)))
+    print(json.dumps(evaluation.run_eval(config, args.exit, lm=load_teacher(config))))
     return 0
 
 
@@ -533,7 +438,7 @@ def validate_prompt_set(args) -> None:
     from eesd_jax import prompts
 
     named = args.prompts in NAMED_PROMPT_SETS
-    if not named and not pathlib.Path(args.prompts).is_file():
+    if not named and not pathlib.Path(args.prompts).exists():
         raise UsageError(f"--prompts {args.prompts}: neither {' nor '.join(NAMED_PROMPT_SETS)} nor an existing file")
     if args.split is None:  # A file is the user's own selection: all of it unless a split is asked for.
         args.split = "heldout" if named else "all"
@@ -548,7 +453,7 @@ def validate_prompt_set(args) -> None:
 # ----------------------------------------------------------------------------- commands
 
 
-def generation_json(session: Session, gen) -> dict:
+def generation_json(session, gen) -> dict:
     stats = {k: v for k, v in gen.summary().items() if k != "per_row"}
     stats["load_seconds"] = round(session.load_seconds, 4)
     text = session.tokenizer.decode(gen.tokens[0], skip_special_tokens=True)
@@ -556,8 +461,10 @@ def generation_json(session: Session, gen) -> dict:
 
 
 def cmd_generate(args) -> int:
-    session = load_session(args.model, args.mesh, args.dtype)
-    prompt_ids = encode_prompt(session, args.prompt, args.chat)
+    from eesd_jax import engine
+
+    session = engine.load_session(args.model, args.mesh, args.dtype)
+    prompt_ids = engine.encode_prompt(session, args.prompt, args.chat)
     if args.compare:
         return compare(session, prompt_ids, args)
     if args.mode is None:  # An untrained exit is correct but slower than AR: EESD only with a trained one.
@@ -565,7 +472,7 @@ def cmd_generate(args) -> int:
 
         args.mode = "eesd" if (args.exit or shipped.default_exit(session.lm)) else "ar"
     streamer = None if args.json else TextStreamer(session.tokenizer)
-    gen = MODES[args.mode](session, prompt_ids, args, streamer)
+    gen = run_mode(args.mode, session, prompt_ids, args, streamer)
     if streamer is not None:
         streamer.finish()
         return 0
@@ -573,20 +480,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def compare(session: Session, prompt_ids: list[int], args) -> int:
-    """AR then EESD on one prompt, each after a compile warm-up run; speeds side by side."""
-    results = {}
-    for mode in ("ar", "eesd"):
-        if not args.json:
-            print(f"[{mode}] compiling...", file=sys.stderr, flush=True)
-        MODES[mode](session, prompt_ids, args, None)  # Warm-up: compile outside the timing.
-        streamer = None if args.json else TextStreamer(session.tokenizer)
-        if streamer is not None:
-            print(f"--- {mode} ---", flush=True)
-        gen = MODES[mode](session, prompt_ids, args, streamer)
-        if streamer is not None:
-            streamer.finish()
-        results[mode] = generation_json(session, gen)
+def compare(session, prompt_ids: list[int], args) -> int:
+    """AR then EESD on one prompt through bench.run (each after a compile warm-up run); speeds side by side."""
+    from eesd_jax import bench, engine
+
+    eng = engine_from_args(session, args)
+    if not args.json:
+        print("compiling and timing AR and EESD...", file=sys.stderr, flush=True)
+    setup = engine.bench_setup(session, eng)
+    sampling = sampling_config(args)
+    timed = bench.run(setup, [prompt_ids], args.max_new_tokens, sampling=sampling, seed=args.seed, step_costs=False)
+    results = {mode: generation_json(session, timed.generations[mode][0]) for mode in ("ar", "eesd")}
     ar, es = results["ar"]["stats"], results["eesd"]["stats"]
     out = {
         **results,
@@ -596,8 +500,10 @@ def compare(session: Session, prompt_ids: list[int], args) -> int:
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
         return 0
-    exit_path = session.engine[3] or "untrained (LLM's last block)"
-    print(f"\nexit: {exit_path}, N={session.engine[0].exit_layer}, controller {args.controller}, K={args.max_draft}")
+    for mode in ("ar", "eesd"):
+        print(f"--- {mode} ---\n{results[mode]['text']}")
+    exit_path = eng.exit_path or "untrained (LLM's last block)"
+    print(f"\nexit: {exit_path}, N={eng.ecfg.exit_layer}, controller {args.controller}, J={args.max_draft}")
     print(f"AR   {ar['tokens_per_second']:7.2f} tok/s   ({ar['new_tokens']} tokens)")
     print(
         f"EESD {es['tokens_per_second']:7.2f} tok/s   alpha={es['acceptance_rate']:.2f} "
@@ -607,7 +513,7 @@ def compare(session: Session, prompt_ids: list[int], args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from eesd_jax import bench
+    from eesd_jax import bench, engine
 
     if args.random_shape:
         print(f"bench: random {args.random_shape} weights ({args.dtype}), {len(args.chosen)} random prompts",
@@ -616,20 +522,22 @@ def cmd_bench(args) -> int:
         print(
             f"bench: {len(args.chosen)} prompts from {args.prompts} (split {args.split})", file=sys.stderr, flush=True
         )
-    session = load_session(args.model, args.mesh, args.dtype, args.random_shape)
+    session = engine.load_session(args.model, args.mesh, args.dtype, args.random_shape)
     if args.random_shape:  # No tokenizer: as many prompts of random ids as the prompt set chose.
         ids = bench.random_prompts(len(args.chosen), session.cfg.vocab_size, args.seed)
     else:
-        ids = [encode_prompt(session, p.text, p.chat if args.chat is None else args.chat) for p in args.chosen]
-    ecfg, exit_params, _, exit_path = eesd_engine(session, args)
-    setup = bench.BenchSetup(session.cfg, session.params, exit_params, ecfg, session.eos_ids, session.mesh)
+        ids = [
+            engine.encode_prompt(session, p.text, p.chat if args.chat is None else args.chat, p.context)
+            for p in args.chosen
+        ]
+    eng = engine_from_args(session, args)
 
     def progress(mode, gen):
         if not args.json:
             print(f"  {mode}: {gen.new_tokens} tokens, {gen.tokens_per_second:.2f} tok/s", file=sys.stderr, flush=True)
 
     report = bench.run(
-        setup,
+        engine.bench_setup(session, eng),
         ids,
         args.max_new_tokens,
         args.modes,
@@ -639,9 +547,11 @@ def cmd_bench(args) -> int:
         args.seed,
         progress,
         by_position=args.by_position,
-    )
+    ).report
     source = f"random:{args.random_shape}" if args.random_shape else args.prompts
-    report["config"].update(prompts=source, split=args.split, exit=exit_path or "untrained", model=session.lm.source)
+    report["config"].update(
+        prompts=source, split=args.split, exit=eng.exit_path or "untrained", model=session.lm.source
+    )
     if not args.json:
         print(bench.format_table(report))
     print(json.dumps(report))
@@ -656,15 +566,18 @@ def main(argv: list[str] | None = None) -> int:
     from eesd_jax import sharding
 
     sharding.maybe_initialize_distributed()  # Multi-host (TPU pod slices): a no-op in one process.
-    try:
-        args.validate(args)
-        return args.func(args)
-    except ValueError as e:  # UsageError, CheckpointError and the library's input checks.
-        print(f"eesd {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    with contextlib.ExitStack() as stack:
+        if not sharding.is_main_process():  # SPMD: every process runs this; only process 0 prints results.
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        try:
+            args.validate(args)
+            return args.func(args)
+        except ValueError as e:  # UsageError, CheckpointError and the library's input checks (any process).
+            print(f"eesd {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

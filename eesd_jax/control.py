@@ -9,7 +9,7 @@ tests, and the engine enforces max_draft (decide never has to).
 
   init(cfg, batch) -> state
   decide(cfg, state, features, key) -> keep [B] bool   (keep this draft token and go on?)
-  update(cfg, state, n_drafted [B], n_accepted [B], confidence [B, K], live [B]) -> state
+  update(cfg, state, n_drafted [B], n_accepted [B], confidence [B, J], live [B]) -> state
 
 Kinds (details in each module; q(d) is DraftFeatures.prob, the top probability of the
 draft distribution, which is the drafted token's own under greedy drafting):
@@ -171,14 +171,14 @@ def update(
     state: ControllerState,
     n_drafted: jax.Array,
     n_accepted: jax.Array,
-    confidence_bk: jax.Array,
+    confidence_bj: jax.Array,
     live: jax.Array,
 ) -> ControllerState:
     """Fold one round's verification outcome into the state (rows with live=False unchanged).
 
-    confidence_bk [B, K]: q(d_j) of the round's draft tokens; valid below n_drafted (and at
-    n_drafted < K, the token drafted but not kept).
+    confidence_bj [B, J]: q(d_j) of the round's draft tokens; valid below n_drafted (and at
+    n_drafted < J, the token drafted but not kept).
     """
-    new = getattr(POLICIES[cfg.kind], "update", base.update_none)(cfg, state, n_drafted, n_accepted, confidence_bk)
+    new = getattr(POLICIES[cfg.kind], "update", base.update_none)(cfg, state, n_drafted, n_accepted, confidence_bj)
     keep = lambda a, b: jnp.where(live.reshape(live.shape + (1,) * (a.ndim - 1)), a, b)
     return jax.tree.map(keep, new, state)

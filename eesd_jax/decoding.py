@@ -111,16 +111,12 @@ def prefill(
     Returns (cache, [B, V] logits after each row's last prompt token, hiddens or None).
     """
     B, P = tokens_bp.shape
-    cache = init_cache(cfg.n_layers, B, cache_len, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
+    cache = init_cache(cfg, B, cache_len)
     cache = sharding.constrain_cache(cache)  # Under a mesh: batch over 'data', kv heads over 'model'.
     positions = jnp.broadcast_to(jnp.arange(P), (B, P))
     x = model.embed(params, tokens_bp)
-    hiddens, first = [], 0
-    for layers in segments or (params["layers"],):
-        x, cache = model.run_layers(cfg, layers, x, positions, cache, first)
-        hiddens.append(x)
-        first += model.num_layers(layers)
-    logits = last_logits(cfg, params, x, prompt_lens_b - 1)
+    hiddens, cache = model.run_segments(cfg, segments or (params["layers"],), x, positions, cache)
+    logits = last_logits(cfg, params, hiddens[-1], prompt_lens_b - 1)
     return cache.replace(lengths=prompt_lens_b), logits, (tuple(hiddens[:-1]) if segments else None)
 
 
@@ -138,25 +134,25 @@ class ARState:
     steps: jax.Array  # [] int32 forward passes run by the loop.
 
 
-def append_tokens(tokens_bm, n_new_b, new_bk, n_take_b):
-    """Write new_bk[:, :n_take] at tokens[:, n_new:], per row (extras dropped)."""
-    B, K = new_bk.shape
-    cols = n_new_b[:, None] + jnp.arange(K)[None]
-    cols = jnp.where(jnp.arange(K)[None] < n_take_b[:, None], cols, tokens_bm.shape[1])  # out of range -> dropped
-    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, K))
-    return tokens_bm.at[rows, cols].set(new_bk, mode="drop")
+def append_tokens(tokens_bm, n_new_b, new_bj, n_take_b):
+    """Write new_bj[:, :n_take] at tokens[:, n_new:], per row (extras dropped)."""
+    B, J = new_bj.shape
+    cols = n_new_b[:, None] + jnp.arange(J)[None]
+    cols = jnp.where(jnp.arange(J)[None] < n_take_b[:, None], cols, tokens_bm.shape[1])  # out of range -> dropped
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, J))
+    return tokens_bm.at[rows, cols].set(new_bj, mode="drop")
 
 
-def finish_block(new_bk, n_avail_b, n_new_b, max_new_b, eos_ids):
+def finish_block(new_bj, n_avail_b, n_new_b, max_new_b, eos_ids):
     """How many of a row's n_avail new tokens to keep, and whether it is done.
 
     Keeps tokens up to and including the first EOS, and no more than the row's
     remaining budget. Returns (n_keep [B], done [B]).
     """
-    K = new_bk.shape[1]
-    idx = jnp.arange(K)[None]
-    is_eos = jnp.isin(new_bk, jnp.asarray(eos_ids, jnp.int32)) & (idx < n_avail_b[:, None])
-    first_eos = jnp.where(is_eos.any(-1), jnp.argmax(is_eos, -1) + 1, K + 1)
+    J = new_bj.shape[1]
+    idx = jnp.arange(J)[None]
+    is_eos = jnp.isin(new_bj, jnp.asarray(eos_ids, jnp.int32)) & (idx < n_avail_b[:, None])
+    first_eos = jnp.where(is_eos.any(-1), jnp.argmax(is_eos, -1) + 1, J + 1)
     n_keep = jnp.minimum(jnp.minimum(n_avail_b, first_eos), max_new_b - n_new_b)
     done = (first_eos <= n_keep) | (n_new_b + n_keep >= max_new_b)
     return n_keep, done

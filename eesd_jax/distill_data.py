@@ -326,8 +326,8 @@ class Data:
     prompt_lens: np.ndarray  # [n_seq] int32.
     mask: np.ndarray  # [total] bool: position predicts a response token.
     hidden: np.ndarray  # [total, D] float32 layer-N hidden state.
-    topk_logp: np.ndarray  # [total, k] float32 teacher log-probs (full-vocabulary softmax).
-    topk_ids: np.ndarray  # [total, k] int32.
+    topk_logp: np.ndarray  # [total, C] float32 teacher top-k log-probs (full-vocabulary softmax).
+    topk_ids: np.ndarray  # [total, C] int32.
     top1_counts: np.ndarray  # [V] int64.
     topk_mass: np.ndarray  # [V] float64.
     prompt_index: np.ndarray | None = None  # [n_seq] which prompt each sequence answers.

@@ -39,9 +39,9 @@ from eesd_jax.sampling import SamplingConfig
 @dataclasses.dataclass(frozen=True)
 class EESDConfig:
     exit_layer: int  # N.
-    max_draft: int = 8  # K: draft tokens per round at most.
+    max_draft: int = 8  # J: draft tokens per round at most.
     controller: control.ControllerConfig = control.ControllerConfig()
-    buckets: tuple[int, ...] = ()  # Verify block sizes; () = powers of two up to K + 1.
+    buckets: tuple[int, ...] = ()  # Verify block sizes; () = powers of two up to J + 1.
     context_layer: int = 0  # The exit's exits.ExitConfig.context_layer (0: none).
     # Ablation only (experiments/ablate.py --study components): verification runs the block's
     # tokens through layers [0, N) again, as verifying with the full model (a separate draft
@@ -69,7 +69,7 @@ class EESDConfig:
 
 
 def config_for_exit(exit_cfg: exits.ExitConfig, exit_path, max_draft: int, controller: str) -> EESDConfig:
-    """EESD with a loaded exit: its N and context layer, K, and the `controller` spec
+    """EESD with a loaded exit: its N and context layer, J, and the `controller` spec
     (control.from_spec) completed with what was fitted for that exit (control.for_exit)."""
     ctrl = control.for_exit(control.from_spec(controller), exit_path)
     return EESDConfig(exit_cfg.layer, max_draft, ctrl, context_layer=exit_cfg.context_layer)
@@ -83,8 +83,8 @@ TRACED = ("prob", "entropy", "margin", "cosine")
 class RoundTrace:
     """Every round's drafts and their verification (EESDConfig.trace); slot [b, r] is row b's round r."""
 
-    features: jax.Array  # [B, R, K, len(TRACED)] float32: each drafted token's features, valid below
-    # n_draft + 1 (the last one drafted but not kept when the policy stopped before K).
+    features: jax.Array  # [B, R, J, len(TRACED)] float32: each drafted token's features, valid below
+    # n_draft + 1 (the last one drafted but not kept when the policy stopped before J).
     n_draft: jax.Array  # [B, R] drafts kept, and so verified.
     n_accepted: jax.Array  # [B, R] of those, the leading ones the LLM accepted.
 
@@ -115,11 +115,11 @@ class Draft:
 
     i: jax.Array  # [] block index being processed.
     token: jax.Array  # [B] block token i.
-    hidden: jax.Array  # [B, K+1, D] layer-N hidden state of block tokens 0..K.
-    tokens: jax.Array  # [B, K] draft tokens d_1..d_K (valid below n_draft).
-    logp: jax.Array  # [B, K, V] warped draft log-probs when sampling, else [B, K, 1] unused.
-    confidence: jax.Array  # [B, K] q(d_i), for the controller update.
-    features: jax.Array | None  # [B, K, len(TRACED)] with EESDConfig.trace, else None.
+    hidden: jax.Array  # [B, J+1, D] layer-N hidden state of block tokens 0..J.
+    tokens: jax.Array  # [B, J] draft tokens d_1..d_J (valid below n_draft).
+    logp: jax.Array  # [B, J, V] warped draft log-probs when sampling, else [B, J, 1] unused.
+    confidence: jax.Array  # [B, J] q(d_i), for the controller update.
+    features: jax.Array | None  # [B, J, len(TRACED)] with EESDConfig.trace, else None.
     n_draft: jax.Array  # [B] tokens kept so far.
     drafting: jax.Array  # [B] bool: the row kept its last draft and goes on.
     cache: KVCache
@@ -150,7 +150,7 @@ def eesd_init(
     from decoding.prefill with split_params' segments.
     """
     B, P, _ = hiddens[0].shape
-    exit_cache = init_cache(1, B, cache.max_len, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
+    exit_cache = init_cache(cfg, B, cache.max_len, layers=1)
     exit_cache = sharding.constrain_cache(exit_cache)  # Same layout as the LLM's cache under a mesh.
     positions = jnp.broadcast_to(jnp.arange(P), (B, P))
     if ecfg.context_layer:  # The prompt is verified: its context comes from the context layer.
@@ -184,8 +184,8 @@ def eesd_init(
 
 
 def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) -> Draft:
-    """Step 1: draft up to K tokens, running block tokens 0..k through layers [0, N)."""
-    B, K, V = s.last.shape[0], ecfg.max_draft, cfg.vocab_size
+    """Step 1: draft up to J tokens, running block tokens 0..k through layers [0, N)."""
+    B, J, V = s.last.shape[0], ecfg.max_draft, cfg.vocab_size
     pos0 = s.cache.lengths
     remaining = s.max_new - s.n_new  # The round yields n_draft + 1 tokens at most.
 
@@ -235,13 +235,13 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
     def body(d: Draft) -> Draft:
         positions = (pos0 + d.i)[:, None]
         h_b1d, cache = model.run_layers(cfg, lower, model.embed(params, d.token[:, None]), positions, d.cache)
-        # The exit's cache slot is written for every block token, K included (the next
+        # The exit's cache slot is written for every block token, J included (the next
         # round attends to it if every draft is accepted), and outside the cond: a cache
         # written inside a branch is copied whole by XLA.
         x_b1d, exit_cache = exits.exit_hidden(cfg, exit_params, h_b1d, positions, d.exit_cache)
         d = d.replace(hidden=d.hidden.at[:, d.i].set(h_b1d[:, 0]), cache=cache, exit_cache=exit_cache)
-        # Block token K can only be verified, never extended: no draft head there.
-        d = jax.lax.cond(d.i < K, exit_step, stop, d, x_b1d)
+        # Block token J can only be verified, never extended: no draft head there.
+        d = jax.lax.cond(d.i < J, exit_step, stop, d, x_b1d)
         return d.replace(i=d.i + 1)
 
     def cond(d: Draft):
@@ -250,11 +250,11 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
     init = Draft(
         i=jnp.int32(0),
         token=s.last,
-        hidden=jnp.zeros((B, K + 1, cfg.d_model), cfg.jnp_dtype),
-        tokens=jnp.zeros((B, K), jnp.int32),
-        logp=jnp.zeros((B, K, 1 if sampling_cfg.greedy else V), jnp.float32),
-        confidence=jnp.zeros((B, K), jnp.float32),
-        features=jnp.zeros((B, K, len(TRACED)), jnp.float32) if ecfg.trace else None,
+        hidden=jnp.zeros((B, J + 1, cfg.d_model), cfg.jnp_dtype),
+        tokens=jnp.zeros((B, J), jnp.int32),
+        logp=jnp.zeros((B, J, 1 if sampling_cfg.greedy else V), jnp.float32),
+        confidence=jnp.zeros((B, J), jnp.float32),
+        features=jnp.zeros((B, J, len(TRACED)), jnp.float32) if ecfg.trace else None,
         n_draft=jnp.zeros((B,), jnp.int32),
         drafting=~s.done,
         cache=s.cache,
@@ -267,15 +267,15 @@ def _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s: EESDState) ->
 def _verify(cfg, ecfg, params, segments, d: Draft, last_b, pos0_b):
     """Step 2: layers [N, L) over the block, padded to a bucket size.
 
-    segments: split_params' segments; last_b: block token 0. Returns ([B, K+1, V] logits,
-    cache, [B, K+1, D] block states after the context layer, or None without one).
+    segments: split_params' segments; last_b: block token 0. Returns ([B, J+1, V] logits,
+    cache, [B, J+1, D] block states after the context layer, or None without one).
     The branches only read the cache and return the block's keys/values, written
     after the switch: a cache written inside a lax.switch branch is copied whole
     by XLA (four full-cache copies per round were measured).
     """
-    K, N = ecfg.max_draft, ecfg.exit_layer
+    J, N = ecfg.max_draft, ecfg.exit_layer
     lower, uppers = segments[0], segments[1:]
-    positions_bt = pos0_b[:, None] + jnp.arange(K + 1)[None]
+    positions_bt = pos0_b[:, None] + jnp.arange(J + 1)[None]
     block_bt = jnp.concatenate([last_b[:, None], d.tokens], 1)
 
     def branch(size):
@@ -290,10 +290,10 @@ def _verify(cfg, ecfg, params, segments, d: Draft, last_b, pos0_b):
                 x, k_nbtke, v_nbtke = model.run_layers_readonly(cfg, layers, x, positions_bt[:, :size], cache, first)
                 first, ks, vs, cuts = first + model.num_layers(layers), ks + [k_nbtke], vs + [v_nbtke], cuts + [x]
             logits = model.lm_head(params, model.final_norm(params, cfg, x))
-            pad = ((0, 0), (0, 0), (0, K + 1 - size), (0, 0), (0, 0))
+            pad = ((0, 0), (0, 0), (0, J + 1 - size), (0, 0), (0, 0))
             k_nbtke, v_nbtke = (jnp.pad(jnp.concatenate(a), pad) for a in (ks, vs))
-            context = [jnp.pad(c, ((0, 0), (0, K + 1 - size), (0, 0))) for c in cuts[:-1]]
-            return jnp.pad(logits, ((0, 0), (0, K + 1 - size), (0, 0))), k_nbtke, v_nbtke, context
+            context = [jnp.pad(c, ((0, 0), (0, J + 1 - size), (0, 0))) for c in cuts[:-1]]
+            return jnp.pad(logits, ((0, 0), (0, J + 1 - size), (0, 0))), k_nbtke, v_nbtke, context
 
         return run
 
@@ -328,31 +328,31 @@ def eesd_decode(
 
     segments = split_params(params, ecfg.exit_layer, ecfg.context_layer).
     """
-    K = ecfg.max_draft
+    J = ecfg.max_draft
     lower = segments[0]
 
     def round_(s: EESDState) -> EESDState:
         pos0 = s.cache.lengths
         d = _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s)
-        logits, cache, context_bkd = _verify(cfg, ecfg, params, segments, d, s.last, pos0)
+        logits, cache, context_bjd = _verify(cfg, ecfg, params, segments, d, s.last, pos0)
         exit_cache = d.exit_cache
         if ecfg.context_layer:  # The block is verified now: its context-layer states replace the drafted ones.
-            block_positions = pos0[:, None] + jnp.arange(K + 1)[None]
-            exit_cache = exits.write_context(cfg, exit_params, exit_cache, context_bkd, block_positions)
+            block_positions = pos0[:, None] + jnp.arange(J + 1)[None]
+            exit_cache = exits.write_context(cfg, exit_params, exit_cache, context_bjd, block_positions)
         key, k_acc = jax.random.split(d.key)
         if sampling_cfg.greedy:
             n_acc, nxt = sampling.accept_greedy(d.tokens, d.n_draft, logits)
         else:
             n_acc, nxt = sampling.accept_sampled(k_acc, d.tokens, d.n_draft, d.logp, logits, sampling_cfg)
-        idx = jnp.arange(K + 1)[None]
+        idx = jnp.arange(J + 1)[None]
         drafts = jnp.pad(d.tokens, ((0, 0), (0, 1)))
-        new_bk = jnp.where(idx < n_acc[:, None], drafts, nxt[:, None])
+        new_bj = jnp.where(idx < n_acc[:, None], drafts, nxt[:, None])
         live = ~s.done
-        n_keep, done = finish_block(new_bk, (n_acc + 1) * live, s.n_new, s.max_new, eos_ids)
+        n_keep, done = finish_block(new_bj, (n_acc + 1) * live, s.n_new, s.max_new, eos_ids)
         lengths = pos0 + n_keep
-        last = jnp.take_along_axis(new_bk, jnp.maximum(n_keep - 1, 0)[:, None], axis=1)[:, 0]
+        last = jnp.take_along_axis(new_bj, jnp.maximum(n_keep - 1, 0)[:, None], axis=1)[:, 0]
         return EESDState(
-            tokens=append_tokens(s.tokens, s.n_new, new_bk, n_keep),
+            tokens=append_tokens(s.tokens, s.n_new, new_bj, n_keep),
             n_new=s.n_new + n_keep,
             max_new=s.max_new,
             last=jnp.where(live, last, s.last),

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from eesd_jax.model import ModelConfig
 
 
 @flax.struct.dataclass
@@ -26,8 +31,11 @@ class KVCache:
         return self.k.shape[2]
 
 
-def init_cache(n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
-    shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, layers: int | None = None, dtype=None) -> KVCache:
+    """An empty cache of `layers` layers (default: the model's; an exit's own cache has 1), in cfg's dtype
+    unless `dtype` says otherwise."""
+    shape = (cfg.n_layers if layers is None else layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    dtype = cfg.jnp_dtype if dtype is None else dtype
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
 
 

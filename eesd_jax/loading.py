@@ -56,36 +56,48 @@ def cache_dir() -> pathlib.Path:
 # ----------------------------------------------------------------------------- HF names -> our layout
 
 
+# Our per-layer param name -> its Hugging Face tensor (model.layers.{i}.<name>); ours is that tensor reshaped.
+LAYER_TENSORS = {
+    "attn_norm": "input_layernorm.weight",
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "w_gate": "mlp.gate_proj.weight",
+    "w_up": "mlp.up_proj.weight",
+    "w_down": "mlp.down_proj.weight",
+    "bq": "self_attn.q_proj.bias",
+    "bk": "self_attn.k_proj.bias",
+    "bv": "self_attn.v_proj.bias",
+}
+TOP_TENSORS = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+
+
+def hf_layout(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[tuple[int, ...], list[str]]]:
+    """Param path -> (our shape, its HF tensors): one per layer for stacked [L, ...] params, else one.
+
+    Each HF tensor, reshaped to our shape (less L), is our param (no transposes: both are (out, in))."""
+    import jax
+
+    from eesd_jax import model
+
+    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+    out = {("layers", k): (s.shape, [f"model.layers.{i}.{LAYER_TENSORS[k]}" for i in range(cfg.n_layers)])
+           for k, s in shapes["layers"].items()}  # fmt: skip
+    out.update({(k,): (s.shape, [TOP_TENSORS[k]]) for k, s in shapes.items() if k != "layers"})
+    return out
+
+
 def _stack_hf_layers(cfg: ModelConfig, get) -> Params:
     """Build params from a getter `get(hf_name) -> (out, in) float array`."""
-    H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-
-    def layer(i):
-        pre = f"model.layers.{i}."
-        d = {
-            "attn_norm": get(pre + "input_layernorm.weight"),
-            "wq": get(pre + "self_attn.q_proj.weight").reshape(H, E, -1),
-            "wk": get(pre + "self_attn.k_proj.weight").reshape(K, E, -1),
-            "wv": get(pre + "self_attn.v_proj.weight").reshape(K, E, -1),
-            "wo": get(pre + "self_attn.o_proj.weight").reshape(-1, H, E),
-            "mlp_norm": get(pre + "post_attention_layernorm.weight"),
-            "w_gate": get(pre + "mlp.gate_proj.weight"),
-            "w_up": get(pre + "mlp.up_proj.weight"),
-            "w_down": get(pre + "mlp.down_proj.weight"),
-        }
-        if cfg.qkv_bias:
-            d["bq"] = get(pre + "self_attn.q_proj.bias").reshape(H, E)
-            d["bk"] = get(pre + "self_attn.k_proj.bias").reshape(K, E)
-            d["bv"] = get(pre + "self_attn.v_proj.bias").reshape(K, E)
-        return d
-
-    per_layer = [layer(i) for i in range(cfg.n_layers)]
-    layers = {name: np.stack([lp[name] for lp in per_layer]) for name in per_layer[0]}
-    params = {"embed": get("model.embed_tokens.weight"), "final_norm": get("model.norm.weight"), "layers": layers}
-    if not cfg.tie_embeddings:
-        params["lm_head"] = get("lm_head.weight")
+    params: Params = {"layers": {}}
     dt = np.dtype(cfg.dtype)
-    return _map(lambda a: np.asarray(a, dtype=dt), params)
+    for path, (shape, names) in hf_layout(cfg).items():
+        value = np.stack([get(n).reshape(shape[1:]) for n in names]) if path[0] == "layers" else get(names[0])
+        node = params["layers"] if path[0] == "layers" else params
+        node[path[-1]] = np.asarray(value, dtype=dt)
+    return params
 
 
 # Buffers some checkpoints carry that the model recomputes (from rope_theta).
@@ -116,29 +128,22 @@ def _expected_shape(cfg: ModelConfig, key: str) -> tuple[int, ...]:
     return shapes[key.split(".", 3)[-1] if key.startswith("model.layers.") else key]
 
 
-def _params_from_tensors(source: str, cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Params:
-    """Our params from HF-named tensors; refuses a checkpoint with tensors our architecture has no place for.
-
-    An unused tensor means the checkpoint's architecture differs from ours (an o_proj or MLP
-    bias, an extra norm, RoPE frequency factors): running without it would give wrong logits.
-    """
-    used: set[str] = set()
-
-    def get(key):
-        if key not in tensors:
+def check_tensor_set(source: str, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a checkpoint (tensor name -> shape) missing a tensor, with a wrong shape, or with tensors our
+    architecture has no place for: an unused tensor means the checkpoint's architecture differs from
+    ours (an o_proj or MLP bias, an extra norm, RoPE frequency factors), and running without it would
+    give wrong logits."""
+    needed = [n for _, names in hf_layout(cfg).values() for n in names]
+    for key in needed:
+        if key not in shapes:
             raise CheckpointError(f"{source}: tensor {key!r} is missing")
-        shape, expected = tuple(tensors[key].shape), _expected_shape(cfg, key)
+        shape, expected = tuple(shapes[key]), _expected_shape(cfg, key)
         if shape != expected:
             raise CheckpointError(f"{source}: tensor {key!r} has shape {shape}, the config implies {expected}")
-        if not np.isfinite(tensors[key]).all():
-            raise CheckpointError(f"{source}: tensor {key!r} holds NaN or infinite values (a corrupted file?)")
-        used.add(key)
-        return tensors[key]
-
-    params = _stack_hf_layers(cfg, get)
+    used = set(needed)
     unused = sorted(
         k
-        for k in tensors
+        for k in shapes
         if k not in used
         and not k.endswith(_IGNORED_TENSOR_SUFFIXES)
         and not (cfg.tie_embeddings and k == "lm_head.weight")  # Tied: the embedding is the head.
@@ -149,7 +154,18 @@ def _params_from_tensors(source: str, cfg: ModelConfig, tensors: dict[str, np.nd
             f"({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}); this model differs "
             "(extra biases or norms, RoPE factors) and would run wrong"
         )
-    return params
+
+
+def check_finite(source: str, key: str, value: np.ndarray) -> np.ndarray:
+    if not np.isfinite(value).all():
+        raise CheckpointError(f"{source}: tensor {key!r} holds NaN or infinite values (a corrupted file?)")
+    return value
+
+
+def _params_from_tensors(source: str, cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Params:
+    """Our params from HF-named tensors, after check_tensor_set."""
+    check_tensor_set(source, cfg, {k: v.shape for k, v in tensors.items()})
+    return _stack_hf_layers(cfg, lambda key: check_finite(source, key, tensors[key]))
 
 
 # What gguf's and numpy's parsers raise on a damaged file (found by tests/test_damaged_files.py's fuzzing).
@@ -198,8 +214,14 @@ def config_from_hf(hf: dict[str, Any], name: str = "", dtype: str = "float32") -
         raise CheckpointError(f"unsupported hidden_act {hf['hidden_act']!r} (LLaMA-family models use silu)")
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise CheckpointError(f"unsupported RoPE scaling {rope_type!r}; only plain RoPE is implemented")
+    if rope_type not in ("default", None, "llama3"):
+        raise CheckpointError(f"unsupported RoPE scaling {rope_type!r}; plain RoPE and LLaMA-3.1's 'llama3' run")
+    scaling = None
+    if rope_type == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if not all(isinstance(rope.get(k), (int, float)) for k in keys):
+            raise CheckpointError(f"RoPE scaling 'llama3' needs numbers {', '.join(keys)}; got {rope}")
+        scaling = (*(float(rope[k]) for k in keys[:3]), int(rope[keys[3]]))
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     lacking = [key for key in required if not isinstance(hf.get(key), int)]
@@ -225,6 +247,7 @@ def config_from_hf(hf: dict[str, Any], name: str = "", dtype: str = "float32") -
         max_seq_len=int(max_len),
         dtype=dtype,
         name=name or hf.get("_name_or_path", "") or model_type,
+        rope_scaling=scaling,
     )
 
 
@@ -247,8 +270,18 @@ def _read_json(path: pathlib.Path) -> dict:
     return value
 
 
-def load_hf_folder(path: str | os.PathLike, dtype: str = "float32") -> LoadedModel:
-    """Load a Hugging Face folder (config.json + safetensors, optionally sharded)."""
+@dataclasses.dataclass
+class HFIndex:
+    """What a Hugging Face folder holds, from its config and safetensors headers (no tensor data read)."""
+
+    folder: pathlib.Path
+    cfg: ModelConfig
+    tensors: dict[str, tuple[pathlib.Path, tuple[int, ...]]]  # HF name -> (file, shape).
+    fingerprint: str
+
+
+def index_hf_folder(path: str | os.PathLike, dtype: str = "float32") -> HFIndex:
+    """Check a Hugging Face folder (config.json + safetensors, optionally sharded) and index its tensors."""
     folder = pathlib.Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"no such model folder: {folder}")
@@ -271,21 +304,46 @@ def load_hf_folder(path: str | os.PathLike, dtype: str = "float32") -> LoadedMod
     config_bytes = (folder / "config.json").read_bytes()
     cfg = config_from_hf(_read_json(folder / "config.json"), name=folder.name, dtype=dtype)
 
-    tensors: dict[str, np.ndarray] = {}
+    tensors = {}
     fingerprint = hashlib.sha256(config_bytes)
     for name in files:
-        with open_safetensors(folder / name, framework="flax") as f:
-            for key in f.keys():
-                tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+        with open_safetensors(folder / name) as f:
+            tensors.update({key: (folder / name, tuple(f.get_slice(key).get_shape())) for key in f.keys()})
         with open(folder / name, "rb") as fh:  # The header names every tensor, shape and offset.
             header_len = int.from_bytes(fh.read(8), "little")
             fingerprint.update(fh.read(header_len))
         fingerprint.update(str((folder / name).stat().st_size).encode())
-
     if cfg.tie_embeddings is False and "lm_head.weight" not in tensors:
         cfg = dataclasses.replace(cfg, tie_embeddings=True)
-    params = _params_from_tensors(str(folder), cfg, tensors)
-    return LoadedModel(cfg=cfg, params=params, fingerprint=fingerprint.hexdigest(), source=str(folder))
+    check_tensor_set(str(folder), cfg, {k: shape for k, (_, shape) in tensors.items()})
+    return HFIndex(folder, cfg, tensors, fingerprint.hexdigest())
+
+
+def load_hf_folder(path: str | os.PathLike, dtype: str = "float32") -> LoadedModel:
+    """Load a Hugging Face folder (config.json + safetensors, optionally sharded) as float32 params."""
+    hf = index_hf_folder(path)
+    tensors: dict[str, np.ndarray] = {}
+    for file in sorted({file for file, _ in hf.tensors.values()}):
+        with open_safetensors(file, framework="flax") as f:
+            for key in f.keys():
+                tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+    params = _params_from_tensors(str(hf.folder), hf.cfg, tensors)
+    return LoadedModel(cfg=hf.cfg, params=params, fingerprint=hf.fingerprint, source=str(hf.folder))
+
+
+def eos_ids(source: str | os.PathLike, tokenizer=None) -> tuple[int, ...]:
+    """Every token id that ends a generation: generation_config.json's eos_token_id (an int or a list,
+    e.g. LLaMA-3 Instruct's <|eot_id|> and <|end_of_text|>) when `source` is a folder, then the tokenizer's."""
+    ids: list = []
+    path = pathlib.Path(source) / "generation_config.json"
+    if str(source) and path.is_file():
+        eos = _read_json(path).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(tokenizer.eos_token_id)
+    if not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise CheckpointError(f"{path}: eos_token_id must be token ids, got {ids}")
+    return tuple(dict.fromkeys(ids))
 
 
 # ----------------------------------------------------------------------------- GGUF

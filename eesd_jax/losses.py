@@ -4,7 +4,7 @@
 previous ones, as when drafting), the head and the loss only on the selected (response)
 positions. `distill_loss` is KL(teacher top-k || draft) (renormalized over top-k ∩ draft
 vocabulary) and / or CE on the sampled tokens; `data_metrics` measures an exit over a
-whole `Data` (train.eval_exit measures it in real EESD decoding).
+whole `Data` (evaluation.eval_exit measures it in real EESD decoding).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import model
+from eesd_jax import exits, model
 from eesd_jax.distill_data import Data, vocab_map
 from eesd_jax.kv_cache import init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
@@ -31,8 +31,8 @@ class Batch:
 
     hidden: np.ndarray  # [B, T, D] layer-N hidden states.
     select: np.ndarray  # [B, R] int32: positions (in T) the loss and metrics are taken at.
-    topk_logp: np.ndarray  # [B, R, k] teacher top-k log-probs there.
-    topk_ids: np.ndarray  # [B, R, k]
+    topk_logp: np.ndarray  # [B, R, C] teacher top-k log-probs there.
+    topk_ids: np.ndarray  # [B, R, C]
     next_tokens: np.ndarray  # [B, R] the sampled token that follows (0 past the end).
     weights: np.ndarray  # [B, R] loss weight: 1 response positions, prompt_weight prompt ones, 0 padding.
     response: np.ndarray  # [B, R] bool: position predicts a response token (metrics).
@@ -48,7 +48,7 @@ def round_starts(n: int, first: int, rounds: Rounds, max_round: int = 4) -> np.n
 
     Positions before `first` (the prompt) are verified context: each starts its own. From
     `first` on, rounds tile the rest: None makes every position a round start (what the
-    first draft token of a round sees); an int k, rounds of exactly k (position j of a
+    first draft token of a round sees); an int J, rounds of exactly J (position j of a
     round is draft token j + 1); a Generator, rounds of uniform random length 1..max_round
     (training: every draft position, in proportion).
     """
@@ -85,12 +85,12 @@ def make_batch(
         spans.append((max(a, b - seq_len), b))
     T = min(round_up(max(b - a for a, b in spans), bucket), round_up(seq_len, bucket))
     R = min(T, n_select) if n_select and not prompt_weight else T
-    B, D, K = len(spans), data.hidden.shape[1], data.topk_ids.shape[1]
+    B, D, C = len(spans), data.hidden.shape[1], data.topk_ids.shape[1]
     out = Batch(
         hidden=np.zeros((B, T, D), np.float32),
         select=np.zeros((B, R), np.int32),
-        topk_logp=np.zeros((B, R, K), np.float32),
-        topk_ids=np.zeros((B, R, K), np.int32),
+        topk_logp=np.zeros((B, R, C), np.float32),
+        topk_ids=np.zeros((B, R, C), np.int32),
         next_tokens=np.zeros((B, R), np.int32),
         weights=np.zeros((B, R), np.float32),
         response=np.zeros((B, R), bool),
@@ -146,33 +146,33 @@ def exit_train_logits(
     """
     B, T, _ = hidden_btd.shape
     if context_btd is None:
-        cache = init_cache(1, B, T, cfg.n_kv_heads, cfg.head_dim, hidden_btd.dtype)
+        cache = init_cache(cfg, B, T, layers=1, dtype=hidden_btd.dtype)
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-        x, _ = model.run_layers(cfg, exit_params["block"], hidden_btd, positions, cache)
+        x, _ = exits.exit_hidden(cfg, exit_params, hidden_btd, positions, cache)
     else:
         block = jax.tree.map(lambda w: w[0], exit_params["block"])
         x = model.block_with_context(cfg, block, hidden_btd, context_btd, start_bt)
+        x = model.rms_norm(x, exit_params["norm"], cfg.rms_eps)
     if select_br is not None:
         x = jnp.take_along_axis(x, select_br[..., None], axis=1)
-    x = model.rms_norm(x, exit_params["norm"], cfg.rms_eps)
     return jnp.einsum("btd,vd->btv", x, head_vd, preferred_element_type=jnp.float32)
 
 
-def distill_loss(logits_btv, vmap_v, batch, kl_weight: float, ce_weight: float):
+def distill_loss(logits_brv, vmap_v, batch, kl_weight: float, ce_weight: float):
     """Weighted KL(teacher top-k ∩ draft vocab || draft) + CE on the sampled tokens; (loss, metrics).
 
     vmap_v: [V] index of each token in the draft logits' last axis, -1 outside. Metrics
     are over response positions: kl, ce, top1 (draft argmax == teacher argmax).
     """
-    logq = jax.nn.log_softmax(logits_btv, axis=-1)
-    dix = vmap_v[batch.topk_ids]  # [B, T, k]
+    logq = jax.nn.log_softmax(logits_brv, axis=-1)
+    dix = vmap_v[batch.topk_ids]  # [B, R, C]
     valid = dix >= 0
     has = valid.any(-1)
     # Teacher renormalized over its top-k ∩ draft vocabulary (all-invalid rows: dummy zeros, weight 0).
     log_p = jax.nn.log_softmax(jnp.where(valid, batch.topk_logp, jnp.where(has[..., None], -jnp.inf, 0.0)), -1)
     log_p = jnp.where(valid, log_p, 0.0)
     logq_k = jnp.take_along_axis(logq, jnp.maximum(dix, 0), axis=-1)
-    kl = jnp.sum(jnp.where(valid, jnp.exp(log_p) * (log_p - logq_k), 0.0), -1)  # [B, T]
+    kl = jnp.sum(jnp.where(valid, jnp.exp(log_p) * (log_p - logq_k), 0.0), -1)  # [B, R]
 
     nd = vmap_v[batch.next_tokens]
     ce = -jnp.take_along_axis(logq, jnp.maximum(nd, 0)[..., None], axis=-1)[..., 0]
@@ -197,9 +197,9 @@ def distill_loss(logits_btv, vmap_v, batch, kl_weight: float, ce_weight: float):
     return loss, metrics
 
 
-def agreement(logits_btv: jax.Array, dix_btk: jax.Array) -> jax.Array:
-    """[B, T] bool: the draft's argmax is the teacher's top-1 (draft-index space; -1 outside: a miss)."""
-    return jnp.argmax(logits_btv, -1) == dix_btk[..., 0]
+def agreement(logits_brv: jax.Array, dix_brc: jax.Array) -> jax.Array:
+    """[B, R] bool: the draft's argmax is the teacher's top-1 (draft-index space; -1 outside: a miss)."""
+    return jnp.argmax(logits_brv, -1) == dix_brc[..., 0]
 
 
 def frozen_head(lm_params: Params, exit_params: Params) -> jax.Array:
@@ -232,7 +232,7 @@ def data_metrics(
 
     Each position is the first draft of a round (for a context exit: every earlier position
     verified), so top1 is the first draft's acceptance given a correct prefix. With
-    round_len = K > 0 the responses are tiled into rounds of K instead, and
+    round_len = J > 0 the responses are tiled into rounds of J instead, and
     top1_by_draft_position[j] is the top-1 agreement of draft token j + 1 given correct
     earlier drafts (an exit without a context layer computes the same thing at every j:
     its figures differ only by which positions fall at j).

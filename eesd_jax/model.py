@@ -4,6 +4,10 @@ Axis glossary (used in names, einsum strings and `PARAM_AXES`):
   B batch, T new tokens in this call, S cache length, D model width,
   H query heads, K kv heads, G query heads per kv head (H = K * G), E head dim,
   F ffn width, V vocab, L layers.
+Decoding and distillation add: P prompt width, M new tokens (budget), J draft slots per
+round (EESDConfig.max_draft; a verify block holds J + 1), C teacher top-k candidates
+(distillation targets), R positions a distillation loss is taken at (losses.Batch) or
+rounds of a trace (eesd.RoundTrace), V' draft vocabulary (an exit's head).
 
 Per-layer params are stacked on a leading L axis, so "the first N layers" and
 "layers N..L" are ranges run by one `lax.scan` (`run_layers`). Weights are stored
@@ -19,12 +23,15 @@ returns for the first n layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from eesd_jax.kv_cache import KVCache
+from eesd_jax.kv_cache import KVCache, init_cache
 
 Params = dict[str, Any]
 
@@ -73,6 +80,9 @@ class ModelConfig:
     max_seq_len: int = 4096
     dtype: str = "float32"  # Activation and param dtype.
     name: str = "llama"  # Free-form identity, recorded in exit files.
+    # LLaMA-3.1 RoPE scaling ("rope_type": "llama3"): (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings); None = plain RoPE.
+    rope_scaling: tuple[float, float, float, int] | None = None
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
@@ -84,6 +94,12 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.rope_scaling is not None:  # A tuple (hashable: cfg is a static jit argument), also from JSON lists.
+            object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+            factor, low, high, _ = self.rope_scaling
+            if not (factor >= 1 and 0 < low < high):
+                raise ValueError(f"rope_scaling needs factor >= 1 and 0 < low_freq_factor < high_freq_factor, "
+                                 f"got {self.rope_scaling}")  # fmt: skip
 
     @property
     def jnp_dtype(self):
@@ -151,10 +167,23 @@ def rms_norm(x_btd: jax.Array, scale_d: jax.Array, eps: float) -> jax.Array:
     return (y * scale_d.astype(jnp.float32)).astype(x_btd.dtype)
 
 
-def rope(x_bthe: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half convention (Hugging Face LLaMA)."""
-    half = x_bthe.shape[-1] // 2
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None = None) -> jax.Array:
+    """[E/2] float32 inverse frequencies; with LLaMA-3.1 scaling, long wavelengths (beyond
+    original_len / low_freq_factor) slowed by `factor`, short ones (below original_len /
+    high_freq_factor) kept, and a linear blend of the two in between (in 1 / wavelength)."""
+    half = head_dim // 2
     inv_freq_f = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    if scaling is not None:
+        factor, low, high, original_len = scaling
+        smooth_f = jnp.clip((original_len * inv_freq_f / (2 * jnp.pi) - low) / (high - low), 0.0, 1.0)
+        inv_freq_f = (1 - smooth_f) * inv_freq_f / factor + smooth_f * inv_freq_f
+    return inv_freq_f
+
+
+def rope(x_bthe: jax.Array, positions_bt: jax.Array, theta: float, scaling: tuple | None = None) -> jax.Array:
+    """Rotary embedding, rotate-half convention (Hugging Face LLaMA); scaling: ModelConfig.rope_scaling."""
+    half = x_bthe.shape[-1] // 2
+    inv_freq_f = rope_frequencies(2 * half, theta, scaling)
     angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq_f
     sin = jnp.sin(angles_btf)[:, :, None, :]
     cos = jnp.cos(angles_btf)[:, :, None, :]
@@ -317,7 +346,8 @@ def _qkv(cfg: ModelConfig, p: Params, x_btd: jax.Array, positions_bt: jax.Array)
     v_btke = dense(h, p["wv"].reshape(K * E, D)).reshape(B, T, K, E)
     if cfg.qkv_bias:
         q_bthe, k_btke, v_btke = q_bthe + p["bq"], k_btke + p["bk"], v_btke + p["bv"]
-    return rope(q_bthe, positions_bt, cfg.rope_theta), rope(k_btke, positions_bt, cfg.rope_theta), v_btke
+    rot = lambda x: rope(x, positions_bt, cfg.rope_theta, cfg.rope_scaling)
+    return rot(q_bthe), rot(k_btke), v_btke
 
 
 def _scores(cfg: ModelConfig, q_bthe: jax.Array, k_bske: jax.Array, visible_bts: jax.Array) -> jax.Array:
@@ -437,6 +467,12 @@ def unstack(params: Params) -> Params:
     return {**params, "layers": [jax.tree.map(lambda w, i=i: w[i], layers) for i in range(num_layers(layers))]}
 
 
+def decode_layout(params: Params) -> Params:
+    """params in the layout the decode loops run fastest in on this backend: per-layer lists on CPU
+    (run_layers: XLA:CPU copies a layer out of a stacked array each step), stacked elsewhere."""
+    return unstack(params) if jax.default_backend() == "cpu" else params
+
+
 def split_layers(layers: Layers, n: int) -> tuple[Layers, Layers]:
     """(layers [0, n), layers [n, L)) in the same layout; call outside jit."""
     if isinstance(layers, list):
@@ -454,3 +490,38 @@ def forward(
     """Full forward over T new tokens: ([B, T, V] float32 logits, cache)."""
     x, cache = run_layers(cfg, params["layers"], embed(params, tokens_bt), positions_bt, cache)
     return lm_head(params, final_norm(params, cfg, x)), cache
+
+
+def run_segments(
+    cfg: ModelConfig, segments: Sequence[Layers], x_btd: jax.Array, positions_bt: jax.Array, cache: KVCache
+) -> tuple[list[jax.Array], KVCache]:
+    """Consecutive layer ranges from layer 0 on (e.g. eesd.split_params): the hidden state after each, and the
+    cache with their slots written."""
+    hiddens, first = [], 0
+    for layers in segments:
+        x_btd, cache = run_layers(cfg, layers, x_btd, positions_bt, cache, first)
+        hiddens.append(x_btd)
+        first += num_layers(layers)
+    return hiddens, cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward_uncached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array) -> jax.Array:
+    """[B, T, V] float32 logits of whole sequences (positions 0..T-1) from a fresh cache: the reference forward."""
+    B, T = tokens_bt.shape
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    return forward(cfg, params, tokens_bt, positions, init_cache(cfg, B, T))[0]
+
+
+def random_params(cfg: ModelConfig, rng: np.random.Generator | np.random.RandomState, scale: float) -> Params:
+    """numpy params in init_params' layout: norm scales 1, every other weight scale * N(0, 1) (no jax.random
+    compiles per shape, which cost seconds on CPU)."""
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, s: (
+            np.ones(s.shape, s.dtype)
+            if "norm" in jax.tree_util.keystr(path)
+            else (scale * rng.standard_normal(s.shape)).astype(s.dtype)
+        ),
+        shapes,
+    )

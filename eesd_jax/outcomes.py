@@ -34,11 +34,11 @@ def drafts(traces: list[eesd.RoundTrace], rounds: list) -> Drafts:
     """The judged drafts of several runs: traces[g] (host copies, Generation.trace) ran rounds[g] [B] rounds."""
     parts, first_row = [], 0
     for t, rounds_b in zip(traces, rounds, strict=True):
-        B, R, K, _ = t.features.shape
+        B, R, J, _ = t.features.shape
         r_ok = np.arange(R)[None, :] < np.asarray(rounds_b)[:, None]  # [B, R] rounds that ran.
-        j = np.arange(K)[None, None, :]
+        j = np.arange(J)[None, None, :]
         n_draft, n_acc = t.n_draft[..., None], t.n_accepted[..., None]
-        judged = r_ok[..., None] & (j < n_draft) & (j <= n_acc)  # [B, R, K]
+        judged = r_ok[..., None] & (j < n_draft) & (j <= n_acc)  # [B, R, J]
         b, r, k = np.nonzero(judged)
         parts.append((t.features[b, r, k], k, k < t.n_accepted[b, r], b + first_row))
         first_row += B
@@ -48,7 +48,7 @@ def drafts(traces: list[eesd.RoundTrace], rounds: list) -> Drafts:
 
 
 def acceptance_by_position(d: Drafts, max_draft: int) -> list[dict]:
-    """Per draft position 1..K: drafts judged there, accepted, and the rate (accepted given the prefix stood)."""
+    """Per draft position 1..J: drafts judged there, accepted, and the rate (accepted given the prefix stood)."""
     out = []
     for i in range(max_draft):
         at = d.position == i

@@ -93,53 +93,53 @@ def choose(key: jax.Array, logits_xv: jax.Array, cfg: SamplingConfig) -> jax.Arr
     return jax.random.categorical(key, warp(logits_xv, cfg), axis=-1).astype(jnp.int32)
 
 
-def leading_true(ok_bk: jax.Array) -> jax.Array:
-    """[B, K] bool -> [B] length of the all-True prefix."""
-    return jnp.sum(jnp.cumprod(ok_bk.astype(jnp.int32), axis=-1), axis=-1)
+def leading_true(ok_bj: jax.Array) -> jax.Array:
+    """[B, J] bool -> [B] length of the all-True prefix."""
+    return jnp.sum(jnp.cumprod(ok_bj.astype(jnp.int32), axis=-1), axis=-1)
 
 
-def accept_greedy(draft_bk: jax.Array, n_draft_b: jax.Array, target_logits_bkv: jax.Array):
+def accept_greedy(draft_bj: jax.Array, n_draft_b: jax.Array, target_logits_bjv: jax.Array):
     """Greedy verification of a draft block.
 
-    draft_bk: [B, K] draft tokens d_1..d_K; n_draft_b: [B] how many are real;
-    target_logits_bkv: [B, K+1, V] target logits at block positions 0..K.
+    draft_bj: [B, J] draft tokens d_1..d_J; n_draft_b: [B] how many are real;
+    target_logits_bjv: [B, J+1, V] target logits at block positions 0..J.
     Returns (n_accepted [B], next_token [B]): the longest prefix where d_{i+1}
     equals the target's argmax at i, and the target's token after it.
     """
-    target_bk1 = jnp.argmax(target_logits_bkv, axis=-1).astype(jnp.int32)
-    K = draft_bk.shape[1]
-    ok = (draft_bk == target_bk1[:, :K]) & (jnp.arange(K)[None] < n_draft_b[:, None])
+    target_bj1 = jnp.argmax(target_logits_bjv, axis=-1).astype(jnp.int32)
+    J = draft_bj.shape[1]
+    ok = (draft_bj == target_bj1[:, :J]) & (jnp.arange(J)[None] < n_draft_b[:, None])
     n_acc = leading_true(ok)
-    return n_acc, jnp.take_along_axis(target_bk1, n_acc[:, None], axis=1)[:, 0]
+    return n_acc, jnp.take_along_axis(target_bj1, n_acc[:, None], axis=1)[:, 0]
 
 
 def accept_sampled(
     key: jax.Array,
-    draft_bk: jax.Array,
+    draft_bj: jax.Array,
     n_draft_b: jax.Array,
-    draft_logp_bkv: jax.Array,
-    target_logits_bkv: jax.Array,
+    draft_logp_bjv: jax.Array,
+    target_logits_bjv: jax.Array,
     cfg: SamplingConfig,
 ):
     """Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
 
     Accept d_{i+1} with probability min(1, p_i(d)/q_i(d)); at the first rejection
     draw from norm(max(0, p_i - q_i)); if every real draft is accepted draw the
-    bonus token from p_k. draft_logp_bkv: [B, K, V] warped draft log-probs q.
+    bonus token from p_k. draft_logp_bjv: [B, J, V] warped draft log-probs q.
     Returns (n_accepted [B], next_token [B]).
     """
-    B, K = draft_bk.shape
+    B, J = draft_bj.shape
     key_u, key_next = jax.random.split(key)
-    p_bkv = jnp.exp(warp(target_logits_bkv, cfg))  # [B, K+1, V]
-    q_bkv = jnp.exp(draft_logp_bkv)
-    p_d = jnp.take_along_axis(p_bkv[:, :K], draft_bk[..., None], axis=-1)[..., 0]
-    q_d = jnp.take_along_axis(q_bkv, draft_bk[..., None], axis=-1)[..., 0]
-    u = jax.random.uniform(key_u, (B, K))
-    ok = (u * q_d < p_d) & (jnp.arange(K)[None] < n_draft_b[:, None])
+    p_bjv = jnp.exp(warp(target_logits_bjv, cfg))  # [B, J+1, V]
+    q_bjv = jnp.exp(draft_logp_bjv)
+    p_d = jnp.take_along_axis(p_bjv[:, :J], draft_bj[..., None], axis=-1)[..., 0]
+    q_d = jnp.take_along_axis(q_bjv, draft_bj[..., None], axis=-1)[..., 0]
+    u = jax.random.uniform(key_u, (B, J))
+    ok = (u * q_d < p_d) & (jnp.arange(J)[None] < n_draft_b[:, None])
     n_acc = leading_true(ok)
 
-    p_next = jnp.take_along_axis(p_bkv, n_acc[:, None, None], axis=1)[:, 0]
-    q_next = jnp.take_along_axis(q_bkv, jnp.minimum(n_acc, K - 1)[:, None, None], axis=1)[:, 0]
+    p_next = jnp.take_along_axis(p_bjv, n_acc[:, None, None], axis=1)[:, 0]
+    q_next = jnp.take_along_axis(q_bjv, jnp.minimum(n_acc, J - 1)[:, None, None], axis=1)[:, 0]
     rejected = (n_acc < n_draft_b)[:, None]
     residual = jnp.where(rejected, jnp.maximum(p_next - q_next, 0.0), p_next)
     # A rejection has probability 0 when p == q, so an all-zero residual is never

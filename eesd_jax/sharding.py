@@ -303,10 +303,6 @@ def shard_exit_params(exit_params, mesh: Mesh):
     return put(exit_params, exit_param_shardings(exit_params, mesh))
 
 
-def shard_cache(cache: KVCache, mesh: Mesh) -> KVCache:
-    return put(cache, cache_shardings(cache, mesh))
-
-
 def shard_batch(tree, mesh: Mesh):
     """Batch-major arrays ([B, ...] each): rows over 'data' (replicated where B doesn't divide)."""
     return put(tree, jax.tree.map(lambda x: named(mesh, ("batch",) + (None,) * (np.ndim(x) - 1), np.shape(x)), tree))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import model, prompts
+from eesd_jax import engine, loading, model, prompts
 from eesd_jax.kv_cache import init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
 
@@ -40,7 +40,7 @@ class ByteTokenizer:
         return [1 + b % (self.vocab_size - 1) for b in text.encode("utf-8")]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LM:
     """The frozen teacher: model, params (jax arrays), identity, tokenizer, EOS ids."""
 
@@ -54,7 +54,7 @@ class LM:
     def encode(self, prompt: prompts.Prompt) -> list[int]:
         if isinstance(self.tokenizer, ByteTokenizer):
             return self.tokenizer.encode(prompt.text)
-        return prompts.encode(self.tokenizer, prompt.text, prompt.chat)
+        return prompts.encode(self.tokenizer, prompt.text, prompt.chat, prompt.context)
 
 
 def tiny_lm(spec) -> LM:
@@ -63,11 +63,7 @@ def tiny_lm(spec) -> LM:
     init_seed, scale, eos = spec.pop("init_seed"), spec.pop("init_scale"), spec.pop("eos_id")
     cfg = ModelConfig(name="tiny-random", **spec)
     # model.init_params' layout, drawn with numpy (compiling jax's RNG costs seconds on CPU).
-    rng = np.random.default_rng(init_seed)
-    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, s: jnp.ones(s.shape, s.dtype) if "norm" in jax.tree_util.keystr(path)
-        else jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype), shapes)  # fmt: skip
+    params = jax.tree.map(jnp.asarray, model.random_params(cfg, np.random.default_rng(init_seed), scale))
     ident = json.dumps(
         {"cfg": dataclasses.asdict(cfg), "seed": init_seed, "scale": scale, "init": "numpy/1"}, sort_keys=True
     )
@@ -78,40 +74,35 @@ def load_lm(model_cfg) -> LM:
     """The teacher named by a config's `model` section ("tiny", "bundled", a folder or .gguf)."""
     if model_cfg.source == "tiny":
         return tiny_lm(model_cfg.tiny)
-    from eesd_jax import loading
-
     lm = loading.load_model(None if model_cfg.source in ("bundled", "", None) else model_cfg.source)
     return as_lm(lm)
 
 
-def as_lm(obj) -> LM:
-    """An LM from an LM, a loading.LoadedModel, or a cli.Session-like object (lm, params, tokenizer)."""
+def as_lm(obj: LM | loading.LoadedModel | engine.Session) -> LM:
+    """An LM from an LM, a loading.LoadedModel or an engine.Session."""
     if isinstance(obj, LM):
         return obj
-    if hasattr(obj, "lm") and hasattr(obj, "tokenizer"):  # cli.Session
+    if isinstance(obj, engine.Session):
         tok = obj.tokenizer
         params, loaded = obj.params, obj.lm
-    else:  # loading.LoadedModel
+    else:
         loaded, tok = obj, obj.tokenizer()
         params = jax.tree.map(jnp.asarray, obj.params)
-    eos = () if tok.eos_token_id is None else (int(tok.eos_token_id),)
+    from eesd_jax import loading
+
+    eos = loading.eos_ids(getattr(loaded, "source", ""), tok)  # generation_config.json's, then the tokenizer's.
     return LM(loaded.cfg, params, loaded.fingerprint, loaded.cfg.name, tok, eos)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "starts", "top_k"))
-def _teacher_batch(cfg, params, segments, tokens_bt, starts, top_k):
+@functools.partial(jax.jit, static_argnames=("cfg", "top_k"))
+def _teacher_batch(cfg, params, segments, tokens_bt, top_k):
     """Hidden states after each segment's last layer; teacher top-k log-probs if top_k > 0."""
     B, T = tokens_bt.shape
-    cache = init_cache(cfg.n_layers, B, T, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    x = model.embed(params, tokens_bt)
-    hiddens = []
-    for start, seg in zip(starts, segments):
-        x, cache = model.run_layers(cfg, seg, x, positions, cache, start)
-        hiddens.append(x)
+    hiddens, _ = model.run_segments(cfg, segments, model.embed(params, tokens_bt), positions, init_cache(cfg, B, T))
     if not top_k:
         return hiddens, None, None
-    logp = jax.nn.log_softmax(model.lm_head(params, model.final_norm(params, cfg, x)), axis=-1)
+    logp = jax.nn.log_softmax(model.lm_head(params, model.final_norm(params, cfg, hiddens[-1])), axis=-1)
     values, ids = jax.lax.top_k(logp, top_k)
     return hiddens[:-1], values, ids.astype(jnp.int32)
 
@@ -128,7 +119,7 @@ def run_teacher(
 ):
     """One pass of the frozen LLM over every sequence.
 
-    Returns ({n: [total, D] hidden after layer n}, [total, k] top-k log-probs, [total, k] ids),
+    Returns ({n: [total, D] hidden after layer n}, [total, C] top-k log-probs, [total, C] ids),
     flat like `tokens`. With top_k = 0 only the first max(layers) layers run.
     """
     cfg = lm.cfg
@@ -153,7 +144,7 @@ def run_teacher(
         tok = np.zeros((rows, T), np.int32)
         for r, k in enumerate(idx):
             tok[r, : lengths[k]] = tokens[offsets[k] : offsets[k + 1]]
-        hs, logp, ids = jax.device_get(_teacher_batch(cfg, lm.params, segments, jnp.asarray(tok), starts, top_k))
+        hs, logp, ids = jax.device_get(_teacher_batch(cfg, lm.params, segments, jnp.asarray(tok), top_k))
         for r, k in enumerate(idx):
             a, b, n = offsets[k], offsets[k + 1], lengths[k]
             for layer, h in zip(layers, hs):

@@ -1,15 +1,13 @@
-"""Training and evaluating the early-exiting layer: optax AdamW, orbax checkpoints with exact resume, export.
+"""Training the early-exiting layer: optax AdamW, orbax checkpoints with exact resume, export.
 
     from eesd_jax import configs, train
     path = train.run_distill(configs.load_config("smollm2:N=6"), "runs/smollm2_n6")
-    figures = train.run_eval(configs.load_config("smollm2:N=6"), path)
 
 `run_distill` = data (distill_data.prepare_data, reused when it matches) -> training
 (`train_exit`) -> export (exits.save_exit with the config and metrics in its metadata).
 WORKDIR holds: data/ (unless config.data.dir), checkpoints/ (orbax), metrics.jsonl
 (one record per log step), run.json (stage wall times, metrics, the exit's path),
-exit_N{n}.safetensors. `eval_exit` measures an exit where it matters: α, τ and speed in
-real greedy EESD decoding against AR on held-out prompts (`run_eval`: config.eval's sets).
+exit_N{n}.safetensors. evaluation.eval_exit then measures the exit in real EESD decoding.
 
 Resume: the batch of step s is a function of (train.seed, s) alone (a fresh permutation
 of the sequences per epoch), and the optimizer state is checkpointed with the params,
@@ -19,12 +17,10 @@ so a run killed mid-way and restarted ends with exactly the params of an uninter
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import pathlib
 import time
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +29,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from eesd_jax import control, decoding, distill_data, eesd, exits, generate, losses, prompts, teacher
+from eesd_jax import distill_data, exits, losses, teacher
 from eesd_jax.kv_cache import round_up
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.teacher import LM
@@ -52,25 +48,19 @@ def split_trainable(exit_params: Params, train_head: bool) -> tuple[Params, Para
 
 
 def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warmup + cosine decay and global-norm clipping; no decay on norm scales.
-
-    The same settings give the same (cached) objects, so the jitted train step is reused.
-    """
-    return _optimizer(int(tcfg.steps), int(tcfg.warmup_steps), float(tcfg.lr), float(tcfg.end_lr_frac),
-                      float(tcfg.weight_decay), float(tcfg.clip_norm))  # fmt: skip
-
-
-@functools.lru_cache(maxsize=16)
-def _optimizer(steps, warmup_steps, lr, end_lr_frac, weight_decay, clip_norm):
-    warmup = max(0, min(warmup_steps, steps - 1))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * end_lr_frac)
+    """AdamW with linear warmup + cosine decay and global-norm clipping; no decay on norm scales."""
+    steps, lr = int(tcfg.steps), float(tcfg.lr)
+    warmup = max(0, min(int(tcfg.warmup_steps), steps - 1))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * float(tcfg.end_lr_frac)
+    )
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
 
     tx = optax.chain(
-        optax.clip_by_global_norm(clip_norm),
-        optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask),
+        optax.clip_by_global_norm(float(tcfg.clip_norm)),
+        optax.adamw(schedule, weight_decay=float(tcfg.weight_decay), mask=decay_mask),
     )
     return tx, schedule
 
@@ -86,22 +76,25 @@ def batch_indices(n_seq: int, batch_size: int, seed: int, step: int) -> np.ndarr
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "tx", "kl_weight", "ce_weight"))
-def train_step(cfg: ModelConfig, tx, head_vd, static, state, vmap_v, batch, kl_weight, ce_weight):
-    """One AdamW step on the trainable exit params; returns (state, metrics)."""
+def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, kl_weight: float, ce_weight: float):
+    """The jitted AdamW step on the trainable exit params, (head_vd, static, state, vmap_v, batch) -> (state,
+    metrics); `state` is donated (updated in place)."""
 
-    def loss_fn(trainable):
-        exit_params = {**static, **trainable}
-        head = exit_params.get("head", head_vd)
-        logits = losses.exit_train_logits(
-            cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start
-        )
-        return losses.distill_loss(logits, vmap_v, batch, kl_weight, ce_weight)
+    def train_step(head_vd, static, state, vmap_v, batch):
+        def loss_fn(trainable):
+            exit_params = {**static, **trainable}
+            head = exit_params.get("head", head_vd)
+            logits = losses.exit_train_logits(
+                cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start
+            )
+            return losses.distill_loss(logits, vmap_v, batch, kl_weight, ce_weight)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    return {"params": params, "opt": opt}, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt": opt}, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(train_step, donate_argnames=("state",))
 
 
 def select_count(*datas: distill_data.Data | None) -> int:
@@ -157,6 +150,7 @@ def train_exit(
     head_vd = losses.frozen_head(lm.params, init) if "head" not in trainable else jnp.zeros((0, lm.cfg.d_model))
     vmap = jnp.asarray(distill_data.vocab_map(lm.cfg.vocab_size, vocab_ids))
     tx, schedule = make_optimizer(t)
+    train_step = make_train_step(lm.cfg, tx, float(t.kl_weight), float(t.ce_weight))
     state = {"params": trainable, "opt": tx.init(trainable)}
 
     ckpt_dir = workdir / "checkpoints"
@@ -211,8 +205,7 @@ def train_exit(
             batch = losses.make_batch(data, idx, int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select,
                                        rounds, int(t.max_round))  # fmt: skip
             n_tokens += batch.weights.shape[0] * batch.weights.shape[1]
-            state, m = train_step(lm.cfg, tx, head_vd, static, state, vmap, losses.to_device(batch),
-                                  float(t.kl_weight), float(t.ce_weight))  # fmt: skip
+            state, m = train_step(head_vd, static, state, vmap, losses.to_device(batch))
             acc.append(m)
             done = step + 1
             if done % int(t.log_every) == 0 or done == steps:
@@ -258,7 +251,7 @@ def exit_config(config) -> exits.ExitConfig:
 def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, stop_at: int | None = None):
     """Data -> training -> export for one config. Returns the exported exit's path (None if stopped early).
 
-    lm: the teacher, if already loaded (an LM, loading.LoadedModel or cli.Session);
+    lm: the teacher, if already loaded (an LM, loading.LoadedModel or engine.Session);
     default: teacher.load_lm(config.model). stop_at: see train_exit. With config.exit.joint_layers,
     exits at those N too (run_joint); the path returned is still exit.layer's.
     """
@@ -273,7 +266,7 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     lm = teacher.load_lm(config.model) if lm is None else teacher.as_lm(lm)
     exit_cfg = exit_config(config)
     exit_cfg.validate(lm.cfg)
-    lm.params = jax.tree.map(jnp.asarray, lm.params)
+    lm = dataclasses.replace(lm, params=jax.tree.map(jnp.asarray, lm.params))
     seconds["load_model"] = round(time.perf_counter() - t0, 2)
 
     t0 = time.perf_counter()
@@ -363,147 +356,3 @@ def run_joint(config, workdir, lm: LM | None = None, progress: bool = True, stop
         paths[n] = path
     (workdir / "joint.json").write_text(json.dumps({str(n): str(p) for n, p in paths.items()}, indent=1))
     return paths
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def eval_exit(
-    lm,
-    exit_path,
-    prompt_list_or_ids,
-    max_new_tokens: int = 128,
-    max_draft: int = 8,
-    controller: str = control.ControllerConfig.kind,
-    eos_ids: Sequence[int] | None = None,
-    warmup: bool = True,
-    max_prompt_tokens: int = 0,
-    progress: bool = True,
-) -> dict:
-    """An exit's figures on (held-out) prompts, batch 1, greedy.
-
-    lm: an LM / LoadedModel / cli.Session, or a tuple (cfg, params, fingerprint).
-    prompt_list_or_ids: prompts.Prompt objects (encoded with lm's tokenizer) or token-id lists;
-    with max_prompt_tokens > 0 longer prompts keep their last max_prompt_tokens tokens.
-    Runs AR and EESD on every prompt in this process (each new compiled shape is warmed
-    up first, untimed). Reports top-1 agreement of the exit with the LLM's greedy tokens
-    (from the layer-N states of the AR outputs), acceptance rate α, τ (tokens per round,
-    bonus included), tokens/s of both, the speedup and whether every output is identical.
-    """
-    if isinstance(lm, tuple):
-        cfg, params, fingerprint = lm
-        lm_obj, eos = None, tuple(eos_ids or ())
-    else:
-        lm_obj = teacher.as_lm(lm)
-        cfg, params, fingerprint = lm_obj.cfg, lm_obj.params, lm_obj.fingerprint
-        eos = tuple(lm_obj.eos_ids if eos_ids is None else eos_ids)
-    exit_cfg, exit_params = exits.load_exit(exit_path, cfg, fingerprint)
-    ids = [lm_obj.encode(p) if isinstance(p, prompts.Prompt) else list(p) for p in prompt_list_or_ids]
-    ids = [p[-max_prompt_tokens:] if max_prompt_tokens else p for p in ids]
-    if not ids:
-        raise ValueError("no prompts to evaluate on")
-    ecfg = eesd.config_for_exit(exit_cfg, exit_path, max_draft, controller)
-    split = eesd.split_params(params, exit_cfg.layer, exit_cfg.context_layer)
-    seen: set = set()
-    rows, ar_time, es_time, new_ar, new_es = [], 0.0, 0.0, 0, 0
-    totals = {"rounds": 0, "drafted": 0, "accepted": 0}
-    bar = teacher.progress_bar(progress, total=len(ids), desc="eval-exit", unit="prompt")
-    for p in ids:
-        run_ar = lambda p=p: generate.generate_ar(cfg, params, [p], max_new_tokens, eos_ids=eos)
-        run_es = lambda p=p: generate.generate_eesd(
-            cfg, params, exit_params, ecfg, [p], max_new_tokens, eos_ids=eos, split=split
-        )
-        r_ar, r_es = (
-            decoding.make_request(cfg, [p], max_new_tokens),
-            decoding.make_request(cfg, [p], max_new_tokens, slack=max_draft + 1),
-        )
-        sig = (r_ar.tokens_bp.shape, r_ar.cache_len, r_es.cache_len)
-        if warmup and sig not in seen:
-            run_ar(), run_es()
-            seen.add(sig)
-        g_ar, g_es = run_ar(), run_es()
-        ar_time += g_ar.prefill_seconds + g_ar.decode_seconds
-        es_time += g_es.prefill_seconds + g_es.decode_seconds
-        new_ar, new_es = new_ar + g_ar.new_tokens, new_es + g_es.new_tokens
-        for key in totals:
-            totals[key] += g_es.stats[key]
-        rows.append(
-            {
-                "prompt_tokens": len(p),
-                "ar": g_ar.tokens[0],
-                "identical": g_ar.tokens[0] == g_es.tokens[0],
-                "tau": g_es.stats["mean_accepted_per_round"],
-                "alpha": g_es.stats["acceptance_rate"],
-            }
-        )
-        bar.update(1)
-    bar.close()
-
-    # Top-1 agreement on the LLM's own greedy continuations: exit argmax at position t vs token t+1.
-    seqs = [p + r["ar"] for p, r in zip(ids, rows)]
-    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
-    tokens = np.concatenate([np.asarray(s, np.int32) for s in seqs])
-    mask = np.zeros(len(tokens), bool)
-    for k, p in enumerate(ids):
-        mask[offsets[k] + len(p) - 1 : offsets[k + 1] - 1] = True
-    tmp_lm = LM(cfg, params, fingerprint, cfg.name, None, eos)
-    c = exit_cfg.context_layer
-    hidden, _, _ = teacher.run_teacher(tmp_lm, tokens, offsets, [exit_cfg.layer, c] if c else [exit_cfg.layer], 0,
-                                       progress=False)  # fmt: skip
-    nxt = np.roll(tokens, -1)[:, None]
-    data = distill_data.Data(
-        tokens,
-        offsets,
-        np.array([len(p) for p in ids], np.int32),
-        mask,
-        hidden[exit_cfg.layer],
-        np.zeros((len(tokens), 1), np.float32),
-        nxt.astype(np.int32),
-        np.zeros(cfg.vocab_size, np.int64),
-        np.zeros(cfg.vocab_size),
-        context=hidden[c] if c else None,
-    )
-    agreement = losses.data_metrics(cfg, params, exit_params, data, seq_len=cfg.max_seq_len)
-
-    stats = generate.speculation_stats(totals["rounds"], totals["drafted"], totals["accepted"])
-    ar_tps, es_tps = new_ar / max(ar_time, 1e-9), new_es / max(es_time, 1e-9)
-    return {
-        "exit": {
-            "path": str(exit_path),
-            "layer": exit_cfg.layer,
-            "own_head": exit_cfg.own_head,
-            "draft_vocab": exit_cfg.draft_vocab,
-        },
-        "prompts": len(ids),
-        "max_new_tokens": max_new_tokens,
-        "max_draft": max_draft,
-        "controller": controller,
-        "top1_agreement": agreement["top1"],
-        "alpha": stats["acceptance_rate"],
-        "tau": stats["mean_accepted_per_round"],
-        **stats,
-        "ar_tokens": new_ar,
-        "eesd_tokens": new_es,
-        "ar_seconds": round(ar_time, 3),
-        "eesd_seconds": round(es_time, 3),
-        "ar_tokens_per_s": round(ar_tps, 2),
-        "eesd_tokens_per_s": round(es_tps, 2),
-        "speedup": round(es_tps / max(ar_tps, 1e-9), 3),
-        "identical": all(r["identical"] for r in rows),
-        "n_identical": sum(r["identical"] for r in rows),
-        "per_prompt": [{k: v for k, v in r.items() if k != "ar"} for r in rows],
-    }
-
-
-def run_eval(config, exit_path, lm=None, progress: bool = True, out: str | pathlib.Path | None = None) -> dict:
-    """eval_exit on config.eval's prompt sets (held-out by default); optionally writes JSON."""
-    lm = teacher.load_lm(config.model) if lm is None else teacher.as_lm(lm)
-    lm.params = jax.tree.map(jnp.asarray, lm.params)
-    e = config.eval
-    plist = distill_data.prompt_list(e.sets, int(e.n_per_set))
-    result = eval_exit(lm, exit_path, plist, int(e.max_new_tokens), int(e.max_draft), str(e.controller),
-                               max_prompt_tokens=int(config.data.max_prompt_tokens), progress=progress)  # fmt: skip
-    result["sets"] = list(e.sets)
-    if out is not None:
-        pathlib.Path(out).write_text(json.dumps(result, indent=1))
-    return result

@@ -50,7 +50,7 @@ import tempfile
 import ml_collections
 import numpy as np
 
-from eesd_jax import bench, control, distill_data, eesd, exits, provenance, shipped, teacher, train
+from eesd_jax import bench, control, distill_data, eesd, exits, model, provenance, shipped, teacher, train
 from eesd_jax.configs import apply_overrides, load_config
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -132,7 +132,7 @@ def merge(c: ml_collections.ConfigDict, knobs, where: str = "") -> ml_collection
 
 @dataclasses.dataclass
 class Setup:
-    lm: teacher.LM  # params in bench.decode_layout.
+    lm: teacher.LM  # params in model.decode_layout.
     exit_cfg: exits.ExitConfig  # The trained exit's.
     exit_params: dict
     exit_name: str
@@ -149,12 +149,13 @@ class Setup:
         return exits.init_exit(self.lm.cfg, self.lm.params, ecfg, self.exit_params.get("vocab"))
 
     def run(self, exit_params: dict, ecfg: eesd.EESDConfig, ids, modes=("ar", "eesd"), step_costs=True) -> dict:
-        # Every controller setting is a new compiled loop: bench.run drops the earlier ones when
-        # they near the kernel's memory-map limit (free_executables_near_map_limit).
+        # Every controller setting is a new compiled loop: drop the earlier ones when they near
+        # the kernel's memory-map limit.
+        bench.free_executables_near_map_limit()
         setup = bench.BenchSetup(self.lm.cfg, self.lm.params, exit_params, ecfg, self.lm.eos_ids)
         return bench.run(
             setup, ids, self.c.max_new_tokens, modes, repeats=self.c.repeats, seed=self.c.seed, step_costs=step_costs
-        )
+        ).report
 
     def bench(self, label: str, exit_params: dict, ecfg: eesd.EESDConfig) -> dict:
         """bench.run's report for one EESD configuration; NotLossless if its output left AR's."""
@@ -281,7 +282,7 @@ def joint(s: Setup) -> dict:
     config = ml_collections.ConfigDict(s.config.to_dict())
     config.exit.layer, config.exit.joint_layers = int(j.layers[0]), tuple(j.layers[1:])
     with tempfile.TemporaryDirectory() as tmp:
-        # Training loads its own teacher: s.lm's params are in the decode layout (bench.decode_layout).
+        # Training loads its own teacher: s.lm's params are in the decode layout (model.decode_layout).
         paths = train.run_joint(config, pathlib.Path(j.workdir or tmp), progress=False)
         rows = []
         for n, path in paths.items():
@@ -384,7 +385,7 @@ def main(argv=None) -> dict:
     lm = teacher.load_lm(config.model)
     with tempfile.TemporaryDirectory() as workdir:
         exit_cfg, exit_params, exit_name, exit_path = trained_exit(config, lm, args.exit, workdir)
-    lm.params = bench.decode_layout(lm.params)
+    lm = dataclasses.replace(lm, params=model.decode_layout(lm.params))
     prompts = distill_data.prompt_list(("chat:heldout", "humaneval:heldout"), c.n_per_set)
     ids, tune_ids = (
         [lm.encode(p)[-c.max_prompt_tokens :] for p in ps]

@@ -21,6 +21,7 @@ listed is activation-sized.
   python experiments/count_collectives.py                      # SmolLM2 shapes, heads divisible by 8
   python experiments/count_collectives.py --config smollm2     # real SmolLM2 shapes (9 heads / 3 kv)
   python experiments/count_collectives.py --mesh data=2,model=4 --tokens 1
+  python experiments/count_collectives.py --config llama3.1-8b  # also llama2-7b, qwen2.5-7b
 
 Weights are never materialized: lowering uses shapes only (jax.ShapeDtypeStruct).
 """
@@ -34,6 +35,8 @@ import math
 import os
 import re
 import sys
+
+from eesd_jax.configs import _pod  # Shapes only: imports no jax (XLA_FLAGS are set before that).
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
@@ -68,6 +71,8 @@ CONFIGS = {
         max_seq_len=512,
         name="tiny-div8",
     ),  # fmt: skip
+    # The 7B/8B configs' models (eesd_jax/configs/_pod.py): LLaMA-2-7B, LLaMA-3.1-8B, Qwen2.5-7B.
+    **_pod.SHAPES,
 }
 
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}

@@ -32,7 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from eesd_jax import bench, control, eesd, exits, generate, loading, provenance
+from eesd_jax import bench, control, eesd, exits, loading, model, provenance
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 EXIT_LAYER = {"smollm2": 3, "1b": 2, "8b": 4, "bundled": 2}  # N per model.
@@ -55,15 +55,9 @@ def loop_costs(cfg, params, exit_params, n: int, max_draft: int, max_new: int) -
     """ms per token of the AR loop and ms per round of the EESD loop (fixed K), second (warm) runs."""
     prompt = bench.random_prompts(1, cfg.vocab_size, seed=1, lengths=(32, 33))
     ecfg = eesd.EESDConfig(exit_layer=n, max_draft=max_draft, controller=control.ControllerConfig(kind="fixed"))
-    split = eesd.split_params(params, n)
-    runs = {}
-    for mode in ("ar", "eesd"):
-        for _ in range(2):  # The first compiles.
-            if mode == "ar":
-                runs[mode] = generate.generate_ar(cfg, params, prompt, max_new)
-            else:
-                runs[mode] = generate.generate_eesd(cfg, params, exit_params, ecfg, prompt, max_new, split=split)
-    ar, es = runs["ar"], runs["eesd"]
+    setup = bench.BenchSetup(cfg, params, exit_params, ecfg, eos_ids=())
+    runs = bench.run(setup, prompt, max_new, step_costs=False).generations  # After a warm-up (compile) run.
+    ar, es = runs["ar"][0], runs["eesd"][0]
     rounds = es.stats["rounds"]
     return {
         "ar_loop_ms_per_token": 1e3 * ar.decode_seconds / max(ar.stats["forward_passes"] - 1, 1),
@@ -75,7 +69,7 @@ def loop_costs(cfg, params, exit_params, n: int, max_draft: int, max_new: int) -
 
 def measure(cfg, params, n: int, args) -> dict:
     """Every figure of one model (see the module docstring)."""
-    params = bench.decode_layout(params)
+    params = model.decode_layout(params)
     exit_params = exits.init_exit(cfg, params, exits.ExitConfig(n))
     ms = bench.step_costs(cfg, params, exit_params, [n], args.tokens, args.cache_len, args.repeats)
     ar, draft = ms["ar_step"], ms[f"lower_N{n}"] + ms["exit_step"]

@@ -21,7 +21,7 @@ import json
 import pathlib
 import time
 
-from eesd_jax import bench, cli, control, eesd, exits, prompts, train
+from eesd_jax import bench, control, engine, prompts, train
 from eesd_jax.configs import load_config
 
 
@@ -42,18 +42,17 @@ def held_out_prompts(session, n_per_set: int) -> list[list[int]]:
     chosen = []
     for source in ("humaneval", "chat"):
         chosen += prompts.load_prompts(source, "heldout", n_per_set)
-    return [cli.encode_prompt(session, p.text, p.chat) for p in chosen]
+    return [engine.encode_prompt(session, p.text, p.chat) for p in chosen]
 
 
 def bench_one(session, exit_path, controller: str, max_draft: int, ids, max_new_tokens: int, repeats: int = 1) -> dict:
-    exit_cfg, exit_params = exits.load_exit(exit_path, session.cfg, session.lm.fingerprint)
-    ecfg = eesd.config_for_exit(exit_cfg, exit_path, max_draft, controller)
-    setup = bench.BenchSetup(session.cfg, session.params, exit_params, ecfg, session.eos_ids)
-    report = bench.run(setup, ids, max_new_tokens, repeats=repeats)
+    bench.free_executables_near_map_limit()  # Every configuration compiles new loops (see there).
+    eng = engine.eesd_engine(session, exit_path, max_draft=max_draft, controller=controller)
+    report = bench.run(engine.bench_setup(session, eng), ids, max_new_tokens, repeats=repeats).report
     es = report["modes"]["eesd"]
     row = {
         "exit": pathlib.Path(exit_path).name,
-        "N": exit_cfg.layer,
+        "N": eng.ecfg.exit_layer,
         "controller": controller,
         "max_draft": max_draft,
         "ar_tok_s": report["modes"]["ar"]["tokens_per_second"],
@@ -106,7 +105,7 @@ def main() -> None:
         paths = [pathlib.Path(p) for p in args.exits]
     else:
         paths = list(train_exits(args.layers, args.overrides, pathlib.Path(args.workdir)).values())
-    session = cli.load_session(None)
+    session = engine.load_session(None)
     ids = held_out_prompts(session, args.n_per_set)
     bench_args = (args.max_draft, ids, args.max_new_tokens, args.repeats)
     rows = [bench_one(session, path, args.controller, *bench_args) for path in paths]

@@ -19,12 +19,13 @@ gate` then uses for that exit (control.for_exit), and results/fit_gate/<config>.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 
 import numpy as np
 
-from eesd_jax import bench, control, distill_data, eesd, exits, generate, outcomes, provenance, shipped, teacher
+from eesd_jax import control, distill_data, eesd, exits, generate, model, outcomes, provenance, shipped, teacher
 from eesd_jax.configs import load_config
 from eesd_jax.policies import gate
 
@@ -88,7 +89,7 @@ def main(argv=None) -> dict:
     if exit_path is None:
         raise SystemExit(f"no exit: pass --exit (nothing is shipped for {lm.name})")
     exits.load_exit(exit_path, lm.cfg, lm.fingerprint)  # A wrong exit fails here, before any decoding.
-    lm.params = bench.decode_layout(lm.params)
+    lm = dataclasses.replace(lm, params=model.decode_layout(lm.params))
     prompt_list = distill_data.validation_prompts(config, args.n)
     if len(prompt_list) < 2:
         raise SystemExit(f"{args.config} holds out {len(prompt_list)} prompt(s): fitting and checking need 2")

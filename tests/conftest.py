@@ -40,13 +40,13 @@ def session_cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def no_persistent_compilation_cache():
-    """The CLI keeps compiled programs on disk (cli.enable_compilation_cache), a process-wide
+    """The CLI keeps compiled programs on disk (engine.enable_compilation_cache), a process-wide
     setting: after one in-process CLI test every later compile of the session would be written
     there. A full run crashed (SIGSEGV) inside jax's cache writer that way; tests compile fresh."""
-    from eesd_jax import cli
+    from eesd_jax import engine
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "enable_compilation_cache", lambda: None)
+        mp.setattr(engine, "enable_compilation_cache", lambda: None)
         yield
 
 

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 
-import jax
 import numpy as np
 import pytest
 
@@ -137,16 +136,6 @@ def torch_logits(model, tokens_bt: np.ndarray) -> np.ndarray:
     return out.logits.float().numpy()
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_fresh_cache(cfg, params, tokens_bt):
-    from eesd_jax import model
-    from eesd_jax.kv_cache import init_cache
-
-    B, T = tokens_bt.shape
-    cache = init_cache(cfg.n_layers, B, T, cfg.n_kv_heads, cfg.head_dim, cfg.jnp_dtype)
-    return model.forward(cfg, params, tokens_bt, jax.numpy.broadcast_to(jax.numpy.arange(T), (B, T)), cache)[0]
-
-
 def full_forward(cfg, params, tokens_bt) -> np.ndarray:
     """Our uncached forward over whole sequences: [B, T, V] float32 logits from a fresh cache.
 
@@ -157,7 +146,9 @@ def full_forward(cfg, params, tokens_bt) -> np.ndarray:
     B, T = tokens_bt.shape
     padded = np.zeros((B, -(-T // 32) * 32), np.int32)
     padded[:, :T] = tokens_bt
-    return np.asarray(_forward_fresh_cache(cfg, params, padded))[:, :T]
+    from eesd_jax import model
+
+    return np.asarray(model.forward_uncached(cfg, params, padded))[:, :T]
 
 
 def random_tokens(vocab: int, shape, seed: int = 0) -> np.ndarray:

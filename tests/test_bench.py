@@ -14,7 +14,9 @@ def test_report_counts_prompts_and_records_provenance(tiny):
     cfg, params = tiny
     ecfg = exits.ExitConfig(1)
     setup = bench.BenchSetup(cfg, params, exits.init_exit(cfg, params, ecfg), eesd.EESDConfig(exit_layer=1), eos_ids=())
-    report = bench.run(setup, [[1, 2, 3], [4, 5, 6], [7, 8, 9]], max_new_tokens=2, modes=("ar",), batch=3, seed=5)
+    report = bench.run(
+        setup, [[1, 2, 3], [4, 5, 6], [7, 8, 9]], max_new_tokens=2, modes=("ar",), batch=3, seed=5
+    ).report
     assert report["config"]["n_prompts"] == 3
     assert report["modes"]["ar"]["new_tokens"] == 6
     prov = report["provenance"]
@@ -37,7 +39,7 @@ def test_greedy_mismatch_is_reported_with_ar_margin(tiny, monkeypatch):
     ecfg = exits.ExitConfig(1)
     setup = bench.BenchSetup(cfg, params, exits.init_exit(cfg, params, ecfg), eesd.EESDConfig(exit_layer=1), eos_ids=())
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    report = bench.run(setup, prompts, max_new_tokens=6, batch=3)
+    report = bench.run(setup, prompts, max_new_tokens=6, batch=3).report
     assert report["identical"] is False
     (m,) = report["mismatches"]
     ar = generate.generate_ar(cfg, params, prompts[1:2], 6).tokens[0]
@@ -69,7 +71,7 @@ def test_acceptance_by_position_comes_from_a_traced_pass_of_the_same_decoding(ti
     ecfg = eesd.EESDConfig(exit_layer=1, max_draft=3, controller=control.ControllerConfig("fixed"))
     setup = bench.BenchSetup(cfg, params, exit_params, ecfg, eos_ids=())
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    report = bench.run(setup, prompts, max_new_tokens=12, modes=("eesd",), step_costs=False, by_position=True)
+    report = bench.run(setup, prompts, max_new_tokens=12, modes=("eesd",), step_costs=False, by_position=True).report
     entry = report["modes"]["eesd"]
     by_position = entry["acceptance_by_position"]
     assert [p["position"] for p in by_position] == [1, 2, 3]
@@ -79,5 +81,5 @@ def test_acceptance_by_position_comes_from_a_traced_pass_of_the_same_decoding(ti
         assert after["judged"] <= here["accepted"] <= here["judged"]
         assert here["rate"] == round(here["accepted"] / here["judged"], 4)
     assert "acceptance by draft position 1..3" in bench.format_table(report)
-    plain = bench.run(setup, prompts, max_new_tokens=12, modes=("eesd",), step_costs=False)
+    plain = bench.run(setup, prompts, max_new_tokens=12, modes=("eesd",), step_costs=False).report
     assert "acceptance_by_position" not in plain["modes"]["eesd"]

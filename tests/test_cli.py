@@ -1,13 +1,18 @@
 """The `eesd` command: input checks before any model load, and a tiny distillation end to end."""
 
 import json
+import os
 import pathlib
 import re
+import subprocess
+import sys
 import types
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
-from eesd_jax import cli, control, exits
+from eesd_jax import cli, control, engine, exits
 
 
 @pytest.mark.parametrize(
@@ -24,10 +29,12 @@ from eesd_jax import cli, control, exits
         (["generate", "--prompt", "hi", "--mesh", "data=two"], "--mesh"),
         (["bench", "--modes", "ar,fast"], "--modes must name some of"),
         (["distill", "--config", "no_such_config"], "--config no_such_config"),
+        (["distill", "--config", "tiny", "--mesh", "data=two"], "--mesh: bad mesh spec"),
+        (["eval-exit", "--config", "tiny", "--exit", "x.safetensors", "--mesh", "rows=2"], "--mesh: bad mesh spec"),
     ],
 )
 def test_bad_input_exits_2_before_loading(argv, message, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load_session", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    monkeypatch.setattr(engine, "load_session", lambda *a, **k: pytest.fail("model loaded despite bad input"))
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
 
@@ -35,11 +42,11 @@ def test_bad_input_exits_2_before_loading(argv, message, capsys, monkeypatch):
 def test_controller_knobs_reach_the_engine(tiny):
     """--controller KIND:KNOB=V,... is checked with the other input, then builds the EESD config's controller."""
     cfg, params = tiny
-    session = cli.Session(types.SimpleNamespace(cfg=cfg, fingerprint="tiny"), params, None, 0.0)
+    session = engine.Session(types.SimpleNamespace(cfg=cfg, fingerprint="tiny"), params, None, 0.0)
     spec = "calibration-ts:break_even=0.3,n_bins=4"
     args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--exit-layer", "1", "--controller", spec])
     cli.validate_eesd(args)
-    ecfg = cli.eesd_engine(session, args)[0]
+    ecfg = cli.engine_from_args(session, args).ecfg
     assert ecfg.controller == control.ControllerConfig("calibration-ts", break_even=0.3, n_bins=4)
 
 
@@ -50,6 +57,52 @@ def test_distill_tiny_writes_a_loadable_exit(tmp_path, monkeypatch):
     (path,) = pathlib.Path(tmp_path / "run").glob("exit_N*.safetensors")
     meta = exits.read_exit_metadata(path)
     assert int(meta["exit_layer"]) >= 1
+
+
+MESH_RUN = """
+import json, sys
+from eesd_jax import cli
+work, config = sys.argv[1], sys.argv[2]
+assert cli.main(["distill", "--config", config, "--workdir", work, "--mesh", "data=4,model=2"]) == 0
+cli.main(["eval-exit", "--config", config, "--exit", work + "/exit_N1.safetensors", "--mesh", "data=4,model=2"])
+"""
+
+
+def test_distill_and_eval_exit_on_a_fake_8_device_mesh_equal_one_device(tmp_path, monkeypatch, capsys):
+    """The documented pod form `distill --mesh data=D,model=M` (teacher sharded over the mesh) trains the exit
+    the one-device run trains, and eval-exit on the mesh reports the one-device figures."""
+    monkeypatch.setenv("EESD_JAX_CACHE", str(tmp_path / "cache"))
+    config = "tiny:train.steps=10"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", MESH_RUN, str(tmp_path / "mesh"), config], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    mesh_eval = json.loads(out.stdout.strip().splitlines()[-1])
+    assert cli.main(["distill", "--config", config, "--workdir", str(tmp_path / "one")]) == 0
+    one_exit = str(tmp_path / "one" / "exit_N1.safetensors")
+    assert cli.main(["eval-exit", "--config", config, "--exit", one_exit]) == 0
+    one_eval = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    recorded = json.loads((tmp_path / "mesh" / "config.json").read_text())
+    assert recorded["mesh"] == "data=4,model=2" and recorded["model"]["dtype"] == "float32"
+    one, mesh = (load_file(tmp_path / d / "exit_N1.safetensors") for d in ("one", "mesh"))
+    assert sorted(one) == sorted(mesh)
+    for k in one:
+        np.testing.assert_allclose(mesh[k], one[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    for k in ("top1_agreement", "alpha", "tau", "identical", "n_identical"):
+        assert mesh_eval[k] == one_eval[k], k
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_only_process_0_prints_results(main_process, monkeypatch, tmp_path, capsys):
+    """Multi-host runs execute the same command on every host: one copy of the results; errors from any."""
+    from eesd_jax import sharding, train
+
+    monkeypatch.setattr(sharding, "is_main_process", lambda: main_process)
+    monkeypatch.setattr(train, "run_distill", lambda config, workdir, lm=None: "exit.safetensors")
+    assert cli.main(["distill", "--config", "tiny", "--workdir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == ("exit written to exit.safetensors\n" if main_process else "")
+    assert cli.main(["distill", "--config", "tiny", "--mesh", "data=two"]) == 2
+    assert "--mesh: bad mesh spec" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- bench prompt sets
@@ -66,7 +119,7 @@ def bench_prompts(argv, monkeypatch, capsys):
     def stop(*args, **kwargs):
         raise _Loaded
 
-    monkeypatch.setattr(cli, "load_session", stop)
+    monkeypatch.setattr(engine, "load_session", stop)
     monkeypatch.setattr(cli, "validate_prompt_set", _recording(cli.validate_prompt_set, chosen))
     try:
         code = cli.main(["bench", *argv])

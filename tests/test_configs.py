@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from eesd_jax import configs
+from eesd_jax import configs, model, sharding
+from eesd_jax.configs import _pod
 
 
 @pytest.mark.parametrize("name", configs.available())
@@ -20,7 +21,41 @@ def test_every_config_file_loads(name):
 
 
 def test_expected_configs_exist():
-    assert {"tiny", "smollm2"} <= set(configs.available())
+    assert {"tiny", "smollm2", "llama2-7b-chat", "llama3.1-8b-instruct", "qwen2.5-7b-instruct"} <= set(
+        configs.available()
+    )
+
+
+POD = {"llama2-7b-chat": "llama2-7b", "llama3.1-8b-instruct": "llama3.1-8b", "qwen2.5-7b-instruct": "qwen2.5-7b"}
+
+
+@pytest.mark.parametrize("name", sorted(POD))
+@pytest.mark.parametrize("hw", sorted(_pod.HARDWARE))
+def test_pod_presets_fit_their_hardware(name, hw):
+    """Each 7B/8B config's preset: a mesh using every chip, batches split evenly over 'data', and the
+    dominant per-chip memory of generation and the teacher pass under 85% of HBM."""
+    c = configs.load_config(f"{name}:hw={hw}")
+    spec, preset = sharding.parse_mesh(c.mesh), _pod.HARDWARE[hw]
+    assert spec["data"] * spec["model"] == preset.chips
+    assert c.data.batch_size % spec["data"] == 0 and c.train.batch_size % spec["data"] == 0
+    seq = c.data.max_prompt_tokens + c.data.max_new_tokens + 32
+    shape = _pod.SHAPES[POD[name]]
+    assert _pod.memory_per_chip_gb(shape, preset, c.data.batch_size, seq)["total"] < 0.85 * preset.hbm_gb
+    assert c.model.dtype == "bfloat16" and 1 <= c.exit.layer < shape["n_layers"]
+
+
+def test_pod_shapes_are_the_real_models():
+    """Parameter counts as published (6.74 B, 8.03 B, 7.62 B); LLaMA-3.1's RoPE scaling parses into ModelConfig."""
+    counts = {k: round(_pod.param_count(s) / 1e9, 2) for k, s in _pod.SHAPES.items()}
+    assert counts == {"llama2-7b": 6.74, "llama3.1-8b": 8.03, "qwen2.5-7b": 7.62}
+    assert model.ModelConfig(**_pod.SHAPES["llama3.1-8b"]).rope_scaling == (8.0, 1.0, 4.0, 8192)
+
+
+def test_pod_overrides_win_over_the_preset():
+    c = configs.load_config("llama3.1-8b-instruct:hw=v5e-8,data.batch_size=16,model=/ckpt/llama")
+    assert (c.mesh, c.data.batch_size, c.train.batch_size, c.model.source) == ("data=4,model=2", 16, 32, "/ckpt/llama")
+    with pytest.raises(ValueError, match="hw must be one of"):
+        configs.load_config("qwen2.5-7b-instruct:hw=v3-8")
 
 
 def test_smollm2_arg_selects_n_and_draft_vocab():

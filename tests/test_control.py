@@ -88,7 +88,7 @@ def test_beta_ts_converges_on_a_bernoulli_source(theta_true):
     a, b = float(s.alpha[0, 0]), float(s.beta[0, 0])
     assert abs(a / (a + b) - theta_true) < 0.06
     assert a + b > 100  # The posterior really concentrated (~120 judged drafts at theta = 0.3).
-    # Once converged it keeps each next draft w.p. ~theta: E[length] = sum_{j=1..K} theta^j.
+    # Once converged it keeps each next draft w.p. ~theta: E[length] = sum_{j=1..J} theta^j.
     expected = sum(theta_true**j for j in range(1, 9))
     assert abs(lengths[100:].mean() - expected) < 0.25 * expected + 0.1
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import files_under
 
-from eesd_jax import cli, exits, loading, shipped
+from eesd_jax import cli, engine, exits, loading, shipped
 
 # A tiny LLaMA: 1 layer, d 8, 2 heads / 1 KV head of 4, ffn 16, vocab 16. Every tensor is a multiple
 # of 32 bytes, so a GGUF file ends with tensor data (no alignment padding): every cut loses data.
@@ -238,7 +238,7 @@ def test_cli_truncated_exit_exits_2_before_loading(tmp_path, monkeypatch, capsys
     path = tmp_path / "exit.safetensors"
     data = shipped_exit.read_bytes()
     path.write_bytes(data[:size])
-    monkeypatch.setattr(cli, "load_session", lambda *a, **k: pytest.fail("model loaded despite a damaged exit"))
+    monkeypatch.setattr(engine, "load_session", lambda *a, **k: pytest.fail("model loaded despite a damaged exit"))
     for argv in (["generate", "--prompt", "hi"], ["bench"]):
         assert cli.main([*argv, "--exit", str(path)]) == 2
         err = capsys.readouterr().err

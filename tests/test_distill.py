@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eesd_jax import configs, distill_data, exits, losses, model, teacher, train
+from eesd_jax import configs, distill_data, evaluation, exits, losses, model, teacher, train
 from eesd_jax.kv_cache import init_cache
 
 
@@ -90,7 +90,7 @@ def test_stored_data_layout(run, lm):
 
     @jax.jit
     def reference(params, toks):  # Uncached full forward, keeping the hidden state after layer 1.
-        cache = init_cache(lm.cfg.n_layers, 1, T, lm.cfg.n_kv_heads, lm.cfg.head_dim)
+        cache = init_cache(lm.cfg, 1, T)
         lower, upper = model.split_layers(params["layers"], 1)
         positions = jnp.arange(T)[None]
         h, cache = model.run_layers(lm.cfg, lower, model.embed(params, toks), positions, cache)
@@ -138,7 +138,7 @@ def test_train_logits_equal_exit_logits(run, lm):
     h = jax.random.normal(jax.random.key(1), (2, 9, lm.cfg.d_model))
     ours = jax.jit(losses.exit_train_logits, static_argnums=0)(lm.cfg, losses.frozen_head(lm.params, params),
                                                                 params, h)  # fmt: skip
-    cache = init_cache(1, 2, 16, lm.cfg.n_kv_heads, lm.cfg.head_dim)
+    cache = init_cache(lm.cfg, 2, 16, layers=1)
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
     full, _ = jax.jit(exits.exit_logits, static_argnums=0)(lm.cfg, lm.params, params, h, positions, cache)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(full)[..., np.asarray(params["vocab"])], atol=1e-5)
@@ -247,7 +247,7 @@ def test_loss_variants_shared_head_ce_prompt_positions(run, lm, tmp_path):
 def test_eval_exit_reports_lossless_speculation(run, lm):
     config, _, path = run
     plist = distill_data.prompt_list(config.eval.sets, 1)
-    r = train.eval_exit(lm, path, plist, max_new_tokens=12, max_draft=1, controller="fixed", warmup=False,
+    r = evaluation.eval_exit(lm, path, plist, max_new_tokens=12, max_draft=1, controller="fixed", warmup=False,
                           max_prompt_tokens=config.data.max_prompt_tokens, progress=False)  # fmt: skip
     assert r["identical"] and r["n_identical"] == r["prompts"] == 2
     assert 0 <= r["alpha"] <= 1 and r["tau"] >= 1 and 0 <= r["top1_agreement"] <= 1
@@ -293,7 +293,7 @@ def test_context_exit_distills_and_decodes_losslessly(run, lm, tmp_path):
     assert losses.data_metrics(lm.cfg, lm.params, params, blind, 48, 4, 48)["top1"] < first["top1"]
 
     plist = distill_data.prompt_list(config.eval.sets, 1)
-    r = train.eval_exit(lm, path, plist, max_new_tokens=12, max_draft=2, controller="fixed", warmup=False,
+    r = evaluation.eval_exit(lm, path, plist, max_new_tokens=12, max_draft=2, controller="fixed", warmup=False,
                         max_prompt_tokens=config.data.max_prompt_tokens, progress=False)  # fmt: skip
     assert r["identical"] and r["eesd_tokens"] > 0 and r["alpha"] > 0
 

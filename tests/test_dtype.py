@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eesd_jax import bench, cli, decoding, eesd, exits, generate, loading, model, train
+from eesd_jax import bench, cli, decoding, eesd, engine, exits, generate, loading, model, train
 
 PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26, 43]]
 
@@ -80,7 +80,7 @@ def test_dtype_flag_reaches_the_loader(argv, expected, monkeypatch):
         seen.append((dtype, random_shape))
         raise _Loaded
 
-    monkeypatch.setattr(cli, "load_session", fake_load)
+    monkeypatch.setattr(engine, "load_session", fake_load)
     with pytest.raises(_Loaded):
         cli.main(argv)
     assert seen == [expected]
@@ -105,7 +105,7 @@ def test_distill_dtype_casts_the_teacher(monkeypatch, tmp_path):
     assert cli.main(["distill", "--config", "tiny", "--workdir", str(tmp_path), "--dtype", "bfloat16"]) == 0
     assert got[0].cfg.dtype == "bfloat16" and dtypes(got[0].params) == {"bfloat16"}
     assert cli.main(["distill", "--config", "tiny", "--workdir", str(tmp_path)]) == 0
-    assert got[1] is None  # float32: run_distill loads the teacher as before.
+    assert got[1].cfg.dtype == "float32" and dtypes(got[1].params) == {"float32"}  # The config's dtype.
 
 
 def test_random_shape_too_big_is_refused(monkeypatch):

@@ -54,10 +54,10 @@ def eesd_tokens(params, prompts, exit_layer, max_draft, kind, exit_params=None, 
 
 
 # The paper's controllers and baselines get the full grid; every other registered policy, one
-# (N, K) pair at batch 3 (compiles dominate the suite's time).
+# (N, J) pair at batch 3 (compiles dominate the suite's time).
 FULL_GRID_KINDS = ("fixed", "confidence", "beta-ts", "calibration-ts")
-# Each of these kinds at every N and every K, the pairs rotated between kinds so that every
-# (N, K) combination is run by some kind (12 runs instead of the 36 of the full product).
+# Each of these kinds at every N and every J, the pairs rotated between kinds so that every
+# (N, J) combination is run by some kind (12 runs instead of the 36 of the full product).
 GRID = [(kind, n, (1, 4, 8)[(n - 1 + i) % 3]) for i, kind in enumerate(FULL_GRID_KINDS) for n in (1, 2, 3)]
 GRID += [(kind, 2, 4) for kind in control.KINDS if kind not in FULL_GRID_KINDS]
 
@@ -116,11 +116,11 @@ def test_context_exit_greedy_eesd_equals_ar(params, ar_outputs, kind, exit_layer
 def test_context_exit_cache_holds_context_layer_keys_at_every_verified_position(params):
     """After EESD decoding, the exit's cache below each row's length is the exit block's keys/values of
     the context layer's states of the final sequence: verification rewrote every drafted slot."""
-    N, C, K = 1, 3, 4
+    N, C, J = 1, 3, 4
     ep = perturbed_exit(params, exits.ExitConfig(N, own_head=True, context_layer=C))
-    ecfg = eesd.EESDConfig(N, K, control.ControllerConfig("fixed"), context_layer=C)
+    ecfg = eesd.EESDConfig(N, J, control.ControllerConfig("fixed"), context_layer=C)
     prompts = make_prompts(3)
-    req = decoding.make_request(CFG, prompts, 24, slack=K + 1)
+    req = decoding.make_request(CFG, prompts, 24, slack=J + 1)
     segments = eesd.split_params(params, N, C)
     tokens_bp, lens_b, max_new_b = (jnp.asarray(a) for a in (req.tokens_bp, req.prompt_lens_b, req.max_new_b))
     cache, logits, hiddens = decoding.prefill(CFG, params, tokens_bp, lens_b, req.cache_len, segments)
@@ -153,7 +153,7 @@ def test_context_exit_drafts_what_training_computes(params):
     # First drafts (t = s) and drafts 2..4 of a round (e.g. row 1, t = 7: s = 4), with and without context.
     for b, t in [(0, 0), (0, 3), (0, 6), (0, 9), (1, 1), (1, 7), (1, 9)]:
         s = int(starts[b, t])
-        cache = init_cache(1, 1, T, CFG.n_kv_heads, CFG.head_dim)
+        cache = init_cache(CFG, 1, T, layers=1)
         cache = exits.write_context(CFG, ep, cache, h_c[b : b + 1, :s], jnp.arange(s)[None])
         draft, _ = exits.exit_logits(CFG, params, ep, h_n[b : b + 1, s : t + 1], jnp.arange(s, t + 1)[None], cache)
         np.testing.assert_allclose(np.asarray(draft[0, -1]), np.asarray(train_logits[b, t]), atol=2e-5)
@@ -172,7 +172,7 @@ def test_oracle_drafter_is_always_accepted(params):
         eos_ids=(),
     )
     assert out.stats["acceptance_rate"] == 1.0
-    # 21 tokens: 1 from prefill, then 4 rounds of K + 1 = 5 tokens.
+    # 21 tokens: 1 from prefill, then 4 rounds of J + 1 = 5 tokens.
     assert out.stats["per_row"]["rounds"] == [4, 4, 4]
     assert out.stats["mean_accepted_per_round"] == 5.0
 
@@ -204,9 +204,9 @@ def test_loop_state_types_survive_a_chunk(params, kind, greedy):
     """Every loop-state field keeps its type (shape, dtype, weak type) through eesd_decode: a field
     that changes (a weak-typed Python float came back strongly typed) retraces the loop on every
     streamed chunk after the first, seconds inside the timed decode of `eesd generate`."""
-    K, sc = 3, SamplingConfig() if greedy else SamplingConfig(temperature=1.0)
-    ecfg = eesd.EESDConfig(2, K, control.ControllerConfig(kind))
-    req = decoding.make_request(CFG, make_prompts(3), 24, slack=K + 1)
+    J, sc = 3, SamplingConfig() if greedy else SamplingConfig(temperature=1.0)
+    ecfg = eesd.EESDConfig(2, J, control.ControllerConfig(kind))
+    req = decoding.make_request(CFG, make_prompts(3), 24, slack=J + 1)
     segments = eesd.split_params(params, 2)
     ep = exits.init_exit(CFG, params, exits.ExitConfig(2))
     tokens_bp, lens_b, max_new_b = (jnp.asarray(a) for a in (req.tokens_bp, req.prompt_lens_b, req.max_new_b))

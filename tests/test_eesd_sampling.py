@@ -36,7 +36,7 @@ def exact_distribution(params, sc: SamplingConfig) -> np.ndarray:
     V, P = CFG.vocab_size, len(PROMPT)
     t1, t2 = np.divmod(np.arange(V * V), V)
     tokens = np.concatenate([np.tile(PROMPT, (V * V, 1)), t1[:, None], t2[:, None]], axis=1)
-    cache = init_cache(CFG.n_layers, V * V, P + 2, CFG.n_kv_heads, CFG.head_dim)
+    cache = init_cache(CFG, V * V, P + 2)
     positions = jnp.broadcast_to(jnp.arange(P + 2), tokens.shape)
     logits, _ = model.forward(CFG, params, jnp.asarray(tokens), positions, cache)
     p = np.asarray(jnp.exp(sampling.warp(logits[:, P - 1 :], sc)), np.float64)  # [V*V, 3, V]
@@ -122,10 +122,10 @@ def test_eesd_sampling_with_a_context_exit(params):
     assert chi_square_p(eesd_counts(params, sc, ecfg), exact_distribution(params, sc)) > P_VALUE
 
 
-def always_accept(key, draft_bk, n_draft_b, draft_logp_bkv, target_logits_bkv, cfg):
+def always_accept(key, draft_bj, n_draft_b, draft_logp_bjv, target_logits_bjv, cfg):
     """A deliberately wrong rule: accept every draft token (output = the drafter's)."""
-    B = draft_bk.shape[0]
-    p = jnp.exp(sampling.warp(target_logits_bkv, cfg))
+    B = draft_bj.shape[0]
+    p = jnp.exp(sampling.warp(target_logits_bjv, cfg))
     nxt = jax.random.categorical(key, jnp.log(jnp.take_along_axis(p, n_draft_b[:, None, None], axis=1)[:, 0]))
     return n_draft_b, nxt.astype(jnp.int32).reshape(B)
 

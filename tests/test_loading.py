@@ -204,7 +204,11 @@ def _edited_copy(src, dst, **changes):
         ({"model_type": None}, r"unsupported model_type None"),
         ({"hidden_act": "gelu"}, r"unsupported hidden_act 'gelu'"),
         ({"num_attention_heads": None}, r"config\.json lacks integer num_attention_heads"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, r"unsupported RoPE scaling"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}}, r"unsupported RoPE scaling"),
+        (
+            {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+            r"'llama3' needs numbers factor, low_freq_factor, high_freq_factor, original_max_position_embeddings",
+        ),
     ],
 )
 def test_refuses_unsupported_config(hf_models, tmp_path, cache_dir, changes, message):
@@ -319,3 +323,96 @@ def test_refuses_missing_and_unknown_paths(tmp_path, cache_dir):
     with pytest.raises(loading.CheckpointError, match=r"has no \*\.safetensors weights"):
         loading.load_model(empty)
     assert files_under(cache_dir) == []
+
+
+# ----------------------------------------------------------------------------- LLaMA-3.1 config, EOS ids
+
+
+def test_llama31_rope_scaling_is_read(hf_models, tmp_path, cache_dir):
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    folder = _edited_copy(hf_models("llama_gqa")[1], tmp_path / "m", rope_scaling={"rope_type": "llama3", **scaling})
+    assert loading.load_model(folder).cfg.rope_scaling == (8.0, 1.0, 4.0, 8192)
+    plain = loading.load_model(hf_models("llama_gqa")[1]).cfg
+    assert plain.rope_scaling is None
+
+
+@pytest.mark.parametrize(
+    ("generation_config", "expected"),
+    [
+        ({"eos_token_id": [128001, 128008, 128009]}, (128001, 128008, 128009, 7)),  # LLaMA-3.1 Instruct's list.
+        ({"eos_token_id": 7}, (7,)),
+        ({"bos_token_id": 1}, (7,)),
+        (None, (7,)),
+    ],
+)
+def test_eos_ids_from_generation_config_and_tokenizer(tmp_path, generation_config, expected):
+    if generation_config is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(generation_config))
+    tokenizer = type("Tok", (), {"eos_token_id": 7})()
+    assert loading.eos_ids(tmp_path, tokenizer) == expected
+    assert loading.eos_ids("random:1b", None) == loading.eos_ids("", None) == ()
+
+
+def test_the_distillation_teacher_stops_at_every_eos_id(tmp_path):
+    import types
+
+    from eesd_jax import engine, model, teacher
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128009]}))
+    cfg = model.ModelConfig(vocab_size=8, d_model=4, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=4, ffn_dim=4)
+    loaded = loading.LoadedModel(cfg=cfg, params={}, fingerprint="fp", source=str(tmp_path))
+    tok = types.SimpleNamespace(eos_token_id=128009)
+    session = engine.Session(lm=loaded, params={}, tokenizer=tok, load_seconds=0.0)
+    assert teacher.as_lm(session).eos_ids == session.eos_ids == (128001, 128009)
+
+
+def test_bad_eos_ids_are_refused(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["</s>"]}))
+    with pytest.raises(loading.CheckpointError, match=r"generation_config\.json: eos_token_id must be token ids"):
+        loading.eos_ids(tmp_path)
+
+
+# ----------------------------------------------------------------------------- straight onto a mesh
+
+MESH_LOAD = """
+import json, sys
+import jax, numpy as np
+from eesd_jax import loading, mesh_loading, sharding
+
+read = []  # Elements read from the files, per tensor slice.
+real_read = mesh_loading._read_slice
+mesh_loading._read_slice = lambda *a: read.append(int(np.prod(real_read(*a).shape))) or real_read(*a)
+out = {}
+for folder in sys.argv[1:]:
+    for spec, dtype in (("data=2,model=4", "float32"), ("data=1,model=8", "bfloat16"), ("data=8,model=1", "float32")):
+        read.clear()
+        mesh = sharding.mesh_from_spec(spec)
+        got, plain = mesh_loading.load_hf_to_mesh(folder, mesh, dtype), loading.load_model(folder, dtype)
+        want = sharding.param_shardings(plain.params, mesh)
+        out[f"{folder} {spec} {dtype}"] = dict(
+            equal=all(jax.tree.leaves(jax.tree.map(
+                lambda a, b: a.dtype == b.dtype and bool(np.array_equal(np.asarray(a), b)), got.params, plain.params))),
+            shardings=all(jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding == s, got.params, want))),
+            same_model=got.cfg == plain.cfg and got.fingerprint == plain.fingerprint,
+            elements_read=sum(read), elements=sum(a.size for a in jax.tree.leaves(plain.params)),
+        )
+print(json.dumps(out))
+"""
+
+
+def test_hf_folder_loads_straight_onto_a_mesh(hf_models):
+    """On a fake 8-device mesh: params equal the plain load's (in either dtype), placed with param_shardings,
+    and every element of the model is read from the files exactly once (replicas are not re-read)."""
+    import subprocess
+    import sys
+
+    folders = [str(hf_models("qwen2", shards=2)[1]), str(hf_models("llama_gqa_tied")[1])]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", MESH_LOAD, *folders], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 6
+    for case, r in results.items():
+        assert r["equal"] and r["shardings"] and r["same_model"], case
+        assert r["elements_read"] == r["elements"], case

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -104,7 +105,7 @@ def test_incremental_decoding_equals_full_forward(tiny, prefill_len, layout):
     if layout == "unstacked":
         params = model.unstack(params)
         assert isinstance(params["layers"], list) and len(params["layers"]) == cfg.n_layers
-    cache = init_cache(cfg.n_layers, 2, CACHE_SLOTS, cfg.n_kv_heads, cfg.head_dim)
+    cache = init_cache(cfg, 2, CACHE_SLOTS)
     got, start = [], 0
     for size in sizes:
         pos = jnp.broadcast_to(jnp.arange(start, start + size), (2, size))
@@ -160,7 +161,7 @@ def test_prefill_split_equals_unsplit(tiny):
 
     # The hidden state after layer 1: model.block on layer 0 directly (not through run_layers).
     layer0 = jax.tree.map(lambda w: w[0], params["layers"])
-    fresh = init_cache(1, 2, 16, cfg.n_kv_heads, cfg.head_dim)
+    fresh = init_cache(cfg, 2, 16, layers=1)
     positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
     x, _, _ = model.block(cfg, layer0, model.embed(params, tokens), positions, fresh.k, fresh.v, 0)
     np.testing.assert_allclose(np.asarray(hidden2), np.asarray(x), rtol=1e-5, atol=1e-5)
@@ -179,7 +180,7 @@ def test_readonly_block_equals_written_block(tiny, layout):
     _, upper = model.split_layers(layers, first)
     rng = np.random.default_rng(0)
     shape = (cfg.n_layers, B, CACHE_SLOTS, cfg.n_kv_heads, cfg.head_dim)
-    cache = init_cache(cfg.n_layers, B, CACHE_SLOTS, cfg.n_kv_heads, cfg.head_dim).replace(
+    cache = init_cache(cfg, B, CACHE_SLOTS).replace(
         k=jnp.asarray(rng.normal(size=shape), jnp.float32), v=jnp.asarray(rng.normal(size=shape), jnp.float32)
     )
     pos0 = jnp.asarray([7, 3], jnp.int32)
@@ -198,7 +199,7 @@ def test_readonly_block_equals_written_block(tiny, layout):
 
 def test_run_layers_rejects_layers_outside_cache(tiny):
     cfg, params = tiny
-    cache = init_cache(cfg.n_layers, 1, 8, cfg.n_kv_heads, cfg.head_dim)
+    cache = init_cache(cfg, 1, 8)
     x = model.embed(params, jnp.zeros((1, 1), jnp.int32))
     with pytest.raises(ValueError, match="outside the cache"):
         model.run_layers(cfg, params["layers"], x, jnp.zeros((1, 1), jnp.int32), cache, first_layer=1)
@@ -217,3 +218,48 @@ def test_model_config_rejects_bad_shapes(tiny, field, value, message):
 
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(tiny[0], **{field: value})
+
+
+def _llama3_frequencies_as_transformers_writes_them(head_dim, theta, factor, low, high, original_len):
+    """The LLaMA-3.1 rule, written out by wavelength as transformers' _compute_llama3_parameters states it."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2) / head_dim))
+    out = []
+    for f in inv_freq:
+        wavelen = 2 * np.pi / f
+        if wavelen < original_len / high:  # High frequency: unchanged.
+            out.append(f)
+        elif wavelen > original_len / low:  # Low frequency: slowed by factor.
+            out.append(f / factor)
+        else:  # In between: blend.
+            smooth = (original_len / wavelen - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return np.array(out)
+
+
+def test_rope_llama3_scaling_matches_the_rule():
+    scaling = (8.0, 1.0, 4.0, 8192)
+    head_dim, theta = 128, 500000.0
+    want = _llama3_frequencies_as_transformers_writes_them(head_dim, theta, *scaling)
+    got = np.asarray(model.rope_frequencies(head_dim, theta, scaling))
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    plain = np.asarray(model.rope_frequencies(head_dim, theta))
+    assert (got < plain).any() and (got == plain).any() and ((got > plain / 8) & (got < plain)).any()  # All 3 bands.
+    # rope() rotates each (x1, x2) pair by position * frequency.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 2, head_dim)).astype(np.float32)
+    pos = np.array([[0, 5, 3000]])
+    out = np.asarray(model.rope(jnp.asarray(x), jnp.asarray(pos), theta, scaling))
+    angle = pos[0][:, None, None] * want
+    x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
+    ref = np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
+    np.testing.assert_allclose(out, ref, atol=1e-3)  # float32 angles up to 3e3 rad: ~2e-4 rounding.
+
+
+def test_rope_scaling_reaches_the_forward(tiny):
+    cfg, params = tiny
+    scaled = dataclasses.replace(cfg, rope_scaling=(8.0, 1.0, 4.0, 16))
+    tokens = random_tokens(cfg.vocab_size, (1, 40), seed=2)
+    plain_logits, scaled_logits = full_forward(cfg, params, tokens), full_forward(scaled, params, tokens)
+    assert not np.allclose(plain_logits, scaled_logits, atol=1e-3)
+    with pytest.raises(ValueError, match="rope_scaling needs factor >= 1"):
+        dataclasses.replace(cfg, rope_scaling=(0.5, 1.0, 4.0, 16))

@@ -14,7 +14,7 @@ from eesd_jax.policies import gate
 CFG = model.ModelConfig(
     vocab_size=96, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=256
 )
-N, C, K = 1, 3, 4
+N, C, J = 1, 3, 4
 PROMPTS = [[5, 17, 3], [9, 1, 44, 60, 2, 8, 31, 11, 70, 4, 3], [12, 13, 14, 15, 16, 17]]
 
 
@@ -25,7 +25,7 @@ def setup():
     # each draft's attention mixes context-layer and layer-N slots by where its round began).
     ep = exits.init_exit(CFG, params, exits.ExitConfig(N, own_head=True, context_layer=C))
     ep = jax.tree.map(lambda w: w + 0.05 * jax.random.normal(jax.random.key(1), w.shape), ep)
-    ecfg = eesd.EESDConfig(N, K, control.ControllerConfig("fixed"), context_layer=C)
+    ecfg = eesd.EESDConfig(N, J, control.ControllerConfig("fixed"), context_layer=C)
     plain = generate.generate_eesd(CFG, params, ep, ecfg, PROMPTS, 24)
     traced = generate.generate_eesd(CFG, params, ep, dataclasses.replace(ecfg, trace=True), PROMPTS, 24)
     return params, ep, plain, traced
@@ -39,8 +39,8 @@ def test_tracing_changes_nothing_else(setup):
     assert t.n_draft.sum() == traced.stats["drafted"] and 0 < traced.stats["accepted"] < traced.stats["drafted"]
     assert (t.n_accepted <= t.n_draft).all()
     ran = np.arange(t.n_draft.shape[1])[None] < rounds[:, None]
-    # Rounds past a row's count hold nothing; `fixed` drafts K but for the budget's last rounds.
-    assert (t.n_draft[~ran] == 0).all() and np.median(t.n_draft[ran]) == K
+    # Rounds past a row's count hold nothing; `fixed` drafts J but for the budget's last rounds.
+    assert (t.n_draft[~ran] == 0).all() and np.median(t.n_draft[ran]) == J
 
 
 def test_every_judged_draft_matches_an_offline_replay(setup):
@@ -60,7 +60,7 @@ def test_every_judged_draft_matches_an_offline_replay(setup):
         pos = len(prompt)  # Round 0 drafts from the first new token.
         for r in range(rounds[b]):
             round_start[b, r] = pos
-            starts[b, pos : pos + K + 1] = pos
+            starts[b, pos : pos + J + 1] = pos
             pos += int(t.n_accepted[b, r]) + 1
     logits = losses.exit_train_logits(CFG, ep["head"], ep, h_n, None, h_c, jnp.asarray(starts))
     q_btv = np.asarray(jax.nn.softmax(logits))
@@ -80,8 +80,8 @@ def test_every_judged_draft_matches_an_offline_replay(setup):
             np.testing.assert_allclose(d.feature("prob")[i], float(q[at].max()), atol=1e-5)
             assert d.accepted[i] == (vocab[int(q[at].argmax())] == seq[at + 1])
     assert checked == d.position.size > 10
-    by_pos = outcomes.acceptance_by_position(d, K)
-    assert [p["judged"] for p in by_pos] == [int((d.position == i).sum()) for i in range(K)]
+    by_pos = outcomes.acceptance_by_position(d, J)
+    assert [p["judged"] for p in by_pos] == [int((d.position == i).sum()) for i in range(J)]
     assert sum(p["accepted"] for p in by_pos) == traced.stats["accepted"]
 
 

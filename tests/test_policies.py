@@ -16,7 +16,7 @@ from test_control import feats
 from eesd_jax import control
 from eesd_jax.policies import base, budget, gate, patience, saturation
 
-K = 6
+J = 6
 
 
 @pytest.mark.parametrize("kind", control.KINDS)
@@ -27,8 +27,8 @@ def test_every_policy_keeps_the_contract(kind):
     B = 3
     state = control.init(cfg, B)
     assert all(leaf.shape[0] == B for leaf in jax.tree.leaves(state))
-    f = feats([0.2, 0.6, 0.95], step=1, max_draft=K, entropy=[3.0, 1.0, 0.1], margin=[0.05, 0.4, 0.9],
-              cosine=[0.5, 0.9, 0.99], round_probs=np.full((B, K), 0.5))  # fmt: skip
+    f = feats([0.2, 0.6, 0.95], step=1, max_draft=J, entropy=[3.0, 1.0, 0.1], margin=[0.05, 0.4, 0.9],
+              cosine=[0.5, 0.9, 0.99], round_probs=np.full((B, J), 0.5))  # fmt: skip
 
     def loop(state, key):  # As the engine calls it: inside lax.while_loop.
         body = lambda c: (c[0] + 1, control.decide(cfg, state, f, jax.random.fold_in(key, c[0])))
@@ -111,10 +111,10 @@ def reference_falls(probs, i):
 
 def test_patience_counts_falls_in_a_row_like_a_plain_loop():
     rng = np.random.default_rng(0)
-    seqs = np.round(rng.random((64, K)), 1)  # Rounded: ties (not falls) happen too.
-    for i in range(K):
-        round_probs = np.where(np.arange(K) < i, seqs, -1.0)  # Entries from step i on are not yet valid.
-        f = feats(seqs[:, i], step=i, max_draft=K, round_probs=round_probs)
+    seqs = np.round(rng.random((64, J)), 1)  # Rounded: ties (not falls) happen too.
+    for i in range(J):
+        round_probs = np.where(np.arange(J) < i, seqs, -1.0)  # Entries from step i on are not yet valid.
+        f = feats(seqs[:, i], step=i, max_draft=J, round_probs=round_probs)
         got = np.asarray(patience.falls_in_a_row(f))
         want = [reference_falls(s, i) for s in seqs]
         np.testing.assert_array_equal(got, want)
@@ -124,15 +124,15 @@ def test_patience_counts_falls_in_a_row_like_a_plain_loop():
 
 def test_saturation_threshold_decays_with_depth_in_closed_form():
     cfg = control.ControllerConfig("saturation", saturation=0.9, saturation_temp=4.0)
-    lam = np.array([float(saturation.threshold(cfg, i, K)) for i in range(K)])
-    np.testing.assert_allclose(lam, 0.9 * (0.9 + 0.1 * np.exp(-4.0 * np.arange(K) / K)), rtol=1e-6)
+    lam = np.array([float(saturation.threshold(cfg, i, J)) for i in range(J)])
+    np.testing.assert_allclose(lam, 0.9 * (0.9 + 0.1 * np.exp(-4.0 * np.arange(J) / J)), rtol=1e-6)
     assert lam[0] == pytest.approx(0.9) and (np.diff(lam) < 0).all()
     flat = control.ControllerConfig("saturation", saturation=0.9, saturation_temp=0.0)
-    assert float(saturation.threshold(flat, K - 1, K)) == pytest.approx(0.9)
+    assert float(saturation.threshold(flat, J - 1, J)) == pytest.approx(0.9)
     cos = [0.85, 0.86]  # Below lambda_0 = 0.9, above lambda_5 = 0.9 * (0.9 + 0.1 e^{-10/3}) ~ 0.813.
-    assert decide("saturation", feats([0.5, 0.5], step=0, max_draft=K, cosine=cos)) == [False, False]
-    assert decide("saturation", feats([0.5, 0.5], step=5, max_draft=K, cosine=cos)) == [True, True]
-    assert decide("saturation", feats([0.5, 0.5], step=5, max_draft=K, cosine=[0.8, 0.82])) == [False, True]
+    assert decide("saturation", feats([0.5, 0.5], step=0, max_draft=J, cosine=cos)) == [False, False]
+    assert decide("saturation", feats([0.5, 0.5], step=5, max_draft=J, cosine=cos)) == [True, True]
+    assert decide("saturation", feats([0.5, 0.5], step=5, max_draft=J, cosine=[0.8, 0.82])) == [False, True]
 
 
 def test_budget_update_scores_every_threshold_on_the_round():

@@ -129,7 +129,7 @@ def test_state_axes_follow_params_caches_and_batch():
     assert adam.nu["embed"] == ("vocab", "embed")
     assert adam.count is None and axes["step"] is None
 
-    cache = init_cache(2, 4, 16, 8, 8)
+    cache = init_cache(_cfg(), 4, 16)
     state = {"cache": cache, "tokens": jnp.zeros((4, 10), jnp.int32), "key": jax.random.key(0), "steps": 0}
     axes = sharding.tree_logical_axes(state, batch_size=4)
     assert isinstance(axes["cache"], KVCache) and axes["cache"].k == sharding.CACHE_AXES["k"]
@@ -148,7 +148,7 @@ def test_fetch_and_put_single_process():
 
 
 def test_constrain_is_identity_without_mesh():
-    cache = init_cache(2, 4, 16, 8, 8)
+    cache = init_cache(_cfg(), 4, 16)
     out = jax.jit(sharding.constrain_cache)(cache)
     np.testing.assert_array_equal(out.k, cache.k)
     assert sharding.active_mesh_shape() is None
@@ -192,9 +192,8 @@ print(json.dumps(dict(
 """
 
 
-@pytest.mark.slow
-def test_two_processes_initialize_from_env_and_exchange_shards():
-    """The multi-host path for real: 2 CPU processes, JAX_COORDINATOR_ADDRESS etc. in the env."""
+def run_two_processes(script: str, timeout: int = 300) -> list[dict]:
+    """Run `script` as 2 CPU processes of one jax.distributed job on localhost; their last JSON lines."""
     import socket
 
     with socket.socket() as s:
@@ -212,19 +211,84 @@ def test_two_processes_initialize_from_env_and_exchange_shards():
         }
         env.pop("XLA_FLAGS", None)
         procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", _TWO_PROCESS_SCRIPT], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-            )
+            subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         )
     results = []
     for p in procs:
-        out, err = p.communicate(timeout=180)
+        out, err = p.communicate(timeout=timeout)
         assert p.returncode == 0, err.decode()[-4000:]
         results.append(json.loads(out.decode().strip().splitlines()[-1]))
+    return results
+
+
+@pytest.mark.slow
+def test_two_processes_initialize_from_env_and_exchange_shards():
+    """The multi-host path for real: 2 CPU processes, JAX_COORDINATOR_ADDRESS etc. in the env."""
+    results = run_two_processes(_TWO_PROCESS_SCRIPT, timeout=180)
     assert [r["process"] for r in results] == [0, 1]
     assert [r["main"] for r in results] == [True, False]
     for r in results:
         assert r["initialized"] and r["processes"] == 2 and r["global_rows_split"] and r["fetched_ok"], r
+
+
+# A tiny random model (numpy, so every process and the test make the same one).
+_TINY_MODEL = """
+import jax, numpy as np
+from eesd_jax import model
+cfg = model.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64,
+                        rope_theta=500.0, max_seq_len=64, name="tiny")
+rng = np.random.default_rng(0)
+params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32),
+                      jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0))))
+prompts = [[1, 2, 3], [4, 5, 6, 7]]
+"""
+
+_TWO_PROCESS_BENCH = (
+    _TINY_MODEL
+    + """
+import json
+from eesd_jax import bench, control, eesd, exits, generate, sharding
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+sharding.maybe_initialize_distributed()
+mesh = sharding.make_mesh(data=2, model=1)  # One CPU device per process: rows over 'data' span the hosts.
+real, meshes = generate.generate_eesd, []
+
+def perturbed(*args, **kwargs):  # Record the mesh EESD ran under; make one mismatch for the diagnostics.
+    meshes.append(kwargs.get("mesh") is not None)
+    gen = real(*args, **kwargs)
+    gen.tokens[1][3] = (gen.tokens[1][3] + 1) % cfg.vocab_size
+    return gen
+
+generate.generate_eesd = perturbed
+exit_params = exits.init_exit(cfg, params, exits.ExitConfig(1))
+ecfg = eesd.EESDConfig(exit_layer=1, max_draft=3, controller=control.ControllerConfig("beta-ts"))
+setup = bench.BenchSetup(cfg, sharding.shard_params(params, mesh), sharding.shard_exit_params(exit_params, mesh),
+                         ecfg, (), mesh)
+report = bench.run(setup, prompts, max_new_tokens=6, batch=2, step_costs=False).report
+print(json.dumps(dict(eesd_on_mesh=all(meshes) and bool(meshes), mismatches=report["mismatches"],
+                      drafted=report["modes"]["eesd"]["drafted"])))
+"""
+)
+
+
+@pytest.mark.slow
+def test_two_process_bench_runs_eesd_on_the_mesh_and_diagnoses_mismatches_on_every_process():
+    """bench under a 2-host mesh: EESD rows over 'data'; the mismatch margin (vocab logits gathered across
+    hosts) equals the one-process figure, on both processes alike."""
+    from eesd_jax import bench, generate
+
+    results = run_two_processes(_TWO_PROCESS_BENCH)
+    assert results[0] == results[1]
+    assert results[0]["eesd_on_mesh"] and results[0]["drafted"] > 0
+    (m,) = results[0]["mismatches"]
+    scope: dict = {}
+    exec(_TINY_MODEL, scope)
+    cfg, params, prompts = scope["cfg"], scope["params"], scope["prompts"]
+    ar = generate.generate_ar(cfg, params, prompts[1:], 6).tokens[0]
+    assert (m["prompt"], m["position"], m["ar_token"]) == (1, 3, ar[3])
+    top2 = np.sort(bench.prefix_logits(cfg, params, prompts[1] + ar[:3]))[-2:]
+    assert m["ar_top2_margin"] == pytest.approx(float(top2[1] - top2[0]), abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- 8 fake devices
@@ -351,16 +415,7 @@ def _pinned_generate_ar(cfg, params, prompts, max_new, mesh):
 
 def _np_params(cfg, seed: int, scale: float = 0.2):
     """Random params made with numpy: no per-shape compiles of jax.random, no reshard compiles in device_put."""
-    rng = np.random.RandomState(seed)
-    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
-    return jax.tree_util.tree_map_with_path(
-        lambda path, s: (
-            np.ones(s.shape, np.float32)
-            if "norm" in jax.tree_util.keystr(path)
-            else (scale * rng.standard_normal(s.shape)).astype(np.float32)
-        ),
-        shapes,
-    )
+    return model.random_params(cfg, np.random.RandomState(seed), scale)
 
 
 def _exit_train_step(cfg, exit_params, opt_state, hidden_btd, targets_bt):

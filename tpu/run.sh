@@ -6,7 +6,7 @@
 # process 0 writes logs and results. Run tpu/setup.sh first.
 #
 #   tpu/run.sh --name eesd-tpu -- bench --mesh data=1,model=4 --max-new-tokens 128
-#   tpu/run.sh -- distill --mesh data=4,model=1 --out runs/exit
+#   tpu/run.sh -- distill --mesh data=4,model=1 --workdir runs/exit
 #   tpu/run.sh --background -- distill ...   # keep running after ssh returns; output in REMOTE_DIR/eesd-run.log
 #   tpu/run.sh --dry-run -- bench
 set -euo pipefail
@@ -17,7 +17,7 @@ WORKER="${WORKER:-all}"
 REMOTE_DIR="${REMOTE_DIR:-eesd_jax}"
 BACKGROUND=0
 ENVS=("EESD_DISTRIBUTED=1")
-SUBCOMMANDS="bench distill generate"
+SUBCOMMANDS="bench distill eval-exit generate"
 
 usage() {
   cat <<USAGE

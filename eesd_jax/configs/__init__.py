@@ -68,6 +68,7 @@ REQUIRED = {
 
 # Short names accepted in ARG (besides full dotted paths).
 ALIASES = {
+    "model": "model.source",
     "N": "exit.layer",
     "layer": "exit.layer",
     "own_head": "exit.own_head",
@@ -202,6 +203,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.name = "base"
     c.model = ml_collections.ConfigDict()
     c.model.source = "bundled"  # "bundled" (SmolLM2-135M-Instruct), "tiny", an HF folder or a .gguf file.
+    c.model.dtype = "float32"  # The teacher's params, activations and caches (eesd distill --dtype sets it).
+    c.mesh = ""  # "data=D,model=M": the teacher sharded over a device mesh (eesd distill --mesh sets it).
 
     c.exit = ml_collections.ConfigDict()
     c.exit.layer = 6  # N: the exit reads the hidden state after the first N layers.

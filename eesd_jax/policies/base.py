@@ -8,7 +8,7 @@ A policy module (one per policy in this package) defines:
   init(cfg, batch) -> state              per-row state pytree, every leaf [B, ...].
   decide(cfg, state, features, key)      -> keep [B] bool: keep the token just drafted
                                          and draft another?
-  update(cfg, state, n_drafted, n_accepted, confidence_bk) -> state
+  update(cfg, state, n_drafted, n_accepted, confidence_bj) -> state
                                          fold one round's verification outcome in;
                                          control.update keeps rows that were not live.
 cfg is the control.ControllerConfig; a policy reads only its own knobs (and may read
@@ -39,7 +39,7 @@ class DraftFeatures:
     margin: jax.Array  # [B] top-1 minus top-2 probability of q_i.
     cosine: jax.Array  # [B] cosine similarity of the exit block's input (layer-N state) and output.
     step: jax.Array  # [] index i of the draft step (0-based).
-    round_probs: jax.Array  # [B, K] `prob` of this round's earlier draft steps; valid below `step`.
+    round_probs: jax.Array  # [B, J] `prob` of this round's earlier draft steps; valid below `step`.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,17 +56,17 @@ def init_none(cfg, batch: int) -> NoState:
     return NoState()
 
 
-def update_none(cfg, state, n_drafted, n_accepted, confidence_bk):
+def update_none(cfg, state, n_drafted, n_accepted, confidence_bj):
     return state
 
 
-def judged(n_drafted: jax.Array, n_accepted: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:
-    """([B, K] accepted, [B, K] rejected) draft-token masks from one round's verification.
+def judged(n_drafted: jax.Array, n_accepted: jax.Array, J: int) -> tuple[jax.Array, jax.Array]:
+    """([B, J] accepted, [B, J] rejected) draft-token masks from one round's verification.
 
     Verification accepts draft tokens 1..n_accepted and, if n_accepted < n_drafted,
     rejects token n_accepted + 1; later tokens are never judged.
     """
-    idx = jnp.arange(K)[None]
+    idx = jnp.arange(J)[None]
     accepted = idx < n_accepted[:, None]
     rejected = (idx == n_accepted[:, None]) & (idx < n_drafted[:, None])
     return accepted, rejected

@@ -77,7 +77,7 @@ def decide(cfg, state: State, features, key):
     return sample_keep(cfg, state.alpha[:, 0], state.beta[:, 0], key)
 
 
-def update(cfg, state: State, n_drafted, n_accepted, confidence_bk) -> State:
+def update(cfg, state: State, n_drafted, n_accepted, confidence_bj) -> State:
     s = forget(cfg, state, *_prior(cfg))
     rejected = n_accepted < n_drafted  # At most one token per round is judged rejected.
     return State(

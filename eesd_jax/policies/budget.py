@@ -13,7 +13,7 @@ the paper's exact rule was not available to us), made an online draft-stop rule:
     have kept the leading run of tokens with q >= tau_m and had min(n_accepted, run) of
     them accepted. Tokens past the ones drafted were never verified, so the run is capped
     at n_drafted: an arm more eager than the round's play scores as the play did.
-  - mu follows dual ascent, mu += lr (n_drafted - budget) / K, clipped at 0, so the mean
+  - mu follows dual ascent, mu += lr (n_drafted - budget) / J, clipped at 0, so the mean
     draft length is driven down to the budget when the weights would draft more, and
     left below it (mu = 0) otherwise. The censoring above favours no eager arm, so a
     loose budget is kept but not necessarily used up.
@@ -74,15 +74,15 @@ def decide(cfg, state: State, features, key):
     return jax.random.uniform(key, features.prob.shape) < keep_probability(cfg, state, features.prob)
 
 
-def update(cfg, state: State, n_drafted, n_accepted, confidence_bk) -> State:
-    K = confidence_bk.shape[1]
+def update(cfg, state: State, n_drafted, n_accepted, confidence_bj) -> State:
+    J = confidence_bj.shape[1]
     tau = jnp.asarray(cfg.budget_thresholds)
-    drafted = jnp.arange(K)[None] < n_drafted[:, None]  # Kept, hence verified.
-    passes = (confidence_bk[:, :, None] >= tau[None, None]) & drafted[:, :, None]  # [B, K, M]
+    drafted = jnp.arange(J)[None] < n_drafted[:, None]  # Kept, hence verified.
+    passes = (confidence_bj[:, :, None] >= tau[None, None]) & drafted[:, :, None]  # [B, J, M]
     run = jnp.sum(jnp.cumprod(passes, axis=1), axis=1).astype(jnp.float32)  # [B, M] leading run.
     accepted = jnp.minimum(n_accepted[:, None].astype(jnp.float32), run)
     return State(
         cost=MEMORY * state.cost + (1 - MEMORY) * run,
         value=MEMORY * state.value + (1 - MEMORY) * accepted,
-        mu=jnp.maximum(0.0, state.mu + cfg.budget_lr * (n_drafted - cfg.budget) / K),
+        mu=jnp.maximum(0.0, state.mu + cfg.budget_lr * (n_drafted - cfg.budget) / J),
     )

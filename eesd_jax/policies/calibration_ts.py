@@ -51,11 +51,11 @@ def decide(cfg, state: beta_ts.State, features, key):
     return beta_ts.sample_keep(cfg, a, b, key)
 
 
-def update(cfg, state: beta_ts.State, n_drafted, n_accepted, confidence_bk) -> beta_ts.State:
+def update(cfg, state: beta_ts.State, n_drafted, n_accepted, confidence_bj) -> beta_ts.State:
     s = beta_ts.forget(cfg, state, *_prior(cfg))
-    accepted, rejected = judged(n_drafted, n_accepted, confidence_bk.shape[1])
-    bins_bkc = jax.nn.one_hot(confidence_bin(cfg, confidence_bk), cfg.n_bins, dtype=s.alpha.dtype)
+    accepted, rejected = judged(n_drafted, n_accepted, confidence_bj.shape[1])
+    bins_bjc = jax.nn.one_hot(confidence_bin(cfg, confidence_bj), cfg.n_bins, dtype=s.alpha.dtype)
     return beta_ts.State(
-        alpha=s.alpha + jnp.einsum("bk,bkc->bc", accepted.astype(s.alpha.dtype), bins_bkc),
-        beta=s.beta + jnp.einsum("bk,bkc->bc", rejected.astype(s.beta.dtype), bins_bkc),
+        alpha=s.alpha + jnp.einsum("bk,bkc->bc", accepted.astype(s.alpha.dtype), bins_bjc),
+        beta=s.beta + jnp.einsum("bk,bkc->bc", rejected.astype(s.beta.dtype), bins_bjc),
     )

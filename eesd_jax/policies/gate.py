@@ -1,6 +1,6 @@
 """gate: a small learned logistic gate on the exit's features predicting acceptance (JEI-DNN style).
 
-p(accept | token) = sigmoid(w . phi), phi = [1, q(d), entropy, margin, cosine, i / K];
+p(accept | token) = sigmoid(w . phi), phi = [1, q(d), entropy, margin, cosine, i / J];
 keep drafting while p >= gate_threshold. `fit` trains w from recorded (features,
 accepted) pairs by L2-regularised logistic regression (Newton's method: convex, so
 deterministic and exact). JEI-DNN's oracle-target bi-level training is not reproduced;
@@ -41,7 +41,7 @@ class Knobs:
 
 
 def phi(prob, entropy, margin, cosine, depth) -> jax.Array:
-    """[..., F] gate inputs; every argument [...] (depth: draft index over K, in [0, 1))."""
+    """[..., F] gate inputs; every argument [...] (depth: draft index over J, in [0, 1))."""
     return jnp.stack([jnp.ones_like(prob), prob, entropy, margin, cosine, depth], axis=-1)
 
 

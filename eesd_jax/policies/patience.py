@@ -23,8 +23,8 @@ class Knobs:
 
 def falls_in_a_row(features) -> jnp.ndarray:
     """[B] length of the run of confidence falls ending at draft step i (0 if q(d_{i+1}) did not fall)."""
-    B, K = features.round_probs.shape
-    idx = jnp.arange(K)[None]
+    B, J = features.round_probs.shape
+    idx = jnp.arange(J)[None]
     i = features.step
     seq = jnp.where(idx == i, features.prob[:, None], features.round_probs)  # Probabilities of steps 0..i.
     fell = (idx >= 1) & (idx <= i) & (seq < jnp.roll(seq, 1, axis=1))

@@ -5,7 +5,7 @@ exceeds lambda (the representation stopped changing). Here the "layer" is the ex
 block: cos(layer-N state, exit output) >= lambda_i means the exit barely moved the
 state, read as a settled draft, so drafting goes on. The threshold decays with draft
 depth i in CALM's position-adjusted form (which MuE's decoder schedule also follows):
-  lambda_i = lambda * (0.9 + 0.1 * exp(-temp * i / K)),
+  lambda_i = lambda * (0.9 + 0.1 * exp(-temp * i / J)),
 non-increasing from lambda to ~0.9 lambda; temp = 0 keeps it constant. The score is
 O(D) per draft step: no vocabulary-sized work.
 """
@@ -27,9 +27,9 @@ class Knobs:
             raise ValueError(f"saturation_temp must be >= 0, got {self.saturation_temp}")
 
 
-def threshold(cfg, step, K: int):
-    """lambda_step for a round of at most K drafts."""
-    return cfg.saturation * (0.9 + 0.1 * jnp.exp(-cfg.saturation_temp * step / K))
+def threshold(cfg, step, J: int):
+    """lambda_step for a round of at most J drafts."""
+    return cfg.saturation * (0.9 + 0.1 * jnp.exp(-cfg.saturation_temp * step / J))
 
 
 def decide(cfg, state, features, key):
