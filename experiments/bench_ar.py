@@ -28,29 +28,23 @@ RESULTS = pathlib.Path(__file__).parent / "results" / "bench_ar"
 
 
 def side_ours(args, work: pathlib.Path) -> None:
-    """Our AR as `eesd bench --modes ar` runs it; writes ours.json: report, prompt ids, tokens."""
-    from eesd_jax import bench, cli
+    """Our AR as `eesd bench --modes ar` runs it (bench.run); writes ours.json: report, prompt ids, tokens."""
+    from eesd_jax import bench, engine, prompts
 
-    argv = ["bench", "--modes", "ar", "--prompts", args.prompts, "--n", str(args.n_prompts)]
-    argv += ["--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats)]
-    bench_args = cli.build_parser().parse_args(argv)
-    bench_args.validate(bench_args)
-    session = cli.load_session(None)
-    ids = [cli.encode_prompt(session, p.text, p.chat) for p in bench_args.chosen]
-    ecfg, exit_params, _, _ = cli.eesd_engine(session, bench_args)
-    setup = bench.BenchSetup(session.cfg, session.params, exit_params, ecfg, session.eos_ids, session.mesh)
-    tokens = []
-    report = bench.run(
-        setup, ids, args.max_new_tokens, ("ar",), repeats=args.repeats, progress=lambda _, g: tokens.extend(g.tokens)
-    )
-    report["config"].update(prompts=args.prompts, split=bench_args.split)
+    session = engine.load_session()
+    chosen = prompts.load_prompts(args.prompts, split="heldout", n=args.n_prompts)
+    ids = [engine.encode_prompt(session, p.text, p.chat) for p in chosen]
+    setup = engine.bench_setup(session, engine.eesd_engine(session))
+    measured = bench.run(setup, ids, args.max_new_tokens, ("ar",), repeats=args.repeats)
+    report = measured.report
+    report["config"].update(prompts=args.prompts, split="heldout")
     record = {
         "report": report,
         "model": pathlib.Path(session.lm.source).name,
-        "prompt_ids": [p.id for p in bench_args.chosen],
+        "prompt_ids": [p.id for p in chosen],
         "ids": ids,
         "eos": list(session.eos_ids),
-        "tokens": tokens,
+        "tokens": [t for g in measured.generations["ar"] for t in g.tokens],
     }
     (work / "ours.json").write_text(json.dumps(record))
 
