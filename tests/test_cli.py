@@ -68,6 +68,7 @@ cli.main(["eval-exit", "--config", config, "--exit", work + "/exit_N1.safetensor
 """
 
 
+@pytest.mark.slow
 def test_distill_and_eval_exit_on_a_fake_8_device_mesh_equal_one_device(tmp_path, monkeypatch, capsys):
     """The documented pod form `distill --mesh data=D,model=M` (teacher sharded over the mesh) trains the exit
     the one-device run trains, and eval-exit on the mesh reports the one-device figures."""
