@@ -354,6 +354,7 @@ def run(
         "exit_layer": setup.ecfg.exit_layer,
         "max_draft": setup.ecfg.max_draft,
         "controller": setup.ecfg.controller.kind,
+        "tree": setup.ecfg.tree,
         "n_prompts": len(prompts),
         "batch": batch,
         "max_new_tokens": max_new_tokens,

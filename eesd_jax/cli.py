@@ -73,10 +73,10 @@ class TextStreamer:
 
 
 def engine_from_args(session, args):
-    """engine.eesd_engine from --exit / --exit-layer / --max-draft / --controller."""
+    """engine.eesd_engine from --exit / --exit-layer / --max-draft / --controller / --tree."""
     from eesd_jax import engine
 
-    return engine.eesd_engine(session, args.exit, args.exit_layer, args.max_draft, args.controller)
+    return engine.eesd_engine(session, args.exit, args.exit_layer, args.max_draft, args.controller, args.tree)
 
 
 def run_mode(mode: str, session, prompt_ids: list[int], args, on_tokens: Callable | None):
@@ -188,10 +188,18 @@ def add_eesd_args(p: argparse.ArgumentParser) -> None:
         f"default {control.ControllerConfig.kind})",
     )
     g.add_argument("--max-draft", type=int, default=6, metavar="J", help="draft tokens per round at most (default 6)")
+    g.add_argument(
+        "--tree",
+        type=int,
+        default=0,
+        metavar="N",
+        help="draft a tree of N nodes per round, 4 per depth (a multiple of 4; replaces --max-draft and "
+        "--controller); 0 = a chain (default)",
+    )
 
 
 def validate_eesd(args) -> None:
-    from eesd_jax import control
+    from eesd_jax import control, eesd
 
     try:
         control.from_spec(args.controller)
@@ -199,6 +207,8 @@ def validate_eesd(args) -> None:
         raise UsageError(f"--controller {args.controller}: {e}") from None
     if args.max_draft < 1:
         raise UsageError(f"--max-draft must be >= 1, got {args.max_draft}")
+    if args.tree < 0 or args.tree % eesd.EESDConfig.tree_width:
+        raise UsageError(f"--tree must be 0 or a positive multiple of {eesd.EESDConfig.tree_width}, got {args.tree}")
     if args.exit_layer is not None and args.exit_layer < 1:
         raise UsageError(f"--exit-layer must be >= 1, got {args.exit_layer}")
     validate_exit_file(args)
@@ -431,6 +441,8 @@ def validate_bench(args) -> None:
     validate_prompt_set(args)
     if args.random_shape and (args.model or args.exit):
         raise UsageError("--random-shape makes random weights and an untrained exit: drop --model / --exit")
+    if args.by_position and args.tree:
+        raise UsageError("--by-position traces chain rounds: drop --tree")
 
 
 def validate_prompt_set(args) -> None:

@@ -29,7 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from eesd_jax import control, exits, model, sampling, sharding
+from eesd_jax import control, exits, model, sampling, sharding, tree
 from eesd_jax.decoding import append_tokens, finish_block, start_state
 from eesd_jax.kv_cache import KVCache, init_cache
 from eesd_jax.model import ModelConfig, Params
@@ -50,13 +50,29 @@ class EESDConfig:
     # Record every round's draft features and verification outcome in EESDState.trace (for
     # fitting the gate policy and acceptance by draft position: outcomes.py). Same output.
     trace: bool = False
+    # Draft trees (tree.py): the node budget per round (0: a chain, the default) and the nodes
+    # per depth, W (each expanded node offers its top W children); depth = tree // W. The
+    # controller and max_draft do not apply: every round drafts the whole tree.
+    tree: int = 0
+    tree_width: int = 4
 
     def validate(self, cfg: ModelConfig) -> None:
         exits.ExitConfig(self.exit_layer, context_layer=self.context_layer).validate(cfg)
         if self.max_draft < 1:
             raise ValueError(f"max_draft must be >= 1, got {self.max_draft}")
+        if self.tree < 0 or self.tree_width < 1:
+            raise ValueError(f"tree must be >= 0 and tree_width >= 1, got {self.tree} and {self.tree_width}")
+        if self.tree and self.tree % self.tree_width:
+            raise ValueError(f"tree (node budget {self.tree}) must be a multiple of tree_width ({self.tree_width})")
+        if self.tree and (self.trace or self.recompute_lower):
+            raise ValueError("draft trees support neither trace nor recompute_lower")
         if self.buckets and (sorted(self.buckets) != list(self.buckets) or self.buckets[-1] != self.max_draft + 1):
             raise ValueError(f"buckets must be increasing and end at max_draft + 1, got {self.buckets}")
+
+    @property
+    def block_len(self) -> int:
+        """Cache slots a round writes past the accepted length at most: the block or the tree."""
+        return (self.tree or self.max_draft) + 1
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
@@ -68,11 +84,14 @@ class EESDConfig:
         return (*sizes, self.max_draft + 1)
 
 
-def config_for_exit(exit_cfg: exits.ExitConfig, exit_path, max_draft: int, controller: str) -> EESDConfig:
+def config_for_exit(
+    exit_cfg: exits.ExitConfig, exit_path, max_draft: int, controller: str, tree: int = 0
+) -> EESDConfig:
     """EESD with a loaded exit: its N and context layer, J, and the `controller` spec
-    (control.from_spec) completed with what was fitted for that exit (control.for_exit)."""
+    (control.from_spec) completed with what was fitted for that exit (control.for_exit); `tree`
+    nodes per round (0: a chain)."""
     ctrl = control.for_exit(control.from_spec(controller), exit_path)
-    return EESDConfig(exit_cfg.layer, max_draft, ctrl, context_layer=exit_cfg.context_layer)
+    return EESDConfig(exit_cfg.layer, max_draft, ctrl, context_layer=exit_cfg.context_layer, tree=tree)
 
 
 # What RoundTrace.features holds per draft token, in order (control.DraftFeatures' fields).
@@ -328,7 +347,7 @@ def eesd_decode(
 
     segments = split_params(params, ecfg.exit_layer, ecfg.context_layer).
     """
-    J = ecfg.max_draft
+    J, R = ecfg.max_draft, ecfg.tree // ecfg.tree_width
     lower = segments[0]
 
     def round_(s: EESDState) -> EESDState:
@@ -348,25 +367,51 @@ def eesd_decode(
         drafts = jnp.pad(d.tokens, ((0, 0), (0, 1)))
         new_bj = jnp.where(idx < n_acc[:, None], drafts, nxt[:, None])
         live = ~s.done
-        n_keep, done = finish_block(new_bj, (n_acc + 1) * live, s.n_new, s.max_new, eos_ids)
-        lengths = pos0 + n_keep
-        last = jnp.take_along_axis(new_bj, jnp.maximum(n_keep - 1, 0)[:, None], axis=1)[:, 0]
-        return EESDState(
-            tokens=append_tokens(s.tokens, s.n_new, new_bj, n_keep),
-            n_new=s.n_new + n_keep,
-            max_new=s.max_new,
-            last=jnp.where(live, last, s.last),
-            done=s.done | (done & live),
-            cache=cache.replace(lengths=lengths),
-            exit_cache=exit_cache.replace(lengths=lengths),
+        return _advance(s, eos_ids, new_bj, n_acc, cache, exit_cache, key, d.n_draft).replace(
             ctrl=control.update(ecfg.controller, s.ctrl, d.n_draft, n_acc, d.confidence, live),
-            key=key,
-            rounds=s.rounds + live,
-            drafted=s.drafted + d.n_draft * live,
-            accepted=s.accepted + jnp.minimum(n_acc, n_keep) * live,
-            steps=s.steps + 1,
             trace=None if s.trace is None else _record(s.trace, s.rounds, live, d, n_acc),
         )
 
+    def tree_round(s: EESDState) -> EESDState:
+        pos0 = s.cache.lengths
+        t = tree.draft(cfg, ecfg, params, lower, exit_params, s.last, pos0, s.cache, s.exit_cache)
+        logits, cache, context_bnd = tree.verify(cfg, ecfg, params, segments, t, pos0)
+        key, k_acc = jax.random.split(s.key)
+        if sampling_cfg.greedy:
+            n_acc, nxt, path = tree.accept_greedy(t, logits, ecfg.tree_width)
+        else:
+            n_acc, nxt, path = tree.accept_sampled(k_acc, t, logits, ecfg.tree_width, sampling_cfg)
+        cache, exit_cache = tree.compact(cache, pos0, path), tree.compact(t.exit_cache, pos0, path)
+        if ecfg.context_layer:  # As for a chain: the accepted path's context-layer states, now contiguous.
+            context = jnp.take_along_axis(context_bnd, path[..., None], 1)
+            exit_cache = exits.write_context(cfg, exit_params, exit_cache, context, pos0[:, None] + jnp.arange(R + 1))
+        drafts = jnp.take_along_axis(t.tokens, path[:, 1:], 1)
+        new_bj = jnp.where(jnp.arange(R)[None] < n_acc[:, None], drafts, nxt[:, None])
+        new_bj = jnp.concatenate([new_bj, nxt[:, None]], 1)
+        return _advance(s, eos_ids, new_bj, n_acc, cache, exit_cache, key, jnp.full_like(n_acc, ecfg.tree))
+
     stop_at = state.steps + max_steps
-    return jax.lax.while_loop(lambda s: (~s.done).any() & (s.steps < stop_at), round_, state)
+    body = tree_round if ecfg.tree else round_
+    return jax.lax.while_loop(lambda s: (~s.done).any() & (s.steps < stop_at), body, state)
+
+
+def _advance(s: EESDState, eos_ids, new_bj, n_acc, cache, exit_cache, key, n_draft) -> EESDState:
+    """s after a round: new_bj [B, J+1] (n_acc accepted drafts, then the LLM's token) appended and
+    cut by EOS / budget per row, both caches rolled back to the kept length; finished rows unchanged."""
+    pos0, live = s.cache.lengths, ~s.done
+    n_keep, done = finish_block(new_bj, (n_acc + 1) * live, s.n_new, s.max_new, eos_ids)
+    lengths = pos0 + n_keep
+    last = jnp.take_along_axis(new_bj, jnp.maximum(n_keep - 1, 0)[:, None], axis=1)[:, 0]
+    return s.replace(
+        tokens=append_tokens(s.tokens, s.n_new, new_bj, n_keep),
+        n_new=s.n_new + n_keep,
+        last=jnp.where(live, last, s.last),
+        done=s.done | (done & live),
+        cache=cache.replace(lengths=lengths),
+        exit_cache=exit_cache.replace(lengths=lengths),
+        key=key,
+        rounds=s.rounds + live,
+        drafted=s.drafted + n_draft * live,
+        accepted=s.accepted + jnp.minimum(n_acc, n_keep) * live,
+        steps=s.steps + 1,
+    )

@@ -1,10 +1,10 @@
 """A loaded model and its EESD engine: what the `eesd` command and the experiments decode with.
 
 from eesd_jax import engine
-session = engine.load_session(None)                       # The bundled SmolLM2, decode layout.
-eng = engine.eesd_engine(session)                         # Its shipped exit, default controller.
+session = engine.load_session(None)                # The bundled SmolLM2, decode layout.
+eng = engine.eesd_engine(session)                  # Its shipped exit, default controller.
 ids = engine.encode_prompt(session, "Write a haiku.", chat=None)
-gen = engine.run_eesd(session, eng, [ids], max_new_tokens=64)
+gen = engine.decode(session, [ids], 64, eng)       # eng=None: AR.
 """
 
 from __future__ import annotations
@@ -99,9 +99,11 @@ def eesd_engine(
     exit_layer: int | None = None,
     max_draft: int = 6,
     controller: str = control.ControllerConfig.kind,
+    tree: int = 0,
 ) -> Engine:
     """The EESD engine for an exit file (default: the shipped exit for the model, at exit_layer if given;
-    none shipped: an untrained exit at exit_layer, default L/4), a draft cap and a controller spec."""
+    none shipped: an untrained exit at exit_layer, default L/4), a draft cap and a controller spec, or
+    a draft tree of `tree` nodes per round."""
     exit_path = exit_path or shipped.default_exit(session.lm, exit_layer)
     if exit_path:
         exit_cfg, exit_params = exits.load_exit(exit_path, session.cfg, session.lm.fingerprint, exit_layer)
@@ -110,7 +112,7 @@ def eesd_engine(
         exit_params = exits.init_exit(session.cfg, session.params, exit_cfg)
     if session.mesh is not None:
         exit_params = sharding.shard_exit_params(exit_params, session.mesh)
-    ecfg = eesd.config_for_exit(exit_cfg, exit_path, max_draft, controller)
+    ecfg = eesd.config_for_exit(exit_cfg, exit_path, max_draft, controller, tree)
     ecfg.validate(session.cfg)
     split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer)
     return Engine(ecfg, exit_params, split, str(exit_path) if exit_path else None)

@@ -100,10 +100,20 @@ def exit_logits(
 
 
 def exit_hidden(
-    cfg: ModelConfig, exit_params: Params, hidden_btd: jax.Array, positions_bt: jax.Array, exit_cache: KVCache
+    cfg: ModelConfig,
+    exit_params: Params,
+    hidden_btd: jax.Array,
+    positions_bt: jax.Array,
+    exit_cache: KVCache,
+    slots_bt: jax.Array | None = None,
+    visible_bts: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """The exit block and its norm over layer-N hidden states: ([B, T, D], the exit's cache written)."""
-    x, exit_cache = model.run_layers(cfg, exit_params["block"], hidden_btd, positions_bt, exit_cache)
+    """The exit block and its norm over layer-N hidden states: ([B, T, D], the exit's cache written).
+
+    slots_bt, visible_bts: a draft tree's node slots and masks (model.block)."""
+    x, exit_cache = model.run_layers(
+        cfg, exit_params["block"], hidden_btd, positions_bt, exit_cache, 0, slots_bt, visible_bts
+    )
     return model.rms_norm(x, exit_params["norm"], cfg.rms_eps), exit_cache
 
 
@@ -119,10 +129,15 @@ def write_context(
     return model.write_layers(exit_cache, 0, k_btke[None], v_btke[None], positions_bt)
 
 
+def draft_vocab_logits(params: Params, exit_params: Params, x_btd: jax.Array) -> jax.Array:
+    """[B, T, V'] logits over the exit's draft vocabulary (exit_params["vocab"]; else the whole one)."""
+    head = {"lm_head": exit_params["head"]} if "head" in exit_params else params
+    return model.lm_head(head, x_btd)
+
+
 def draft_logits(cfg: ModelConfig, params: Params, exit_params: Params, x_btd: jax.Array) -> jax.Array:
     """[B, T, V] draft logits from `exit_hidden`'s output (the draft vocabulary's, or the LLM's head)."""
-    head = {"lm_head": exit_params["head"]} if "head" in exit_params else params
-    logits = model.lm_head(head, x_btd)
+    logits = draft_vocab_logits(params, exit_params, x_btd)
     if "vocab" in exit_params:  # Scatter the draft vocabulary's logits into the full one.
         full = jnp.full((*logits.shape[:-1], cfg.vocab_size), -jnp.inf, logits.dtype)
         logits = full.at[..., exit_params["vocab"]].set(logits)

@@ -170,7 +170,7 @@ def generate_eesd(
     should already be placed (sharding.shard_params / shard_exit_params).
     """
     ecfg.validate(cfg)
-    req = decoding.make_request(cfg, prompts, max_new_tokens, slack=ecfg.max_draft + 1)
+    req = decoding.make_request(cfg, prompts, max_new_tokens, slack=ecfg.block_len)
     eos = tuple(int(e) for e in eos_ids)
     segments = split or eesd.split_params(params, ecfg.exit_layer, ecfg.context_layer)
 

@@ -237,6 +237,8 @@ def block(
     k_lbske: jax.Array,
     v_lbske: jax.Array,
     layer_idx: jax.Array,
+    slots_bt: jax.Array | None = None,
+    visible_bts: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One pre-norm transformer block over T new tokens.
 
@@ -247,15 +249,20 @@ def block(
     Slots past a row's accepted length are never visible before being
     overwritten, which is what makes rollback a pure length update.
 
+    A draft tree (tree.py) passes the slots its nodes live in (`slots_bt`, default: their
+    positions) and which slots each sees (`visible_bts` [B, T, S], default: s <= position).
+
     Returns (x_btd, k_lbske, v_lbske).
     """
     B, T, _ = x_btd.shape
     q_bthe, k_btke, v_btke = _qkv(cfg, p, x_btd, positions_bt)
     rows_bt = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    k_lbske = k_lbske.at[layer_idx, rows_bt, positions_bt].set(k_btke.astype(k_lbske.dtype), mode="drop")
-    v_lbske = v_lbske.at[layer_idx, rows_bt, positions_bt].set(v_btke.astype(v_lbske.dtype), mode="drop")
+    slots_bt = positions_bt if slots_bt is None else slots_bt
+    k_lbske = k_lbske.at[layer_idx, rows_bt, slots_bt].set(k_btke.astype(k_lbske.dtype), mode="drop")
+    v_lbske = v_lbske.at[layer_idx, rows_bt, slots_bt].set(v_btke.astype(v_lbske.dtype), mode="drop")
     k_bske, v_bske = k_lbske[layer_idx], v_lbske[layer_idx]
-    visible_bts = jnp.arange(k_bske.shape[1])[None, None, :] <= positions_bt[:, :, None]
+    if visible_bts is None:
+        visible_bts = jnp.arange(k_bske.shape[1])[None, None, :] <= positions_bt[:, :, None]
     scores = _scores(cfg, q_bthe, k_bske, visible_bts)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
     o_btn = jnp.einsum("bkgts,bske->btkge", probs, v_bske).reshape(B, T, -1)
@@ -269,6 +276,7 @@ def block_readonly(
     positions_bt: jax.Array,
     k_bske: jax.Array,
     v_bske: jax.Array,
+    new_btt: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`block` for a block of consecutive positions that leaves the cache alone.
 
@@ -277,14 +285,16 @@ def block_readonly(
     values causally. The same attention as `block`, but the new keys/values are
     returned ([B, T, K, E]) for the caller to write (`write_layers`): inside a
     lax.switch branch (EESD verification), a cache written in place was copied
-    whole by XLA on every call.
+    whole by XLA on every call. A draft tree's block (tree.py) is not consecutive: `new_btt`
+    [B, T, T] then says which block tokens each sees (its ancestors); its first token is the lowest.
 
     Returns (x_btd, k_btke, v_btke).
     """
     B, T, _ = x_btd.shape
     q_bthe, k_btke, v_btke = _qkv(cfg, p, x_btd, positions_bt)
     old_bts = jnp.arange(k_bske.shape[1])[None, None, :] < positions_bt[:, :1, None]
-    new_btt = positions_bt[:, None, :] <= positions_bt[:, :, None]
+    if new_btt is None:
+        new_btt = positions_bt[:, None, :] <= positions_bt[:, :, None]
     o_btn = _attend_two(cfg, q_bthe, (k_bske, v_bske, jnp.broadcast_to(old_bts, (B, T, k_bske.shape[1]))),
                         (k_btke, v_btke, new_btt))  # fmt: skip
     return _out_and_mlp(cfg, p, x_btd, o_btn), k_btke, v_btke
@@ -381,6 +391,8 @@ def run_layers(
     positions_bt: jax.Array,
     cache: KVCache,
     first_layer: int = 0,
+    slots_bt: jax.Array | None = None,
+    visible_bts: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run a contiguous range of layers over T new tokens; the forward primitive.
 
@@ -393,12 +405,12 @@ def run_layers(
         a slice at a traced index), which made decoding ~3x slower on CPU, so
         the decode loops run on this layout there.
     Returns the hidden state after the last layer and the cache with those
-    layers' slots written.
+    layers' slots written. slots_bt, visible_bts: as in `block` (draft trees).
     """
 
     def step(carry, p, layer_idx):
         x, k, v = carry
-        return block(cfg, p, x, positions_bt, k, v, layer_idx), None
+        return block(cfg, p, x, positions_bt, k, v, layer_idx, slots_bt, visible_bts), None
 
     (x_btd, k, v), _ = _over_layers(layers, first_layer, cache, step, (x_btd, cache.k, cache.v))
     return x_btd, cache.replace(k=k, v=v)
@@ -411,15 +423,16 @@ def run_layers_readonly(
     positions_bt: jax.Array,
     cache: KVCache,
     first_layer: int = 0,
+    new_btt: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`run_layers` over a block of consecutive positions, leaving the cache alone (`block_readonly`).
 
     Returns (x_btd, k_nbtke, v_nbtke): the hidden state and the n layers' new
-    keys/values, for `write_layers`.
+    keys/values, for `write_layers`. new_btt: a draft tree's mask (`block_readonly`).
     """
 
     def step(x, p, layer_idx):
-        x, k_btke, v_btke = block_readonly(cfg, p, x, positions_bt, cache.k[layer_idx], cache.v[layer_idx])
+        x, k_btke, v_btke = block_readonly(cfg, p, x, positions_bt, cache.k[layer_idx], cache.v[layer_idx], new_btt)
         return x, (k_btke, v_btke)
 
     x_btd, (k_nbtke, v_nbtke) = _over_layers(layers, first_layer, cache, step, x_btd)

@@ -1,0 +1,201 @@
+"""Draft trees are lossless: greedy output equals AR, sampling has AR's distribution, and the
+caches after decoding equal AR's at every accepted position."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eesd_jax import cli, control, decoding, eesd, engine, exits, generate, model, tree
+from eesd_jax.sampling import SamplingConfig
+from tests import test_eesd_sampling as sampling_tests
+from tests.test_eesd import CFG, EOS, make_prompts, perturbed_exit
+
+FIXED = control.ControllerConfig("fixed")
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init_params(CFG, jax.random.key(0), scale=0.3)
+
+
+@pytest.fixture(scope="module")
+def ar_outputs(params):
+    return {b: generate.generate_ar(CFG, params, make_prompts(b), 24, eos_ids=(EOS,)).tokens for b in (1, 3)}
+
+
+def tree_run(params, batch, exit_layer, n_nodes, width, exit_params=None, context_layer=0, max_new=24):
+    ecfg = eesd.EESDConfig(exit_layer, 4, FIXED, context_layer=context_layer, tree=n_nodes, tree_width=width)
+    if exit_params is None:
+        exit_params = perturbed_exit(params, exits.ExitConfig(exit_layer, own_head=True, context_layer=context_layer))
+    return generate.generate_eesd(CFG, params, exit_params, ecfg, make_prompts(batch), max_new, eos_ids=(EOS,))
+
+
+# (batch, N, node budget, width): chains (width 1), wide-shallow and narrow-deep trees, every N.
+GRID = [(3, 1, 4, 1), (3, 2, 8, 4), (3, 3, 6, 2), (1, 2, 12, 3), (1, 1, 4, 4), (3, 2, 16, 8)]
+
+
+@pytest.mark.parametrize("batch,exit_layer,n_nodes,width", GRID)
+def test_greedy_tree_equals_ar(params, ar_outputs, batch, exit_layer, n_nodes, width):
+    out = tree_run(params, batch, exit_layer, n_nodes, width)
+    assert out.tokens == ar_outputs[batch]
+    assert out.stats["accepted"] > 0  # Paths really were accepted, so compaction was exercised.
+    if batch > 1:  # EOS mid-block: the grid's rows stop early (test_eesd checks AR's rows do).
+        assert any(len(r) < 24 for r in out.tokens)
+
+
+def test_greedy_tree_with_context_exit_equals_ar(params, ar_outputs):
+    out = tree_run(params, 3, 1, 8, 2, context_layer=3)
+    assert out.tokens == ar_outputs[3]
+    assert out.stats["accepted"] > 0
+
+
+def test_wider_trees_accept_more_than_chains(params):
+    """A tree holding the chain's nodes and more accepts at least as many tokens per round (here: more)."""
+    chain = tree_run(params, 3, 2, 4, 1).stats["mean_accepted_per_round"]
+    wide = tree_run(params, 3, 2, 16, 4).stats["mean_accepted_per_round"]
+    assert wide > chain
+
+
+def decode_state(params, ecfg, ep, prompts, max_new):
+    req = decoding.make_request(CFG, prompts, max_new, slack=ecfg.block_len)
+    segments = eesd.split_params(params, ecfg.exit_layer, ecfg.context_layer)
+    tokens_bp, lens_b, max_new_b = (jnp.asarray(a) for a in (req.tokens_bp, req.prompt_lens_b, req.max_new_b))
+    cache, logits, hiddens = decoding.prefill(CFG, params, tokens_bp, lens_b, req.cache_len, segments)
+    greedy = SamplingConfig()
+    state = eesd.eesd_init(CFG, ecfg, params, ep, cache, hiddens, logits, max_new_b, jax.random.key(0), greedy,
+                           (EOS,), req.max_new)  # fmt: skip
+    return eesd.eesd_decode(CFG, ecfg, params, segments, ep, state, greedy, (EOS,), jnp.int32(1000))
+
+
+def test_caches_after_tree_decoding_equal_ar_at_every_accepted_position(params):
+    """LLM cache: AR's keys/values; exit cache: the exit block's over the final sequence's layer-N states."""
+    N = 2
+    ep = perturbed_exit(params, exits.ExitConfig(N, own_head=True))
+    ecfg = eesd.EESDConfig(N, 4, FIXED, tree=12, tree_width=3)
+    prompts = make_prompts(3)
+    state = decode_state(params, ecfg, ep, prompts, 24)
+    assert int(state.accepted.sum()) > 0
+    for b, prompt in enumerate(prompts):
+        n = int(state.cache.lengths[b])
+        seq = (prompt + np.asarray(state.tokens[b, : int(state.n_new[b])]).tolist())[:n]
+        assert n == len(prompt) + int(state.n_new[b]) - 1
+        ar_cache, _, (h_n,) = decoding.prefill(
+            CFG, params, jnp.asarray([seq]), jnp.asarray([n]), n, eesd.split_params(params, N)
+        )
+        for got, want in ((state.cache.k, ar_cache.k), (state.cache.v, ar_cache.v)):
+            np.testing.assert_allclose(np.asarray(got[:, b, :n]), np.asarray(want[:, 0]), atol=2e-5)
+        block = jax.tree.map(lambda w: w[0], ep["block"])
+        k, v = model.keys_values(CFG, block, h_n, jnp.arange(n)[None])
+        np.testing.assert_allclose(np.asarray(state.exit_cache.k[0, b, :n]), np.asarray(k[0]), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(state.exit_cache.v[0, b, :n]), np.asarray(v[0]), atol=2e-5)
+
+
+def test_tree_masks_ancestors_only():
+    """Nodes see the cache below p and their ancestors' slots, nothing else."""
+    anc = np.zeros((1, 3, 3), bool)
+    anc[0, 0, 0] = anc[0, 1, [0, 1]] = anc[0, 2, [0, 2]] = True  # Root 0 with two children 1, 2.
+    vis = np.asarray(tree._visible(jnp.asarray(anc), jnp.asarray([4]), 10))[0]
+    want = np.zeros((3, 10), bool)
+    want[:, :4] = True
+    want[0, 4] = want[1, [4, 5]] = want[2, [4, 6]] = True
+    np.testing.assert_array_equal(vis, want)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(tree=6, tree_width=4), "multiple of tree_width"),
+        (dict(tree=-1), "tree must be >= 0"),
+        (dict(tree=4, trace=True), "neither trace"),
+    ],
+)
+def test_bad_tree_config_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        eesd.EESDConfig(2, 4, **kwargs).validate(CFG)
+
+
+# ----------------------------------------------------------------------------- sampling (chi-square)
+
+SC = SamplingConfig(temperature=1.0)
+S_CFG = sampling_tests.CFG
+
+
+def tree_counts(params, ecfg) -> np.ndarray:
+    return sampling_tests.eesd_counts(params, SC, ecfg)
+
+
+@pytest.fixture(scope="module")
+def s_params():
+    return model.init_params(S_CFG, jax.random.key(42), scale=0.35)
+
+
+@pytest.mark.parametrize("n_nodes,width", [(4, 2), (6, 3)])
+def test_tree_sampling_has_ar_distribution(s_params, n_nodes, width):
+    ecfg = eesd.EESDConfig(1, 4, FIXED, tree=n_nodes, tree_width=width)
+    counts = tree_counts(s_params, ecfg)
+    p = sampling_tests.chi_square_p(counts, sampling_tests.exact_distribution(s_params, SC))
+    assert p > sampling_tests.P_VALUE, p
+
+
+def test_tree_sampling_test_fails_without_the_residual(s_params, monkeypatch):
+    """The mutation: a rejected sibling keeps its mass (no zeroing, no renormalizing) -> chi-square fails."""
+    monkeypatch.setattr(tree, "reject", lambda r, c: r)
+    jax.clear_caches()  # eesd_decode traced with the real rule must be traced again.
+    try:
+        ecfg = eesd.EESDConfig(1, 4, FIXED, tree=4, tree_width=2)
+        counts = tree_counts(s_params, ecfg)
+    finally:
+        jax.clear_caches()
+    p = sampling_tests.chi_square_p(counts, sampling_tests.exact_distribution(s_params, SC))
+    assert p < sampling_tests.P_VALUE, p
+
+
+def test_cli_tree_reaches_the_engine(params):
+    session = engine.Session(types.SimpleNamespace(cfg=CFG, fingerprint="tiny"), params, None, 0.0)
+    args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--exit-layer", "1", "--tree", "8"])
+    cli.validate_eesd(args)
+    assert cli.engine_from_args(session, args).ecfg.tree == 8
+
+
+@pytest.mark.parametrize("bad", ["6", "-4"])
+def test_cli_refuses_a_bad_tree_before_loading(monkeypatch, capsys, bad):
+    monkeypatch.setattr(engine, "load_session", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    assert cli.main(["generate", "--prompt", "hi", "--tree", bad]) == 2
+    assert "--tree must be 0 or a positive multiple of 4" in capsys.readouterr().err
+
+
+MESH_SCRIPT = """
+import json, jax, numpy as np
+from eesd_jax import control, eesd, exits, generate, model, sharding
+from tests.test_eesd import CFG, EOS, perturbed_exit
+params = model.init_params(CFG, jax.random.key(0), scale=0.3)
+rng = np.random.default_rng(3)
+prompts = [rng.integers(0, CFG.vocab_size, size=n).tolist() for n in (3, 11, 6, 8)]
+ar = generate.generate_ar(CFG, params, prompts, 16, eos_ids=(EOS,)).tokens
+ep = perturbed_exit(params, exits.ExitConfig(2, own_head=True))
+ecfg = eesd.EESDConfig(2, 4, control.ControllerConfig("fixed"), tree=8, tree_width=4)
+mesh = sharding.make_mesh(data=2, model=2)
+g = generate.generate_eesd(CFG, sharding.shard_params(params, mesh), sharding.shard_exit_params(ep, mesh), ecfg,
+                           prompts, 16, eos_ids=(EOS,), mesh=mesh)
+print(json.dumps({"devices": len(jax.devices()), "equal": g.tokens == ar, "accepted": g.stats["accepted"]}))
+"""
+
+
+def test_tree_on_a_mesh_equals_single_device_ar():
+    """Per-row trees with rows over 'data' and heads over 'model' (4 fake devices) give AR's tokens."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 4 and result["equal"] and result["accepted"] > 0, result
