@@ -43,7 +43,7 @@ def tree_run(params, batch, exit_layer, n_nodes, width, exit_params=None, contex
 GRID = [(3, 1, 4, 1), (3, 2, 8, 4), (3, 3, 6, 2), (1, 2, 12, 3), (1, 1, 4, 4), (3, 2, 16, 8)]
 
 
-@pytest.mark.parametrize("batch,exit_layer,n_nodes,width", fast_first(GRID, 2))
+@pytest.mark.parametrize("batch,exit_layer,n_nodes,width", fast_first(GRID))
 def test_greedy_tree_equals_ar(params, ar_outputs, batch, exit_layer, n_nodes, width):
     out = tree_run(params, batch, exit_layer, n_nodes, width)
     assert out.tokens == ar_outputs[batch]
