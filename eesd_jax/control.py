@@ -94,7 +94,7 @@ def _make_config() -> type:
                 raise TypeError(f"knob {f.name!r} of {kind} is already {owner.get(f.name, 'the kind')}'s")
             owner[f.name] = kind
             fields.append((f.name, f.type, dataclasses.field(default=f.default)))
-    # Measured fastest on CPU (README); the TS kinds adapt online.
+    # Measured fastest on CPU (docs/studies.md); the TS kinds adapt online.
     kind = ("kind", str, dataclasses.field(default="confidence"))
     doc = "Which policy and every policy's knobs (each documented in its module's Knobs)."
     return dataclasses.make_dataclass(

@@ -1,4 +1,5 @@
-"""Self-distillation data: making it, storing it, and the `Data` container training reads.
+"""Self-distillation data: making it, storing it, and the `Data` container training reads
+(docs/design.md, Self-distillation).
 
 Pipeline (train.run_distill drives it):
   1. `generate_data`: prompts from prompts.load_prompts sets, responses sampled from the

@@ -12,7 +12,7 @@ rounds of a trace (eesd.RoundTrace), V' draft vocabulary (an exit's head).
 Per-layer params are stacked on a leading L axis, so "the first N layers" and
 "layers N..L" are ranges run by one `lax.scan` (`run_layers`). Weights are stored
 (out, in) as in Hugging Face checkpoints: contracting the last axis was measured
-faster for the one-token matmuls that dominate decoding on CPU (see PLATFORM.md).
+faster for the one-token matmuls that dominate decoding on CPU (docs/design.md, CPU notes).
 
 Everything else — prefill, an incremental step, drafting through an early exit,
 verifying a draft block — composes `embed`, `run_layers`, `final_norm` and

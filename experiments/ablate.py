@@ -1,17 +1,20 @@
 """Ablation studies, one command each: JSON (with provenance), a markdown table and a plot.
 
-  python experiments/ablate.py --study components                  # the bundled model, its shipped exit
+  python experiments/ablate.py --study policies                    # as reported: experiments/configs/policies.py
   python experiments/ablate.py --study depth --config tiny          # seconds
   python experiments/ablate.py --study joint --config tiny          # two exits trained together
-  python experiments/ablate.py --study policies --set policies.kinds=fixed+beta-ts --n 4
-  python experiments/ablate.py --study policies --set policies.grid.confidence=threshold=0.4+threshold=0.6
+  python experiments/ablate.py --study policies --config smollm2 --set policies.kinds=fixed+beta-ts --n 4
+
+`--study NAME` alone runs the study as reported: experiments/configs/NAME.py names the model
+config and the knobs that differ from study_config's defaults. `--config` picks another model
+config and starts from the defaults. Results go to experiments/results/NAME/<config>.{json,md,png}.
 
 Every row is eesd_jax.bench.run: AR and EESD in one process, on the same held-out prompts
 (chat + HumanEval), greedy, batch 1, after warm-up: speedup, alpha, tau, mean draft length.
 Every row must give AR's output (bench's exactness policy: identical in float32 on CPU);
 a row that does not stops the study with NotLossless.
 
-Studies (knobs: STUDY_DEFAULTS, overridden with --set key=value, or the flags):
+Studies (knobs: study_config, then the study's config file, then --set key=value and the flags):
   policies    every registered draft-stop policy, tuned then reported held out: each knob
               setting in policies.grid is timed (EESD against AR, both on the same prompts) on
               the tuning prompts, the exit's distillation-validation prompts, which it never
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import pathlib
 import statistics
@@ -49,6 +53,7 @@ from eesd_jax import bench, control, costs, distill_data, eesd, exits, model, pr
 from eesd_jax.configs import apply_overrides, load_config
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+STUDY_CONFIGS = pathlib.Path(__file__).parent / "configs"
 
 
 class NotLossless(RuntimeError):
@@ -96,6 +101,28 @@ def study_config(model_config: str) -> ml_collections.ConfigDict:
     c.joint.layers = (1, 2) if tiny else (2, 4)  # Exits trained together (train.run_joint), chosen per request.
     c.joint.controller = "confidence"
     c.joint.workdir = ""  # Where the joint run trains (and resumes); "" = a temporary folder.
+    return c
+
+
+def reported(study: str) -> ml_collections.ConfigDict:
+    """experiments/configs/<study>.py's get_config(): the model config and knobs the reported run used."""
+    path = STUDY_CONFIGS / f"{study}.py"
+    spec = importlib.util.spec_from_file_location(f"study_config_{study}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def merge(c: ml_collections.ConfigDict, knobs, where: str = "") -> ml_collections.ConfigDict:
+    """Set `knobs` (nested) on `c` in place; a knob study_config does not have is an error."""
+    for key, value in knobs.items():
+        if key not in c:
+            raise ValueError(f"study knob {where}{key} is not one of study_config's")
+        if isinstance(c[key], ml_collections.ConfigDict):
+            merge(c[key], value, f"{where}{key}.")
+        else:
+            with c.ignore_type():
+                c[key] = value
     return c
 
 
@@ -329,17 +356,24 @@ def trained_exit(config, lm: teacher.LM, path: str | None, workdir: str) -> tupl
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--study", choices=tuple(STUDIES), required=True)
-    ap.add_argument("--config", default="smollm2", help="config naming the LLM and its exit (tiny: in seconds)")
+    ap.add_argument(
+        "--config",
+        help="config naming the LLM and its exit (tiny: in seconds); default: the study's config file's, with its knobs",
+    )
     ap.add_argument("--exit", default=None, help="the trained exit (.safetensors); default: see above")
     ap.add_argument("--n", type=int, help="held-out prompts per set (chat, humaneval): n_per_set")
     ap.add_argument("--max-new-tokens", type=int)
     ap.add_argument("--max-draft", type=int)
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--set", default="", help="study knob overrides, e.g. depth.layers=2+8,depth.max_drafts=1+4")
-    ap.add_argument("--out", help="output stem: OUT.json, OUT.md, OUT.png (default results/ablate_STUDY_CONFIG)")
+    ap.add_argument("--out", help="output stem: OUT.json, OUT.md, OUT.png (default results/STUDY/CONFIG)")
     args = ap.parse_args(argv)
+    if args.config is None:  # The study as reported.
+        args.config, knobs = (study := reported(args.study)).config, study.knobs
+    else:
+        knobs = {}
     config = load_config(args.config)
-    c = apply_overrides(study_config(args.config), args.set)
+    c = apply_overrides(merge(study_config(args.config), knobs), args.set)
     for flag, key in (("n", "n_per_set"), ("max_new_tokens", "max_new_tokens"), ("max_draft", "max_draft"),
                       ("repeats", "repeats")):  # fmt: skip
         if getattr(args, flag) is not None:
@@ -353,7 +387,7 @@ def main(argv=None) -> dict:
         [lm.encode(p)[-c.max_prompt_tokens :] for p in ps]
         for ps in (prompts, distill_data.validation_prompts(config, c.policies.tune_n))
     )
-    out = pathlib.Path(args.out or RESULTS / f"ablate_{args.study}_{args.config.split(':')[0]}")
+    out = pathlib.Path(args.out or RESULTS / args.study / args.config.split(":")[0])
     out.parent.mkdir(parents=True, exist_ok=True)
     s = Setup(lm, exit_cfg, exit_params, exit_name, exit_path, ids, tune_ids, c, out.with_suffix(".rows.jsonl"), config)
     found = STUDIES[args.study](s)

@@ -40,7 +40,7 @@ from eesd_jax.configs import _pod  # Shapes only: imports no jax (XLA_FLAGS are 
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
-# SmolLM2-135M (PLATFORM.md): 30 layers, d 576, 9 heads / 3 kv heads x 64, ffn 1536, vocab 49152, tied.
+# SmolLM2-135M: 30 layers, d 576, 9 heads / 3 kv heads x 64, ffn 1536, vocab 49152, tied.
 SMOLLM2 = dict(
     vocab_size=49152,
     d_model=576,

@@ -1,6 +1,6 @@
 """One command that measures decoding costs on whatever device JAX sees, into one JSON.
 
-    python experiments/device_bench.py            # ~minutes on a GPU/TPU; writes experiments/results/device_bench_<device>.json
+    python experiments/device_bench.py            # ~minutes on a GPU/TPU; writes experiments/results/device_bench/<device>.json
     python experiments/device_bench.py --quick    # tiny shapes, few repeats: seconds on CPU (the test runs this)
 
 For random weights at real shapes (bench.RANDOM_SHAPES: SmolLM2-135M, 1B, 8B; bfloat16 on
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from eesd_jax import bench, control, costs, eesd, exits, loading, model, provenance
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-EXIT_LAYER = {"smollm2": 3, "1b": 2, "8b": 4, "bundled": 2}  # N per model (as in PLATFORM.md's table).
+EXIT_LAYER = {"smollm2": 3, "1b": 2, "8b": 4, "bundled": 2}  # N per model.
 
 
 def loop_costs(cfg, params, exit_params, n: int, max_draft: int, max_new: int) -> dict:
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--max-draft", type=int, default=3, help="K of the fixed-K EESD rounds (overhead figure)")
     ap.add_argument("--max-new", type=int, default=64, help="tokens of the loop-overhead runs")
-    ap.add_argument("--out", default=None, help="default: experiments/results/device_bench_<device>.json")
+    ap.add_argument("--out", default=None, help="default: experiments/results/device_bench/<device>.json")
     args = ap.parse_args(argv)
     args.tokens = [1, 2, 4, 8]
     if args.quick:
@@ -156,7 +156,11 @@ def main(argv=None) -> int:
     out["seconds"] = round(time.perf_counter() - t_start, 1)
     out["provenance"] = provenance.record()
     slug = re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")
-    path = pathlib.Path(args.out) if args.out else RESULTS / f"device_bench_{slug}{'_quick' if args.quick else ''}.json"
+    path = (
+        pathlib.Path(args.out)
+        if args.out
+        else RESULTS / "device_bench" / f"{slug}{'_quick' if args.quick else ''}.json"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}", file=sys.stderr)

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", default="runs/drafter_study")
     ap.add_argument("--overrides", default="", help="extra overrides for every variant, e.g. train.steps=200")
     ap.add_argument("--round-len", type=int, default=6, help="K for acceptance by draft position")
-    ap.add_argument("--out", default="experiments/results/drafter_study")
+    ap.add_argument("--out", default="experiments/results/drafter_study/drafter_study")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     ap.add_argument("--render", action="store_true", help="only rewrite OUT.md / OUT.png from OUT.json")
     args = ap.parse_args(argv)

@@ -8,7 +8,7 @@ the fastest N. Each bench runs AR and EESD after warm-up (eesd_jax.bench.run) an
 tokens/s, speedup, whether the outputs are identical, acceptance rate alpha and tau.
 
   python experiments/exit_sweep.py --layers 2 4 6 8 --workdir runs/sweep \\
-      --overrides data.dir=runs/data,data.feature_layers=2+4+6+8,... --out experiments/results/exit_sweep
+      --overrides data.dir=runs/data,data.feature_layers=2+4+6+8,... --out experiments/results/exit_sweep/exit_sweep
   python experiments/exit_sweep.py --exits A.safetensors B.safetensors   # bench given exits, no training
   python experiments/exit_sweep.py --exits eesd_jax/data/exits/*.safetensors --repeats 3 \\
       --controllers beta-ts confidence:threshold=0.4 calibration-ts:break_even=0.4
@@ -98,7 +98,7 @@ def main() -> None:
         help='then these on the fastest exit: "kind" or "kind:field=value,...", e.g. confidence:threshold=0.4',
     )
     ap.add_argument("--repeats", type=int, default=1, help="runs per prompt and mode (medians)")
-    ap.add_argument("--out", default="experiments/results/exit_sweep", help="writes OUT.md and OUT.json")
+    ap.add_argument("--out", default="experiments/results/exit_sweep/exit_sweep", help="writes OUT.md and OUT.json")
     args = ap.parse_args()
 
     if args.exits:

@@ -13,7 +13,7 @@ gate.FEATURES) is fitted on the first, and scored on the second against the conf
 refitted as a logistic on q(d) alone, the untrained gate (confidence >= 0.5) and the base rate.
 
 Writes <exit>.gate.json (weights, how they were fitted, the check scores), which `--controller
-gate` then uses for that exit (control.for_exit), and results/fit_gate_<config>.json.
+gate` then uses for that exit (control.for_exit), and results/fit_gate/<config>.json.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-prompt-tokens", type=int, default=176, help="prompts keep their last this many tokens")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--l2", type=float, default=1e-2, help="gate.fit's L2 penalty (the bias is not shrunk)")
-    ap.add_argument("--out", help="results JSON (default results/fit_gate_CONFIG.json)")
+    ap.add_argument("--out", help="results JSON (default results/fit_gate/CONFIG.json)")
     args = ap.parse_args(argv)
     config = load_config(args.config)
     lm = teacher.load_lm(config.model)
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
         "acceptance_by_position": outcomes.acceptance_by_position(d, K),
         "provenance": provenance.record(),
     }
-    out = pathlib.Path(args.out or RESULTS / f"fit_gate_{args.config.split(':')[0]}.json")
+    out = pathlib.Path(args.out or RESULTS / "fit_gate" / f"{args.config.split(':')[0]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path} and {out}")

@@ -4,7 +4,7 @@ table and PNG; every row is checked against AR, and a row whose output leaves AR
 import json
 
 import pytest
-from conftest import load_experiment
+from helpers import load_experiment
 
 from eesd_jax import configs, generate
 
@@ -38,6 +38,7 @@ def studies(ablate, tiny_exit, tmp_path_factory):
 
 
 @pytest.mark.parametrize("study, n_rows", [("components", 5), ("depth", 1), ("policies", 2), ("joint", 2)])
+@pytest.mark.slow
 def test_study_writes_json_table_and_plot(studies, study, n_rows):
     out, result = studies[study]
     saved = json.loads(out.with_suffix(".json").read_text())
@@ -53,6 +54,7 @@ def test_study_writes_json_table_and_plot(studies, study, n_rows):
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_components_change_one_part_each(studies):
     rows = {r["tests"]: r for r in studies["components"][1]["rows"]}
     paper = rows["all parts"]
@@ -66,6 +68,7 @@ def test_components_change_one_part_each(studies):
         }
 
 
+@pytest.mark.slow
 def test_depth_predicts_from_the_measured_parts(studies):
     result = studies["depth"][1]
     (r,) = result["rows"]
@@ -77,6 +80,7 @@ def test_depth_predicts_from_the_measured_parts(studies):
     assert result["predicted_over_measured_median"] == pytest.approx(r["predicted"] / r["speedup"], abs=2e-3)
 
 
+@pytest.mark.slow
 def test_policies_are_tuned_on_the_tuning_prompts_then_benched_held_out(ablate, studies):
     _, result = studies["policies"]
     grid = ablate.study_config("tiny").policies.grid
@@ -102,6 +106,7 @@ def test_tuning_prompts_are_the_exits_validation_prompts(ablate):
     assert {p.id.split("/")[0] for p in tuning} == {"chat", "HumanEval"}  # Spread over both sets.
 
 
+@pytest.mark.slow
 def test_policies_rows_outlive_a_crash_and_a_rerun_reuses_them(ablate, tiny_exit, tmp_path, monkeypatch):
     out, real_tune = tmp_path / "p", ablate.tune
 
@@ -126,6 +131,7 @@ def test_policies_rows_outlive_a_crash_and_a_rerun_reuses_them(ablate, tiny_exit
     ]  # Kept: a later run with more policies measures only those.
 
 
+@pytest.mark.slow
 def test_a_row_whose_output_leaves_ar_stops_the_study(ablate, tiny_exit, tmp_path, monkeypatch):
     real = generate.generate_eesd
 
@@ -140,7 +146,25 @@ def test_a_row_whose_output_leaves_ar_stops_the_study(ablate, tiny_exit, tmp_pat
     assert not (tmp_path / "p.json").exists()
 
 
+@pytest.mark.slow
 def test_joint_trains_an_exit_per_layer_and_benches_each(studies):
     _, result = studies["joint"]
     assert [r["N"] for r in result["rows"]] == [1, 2] and result["recipe"] == "tiny"
     assert all(r["identical"] for r in result["rows"])
+
+
+@pytest.mark.parametrize("study", ["components", "depth", "policies", "joint"])
+def test_study_config_file_is_the_reported_run(ablate, study):
+    """`--study NAME` alone reruns what experiments/results/NAME/smollm2.json reports: the same model
+    config, and the settings that file recorded (shared knobs and the study's own section)."""
+    reported = ablate.reported(study)
+    recorded = json.loads((ablate.RESULTS / study / "smollm2.json").read_text())
+    assert reported.config == recorded["config"]
+    knobs = json.loads(json.dumps(ablate.merge(ablate.study_config(reported.config), reported.knobs).to_dict()))
+    compared = [k for k, v in recorded["settings"].items() if not isinstance(v, dict)] + [study]
+    assert {k: knobs[k] for k in compared} == {k: recorded["settings"][k] for k in compared}
+
+
+def test_a_study_knob_that_does_not_exist_is_refused(ablate):
+    with pytest.raises(ValueError, match="policies.tune"):
+        ablate.merge(ablate.study_config("tiny"), {"policies": {"tune": 4}})

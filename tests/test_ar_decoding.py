@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
-from conftest import N_GREEDY, REFERENCE_GREEDY_PREFIX, full_forward, golden_smollm, random_tokens
+from helpers import N_GREEDY, REFERENCE_GREEDY_PREFIX, fast_first, full_forward, golden_smollm, random_tokens
 
 from eesd_jax import decoding, model, sampling
 from eesd_jax.generate import generate_ar
@@ -224,7 +224,7 @@ WARPS = [
 ]
 
 
-@pytest.mark.parametrize("scfg", WARPS, ids=str)
+@pytest.mark.parametrize("scfg", fast_first(WARPS, 2), ids=str)
 def test_warp_support_and_values(random_logits, scfg):
     warped = np.asarray(sampling.warp(jnp.asarray(random_logits), scfg))
     for row, logits in zip(warped, random_logits, strict=True):
@@ -264,7 +264,7 @@ def test_warp_keeps_ties_and_drops_masked_tokens(scfg):
         np.testing.assert_allclose(got[idx], p, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("scfg", WARPS, ids=str)
+@pytest.mark.parametrize("scfg", fast_first(WARPS, 2), ids=str)
 def test_choose_never_leaves_the_support(random_logits, scfg):
     n = 4096
     for i, logits in enumerate(random_logits):

@@ -5,7 +5,7 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-from conftest import full_forward
+from helpers import full_forward
 
 from eesd_jax import bench, control, eesd, exits, generate
 
@@ -24,6 +24,7 @@ def test_report_counts_prompts_and_records_provenance(tiny):
     assert "commit" in prov
 
 
+@pytest.mark.slow
 def test_greedy_mismatch_is_reported_with_ar_margin(tiny, monkeypatch):
     """A constructed mismatch (one EESD token changed) is found, located and explained by AR's margin."""
     cfg, params = tiny

@@ -50,6 +50,7 @@ def test_controller_knobs_reach_the_engine(tiny):
     assert ecfg.controller == control.ControllerConfig("calibration-ts", break_even=0.3, n_bins=4)
 
 
+@pytest.mark.slow
 def test_distill_tiny_writes_a_loadable_exit(tmp_path, monkeypatch):
     monkeypatch.setenv("EESD_JAX_CACHE", str(tmp_path / "cache"))
     assert cli.main(["distill", "--config", "tiny", "--workdir", str(tmp_path / "run")]) == 0
@@ -67,6 +68,7 @@ cli.main(["eval-exit", "--config", config, "--exit", work + "/exit_N1.safetensor
 """
 
 
+@pytest.mark.slow
 def test_distill_and_eval_exit_on_a_fake_8_device_mesh_equal_one_device(tmp_path, monkeypatch, capsys):
     """The documented pod form `distill --mesh data=D,model=M` (teacher sharded over the mesh) trains the exit
     the one-device run trains, and eval-exit on the mesh reports the one-device figures."""

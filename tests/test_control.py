@@ -1,9 +1,10 @@
-"""Draft-length controllers: posterior arithmetic, convergence, limits (DESIGN.md §7.6)."""
+"""Draft-length controllers: posterior arithmetic, convergence, limits (docs/design.md, invariant 6)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import fast_first
 
 from eesd_jax import control
 from eesd_jax.policies import beta_ts
@@ -80,7 +81,7 @@ def simulate(cfg, theta_true, rounds, max_draft=8, seed=0):
     return s, np.array(lengths)
 
 
-@pytest.mark.parametrize("theta_true", [0.3, 0.8])
+@pytest.mark.parametrize("theta_true", fast_first([0.3, 0.8]))
 def test_beta_ts_converges_on_a_bernoulli_source(theta_true):
     cfg = control.ControllerConfig("beta-ts")
     s, lengths = simulate(cfg, theta_true, rounds=300)

@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import files_under
+from helpers import files_under
 
 from eesd_jax import cli, engine, exits, loading, shipped
 

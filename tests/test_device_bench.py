@@ -3,9 +3,10 @@
 import json
 
 import pytest
-from conftest import load_experiment
+from helpers import load_experiment
 
 
+@pytest.mark.slow
 def test_quick_run_writes_one_complete_json(tmp_path):
     device_bench = load_experiment("device_bench")
     out = tmp_path / "result.json"

@@ -244,6 +244,7 @@ def test_loss_variants_shared_head_ce_prompt_positions(run, lm, tmp_path):
     assert load(tmp_path / "e.safetensors", lm)[0] == exits.ExitConfig(layer=1)
 
 
+@pytest.mark.slow
 def test_eval_exit_reports_lossless_speculation(run, lm):
     config, _, path = run
     plist = distill_data.prompt_list(config.eval.sets, 1)
@@ -271,6 +272,7 @@ def test_round_starts_tile_the_response_into_draft_rounds():
     assert set(lengths) == {1, 2, 3, 4}  # Every round length up to max_round occurs.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field,value", [("context_layer", 2), ("fuse_layers", (1, 3))])
 def test_context_exit_distills_and_decodes_losslessly(run, lm, tmp_path, field, value):
     """exit.context_layer=2 (attend over layer-2 context) or exit.fuse_layers=(1, L) (fuse the previous

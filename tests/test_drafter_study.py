@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from conftest import load_experiment
+from helpers import load_experiment
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,7 @@ def test_scaling_fits_top1_per_doubling_and_the_positions_a_target_needs(study):
     assert all(v is None for v in study.scaling(flat)["responses"]["positions_needed"].values())
 
 
+@pytest.mark.slow
 def test_tiny_rows_record_source_and_positions_and_render_again(study, tmp_path):
     corpus = tmp_path / "notes"
     corpus.mkdir()

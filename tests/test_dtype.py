@@ -19,6 +19,7 @@ def tiny_bf16(tiny):
     return model.with_dtype(*tiny, "bfloat16")
 
 
+@pytest.mark.slow
 def test_bf16_greedy_eesd_equals_bf16_greedy_ar(tiny_bf16):
     cfg, params = tiny_bf16
     assert cfg.dtype == "bfloat16" and dtypes(params) == {"bfloat16"}

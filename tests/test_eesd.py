@@ -1,4 +1,4 @@
-"""EESD decoding is lossless: greedy output equals AR token for token (DESIGN.md §7.3)."""
+"""EESD decoding is lossless: greedy output equals AR token for token (docs/design.md, invariant 3)."""
 
 import os
 
@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import fast_first
 
 from eesd_jax import control, decoding, eesd, exits, generate, losses, model
 from eesd_jax.kv_cache import init_cache
@@ -62,7 +63,7 @@ GRID = [(kind, n, (1, 4, 8)[(n - 1 + i) % 3]) for i, kind in enumerate(FULL_GRID
 GRID += [(kind, 2, 4) for kind in control.KINDS if kind not in FULL_GRID_KINDS]
 
 
-@pytest.mark.parametrize("kind,exit_layer,max_draft", GRID)
+@pytest.mark.parametrize("kind,exit_layer,max_draft", fast_first(GRID, 2))
 def test_greedy_eesd_equals_ar_batch3(params, ar_outputs, kind, exit_layer, max_draft):
     out = eesd_tokens(params, make_prompts(3), exit_layer, max_draft, kind)
     assert out.tokens == ar_outputs[3]
@@ -72,7 +73,7 @@ def test_greedy_eesd_equals_ar_batch3(params, ar_outputs, kind, exit_layer, max_
         assert 0 < out.stats["drafted"] < max_draft * sum(per_row["rounds"])
 
 
-@pytest.mark.parametrize("kind,exit_layer,max_draft", [(k, n, 4) for k in FULL_GRID_KINDS for n in (1, 3)])
+@pytest.mark.parametrize("kind,exit_layer,max_draft", fast_first([(k, n, 4) for k in FULL_GRID_KINDS for n in (1, 3)]))
 def test_greedy_eesd_equals_ar_batch1(params, ar_outputs, kind, exit_layer, max_draft):
     assert eesd_tokens(params, make_prompts(1), exit_layer, max_draft, kind).tokens == ar_outputs[1]
 
@@ -84,6 +85,7 @@ def test_outputs_stop_at_eos_inside_a_block(params, ar_outputs):
     assert any(len(r) == 24 for r in rows)
 
 
+@pytest.mark.slow
 def test_trained_like_exit_equals_ar(params, ar_outputs):
     """A perturbed exit (as after training) drafts differently but outputs the same tokens."""
     ep = exits.init_exit(CFG, params, exits.ExitConfig(2, own_head=True))
@@ -101,7 +103,7 @@ def perturbed_exit(params, exit_cfg, seed=1):
 
 @pytest.mark.parametrize(
     "kind,exit_layer,context_layer,max_draft",
-    [("beta-ts", 1, 3, 4), ("fixed", 1, 2, 8), ("confidence", 2, 3, 1), ("calibration-ts", 1, 3, 3)],
+    fast_first([("beta-ts", 1, 3, 4), ("fixed", 1, 2, 8), ("confidence", 2, 3, 1), ("calibration-ts", 1, 3, 3)]),
 )
 def test_context_exit_greedy_eesd_equals_ar(params, ar_outputs, kind, exit_layer, context_layer, max_draft):
     """An exit attending over context-layer states of verified positions is lossless too."""
@@ -120,7 +122,7 @@ FUSED_GRID = [
 ]
 
 
-@pytest.mark.parametrize("kind,exit_layer,context_layer,fuse_layers,max_draft", FUSED_GRID)
+@pytest.mark.parametrize("kind,exit_layer,context_layer,fuse_layers,max_draft", fast_first(FUSED_GRID, 1))
 def test_fused_exit_greedy_eesd_equals_ar(params, ar_outputs, kind, exit_layer, context_layer, fuse_layers, max_draft):
     """An exit fusing the previous position's verified states into its input is lossless too, at batch 3 and 1."""
     exit_cfg = exits.ExitConfig(exit_layer, own_head=True, context_layer=context_layer, fuse_layers=fuse_layers)
@@ -148,6 +150,7 @@ def test_untrained_fused_exit_drafts_like_the_unfused_one(params):
     np.testing.assert_array_equal(np.asarray(fused.trace.features), np.asarray(plain.trace.features))
 
 
+@pytest.mark.slow
 def test_context_exit_cache_holds_context_layer_keys_at_every_verified_position(params):
     """After EESD decoding, the exit's cache below each row's length is the exit block's keys/values of
     the context layer's states of the final sequence: verification rewrote every drafted slot."""
@@ -175,6 +178,7 @@ def test_context_exit_cache_holds_context_layer_keys_at_every_verified_position(
         np.testing.assert_allclose(np.asarray(state.exit_cache.v[0, b, :n]), np.asarray(v[0]), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_context_exit_drafts_what_training_computes(params):
     """Drafting at position t of a round that started at s (context-layer slots before s, layer-N slots
     s..t, as the engine writes them) gives losses.exit_train_logits' logits for start[t] = s."""
@@ -252,6 +256,7 @@ def test_oracle_drafter_is_always_accepted(params):
     assert out.stats["mean_accepted_per_round"] == 5.0
 
 
+@pytest.mark.slow
 def test_unstacked_layers_give_identical_outputs(params, ar_outputs):
     """The per-layer list layout (fast on CPU) decodes exactly like the stacked one."""
     fast = model.unstack(params)
@@ -260,6 +265,7 @@ def test_unstacked_layers_give_identical_outputs(params, ar_outputs):
     assert eesd_tokens(fast, make_prompts(3), 2, 4, "calibration-ts").tokens == ar_outputs[3]
 
 
+@pytest.mark.slow
 def test_streaming_chunks_give_the_same_tokens(params, ar_outputs):
     seen = [[] for _ in range(3)]
 
@@ -271,7 +277,7 @@ def test_streaming_chunks_give_the_same_tokens(params, ar_outputs):
     assert seen == out.tokens == ar_outputs[3]
 
 
-@pytest.mark.parametrize("kind", control.KINDS)
+@pytest.mark.parametrize("kind", fast_first(control.KINDS))
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampling"])
 def test_loop_state_types_survive_a_chunk(params, kind, greedy):
     """Every loop-state field keeps its type (shape, dtype, weak type) through eesd_decode: a field

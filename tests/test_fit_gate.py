@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import load_experiment
+from helpers import load_experiment
 
 from eesd_jax import configs, control, eesd, exits, teacher
 from eesd_jax.policies import gate
@@ -27,6 +27,7 @@ def test_scores_rank_and_calibrate(fit_gate):
     assert fit_gate.scores(np.array([0.9, 0.8, 0.1, 0.2, 0.15, 0.3]), y)["auc"] == round(7 / 9, 4)
 
 
+@pytest.mark.slow
 def test_fitted_gate_ships_beside_the_exit_and_is_used_for_it(fit_gate, tiny_exit, tmp_path):
     exit_path = tmp_path / pathlib.Path(tiny_exit).name
     shutil.copy(tiny_exit, exit_path)

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import GOLDEN, REFERENCE_SOURCES, files_under
+from helpers import GOLDEN, REFERENCE_SOURCES, files_under
 
 from eesd_jax import gguf_tokenizer, loading
 

@@ -10,7 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import files_under, full_forward, golden_smollm, random_tokens
+from helpers import files_under, full_forward, golden_smollm, random_tokens
 
 from eesd_jax import loading
 

@@ -38,7 +38,7 @@ def test_constraints_lock_every_requirement_inside_its_range():
         name = canonicalize_name(r.name)
         assert name in pins, f"{r.name} is not in constraints.txt"
         assert r.specifier.contains(pins[name]), f"constraints.txt has {r.name}=={pins[name]}, outside {r.specifier}"
-    assert str(pins["torch"]) == "2.13.0"  # Other versions pull CUDA wheels onto CPU machines (PLATFORM.md).
+    assert str(pins["torch"]) == "2.13.0"  # Other versions pull CUDA wheels onto CPU machines (docs/development.md).
 
 
 def test_only_the_parity_extra_brings_torch():

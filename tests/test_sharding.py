@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_experiment
+from helpers import load_experiment
 
 from eesd_jax import model, sharding
 from eesd_jax.kv_cache import KVCache, init_cache
@@ -222,6 +222,7 @@ def run_two_processes(script: str, timeout: int = 300) -> list[dict]:
     return results
 
 
+@pytest.mark.slow
 def test_two_processes_initialize_from_env_and_exchange_shards():
     """The multi-host path for real: 2 CPU processes, JAX_COORDINATOR_ADDRESS etc. in the env."""
     results = run_two_processes(_TWO_PROCESS_SCRIPT, timeout=180)
@@ -272,6 +273,7 @@ print(json.dumps(dict(eesd_on_mesh=all(meshes) and bool(meshes), mismatches=repo
 )
 
 
+@pytest.mark.slow
 def test_two_process_bench_runs_eesd_on_the_mesh_and_diagnoses_mismatches_on_every_process():
     """bench under a 2-host mesh: EESD rows over 'data'; the mismatch margin (vocab logits gathered across
     hosts) equals the one-process figure, on both processes alike."""
@@ -302,11 +304,13 @@ def mesh_results():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_subprocess_saw_8_devices(mesh_results):
     assert mesh_results["devices"] == 8
 
 
 @pytest.mark.parametrize("mesh", [f"{d}x{m}" for d, m in MESHES])
+@pytest.mark.slow
 def test_sharded_greedy_ar_matches_single_device(mesh_results, mesh):
     cases = [c for c in mesh_results["cases"] if c["mesh"] == mesh]
     assert {c["name"] for c in cases} == {"full", "fallback"}
@@ -318,6 +322,7 @@ def test_sharded_greedy_ar_matches_single_device(mesh_results, mesh):
 
 
 @pytest.mark.parametrize("mesh", [f"{d}x{m}" for d, m in MESHES])
+@pytest.mark.slow
 def test_params_and_caches_carry_intended_shardings(mesh_results, mesh):
     cases = {c["name"]: c for c in mesh_results["cases"] if c["mesh"] == mesh}
     for case in cases.values():
@@ -340,6 +345,7 @@ def test_params_and_caches_carry_intended_shardings(mesh_results, mesh):
     assert ("'data'" in fallback["cache_spec"]) == (d == 2), fallback
 
 
+@pytest.mark.slow
 def test_sharded_greedy_eesd_matches_single_device_ar(mesh_results):
     """EESD is lossless, so sharded greedy EESD must give single-device greedy AR's tokens.
 
@@ -355,12 +361,14 @@ def test_sharded_greedy_eesd_matches_single_device_ar(mesh_results):
         assert case["exit_wq_spec"] == "P(None, 'model', None, None)", case
 
 
+@pytest.mark.slow
 def test_sharded_train_step_matches(mesh_results):
     ts = mesh_results["train_step"]
     assert ts["w_up_spec"] == "P(None, 'model', None)", ts
     assert ts["loss_diff"] < 1e-5 and ts["grad_max_diff"] < 1e-5 and ts["param_max_diff"] < 1e-5, ts
 
 
+@pytest.mark.slow
 def test_collectives_follow_megatron_pattern(mesh_results):
     cc = mesh_results["collectives"]
     assert cc["layer_trip_count"] == 3

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import fast_first
 
 from eesd_jax import cli, control, decoding, eesd, engine, exits, generate, model, tree
 from eesd_jax.sampling import SamplingConfig
@@ -42,7 +43,7 @@ def tree_run(params, batch, exit_layer, n_nodes, width, exit_params=None, contex
 GRID = [(3, 1, 4, 1), (3, 2, 8, 4), (3, 3, 6, 2), (1, 2, 12, 3), (1, 1, 4, 4), (3, 2, 16, 8)]
 
 
-@pytest.mark.parametrize("batch,exit_layer,n_nodes,width", GRID)
+@pytest.mark.parametrize("batch,exit_layer,n_nodes,width", fast_first(GRID))
 def test_greedy_tree_equals_ar(params, ar_outputs, batch, exit_layer, n_nodes, width):
     out = tree_run(params, batch, exit_layer, n_nodes, width)
     assert out.tokens == ar_outputs[batch]
@@ -51,6 +52,7 @@ def test_greedy_tree_equals_ar(params, ar_outputs, batch, exit_layer, n_nodes, w
         assert any(len(r) < 24 for r in out.tokens)
 
 
+@pytest.mark.slow
 def test_greedy_tree_with_context_exit_equals_ar(params, ar_outputs):
     out = tree_run(params, 3, 1, 8, 2, context_layer=3)
     assert out.tokens == ar_outputs[3]
@@ -137,7 +139,7 @@ def s_params():
     return model.init_params(S_CFG, jax.random.key(42), scale=0.35)
 
 
-@pytest.mark.parametrize("n_nodes,width", [(4, 2), (6, 3)])
+@pytest.mark.parametrize("n_nodes,width", fast_first([(4, 2), (6, 3)]))
 def test_tree_sampling_has_ar_distribution(s_params, n_nodes, width):
     ecfg = eesd.EESDConfig(1, 4, FIXED, tree=n_nodes, tree_width=width)
     counts = tree_counts(s_params, ecfg)
@@ -189,6 +191,7 @@ print(json.dumps({"devices": len(jax.devices()), "equal": g.tokens == ar, "accep
 """
 
 
+@pytest.mark.slow
 def test_tree_on_a_mesh_equals_single_device_ar():
     """Per-row trees with rows over 'data' and heads over 'model' (4 fake devices) give AR's tokens."""
     root = pathlib.Path(__file__).resolve().parents[1]

@@ -19,18 +19,18 @@ from eesd_jax.configs import apply_overrides, base_config
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base_config()
     c.model.source = "bundled"
-    c.exit.layer = 2  # The shipped exit's N: the cheapest draft step measured best (README).
+    c.exit.layer = 2  # The shipped exit's N: the cheapest draft step measured best (docs/studies.md).
     c.exit.own_head = False
     # The full 49152x576 head costs several layers per draft token: a draft head over the
     # most frequent 8192 tokens of the LLM's own outputs is a fraction of that.
     c.exit.draft_vocab = 8192
     # context=29: verified positions from the LLM's layer-29 states (the shipped ..._N2_c29 exit,
-    # with text=readmes; its figures are in the README).
+    # with text=readmes; its figures are in docs/studies.md).
     c.exit.context_layer = 0
 
     c.data.sets = ("chat:train", "humaneval:train")
     c.data.n_per_set = 0
-    c.data.samples_per_prompt = 2  # Held-out top-1 grows with the responses (the README's data-scaling study).
+    c.data.samples_per_prompt = 2  # Held-out top-1 grows with the responses (docs/studies.md, data scaling).
     c.data.max_prompt_tokens = 512
     c.data.max_new_tokens = 256
     c.data.temperature = 0.6  # Close to the greedy text EESD mostly drafts for, still varied.

@@ -2,7 +2,7 @@
 
 OUR RECONSTRUCTION of EERO's idea (exits with a reject option; the exit distribution an
 exponential-weights aggregation calibrated to a cost budget, pi_k ~ exp(-eta (R_k + mu c_k));
-the paper's exact rule was not available to us, SEEDS.md §3), made an online draft-stop rule:
+the paper's exact rule was not available to us), made an online draft-stop rule:
   - Arms m = 1..M are thresholds tau_m on q(d): arm m keeps a draft token iff
     q(d) >= tau_m. An arm above 1 is the reject option: never draft.
   - Each row keeps, per arm, running means of the tokens it would have drafted (its

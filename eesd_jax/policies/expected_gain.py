@@ -17,7 +17,7 @@ import jax.numpy as jnp
 @dataclasses.dataclass(frozen=True)
 class Knobs:
     # AR steps one more draft token costs (draft step + marginal verification); the default is
-    # the bundled model at N = 2 on this project's 2-core CPU (experiments/results/round_costs.txt).
+    # the bundled model at N = 2 on this project's 2-core CPU (experiments/results/round_costs/round_costs.md).
     draft_cost: float = 0.24
 
     def __post_init__(self):
