@@ -54,18 +54,45 @@ EXACTNESS_POLICY = (
 # Real model shapes for benchmarks on random weights (no checkpoint needed).
 RANDOM_SHAPES = {
     "smollm2": ModelConfig(  # SmolLM2-135M.
-        vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536,
-        rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192, name="random-smollm2",
+        vocab_size=49152,
+        d_model=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        head_dim=64,
+        ffn_dim=1536,
+        rope_theta=100000.0,
+        tie_embeddings=True,
+        max_seq_len=8192,
+        name="random-smollm2",
     ),
     "1b": ModelConfig(  # LLaMA-3.2-1B.
-        vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, ffn_dim=8192,
-        rope_theta=500000.0, tie_embeddings=True, max_seq_len=8192, name="random-1b",
+        vocab_size=128256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        ffn_dim=8192,
+        rope_theta=500000.0,
+        tie_embeddings=True,
+        max_seq_len=8192,
+        name="random-1b",
     ),
     "8b": ModelConfig(  # LLaMA-3-8B.
-        vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336,
-        rope_theta=500000.0, tie_embeddings=False, max_seq_len=8192, name="random-8b",
+        vocab_size=128256,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        ffn_dim=14336,
+        rope_theta=500000.0,
+        tie_embeddings=False,
+        max_seq_len=8192,
+        name="random-8b",
     ),
-}  # fmt: skip
+}
 
 
 def param_bytes(cfg: ModelConfig) -> int:
@@ -216,11 +243,17 @@ def first_mismatches(setup: BenchSetup, prompts, ar_tokens, eesd_tokens) -> list
         top2 = np.sort(logits_v)[-2:]
         ar_tok, es_tok = (ar[pos] if pos < len(ar) else None), (es[pos] if pos < len(es) else None)
         margin = float(top2[1] - top2[0])
-        out.append({
-            "prompt": i, "position": pos, "ar_token": ar_tok, "eesd_token": es_tok, "ar_top2_margin": margin,
-            "ar_minus_eesd_logit": None if None in (ar_tok, es_tok) else float(logits_v[ar_tok] - logits_v[es_tok]),
-            "near_tie": margin < TIE_MARGIN[setup.cfg.dtype],
-        })  # fmt: skip
+        out.append(
+            {
+                "prompt": i,
+                "position": pos,
+                "ar_token": ar_tok,
+                "eesd_token": es_tok,
+                "ar_top2_margin": margin,
+                "ar_minus_eesd_logit": None if None in (ar_tok, es_tok) else float(logits_v[ar_tok] - logits_v[es_tok]),
+                "near_tie": margin < TIE_MARGIN[setup.cfg.dtype],
+            }
+        )
     return out
 
 

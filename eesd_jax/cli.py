@@ -528,8 +528,11 @@ def cmd_bench(args) -> int:
     from eesd_jax import bench, engine
 
     if args.random_shape:
-        print(f"bench: random {args.random_shape} weights ({args.dtype}), {len(args.chosen)} random prompts",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"bench: random {args.random_shape} weights ({args.dtype}), {len(args.chosen)} random prompts",
+            file=sys.stderr,
+            flush=True,
+        )
     else:
         print(
             f"bench: {len(args.chosen)} prompts from {args.prompts} (split {args.split})", file=sys.stderr, flush=True

@@ -102,9 +102,14 @@ def generate_data(lm: LM, data_cfg, data_dir, progress: bool = True) -> dict:
     bar = progress_bar(progress, total=len(jobs), desc="generate", unit="seq")
     for b, batch in enumerate(batches):
         gen = generate.generate_ar(
-            lm.cfg, lm.params, [encoded[jobs[j][0]] for j in batch], data_cfg.max_new_tokens,
-            sampling=sampling, eos_ids=lm.eos_ids, seed=int(data_cfg.seed) * 1_000_003 + b,
-        )  # fmt: skip
+            lm.cfg,
+            lm.params,
+            [encoded[jobs[j][0]] for j in batch],
+            data_cfg.max_new_tokens,
+            sampling=sampling,
+            eos_ids=lm.eos_ids,
+            seed=int(data_cfg.seed) * 1_000_003 + b,
+        )
         for j, toks in zip(batch, gen.tokens):
             responses[j] = toks
         bar.update(len(batch))
@@ -113,9 +118,13 @@ def generate_data(lm: LM, data_cfg, data_dir, progress: bool = True) -> dict:
 
     seqs = [encoded[i] + responses[j] for j, (i, _) in enumerate(jobs)]
     counts = _write_sequences(
-        data_dir, seqs, [len(encoded[i]) for i, _ in jobs], [i for i, _ in jobs], [s for _, s in jobs],
+        data_dir,
+        seqs,
+        [len(encoded[i]) for i, _ in jobs],
+        [i for i, _ in jobs],
+        [s for _, s in jobs],
         [plist[i].id for i, _ in jobs],
-    )  # fmt: skip
+    )
     eos_hit = sum(1 for r in responses if r and r[-1] in lm.eos_ids)
     manifest = {
         "format": DATA_FORMAT,
@@ -240,9 +249,10 @@ def teacher_pass(
             topk_ids=ids,
             # Draft-vocabulary ranking: teacher top-1 counts on train positions, then top-k mass.
             top1_counts=np.bincount(top1, minlength=lm.cfg.vocab_size).astype(np.int64),
-            topk_mass=np.bincount(ids[seq["mask"]].ravel(), np.exp(logp[seq["mask"]]).ravel(),
-                                  minlength=lm.cfg.vocab_size),
-        )  # fmt: skip
+            topk_mass=np.bincount(
+                ids[seq["mask"]].ravel(), np.exp(logp[seq["mask"]]).ravel(), minlength=lm.cfg.vocab_size
+            ),
+        )
         manifest["teacher"] = {"top_k": top_k}
     for n, h in hidden.items():
         np.savez(data_dir / f"hidden_N{n}.npz", hidden=h)
@@ -358,14 +368,19 @@ class Data:
         ids, logp = self.topk_ids[pos], self.topk_logp[pos]
         V = len(self.top1_counts)
         return Data(
-            tokens=self.tokens[pos], offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            prompt_lens=self.prompt_lens[seq_idx], mask=mask, hidden=self.hidden[pos], topk_logp=logp, topk_ids=ids,
+            tokens=self.tokens[pos],
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            prompt_lens=self.prompt_lens[seq_idx],
+            mask=mask,
+            hidden=self.hidden[pos],
+            topk_logp=logp,
+            topk_ids=ids,
             top1_counts=np.bincount(ids[mask, 0], minlength=V).astype(np.int64),
             topk_mass=np.bincount(ids[mask].ravel(), np.exp(logp[mask]).ravel(), minlength=V),
             prompt_index=None if self.prompt_index is None else self.prompt_index[seq_idx],
             context=None if self.context is None else self.context[pos],
             fuse=None if self.fuse is None else self.fuse[pos],
-        )  # fmt: skip
+        )
 
     def take_tokens(self, budget: int, seed: int) -> Data:
         """Sequences in a seeded random order, as many as fit `budget` trained positions (0 = all)."""
@@ -390,12 +405,18 @@ class Data:
         )  # noqa: E731
         lengths = np.concatenate([np.diff(p.offsets) for p in parts])
         return Data(
-            tokens=cat("tokens"), offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            prompt_lens=cat("prompt_lens"), mask=cat("mask"), hidden=cat("hidden"), topk_logp=cat("topk_logp"),
-            topk_ids=cat("topk_ids"), top1_counts=sum(p.top1_counts for p in parts),
+            tokens=cat("tokens"),
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            prompt_lens=cat("prompt_lens"),
+            mask=cat("mask"),
+            hidden=cat("hidden"),
+            topk_logp=cat("topk_logp"),
+            topk_ids=cat("topk_ids"),
+            top1_counts=sum(p.top1_counts for p in parts),
             topk_mass=sum(p.topk_mass for p in parts),
-            context=cat("context"), fuse=cat("fuse"),
-        )  # fmt: skip
+            context=cat("context"),
+            fuse=cat("fuse"),
+        )
 
     def split(self, every: int) -> tuple[Data, Data | None]:
         """(train, validation): sequences of prompts with index % every == every - 1 validate (every=0: none)."""
@@ -416,14 +437,21 @@ def load_data(
     seq, teacher = load_npz(data_dir / "sequences.npz"), load_npz(data_dir / "teacher.npz")
     k = top_k or teacher["topk_ids"].shape[1]
     return Data(
-        tokens=seq["tokens"], offsets=seq["offsets"], prompt_lens=seq["prompt_lens"], mask=seq["mask"],
+        tokens=seq["tokens"],
+        offsets=seq["offsets"],
+        prompt_lens=seq["prompt_lens"],
+        mask=seq["mask"],
         hidden=load_npz(data_dir / f"hidden_N{layer}.npz")["hidden"],
-        topk_logp=teacher["topk_logp"][:, :k], topk_ids=teacher["topk_ids"][:, :k],
-        top1_counts=teacher["top1_counts"], topk_mass=teacher["topk_mass"], prompt_index=seq["prompt_index"],
+        topk_logp=teacher["topk_logp"][:, :k],
+        topk_ids=teacher["topk_ids"][:, :k],
+        top1_counts=teacher["top1_counts"],
+        topk_mass=teacher["topk_mass"],
+        prompt_index=seq["prompt_index"],
         context=load_npz(data_dir / f"hidden_N{context_layer}.npz")["hidden"] if context_layer else None,
         fuse=np.stack([load_npz(data_dir / f"hidden_N{n}.npz")["hidden"].astype(np.float16) for n in fuse_layers], 1)
-        if fuse_layers else None,
-    )  # fmt: skip
+        if fuse_layers
+        else None,
+    )
 
 
 # ----------------------------------------------------------------------------- 3. draft vocabulary

@@ -83,8 +83,10 @@ def hf_layout(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[tuple[int, ...], 
     from eesd_jax import model
 
     shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
-    out = {("layers", k): (s.shape, [f"model.layers.{i}.{LAYER_TENSORS[k]}" for i in range(cfg.n_layers)])
-           for k, s in shapes["layers"].items()}  # fmt: skip
+    out = {
+        ("layers", k): (s.shape, [f"model.layers.{i}.{LAYER_TENSORS[k]}" for i in range(cfg.n_layers)])
+        for k, s in shapes["layers"].items()
+    }
     out.update({(k,): (s.shape, [TOP_TENSORS[k]]) for k, s in shapes.items() if k != "layers"})
     return out
 

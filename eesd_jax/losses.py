@@ -174,15 +174,17 @@ def exit_train_logits(
             exit_in = exits.fused_input(hidden_btd, exit_params, verified)
         context_btd = exit_in if context_btd is None else context_btd
         first_bt11 = (start_bt == jnp.arange(T))[..., None, None]
-        x = model.rms_norm(model.block_with_context(cfg, block, exit_in, context_btd, start_bt), exit_params["norm"],
-                           cfg.rms_eps)  # fmt: skip
+        x = model.rms_norm(
+            model.block_with_context(cfg, block, exit_in, context_btd, start_bt), exit_params["norm"], cfg.rms_eps
+        )
         for _ in range(n_round - 1 if verified is not None else 0):
             own = exits.previous_features(
                 jnp.broadcast_to(x[..., None, :], verified.shape), jnp.zeros_like(verified[:, 0])
             )
             exit_in = exits.fused_input(hidden_btd, exit_params, jnp.where(first_bt11, verified, own))
-            x = model.rms_norm(model.block_with_context(cfg, block, exit_in, context_btd, start_bt),
-                               exit_params["norm"], cfg.rms_eps)  # fmt: skip
+            x = model.rms_norm(
+                model.block_with_context(cfg, block, exit_in, context_btd, start_bt), exit_params["norm"], cfg.rms_eps
+            )
     if select_br is not None:
         x = jnp.take_along_axis(x, select_br[..., None], axis=1)
     return jnp.einsum("btd,vd->btv", x, head_vd, preferred_element_type=jnp.float32)

@@ -29,8 +29,11 @@ def load_model(path: str | os.PathLike | None, dtype: str, mesh: jax.sharding.Me
     if mesh is not None and path is not None and os.path.isdir(path):
         return load_hf_to_mesh(path, mesh, dtype)
     lm = loading.load_model(path, dtype)
-    return lm if mesh is None else loading.LoadedModel(lm.cfg, sharding.shard_params(lm.params, mesh),
-                                                       lm.fingerprint, lm.source)  # fmt: skip
+    return (
+        lm
+        if mesh is None
+        else loading.LoadedModel(lm.cfg, sharding.shard_params(lm.params, mesh), lm.fingerprint, lm.source)
+    )
 
 
 def load_hf_to_mesh(path: str | os.PathLike, mesh: jax.sharding.Mesh, dtype: str = "float32") -> loading.LoadedModel:

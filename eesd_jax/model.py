@@ -99,8 +99,10 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
             factor, low, high, _ = self.rope_scaling
             if not (factor >= 1 and 0 < low < high):
-                raise ValueError(f"rope_scaling needs factor >= 1 and 0 < low_freq_factor < high_freq_factor, "
-                                 f"got {self.rope_scaling}")  # fmt: skip
+                raise ValueError(
+                    f"rope_scaling needs factor >= 1 and 0 < low_freq_factor < high_freq_factor, "
+                    f"got {self.rope_scaling}"
+                )
 
     @property
     def jnp_dtype(self):
@@ -301,8 +303,9 @@ def block_readonly(
     old_bts = jnp.arange(k_bske.shape[1])[None, None, :] < positions_bt[:, :1, None]
     if new_btt is None:
         new_btt = positions_bt[:, None, :] <= positions_bt[:, :, None]
-    o_btn = _attend_two(cfg, q_bthe, (k_bske, v_bske, jnp.broadcast_to(old_bts, (B, T, k_bske.shape[1]))),
-                        (k_btke, v_btke, new_btt))  # fmt: skip
+    o_btn = _attend_two(
+        cfg, q_bthe, (k_bske, v_bske, jnp.broadcast_to(old_bts, (B, T, k_bske.shape[1]))), (k_btke, v_btke, new_btt)
+    )
     return _out_and_mlp(cfg, p, x_btd, o_btn), k_btke, v_btke
 
 

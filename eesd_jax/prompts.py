@@ -29,8 +29,17 @@ SPLITS = ("all", "train", "heldout")
 HUMANEVAL_TRAIN = 132  # HumanEval/0..131 train, 132..163 held-out.
 HELDOUT_EVERY = 5  # Chat and file sets: index % 5 == 4 is held-out.
 TEXT_SUFFIXES = ("", ".txt")
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-         "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}  # fmt: skip
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 ARROW_INSTALL = "pip install pyarrow"
 
 Context = tuple[tuple[str, str], ...]  # Earlier turns of a conversation: (role, text) pairs.
@@ -76,8 +85,10 @@ def _records(path: pathlib.Path) -> list[tuple[str, object]]:
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of records (ShareGPT), got {type(records).__name__}")
         return [(f"record {i}", r) for i, r in enumerate(records)]
-    raise ValueError(f"{path}: unknown prompt file format {path.suffix!r}; expected .jsonl, .json (ShareGPT), "
-                     ".parquet, .txt or a datasets folder")  # fmt: skip
+    raise ValueError(
+        f"{path}: unknown prompt file format {path.suffix!r}; expected .jsonl, .json (ShareGPT), "
+        ".parquet, .txt or a datasets folder"
+    )
 
 
 def _arrow_rows(path: pathlib.Path) -> list[tuple[str, object]]:

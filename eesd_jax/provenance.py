@@ -43,7 +43,7 @@ def record(**seeds) -> dict:
             "count": jax.device_count(),
             "cpus": os.cpu_count(),
             "machine": platform.machine(),
-        },  # fmt: skip
+        },
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seeds": seeds,

@@ -84,9 +84,14 @@ def make_prompts(
     max_batches = max_batches or 8 * (1 + n // batch_size)
     for b in range(max_batches):
         gen = generate.generate_ar(
-            lm.cfg, lm.params, [prefix] * batch_size, max_new_tokens, SamplingConfig(temperature=temperature),
-            eos_ids=stop, seed=seed * 1_000_003 + b,
-        )  # fmt: skip
+            lm.cfg,
+            lm.params,
+            [prefix] * batch_size,
+            max_new_tokens,
+            SamplingConfig(temperature=temperature),
+            eos_ids=stop,
+            seed=seed * 1_000_003 + b,
+        )
         for toks in gen.tokens:
             if not toks or toks[-1] not in stop:  # Cut off by the length limit: not a finished request.
                 continue

@@ -44,8 +44,10 @@ def split_trainable(exit_params: Params, train_head: bool) -> tuple[Params, Para
     """(trainable, static): the block, norm and fusion layer train; an own head too when train_head; vocab ids
     never."""
     names = {"block", "norm", "fuse"} | ({"head"} if train_head else set())
-    return ({k: v for k, v in exit_params.items() if k in names},
-            {k: v for k, v in exit_params.items() if k not in names})  # fmt: skip
+    return (
+        {k: v for k, v in exit_params.items() if k in names},
+        {k: v for k, v in exit_params.items() if k not in names},
+    )
 
 
 def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -165,10 +167,12 @@ def train_exit(
     mngr = ocp.CheckpointManager(
         ckpt_dir.absolute(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=int(t.max_to_keep), save_interval_steps=int(t.ckpt_every), create=True,
+            max_to_keep=int(t.max_to_keep),
+            save_interval_steps=int(t.ckpt_every),
+            create=True,
             enable_async_checkpointing=False,
         ),
-    )  # fmt: skip
+    )
     start = mngr.latest_step() or 0
     if start:
         if not ident_path.is_file() or json.loads(ident_path.read_text()) != identity:
@@ -186,8 +190,16 @@ def train_exit(
     n_select = select_count(data, val)
 
     def validate(done, exit_trainable):
-        m = losses.data_metrics(lm.cfg, lm.params, {**static, **exit_trainable}, val, int(t.seq_len),
-                                 int(t.batch_size), int(t.seq_bucket), n_select)  # fmt: skip
+        m = losses.data_metrics(
+            lm.cfg,
+            lm.params,
+            {**static, **exit_trainable},
+            val,
+            int(t.seq_len),
+            int(t.batch_size),
+            int(t.seq_bucket),
+            n_select,
+        )
         rec = {"step": done, **{f"val_{k}": v for k, v in m.items()}}
         bar.write(f"step {done:>6}  validation: kl {m['kl']:.4f}  top1 {m['top1']:.3f}")
         return rec
@@ -208,8 +220,9 @@ def train_exit(
         for step in range(start, end):
             idx = batch_indices(data.n_seq, int(t.batch_size), int(t.seed), step)
             rounds = np.random.default_rng([int(t.seed), step])  # Resume-exact, like the batch order.
-            batch = losses.make_batch(data, idx, int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select,
-                                       rounds, int(t.max_round))  # fmt: skip
+            batch = losses.make_batch(
+                data, idx, int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select, rounds, int(t.max_round)
+            )
             n_tokens += batch.weights.shape[0] * batch.weights.shape[1]
             state, m = train_step(head_vd, static, state, vmap, losses.to_device(batch))
             acc.append(m)
@@ -217,10 +230,16 @@ def train_exit(
             if done % int(t.log_every) == 0 or done == steps:
                 got = jax.device_get(acc)
                 now = time.perf_counter()
-                rec = {"step": done, **{k: round(float(np.mean([a[k] for a in got])), 6)
-                                        for k in ("loss", "kl", "ce", "top1", "grad_norm")},
-                       "lr": float(schedule(done - 1)), "seconds_per_step": round((now - last_t) / len(got), 4),
-                       "positions_per_s": round(n_tokens / (now - last_t), 1)}  # fmt: skip
+                rec = {
+                    "step": done,
+                    **{
+                        k: round(float(np.mean([a[k] for a in got])), 6)
+                        for k in ("loss", "kl", "ce", "top1", "grad_norm")
+                    },
+                    "lr": float(schedule(done - 1)),
+                    "seconds_per_step": round((now - last_t) / len(got), 4),
+                    "positions_per_s": round(n_tokens / (now - last_t), 1),
+                }
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", top1=f"{rec['top1']:.3f}")
@@ -240,9 +259,14 @@ def train_exit(
     mngr.wait_until_finished()
     mngr.close()
     exit_params = {**static, **jax.device_get(state["params"])}
-    summary = {"steps_done": end, "steps": steps, "finished": end == steps, "resumed_from": start,
-               "n_select": n_select,
-               "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+    summary = {
+        "steps_done": end,
+        "steps": steps,
+        "finished": end == steps,
+        "resumed_from": start,
+        "n_select": n_select,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     return jax.tree.map(jnp.asarray, exit_params), summary
 
 
@@ -301,8 +325,9 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
         data = text if config.data.text.only else distill_data.Data.concat([data, text])
         data_spec = data_spec | {"text": text_manifest["spec"]}  # Checkpoints resume only on the same text.
         data_info["text"] = {k: text_manifest[k] for k in ("spec", "counts", "seconds")}
-    vocab_ids = (distill_data.choose_draft_vocab(data, exit_cfg.draft_vocab, lm.eos_ids) if exit_cfg.draft_vocab
-                 else None)  # fmt: skip
+    vocab_ids = (
+        distill_data.choose_draft_vocab(data, exit_cfg.draft_vocab, lm.eos_ids) if exit_cfg.draft_vocab else None
+    )
     seconds["data"] = round(time.perf_counter() - t0, 2)
 
     def metrics(exit_params):
@@ -333,9 +358,16 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     file_dtype = str(config.exit.get("file_dtype", "float32"))
     store = {} if file_dtype == "float32" else {"dtype": file_dtype}
     exits.save_exit(path, exit_params, exit_cfg, lm.name, lm.fingerprint, extra=_jsonable(extra), **store)
-    run = {"exit": str(path), "exit_bytes": path.stat().st_size, "seconds": seconds,
-           "data_seconds": manifest.get("seconds", {}), "metrics": {"untrained": before, "trained": after},
-           "counts": manifest["counts"], "text": data_info.get("text"), "train": summary}  # fmt: skip
+    run = {
+        "exit": str(path),
+        "exit_bytes": path.stat().st_size,
+        "seconds": seconds,
+        "data_seconds": manifest.get("seconds", {}),
+        "metrics": {"untrained": before, "trained": after},
+        "counts": manifest["counts"],
+        "text": data_info.get("text"),
+        "train": summary,
+    }
     (workdir / "run.json").write_text(json.dumps(run, indent=1))
     return path
 

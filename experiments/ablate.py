@@ -75,18 +75,20 @@ def study_config(model_config: str) -> ml_collections.ConfigDict:
     c.policies = ml_collections.ConfigDict({"kinds": control.KINDS})
     c.policies.tune_n = 2 if tiny else 8  # Tuning prompts (distill_data.validation_prompts).
     # Knob settings tried per policy ("knob=value"); a policy without an entry runs at its defaults.
-    c.policies.grid = ml_collections.ConfigDict({
-        "confidence": ("threshold=0.3", "threshold=0.4", "threshold=0.5", "threshold=0.6", "threshold=0.7"),
-        "beta-ts": ("break_even=0.0", "break_even=0.3", "break_even=0.5"),
-        "calibration-ts": ("break_even=0.0", "break_even=0.3", "break_even=0.5"),
-        "entropy": ("max_entropy=1.0", "max_entropy=2.0", "max_entropy=3.0"),
-        "margin": ("min_margin=0.1", "min_margin=0.3", "min_margin=0.5"),
-        "patience": ("patience=1", "patience=2", "patience=3"),
-        "saturation": ("saturation=0.8", "saturation=0.9", "saturation=0.95"),
-        "budget": ("budget=1.0", "budget=2.0", "budget=3.0"),
-        "gate": ("gate_threshold=0.4", "gate_threshold=0.5", "gate_threshold=0.6"),
-        "expected-gain": ("draft_cost=0.15", "draft_cost=0.24", "draft_cost=0.35"),
-    })  # fmt: skip
+    c.policies.grid = ml_collections.ConfigDict(
+        {
+            "confidence": ("threshold=0.3", "threshold=0.4", "threshold=0.5", "threshold=0.6", "threshold=0.7"),
+            "beta-ts": ("break_even=0.0", "break_even=0.3", "break_even=0.5"),
+            "calibration-ts": ("break_even=0.0", "break_even=0.3", "break_even=0.5"),
+            "entropy": ("max_entropy=1.0", "max_entropy=2.0", "max_entropy=3.0"),
+            "margin": ("min_margin=0.1", "min_margin=0.3", "min_margin=0.5"),
+            "patience": ("patience=1", "patience=2", "patience=3"),
+            "saturation": ("saturation=0.8", "saturation=0.9", "saturation=0.95"),
+            "budget": ("budget=1.0", "budget=2.0", "budget=3.0"),
+            "gate": ("gate_threshold=0.4", "gate_threshold=0.5", "gate_threshold=0.6"),
+            "expected-gain": ("draft_cost=0.15", "draft_cost=0.24", "draft_cost=0.35"),
+        }
+    )
     if tiny:  # Two settings each: the test runs every policy in seconds.
         for kind, specs in c.policies.grid.items():
             c.policies.grid[kind] = specs[:2]
@@ -161,11 +163,16 @@ class Setup:
         e = r["modes"]["eesd"]
         print(f"{label}: speedup {r['speedup']:.3f}x, alpha {e['acceptance_rate']:.3f}", flush=True)
         return {
-            "speedup": r["speedup"], "median_speedup": r["median_speedup"], "identical": r["identical"],
-            "alpha": e["acceptance_rate"], "tau": e["mean_accepted_per_round"], "mean_draft": e["mean_draft_length"],
-            "ar_tok_s": r["modes"]["ar"]["tokens_per_second"], "eesd_tok_s": e["tokens_per_second"],
+            "speedup": r["speedup"],
+            "median_speedup": r["median_speedup"],
+            "identical": r["identical"],
+            "alpha": e["acceptance_rate"],
+            "tau": e["mean_accepted_per_round"],
+            "mean_draft": e["mean_draft_length"],
+            "ar_tok_s": r["modes"]["ar"]["tokens_per_second"],
+            "eesd_tok_s": e["tokens_per_second"],
             "cost_ratio": r["cost_ratio"],
-        }  # fmt: skip
+        }
 
     def ecfg(self, layer: int | None = None, controller: str = "beta-ts", **fields) -> eesd.EESDConfig:
         """EESD at N = `layer` (default the exit's) and K; `controller`: a control.from_spec spec."""
@@ -186,8 +193,15 @@ def tune(s: Setup, kind: str) -> list[dict]:
     for spec in [f"{kind}:{knob}" for knob in s.c.policies.grid.get(kind, ())] or [kind]:
         e = s.run(s.exit_params, s.ecfg(controller=spec), s.tune_ids, ("eesd",), step_costs=False)["modes"]["eesd"]
         speedup = round(e["median_tokens_per_second"] / ar["median_tokens_per_second"], 3)
-        trials.append({"controller": spec, "speedup": speedup, "alpha": e["acceptance_rate"],
-                       "tau": e["mean_accepted_per_round"], "mean_draft": e["mean_draft_length"]})  # fmt: skip
+        trials.append(
+            {
+                "controller": spec,
+                "speedup": speedup,
+                "alpha": e["acceptance_rate"],
+                "tau": e["mean_accepted_per_round"],
+                "mean_draft": e["mean_draft_length"],
+            }
+        )
         print(f"tune {spec}: speedup {speedup:.3f}x, alpha {e['acceptance_rate']:.3f}", flush=True)
     return trials
 
@@ -218,9 +232,15 @@ def policies(s: Setup) -> dict:
             continue
         trials = tune(s, kind)
         best = max(trials, key=lambda t: t["speedup"])
-        rows.append({"policy": kind, "tuned": best["controller"], "tune_speedup": best["speedup"],
-                     **s.bench(best["controller"], s.exit_params, s.ecfg(controller=best["controller"])),
-                     "trials": trials})  # fmt: skip
+        rows.append(
+            {
+                "policy": kind,
+                "tuned": best["controller"],
+                "tune_speedup": best["speedup"],
+                **s.bench(best["controller"], s.exit_params, s.ecfg(controller=best["controller"])),
+                "trials": trials,
+            }
+        )
         if s.rows_file:
             with s.rows_file.open("a") as f:
                 f.write(json.dumps({"key": key(kind), "row": rows[-1]}) + "\n")
@@ -265,8 +285,16 @@ def depth(s: Setup) -> dict:
             r = s.bench(f"N={n} K={k}", exit_params, ecfg)
             # Prefill and the budget's last short rounds are outside the model: it is decode-only.
             predicted = r["tau"] * ms["ar_step"] / costs.round_ms(ms, n, k)
-            rows.append({"N": n, "K": k, "exit": "trained" if trained else "untrained", **r,
-                         "round_ms": round(costs.round_ms(ms, n, k), 2), "predicted": round(predicted, 3)})  # fmt: skip
+            rows.append(
+                {
+                    "N": n,
+                    "K": k,
+                    "exit": "trained" if trained else "untrained",
+                    **r,
+                    "round_ms": round(costs.round_ms(ms, n, k), 2),
+                    "predicted": round(predicted, 3),
+                }
+            )
     ratio = round(float(np.median([r["predicted"] / r["speedup"] for r in rows])), 3)
     return {"rows": rows, "part_ms": {k: round(v, 3) for k, v in ms.items()}, "predicted_over_measured_median": ratio}
 
@@ -285,8 +313,13 @@ def joint(s: Setup) -> dict:
             exit_cfg, exit_params = exits.load_exit(path, s.lm.cfg, s.lm.fingerprint)
             ecfg = eesd.config_for_exit(exit_cfg, path, s.c.max_draft, j.controller)
             val_top1 = shipped.validation_top1(path)
-            rows.append({"N": n, "val_top1": None if val_top1 < 0 else round(val_top1, 3),
-                         **s.bench(f"joint N={n}", exit_params, ecfg)})  # fmt: skip
+            rows.append(
+                {
+                    "N": n,
+                    "val_top1": None if val_top1 < 0 else round(val_top1, 3),
+                    **s.bench(f"joint N={n}", exit_params, ecfg),
+                }
+            )
     return {"rows": rows, "recipe": config.name, "train_steps": int(config.train.steps)}
 
 
@@ -374,8 +407,12 @@ def main(argv=None) -> dict:
         knobs = {}
     config = load_config(args.config)
     c = apply_overrides(merge(study_config(args.config), knobs), args.set)
-    for flag, key in (("n", "n_per_set"), ("max_new_tokens", "max_new_tokens"), ("max_draft", "max_draft"),
-                      ("repeats", "repeats")):  # fmt: skip
+    for flag, key in (
+        ("n", "n_per_set"),
+        ("max_new_tokens", "max_new_tokens"),
+        ("max_draft", "max_draft"),
+        ("repeats", "repeats"),
+    ):
         if getattr(args, flag) is not None:
             c[key] = getattr(args, flag)
     lm = teacher.load_lm(config.model)

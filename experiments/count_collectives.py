@@ -53,7 +53,7 @@ SMOLLM2 = dict(
     tie_embeddings=True,
     max_seq_len=8192,
     name="smollm2-shapes",
-)  # fmt: skip
+)
 CONFIGS = {
     "smollm2": SMOLLM2,
     # Same width, ffn, vocab and depth, but 16 heads / 8 kv heads x 36 so model=8 splits attention too.
@@ -70,7 +70,7 @@ CONFIGS = {
         tie_embeddings=True,
         max_seq_len=512,
         name="tiny-div8",
-    ),  # fmt: skip
+    ),
     # The 7B/8B configs' models (eesd_jax/configs/_pod.py): LLaMA-2-7B, LLaMA-3.1-8B, Qwen2.5-7B.
     **_pod.SHAPES,
 }

@@ -114,8 +114,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shape, few repeats (a smoke test)")
     ap.add_argument("--shapes", nargs="+", default=list(bench.RANDOM_SHAPES), choices=list(bench.RANDOM_SHAPES))
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                    help="default: bfloat16 on accelerators, float32 on CPU")  # fmt: skip
+    ap.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="default: bfloat16 on accelerators, float32 on CPU",
+    )
     ap.add_argument("--cache-len", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--max-draft", type=int, default=3, help="K of the fixed-K EESD rounds (overhead figure)")
@@ -150,9 +154,13 @@ def main(argv=None) -> int:
         out["models"][name]["seconds"] = round(time.perf_counter() - t0, 1)
         del params
         m = out["models"][name]
-        print(f"{name} ({m['dtype']}): AR {m['ar_step_ms']:.2f} ms ({100 * m['bandwidth_fraction']:.0f}% of the "
-              f"bandwidth floor), verify {m['verify_in_ar_steps']} AR steps, draft {m['draft_in_ar_steps']} AR steps, "
-              f"EESD round overhead {m['eesd_round_overhead_ms']:.2f} ms", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"{name} ({m['dtype']}): AR {m['ar_step_ms']:.2f} ms ({100 * m['bandwidth_fraction']:.0f}% of the "
+            f"bandwidth floor), verify {m['verify_in_ar_steps']} AR steps, draft {m['draft_in_ar_steps']} AR steps, "
+            f"EESD round overhead {m['eesd_round_overhead_ms']:.2f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
     out["seconds"] = round(time.perf_counter() - t_start, 1)
     out["provenance"] = provenance.record()
     slug = re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")

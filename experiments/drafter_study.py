@@ -156,13 +156,19 @@ def scaling(rows: dict) -> dict:
         x, y = np.log2([p for p, _, _ in pts]), np.array([t for _, t, _ in pts])
         slope, icept = np.polyfit(x, y, 1)
         need = {str(t): float(2 ** ((t - icept) / slope)) if slope > 0 else None for t in TARGETS}
-        fits[src] = {"points": pts, "top1_per_doubling": float(slope), "intercept": float(icept),
-                     "positions_needed": need}  # fmt: skip
+        fits[src] = {
+            "points": pts,
+            "top1_per_doubling": float(slope),
+            "intercept": float(icept),
+            "positions_needed": need,
+        }
         rates = [rows[name]["data_ms_per_position"] for _, _, name in pts if "data_ms_per_position" in rows[name]]
         if rates:  # What making that much data of this kind would take on this machine.
             ms = float(np.median(rates))
-            fits[src] |= {"data_ms_per_position": ms,
-                          "data_hours_needed": {t: n and n * ms / 3.6e6 for t, n in need.items()}}  # fmt: skip
+            fits[src] |= {
+                "data_ms_per_position": ms,
+                "data_hours_needed": {t: n and n * ms / 3.6e6 for t, n in need.items()},
+            }
     return fits
 
 
@@ -293,9 +299,15 @@ def main(argv: list[str] | None = None) -> None:
             path = train.run_distill(config, workdir, lm=lm, progress=args.progress)
             seen = curve(workdir / "metrics.jsonl", int(config.train.batch_size))
             run = json.loads((workdir / "run.json").read_text())
-            row |= {"train_seconds": round(time.perf_counter() - t0), "curve": seen, **trained(workdir, config),
-                    "data_seconds": {"responses": round(sum(run["data_seconds"].values())),
-                                     "text": round(sum((run["text"] or {}).get("seconds", {}).values()))}}  # fmt: skip
+            row |= {
+                "train_seconds": round(time.perf_counter() - t0),
+                "curve": seen,
+                **trained(workdir, config),
+                "data_seconds": {
+                    "responses": round(sum(run["data_seconds"].values())),
+                    "text": round(sum((run["text"] or {}).get("seconds", {}).values())),
+                },
+            }
         else:
             path = pathlib.Path(given)
         val_every = int((config or base).train.val_every_prompt)

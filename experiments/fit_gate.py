@@ -67,8 +67,11 @@ def scores(p: np.ndarray, y: np.ndarray) -> dict:
     ranks = (np.bincount(tie, weights=ranks) / count)[tie]  # Tied scores share their mean rank.
     n_pos, n_neg = int(y.sum()), int((1 - y).sum())
     auc = float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)) if n_pos and n_neg else None
-    return {"log_loss": round(log_loss, 4), "auc": None if auc is None else round(auc, 4),
-            "accuracy": round(float(np.mean((p >= 0.5) == y)), 4)}  # fmt: skip
+    return {
+        "log_loss": round(log_loss, 4),
+        "auc": None if auc is None else round(auc, 4),
+        "accuracy": round(float(np.mean((p >= 0.5) == y)), 4),
+    }
 
 
 def main(argv=None) -> dict:

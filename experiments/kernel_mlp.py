@@ -62,10 +62,12 @@ def main() -> None:
                 times[k].append(time.perf_counter() - t0)
         ms = {k: 1e3 * stat(v) for k, v in times.items()}
         out[dtype] = {
-            name: {t: {"ms": round(ms[t, kernel], 2), "in_one_row_times": round(ms[t, kernel] / ms[1, kernel], 3)}
-                   for t in (1, 2, 4, 8)}
+            name: {
+                t: {"ms": round(ms[t, kernel], 2), "in_one_row_times": round(ms[t, kernel] / ms[1, kernel], 3)}
+                for t in (1, 2, 4, 8)
+            }
             for name, kernel in (("kernel", True), ("xla", False))
-        }  # fmt: skip
+        }
     print(json.dumps(out, indent=1))
 
 

@@ -29,9 +29,17 @@ import sys
 import tempfile
 
 SHAPES = {  # LLaMA-3.2-1B.
-    "1b": dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, intermediate_size=8192, tie_word_embeddings=True),
-}  # fmt: skip
+    "1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        intermediate_size=8192,
+        tie_word_embeddings=True,
+    ),
+}
 
 MEASURE = """
 import json, resource, sys, time, tracemalloc
@@ -63,14 +71,28 @@ def write_checkpoint(folder: pathlib.Path, shape: dict, layers: int) -> None:
     import numpy as np
     from safetensors.numpy import save_file
 
-    hf = {"model_type": "llama", "hidden_act": "silu", "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
-          "max_position_embeddings": 8192, **shape, "num_hidden_layers": layers}  # fmt: skip
+    hf = {
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192,
+        **shape,
+        "num_hidden_layers": layers,
+    }
     D, F, V = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
     q, kv = hf["num_attention_heads"] * hf["head_dim"], hf["num_key_value_heads"] * hf["head_dim"]
-    per_layer = {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
-                 "self_attn.q_proj.weight": (q, D), "self_attn.k_proj.weight": (kv, D),
-                 "self_attn.v_proj.weight": (kv, D), "self_attn.o_proj.weight": (D, q),
-                 "mlp.gate_proj.weight": (F, D), "mlp.up_proj.weight": (F, D), "mlp.down_proj.weight": (D, F)}  # fmt: skip
+    per_layer = {
+        "input_layernorm.weight": (D,),
+        "post_attention_layernorm.weight": (D,),
+        "self_attn.q_proj.weight": (q, D),
+        "self_attn.k_proj.weight": (kv, D),
+        "self_attn.v_proj.weight": (kv, D),
+        "self_attn.o_proj.weight": (D, q),
+        "mlp.gate_proj.weight": (F, D),
+        "mlp.up_proj.weight": (F, D),
+        "mlp.down_proj.weight": (D, F),
+    }
     names = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     names.update({f"model.layers.{i}.{k}": s for i in range(layers) for k, s in per_layer.items()})
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,8 +124,13 @@ def main() -> None:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     results = []
     for method in args.methods.split(","):
-        proc = subprocess.run([sys.executable, "-c", MEASURE, str(folder), method, args.mesh], env=env,
-                              capture_output=True, text=True, check=True)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-c", MEASURE, str(folder), method, args.mesh],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results.append({"shape": args.shape, "layers": layers, **json.loads(proc.stdout.strip().splitlines()[-1])})
         print(json.dumps(results[-1]), flush=True)
     if args.out:

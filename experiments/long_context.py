@@ -38,12 +38,20 @@ def main() -> None:
     ).report
     ar, es = (report["modes"][m]["median_decode_tokens_per_second"] for m in ("ar", "eesd"))
     stats = report["modes"]["eesd"]
-    print(json.dumps({
-        "prompt_tokens": len(ids), "controller": args.controller, "ar_decode_tok_s": round(ar, 2),
-        "eesd_decode_tok_s": round(es, 2), "speedup": round(es / ar, 3),
-        "identical": report["identical"],
-        "alpha": stats["acceptance_rate"], "tau": stats["mean_accepted_per_round"],
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "prompt_tokens": len(ids),
+                "controller": args.controller,
+                "ar_decode_tok_s": round(ar, 2),
+                "eesd_decode_tok_s": round(es, 2),
+                "speedup": round(es / ar, 3),
+                "identical": report["identical"],
+                "alpha": stats["acceptance_rate"],
+                "tau": stats["mean_accepted_per_round"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,12 @@ def main() -> None:
     ap.add_argument("--draft-vocab", type=int, default=8192, help="draft head rows (0 = the full shared head)")
     ap.add_argument("--cache-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--stat", choices=("median", "min"), default="median",
-                    help="of each part's repeats (and the bandwidth's): min on a machine busy with other work")  # fmt: skip
+    ap.add_argument(
+        "--stat",
+        choices=("median", "min"),
+        default="median",
+        help="of each part's repeats (and the bandwidth's): min on a machine busy with other work",
+    )
     ap.add_argument("--dtype", choices=model.DTYPES, default="float32")
     ap.add_argument("--bandwidth-mb", type=int, default=1024, help="array size of the bandwidth measurement")
     ap.add_argument(
@@ -89,13 +93,22 @@ def main() -> None:
     ms = costs.measure(cfg, params, args.exit_layers, args.tokens, args.draft_vocab, args.cache_len, args.repeats, stat)
     weight_bytes = bench.weight_bytes_per_step(cfg)
     floor_ms = 1e3 * weight_bytes / bandwidth
-    saved = {"ms": {k: round(v, 3) for k, v in ms.items()}, "cache_len": args.cache_len, "draft_vocab": args.draft_vocab,
-             "stat": args.stat, "dtype": cfg.dtype, "weight_bytes_per_step": weight_bytes, "read_bandwidth_GBps": round(bandwidth / 1e9, 2),
-             "bandwidth_floor_ms": round(floor_ms, 3), "floor_over_ar_step": round(floor_ms / ms["ar_step"], 3),
-             "in_ar_steps": {k: round(v / ms["ar_step"], 3) for k, v in ms.items()},
-             "draft_in_ar_steps": {n: round(costs.draft_ms(ms, n) / ms["ar_step"], 3) for n in args.exit_layers},
-             "cpu_kernel": cpu_kernel.status() if jax.default_backend() == "cpu" else "not on CPU",
-             "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind)}  # fmt: skip
+    saved = {
+        "ms": {k: round(v, 3) for k, v in ms.items()},
+        "cache_len": args.cache_len,
+        "draft_vocab": args.draft_vocab,
+        "stat": args.stat,
+        "dtype": cfg.dtype,
+        "weight_bytes_per_step": weight_bytes,
+        "read_bandwidth_GBps": round(bandwidth / 1e9, 2),
+        "bandwidth_floor_ms": round(floor_ms, 3),
+        "floor_over_ar_step": round(floor_ms / ms["ar_step"], 3),
+        "in_ar_steps": {k: round(v / ms["ar_step"], 3) for k, v in ms.items()},
+        "draft_in_ar_steps": {n: round(costs.draft_ms(ms, n) / ms["ar_step"], 3) for n in args.exit_layers},
+        "cpu_kernel": cpu_kernel.status() if jax.default_backend() == "cpu" else "not on CPU",
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+    }
     with contextlib.redirect_stdout(sys.stderr if args.json == "-" else sys.stdout):
         report(saved, args.exit_layers, args.tokens)
     if args.json == "-":

@@ -79,13 +79,19 @@ def main() -> None:
     exit_cfg, exit_params = exits.load_exit(exit_path, cfg, lm.fingerprint)
     chain = eesd.config_for_exit(exit_cfg, exit_path, 6, control.ControllerConfig.kind)  # The CLI defaults.
     eos = (int(tok.eos_token_id),)
-    ids = [prompts.encode(tok, p.text, p.chat) for s in args.prompts.split(",") for p in prompts.load_prompts(s, "heldout", args.n)]  # fmt: skip
+    ids = [
+        prompts.encode(tok, p.text, p.chat)
+        for s in args.prompts.split(",")
+        for p in prompts.load_prompts(s, "heldout", args.n)
+    ]
     split = eesd.split_params(params, chain.exit_layer, chain.context_layer)
 
     def run(ecfg, prompt):
         if ecfg is None:
             return generate.generate_ar(cfg, params, [prompt], args.max_new_tokens, eos_ids=eos)
-        return generate.generate_eesd(cfg, params, exit_params, ecfg, [prompt], args.max_new_tokens, eos_ids=eos, split=split)  # fmt: skip
+        return generate.generate_eesd(
+            cfg, params, exit_params, ecfg, [prompt], args.max_new_tokens, eos_ids=eos, split=split
+        )
 
     configs = modes(chain, args.trees)
     for name, ecfg in configs.items():  # Warm-up: every prompt width, every mode.

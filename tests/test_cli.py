@@ -75,8 +75,13 @@ def test_distill_and_eval_exit_on_a_fake_8_device_mesh_equal_one_device(tmp_path
     monkeypatch.setenv("EESD_JAX_CACHE", str(tmp_path / "cache"))
     config = "tiny:train.steps=10"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", MESH_RUN, str(tmp_path / "mesh"), config], env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", MESH_RUN, str(tmp_path / "mesh"), config],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     mesh_eval = json.loads(out.stdout.strip().splitlines()[-1])
     assert cli.main(["distill", "--config", config, "--workdir", str(tmp_path / "one")]) == 0

@@ -58,16 +58,23 @@ def test_data_is_deterministic_for_a_seed(run, lm, tmp_path):
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
 
     manifest = distill_data.read_manifest(config.data.dir)
-    assert manifest == {**again, "created": manifest["created"], "seconds": manifest["seconds"],
-                        "teacher": manifest["teacher"], "hidden_layers": manifest["hidden_layers"]}  # fmt: skip
+    assert manifest == {
+        **again,
+        "created": manifest["created"],
+        "seconds": manifest["seconds"],
+        "teacher": manifest["teacher"],
+        "hidden_layers": manifest["hidden_layers"],
+    }
     assert manifest["model"]["fingerprint"] == lm.fingerprint
     assert manifest["counts"]["sequences"] == 12 and manifest["counts"]["train_positions"] > 200
     assert manifest["hidden_layers"] == [1, 2]  # exit.layer plus data.feature_layers in one pass.
 
     config.data.seed = 1
     other = distill_data.generate_data(lm, config.data, tmp_path / "other", progress=False)
-    assert not np.array_equal(distill_data.load_npz(tmp_path / "other" / "sequences.npz")["tokens"][: len(first["tokens"])],
-                              first["tokens"][: other["counts"]["tokens"]])  # fmt: skip
+    assert not np.array_equal(
+        distill_data.load_npz(tmp_path / "other" / "sequences.npz")["tokens"][: len(first["tokens"])],
+        first["tokens"][: other["counts"]["tokens"]],
+    )
     config.data.seed = 0
 
 
@@ -137,8 +144,7 @@ def test_train_logits_equal_exit_logits(run, lm):
     _, _, path = run
     exit_cfg, params = load(path, lm)
     h = jax.random.normal(jax.random.key(1), (2, 9, lm.cfg.d_model))
-    ours = jax.jit(losses.exit_train_logits, static_argnums=0)(lm.cfg, losses.frozen_head(lm.params, params),
-                                                                params, h)  # fmt: skip
+    ours = jax.jit(losses.exit_train_logits, static_argnums=0)(lm.cfg, losses.frozen_head(lm.params, params), params, h)
     cache = init_cache(lm.cfg, 2, 16, layers=1)
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
     full, _ = jax.jit(exits.exit_logits, static_argnums=0)(lm.cfg, lm.params, params, h, positions, cache)
@@ -231,8 +237,17 @@ def test_data_of_another_model_is_not_reused(run, tmp_path):
 def test_loss_variants_shared_head_ce_prompt_positions(run, lm, tmp_path):
     """Shared frozen full head, KL + CE, prompt positions weighted: trains the block and norm only."""
     config, _, _ = run
-    c = tiny_config(**{"data.dir": config.data.dir, "exit.draft_vocab": 0, "train.ce_weight": 0.5,
-                       "train.prompt_weight": 0.5, "train.steps": 4, "train.log_every": 2, "train.val_every": 4})  # fmt: skip
+    c = tiny_config(
+        **{
+            "data.dir": config.data.dir,
+            "exit.draft_vocab": 0,
+            "train.ce_weight": 0.5,
+            "train.prompt_weight": 0.5,
+            "train.steps": 4,
+            "train.log_every": 2,
+            "train.val_every": 4,
+        }
+    )
     data, val = distill_data.load_data(config.data.dir, 1).split(3)
     params, summary = train.train_exit(c, lm, data, tmp_path, progress=False, val=val)
     assert summary["finished"] and set(params) == {"block", "norm"}
@@ -248,8 +263,17 @@ def test_loss_variants_shared_head_ce_prompt_positions(run, lm, tmp_path):
 def test_eval_exit_reports_lossless_speculation(run, lm):
     config, _, path = run
     plist = distill_data.prompt_list(config.eval.sets, 1)
-    r = evaluation.eval_exit(lm, path, plist, max_new_tokens=12, max_draft=1, controller="fixed", warmup=False,
-                          max_prompt_tokens=config.data.max_prompt_tokens, progress=False)  # fmt: skip
+    r = evaluation.eval_exit(
+        lm,
+        path,
+        plist,
+        max_new_tokens=12,
+        max_draft=1,
+        controller="fixed",
+        warmup=False,
+        max_prompt_tokens=config.data.max_prompt_tokens,
+        progress=False,
+    )
     assert r["identical"] and r["n_identical"] == r["prompts"] == 2
     assert 0 <= r["alpha"] <= 1 and r["tau"] >= 1 and 0 <= r["top1_agreement"] <= 1
     assert r["ar_tokens"] == r["eesd_tokens"] > 0
@@ -302,8 +326,17 @@ def test_context_exit_distills_and_decodes_losslessly(run, lm, tmp_path, field, 
     assert losses.data_metrics(lm.cfg, lm.params, params, blind, 48, 4, 48)["top1"] < first["top1"]
 
     plist = distill_data.prompt_list(config.eval.sets, 1)
-    r = evaluation.eval_exit(lm, path, plist, max_new_tokens=12, max_draft=2, controller="fixed", warmup=False,
-                        max_prompt_tokens=config.data.max_prompt_tokens, progress=False)  # fmt: skip
+    r = evaluation.eval_exit(
+        lm,
+        path,
+        plist,
+        max_new_tokens=12,
+        max_draft=2,
+        controller="fixed",
+        warmup=False,
+        max_prompt_tokens=config.data.max_prompt_tokens,
+        progress=False,
+    )
     assert r["identical"] and r["eesd_tokens"] > 0 and r["alpha"] > 0
 
 
@@ -335,8 +368,9 @@ def test_teacher_forced_text_trains_the_exit(run, lm, tmp_path):
     (docs / "sub" / "b.txt").write_text("def f(x):\n    return x * 2\n" * 8)
     (docs / "skip.bin").write_bytes(b"\xff" * 100)  # Not a text suffix: ignored.
     (docs / "tiny.txt").write_text("too short")  # Under 32 tokens: no sequence.
-    c = tiny_config(**{"data.dir": config.data.dir, "data.text.corpus": str(docs), "data.text.seq_len": 40,
-                       "data.text.only": True})  # fmt: skip
+    c = tiny_config(
+        **{"data.dir": config.data.dir, "data.text.corpus": str(docs), "data.text.seq_len": 40, "data.text.only": True}
+    )
     path = train.run_distill(c, tmp_path / "run", lm=lm, progress=False)
 
     seq = distill_data.load_npz(tmp_path / "run" / "text_data" / "sequences.npz")
@@ -371,8 +405,14 @@ def test_teacher_forced_text_trains_the_exit(run, lm, tmp_path):
 
 def test_a_bad_text_request_is_refused_before_any_data_is_made(lm, tmp_path):
     """The text data is checked before the responses are generated (hours on a CPU)."""
-    c = tiny_config(**{"data.dir": str(tmp_path / "data"), "data.text.corpus": "readmes",
-                       "data.text.dir": str(tmp_path / "no_text"), "data.text.frozen": True})  # fmt: skip
+    c = tiny_config(
+        **{
+            "data.dir": str(tmp_path / "data"),
+            "data.text.corpus": "readmes",
+            "data.text.dir": str(tmp_path / "no_text"),
+            "data.text.frozen": True,
+        }
+    )
     with pytest.raises(ValueError, match="holds no text data"):
         train.run_distill(c, tmp_path / "run", lm=lm, progress=False)
     assert not (tmp_path / "data").exists()

@@ -76,15 +76,24 @@ def eesd_argvs(line: str) -> list[list[str]]:
             if len(args) < 2:  # `eesd bench`: the command's name in prose, not an invocation.
                 return []
             choices = [re.fullmatch(r"\{(.+,.+)\}", w) for w in args]
-            return [list(c) for c in itertools.product(*[[w] if m is None else m.group(1).split(",")
-                                                           for w, m in zip(args, choices)])]  # fmt: skip
+            return [
+                list(c)
+                for c in itertools.product(
+                    *[[w] if m is None else m.group(1).split(",") for w, m in zip(args, choices)]
+                )
+            ]
     return []
 
 
 def _through_run_sh(script_args: list[str]) -> list[str]:
     """The eesd arguments tpu/run.sh would send to the workers (from its --dry-run output)."""
-    out = subprocess.run(["bash", str(ROOT / RUN_SH), "--dry-run", *script_args], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin", "TPU_NAME": "t", "ZONE": "z"}, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        ["bash", str(ROOT / RUN_SH), "--dry-run", *script_args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "TPU_NAME": "t", "ZONE": "z"},
+        timeout=60,
+    )
     assert out.returncode == 0, f"{RUN_SH} {shlex.join(script_args)}: {out.stderr.strip()}"
     remote = next(w.split("=", 1)[1] for w in shlex.split(out.stdout) if w.startswith("--command="))
     words = shlex.split(remote)

@@ -42,13 +42,27 @@ def test_tiny_rows_record_source_and_positions_and_render_again(study, tmp_path)
     for i in range(3):
         (corpus / f"n{i}.txt").write_text(f"Note {i}: the exit drafts, the LLM verifies. " * 20)
     out = tmp_path / "study"
-    study.main([
-        "--base", "tiny", "--data-dir", str(tmp_path / "data"), "--text-dir", str(tmp_path / "text"),
-        "--workdir", str(tmp_path / "runs"), "--out", str(out), "--no-progress",
-        "--overrides", "train.val_every_prompt=3,train.steps=8,train.val_every=4",
-        "--variants", "small=N=1,data.response_tokens=60", "all=N=1",
-        f"text=N=1,text={corpus},data.text.only=true",
-    ])  # fmt: skip
+    study.main(
+        [
+            "--base",
+            "tiny",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--text-dir",
+            str(tmp_path / "text"),
+            "--workdir",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--overrides",
+            "train.val_every_prompt=3,train.steps=8,train.val_every=4",
+            "--variants",
+            "small=N=1,data.response_tokens=60",
+            "all=N=1",
+            f"text=N=1,text={corpus},data.text.only=true",
+        ]
+    )
     saved = json.loads(out.with_suffix(".json").read_text())
     rows = saved["rows"]
     assert {k: r["source"] for k, r in rows.items()} == {"small": "responses", "all": "responses", "text": "notes"}
@@ -74,7 +88,18 @@ def test_tiny_rows_record_source_and_positions_and_render_again(study, tmp_path)
     older = json.loads(json.dumps(saved))
     del older["rows"]["all"]["val_draft_vocab_coverage"]  # A row measured before coverage was: filled in.
     out.with_suffix(".json").write_text(json.dumps(older))
-    study.main(["--render", "--out", str(out), "--workdir", str(tmp_path / "runs"), "--base", "tiny",
-                "--data-dir", str(tmp_path / "data")])  # fmt: skip
+    study.main(
+        [
+            "--render",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "runs"),
+            "--base",
+            "tiny",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ]
+    )
     assert out.with_suffix(".md").read_text() == table
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == rows

@@ -163,8 +163,9 @@ def test_context_exit_cache_holds_context_layer_keys_at_every_verified_position(
     tokens_bp, lens_b, max_new_b = (jnp.asarray(a) for a in (req.tokens_bp, req.prompt_lens_b, req.max_new_b))
     cache, logits, hiddens = decoding.prefill(CFG, params, tokens_bp, lens_b, req.cache_len, segments)
     greedy = SamplingConfig()
-    state = eesd.eesd_init(CFG, ecfg, params, ep, cache, hiddens, logits, max_new_b, jax.random.key(0), greedy,
-                           (EOS,), req.max_new)  # fmt: skip
+    state = eesd.eesd_init(
+        CFG, ecfg, params, ep, cache, hiddens, logits, max_new_b, jax.random.key(0), greedy, (EOS,), req.max_new
+    )
     state = eesd.eesd_decode(CFG, ecfg, params, segments, ep, state, greedy, (EOS,), jnp.int32(1000))
     assert int(state.accepted.sum()) > 0 and int((state.drafted - state.accepted).sum()) > 0  # Both kinds of slot.
     block = jax.tree.map(lambda w: w[0], ep["block"])
@@ -216,8 +217,9 @@ def test_fused_exit_drafts_what_training_computes(params, exit_layer, context_la
     tokens_bp, lens_b, max_new_b = (jnp.asarray(a) for a in (req.tokens_bp, req.prompt_lens_b, req.max_new_b))
     for rounds in (0, 3):
         cache, logits, hiddens = decoding.prefill(CFG, params, tokens_bp, lens_b, req.cache_len, segments)
-        state = eesd.eesd_init(CFG, ecfg, params, ep, cache, hiddens, logits, max_new_b, jax.random.key(0), sc, (),
-                               req.max_new)  # fmt: skip
+        state = eesd.eesd_init(
+            CFG, ecfg, params, ep, cache, hiddens, logits, max_new_b, jax.random.key(0), sc, (), req.max_new
+        )
         state = eesd.eesd_decode(CFG, ecfg, params, segments, ep, state, sc, (), jnp.int32(rounds))
         d = eesd._draft(CFG, ecfg, sc, params, segments[0], ep, state)
         assert (np.asarray(d.n_draft) == K).all()

@@ -32,8 +32,22 @@ def test_fitted_gate_ships_beside_the_exit_and_is_used_for_it(fit_gate, tiny_exi
     exit_path = tmp_path / pathlib.Path(tiny_exit).name
     shutil.copy(tiny_exit, exit_path)
     out = tmp_path / "fit.json"
-    argv = ["--config", "tiny", "--exit", str(exit_path), "--n", "4", "--max-new-tokens", "16", "--max-draft", "3",
-            "--max-prompt-tokens", "96", "--out", str(out)]  # fmt: skip
+    argv = [
+        "--config",
+        "tiny",
+        "--exit",
+        str(exit_path),
+        "--n",
+        "4",
+        "--max-new-tokens",
+        "16",
+        "--max-draft",
+        "3",
+        "--max-prompt-tokens",
+        "96",
+        "--out",
+        str(out),
+    ]
     result = fit_gate.main(argv)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     weights = gate.load_fitted(exit_path)

@@ -408,8 +408,9 @@ def test_hf_folder_loads_straight_onto_a_mesh(hf_models):
 
     folders = [str(hf_models("qwen2", shards=2)[1]), str(hf_models("llama_gqa_tied")[1])]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", MESH_LOAD, *folders], env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", MESH_LOAD, *folders], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(results) == 6

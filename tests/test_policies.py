@@ -27,8 +27,15 @@ def test_every_policy_keeps_the_contract(kind):
     B = 3
     state = control.init(cfg, B)
     assert all(leaf.shape[0] == B for leaf in jax.tree.leaves(state))
-    f = feats([0.2, 0.6, 0.95], step=1, max_draft=J, entropy=[3.0, 1.0, 0.1], margin=[0.05, 0.4, 0.9],
-              cosine=[0.5, 0.9, 0.99], round_probs=np.full((B, J), 0.5))  # fmt: skip
+    f = feats(
+        [0.2, 0.6, 0.95],
+        step=1,
+        max_draft=J,
+        entropy=[3.0, 1.0, 0.1],
+        margin=[0.05, 0.4, 0.9],
+        cosine=[0.5, 0.9, 0.99],
+        round_probs=np.full((B, J), 0.5),
+    )
 
     def loop(state, key):  # As the engine calls it: inside lax.while_loop.
         body = lambda c: (c[0] + 1, control.decide(cfg, state, f, jax.random.fold_in(key, c[0])))

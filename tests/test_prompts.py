@@ -12,14 +12,17 @@ from eesd_jax import cli, engine, prompts
 HAS_ARROW = importlib.util.find_spec("pyarrow") is not None
 
 SHAREGPT = [
-    {"id": "a", "conversations": [
-        {"from": "system", "value": "Be brief."},
-        {"from": "human", "value": "Name a river."},
-        {"from": "gpt", "value": "The Nile."},
-        {"from": "human", "value": "How long is it?"},
-    ]},
+    {
+        "id": "a",
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Name a river."},
+            {"from": "gpt", "value": "The Nile."},
+            {"from": "human", "value": "How long is it?"},
+        ],
+    },
     {"id": "b", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
-]  # fmt: skip
+]
 
 
 def test_sharegpt_json_gives_every_user_turn_with_earlier_turns_as_context(tmp_path):
@@ -37,8 +40,16 @@ def test_sharegpt_json_gives_every_user_turn_with_earlier_turns_as_context(tmp_p
 
 
 def test_a_conversations_turns_share_its_split(tmp_path):
-    talks = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"},
-                           {"role": "user", "content": f"r{i}"}]} for i in range(10)]  # fmt: skip
+    talks = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": f"r{i}"},
+            ]
+        }
+        for i in range(10)
+    ]
     path = tmp_path / "talks.jsonl"
     path.write_text("".join(json.dumps(t) + "\n" for t in talks))
     held = prompts.load_prompts(str(path), "heldout")
@@ -105,11 +116,14 @@ def test_bench_encodes_a_sharegpt_files_context(tmp_path, monkeypatch):
         ("p.csv", "prompt\nhi\n", r"p\.csv: unknown prompt file format '\.csv'; expected \.jsonl, \.json"),
         ("p.json", '{"prompt": "hi"}', r"p\.json: expected a JSON list of records \(ShareGPT\), got dict"),
         ("p.json", "[1,", r"p\.json: not JSON"),
-        ("p.json", json.dumps([{"conversations": [{"from": "robot", "value": "x"}]}]),
-         r"p\.json: record 0, turn 0: expected a role"),
+        (
+            "p.json",
+            json.dumps([{"conversations": [{"from": "robot", "value": "x"}]}]),
+            r"p\.json: record 0, turn 0: expected a role",
+        ),
         ("p.jsonl", '{"text": "x"}\n', r"p\.jsonl: line 1 has no string 'prompt' field"),
     ],
-)  # fmt: skip
+)
 def test_bad_prompt_files_are_one_line_errors(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_text(content)

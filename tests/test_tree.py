@@ -72,8 +72,9 @@ def decode_state(params, ecfg, ep, prompts, max_new):
     tokens_bp, lens_b, max_new_b = (jnp.asarray(a) for a in (req.tokens_bp, req.prompt_lens_b, req.max_new_b))
     cache, logits, hiddens = decoding.prefill(CFG, params, tokens_bp, lens_b, req.cache_len, segments)
     greedy = SamplingConfig()
-    state = eesd.eesd_init(CFG, ecfg, params, ep, cache, hiddens, logits, max_new_b, jax.random.key(0), greedy,
-                           (EOS,), req.max_new)  # fmt: skip
+    state = eesd.eesd_init(
+        CFG, ecfg, params, ep, cache, hiddens, logits, max_new_b, jax.random.key(0), greedy, (EOS,), req.max_new
+    )
     return eesd.eesd_decode(CFG, ecfg, params, segments, ep, state, greedy, (EOS,), jnp.int32(1000))
 
 
@@ -197,8 +198,9 @@ def test_tree_on_a_mesh_equals_single_device_ar():
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", MESH_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["devices"] == 4 and result["equal"] and result["accepted"] > 0, result
