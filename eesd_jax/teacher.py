@@ -39,8 +39,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [1 + b % (self.vocab_size - 1) for b in text.encode("utf-8")]
 
-    def decode(self, ids) -> str:
-        return bytes((int(i) - 1) % 256 for i in ids).decode("utf-8", errors="replace")
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """The text of ids; with skip_special_tokens, without EOS (id 0), as transformers' tokenizers do."""
+        ids = [int(i) for i in ids if not (skip_special_tokens and int(i) == 0)]
+        return bytes((i - 1) % 256 for i in ids).decode("utf-8", errors="replace")
 
 
 @dataclasses.dataclass(frozen=True)

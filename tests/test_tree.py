@@ -197,7 +197,8 @@ def test_tree_on_a_mesh_equals_single_device_ar():
     """Per-row trees with rows over 'data' and heads over 'model' (4 fake devices) give AR's tokens."""
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    # tests/ too: test_eesd imports its helpers module as pytest does.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), str(root / "tests"), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-c", MESH_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600
     )
