@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import eesd, exits, generate, model, outcomes, provenance, sharding
+from eesd_jax import eesd, exits, generate, model, outcomes, provenance, shapes, sharding
 from eesd_jax.kv_cache import init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.sampling import SamplingConfig
@@ -52,47 +52,7 @@ EXACTNESS_POLICY = (
 )
 
 # Real model shapes for benchmarks on random weights (no checkpoint needed).
-RANDOM_SHAPES = {
-    "smollm2": ModelConfig(  # SmolLM2-135M.
-        vocab_size=49152,
-        d_model=576,
-        n_layers=30,
-        n_heads=9,
-        n_kv_heads=3,
-        head_dim=64,
-        ffn_dim=1536,
-        rope_theta=100000.0,
-        tie_embeddings=True,
-        max_seq_len=8192,
-        name="random-smollm2",
-    ),
-    "1b": ModelConfig(  # LLaMA-3.2-1B.
-        vocab_size=128256,
-        d_model=2048,
-        n_layers=16,
-        n_heads=32,
-        n_kv_heads=8,
-        head_dim=64,
-        ffn_dim=8192,
-        rope_theta=500000.0,
-        tie_embeddings=True,
-        max_seq_len=8192,
-        name="random-1b",
-    ),
-    "8b": ModelConfig(  # LLaMA-3-8B.
-        vocab_size=128256,
-        d_model=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        head_dim=128,
-        ffn_dim=14336,
-        rope_theta=500000.0,
-        tie_embeddings=False,
-        max_seq_len=8192,
-        name="random-8b",
-    ),
-}
+RANDOM_SHAPES = {key: ModelConfig(**shapes.SHAPES[key], name=f"random-{key}") for key in ("smollm2", "1b", "8b")}
 
 
 def param_bytes(cfg: ModelConfig) -> int:

@@ -106,7 +106,7 @@ def _stack_hf_layers(cfg: ModelConfig, get) -> Params:
 _IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _expected_shape(cfg: ModelConfig, key: str) -> tuple[int, ...]:
+def hf_tensor_shape(cfg: ModelConfig, key: str) -> tuple[int, ...]:
     """The (out, in) shape of an HF-named tensor under cfg."""
     D, F, V = cfg.d_model, cfg.ffn_dim, cfg.vocab_size
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
@@ -139,7 +139,7 @@ def check_tensor_set(source: str, cfg: ModelConfig, shapes: dict[str, tuple[int,
     for key in needed:
         if key not in shapes:
             raise CheckpointError(f"{source}: tensor {key!r} is missing")
-        shape, expected = tuple(shapes[key]), _expected_shape(cfg, key)
+        shape, expected = tuple(shapes[key]), hf_tensor_shape(cfg, key)
         if shape != expected:
             raise CheckpointError(f"{source}: tensor {key!r} has shape {shape}, the config implies {expected}")
     used = set(needed)

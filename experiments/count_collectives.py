@@ -36,24 +36,12 @@ import os
 import re
 import sys
 
+from eesd_jax import shapes  # Likewise.
 from eesd_jax.configs import _pod  # Shapes only: imports no jax (XLA_FLAGS are set before that).
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
-# SmolLM2-135M: 30 layers, d 576, 9 heads / 3 kv heads x 64, ffn 1536, vocab 49152, tied.
-SMOLLM2 = dict(
-    vocab_size=49152,
-    d_model=576,
-    n_layers=30,
-    n_heads=9,
-    n_kv_heads=3,
-    head_dim=64,
-    ffn_dim=1536,
-    rope_theta=100000.0,
-    tie_embeddings=True,
-    max_seq_len=8192,
-    name="smollm2-shapes",
-)
+SMOLLM2 = {**shapes.SHAPES["smollm2"], "name": "smollm2-shapes"}
 CONFIGS = {
     "smollm2": SMOLLM2,
     # Same width, ffn, vocab and depth, but 16 heads / 8 kv heads x 36 so model=8 splits attention too.

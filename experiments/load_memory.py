@@ -28,18 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-SHAPES = {  # LLaMA-3.2-1B.
-    "1b": dict(
-        vocab_size=128256,
-        hidden_size=2048,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        intermediate_size=8192,
-        tie_word_embeddings=True,
-    ),
-}
+from eesd_jax import shapes
 
 MEASURE = """
 import json, resource, sys, time, tracemalloc
@@ -65,36 +54,31 @@ print(json.dumps(dict(method=method, mesh=mesh_spec, seconds=round(seconds, 1), 
 """
 
 
-def write_checkpoint(folder: pathlib.Path, shape: dict, layers: int) -> None:
+def write_checkpoint(folder: pathlib.Path, shape: str, layers: int) -> None:
     """Random-enough bfloat16 weights (a cheap pattern: the values do not matter for memory)."""
     import ml_dtypes
     import numpy as np
     from safetensors.numpy import save_file
 
+    from eesd_jax import loading, model
+
+    cfg = model.ModelConfig(**{**shapes.SHAPES[shape], "n_layers": layers})
     hf = {
         "model_type": "llama",
         "hidden_act": "silu",
-        "rope_theta": 500000.0,
-        "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 8192,
-        **shape,
-        "num_hidden_layers": layers,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.ffn_dim,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_eps,
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings,
     }
-    D, F, V = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
-    q, kv = hf["num_attention_heads"] * hf["head_dim"], hf["num_key_value_heads"] * hf["head_dim"]
-    per_layer = {
-        "input_layernorm.weight": (D,),
-        "post_attention_layernorm.weight": (D,),
-        "self_attn.q_proj.weight": (q, D),
-        "self_attn.k_proj.weight": (kv, D),
-        "self_attn.v_proj.weight": (kv, D),
-        "self_attn.o_proj.weight": (D, q),
-        "mlp.gate_proj.weight": (F, D),
-        "mlp.up_proj.weight": (F, D),
-        "mlp.down_proj.weight": (D, F),
-    }
-    names = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-    names.update({f"model.layers.{i}.{k}": s for i in range(layers) for k, s in per_layer.items()})
+    names = {n: loading.hf_tensor_shape(cfg, n) for _, ns in loading.hf_layout(cfg).values() for n in ns}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf))
     pattern = (np.arange(4096) % 97 / 970.0).astype(ml_dtypes.bfloat16)
@@ -109,18 +93,18 @@ def write_checkpoint(folder: pathlib.Path, shape: dict, layers: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--shape", choices=sorted(shapes.SHAPES), default="1b")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (default: all)")
     ap.add_argument("--methods", default="mesh", help="comma-separated: mesh, plain")
     ap.add_argument("--mesh", default="data=1,model=8", help="mesh over the 8 fake CPU devices")
     ap.add_argument("--dir", default=None, help="where the checkpoint is written (default: a temp dir)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
-    layers = args.layers or SHAPES[args.shape]["num_hidden_layers"]
+    layers = args.layers or shapes.SHAPES[args.shape]["n_layers"]
     root = pathlib.Path(args.dir or tempfile.gettempdir())
     folder = root / f"eesd_load_memory_{args.shape}_L{layers}"
     if not (folder / "model.safetensors.index.json").is_file():
-        write_checkpoint(folder, SHAPES[args.shape], layers)
+        write_checkpoint(folder, args.shape, layers)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     results = []
     for method in args.methods.split(","):

@@ -34,52 +34,11 @@ import dataclasses
 
 import ml_collections
 
+from eesd_jax import shapes
 from eesd_jax.configs import apply_overrides, base_config
 
-# ModelConfig fields of each model (from its config.json).
-SHAPES = {
-    "llama2-7b": dict(
-        vocab_size=32000,
-        d_model=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=32,
-        head_dim=128,
-        ffn_dim=11008,
-        rope_theta=10000.0,
-        rms_eps=1e-5,
-        max_seq_len=4096,
-        name="llama2-7b",
-    ),
-    "llama3.1-8b": dict(
-        vocab_size=128256,
-        d_model=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        head_dim=128,
-        ffn_dim=14336,
-        rope_theta=500000.0,
-        rms_eps=1e-5,
-        max_seq_len=131072,
-        rope_scaling=(8.0, 1.0, 4.0, 8192),
-        name="llama3.1-8b",
-    ),
-    "qwen2.5-7b": dict(
-        vocab_size=152064,
-        d_model=3584,
-        n_layers=28,
-        n_heads=28,
-        n_kv_heads=4,
-        head_dim=128,
-        ffn_dim=18944,
-        rope_theta=1000000.0,
-        rms_eps=1e-6,
-        qkv_bias=True,
-        max_seq_len=32768,
-        name="qwen2.5-7b",
-    ),
-}
+# The recipes' models (ModelConfig fields; eesd_jax/shapes.py).
+SHAPES = {key: {**shapes.SHAPES[key], "name": key} for key in ("llama2-7b", "llama3.1-8b", "qwen2.5-7b")}
 
 
 @dataclasses.dataclass(frozen=True)
