@@ -27,7 +27,7 @@ import numpy as np
 from eesd_jax import decoding, eesd, exits, generate, loading, losses, model, prompts, shipped
 
 KS = (1, 2, 4, 8)
-OUT = pathlib.Path(__file__).parent / "results" / "tree_ceiling.json"
+OUT = pathlib.Path(__file__).parent / "results" / "trees" / "ceiling.json"
 
 
 def ranks(cfg, params, exit_cfg, exit_params, seq: list[int], first: int) -> np.ndarray:

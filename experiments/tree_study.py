@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from eesd_jax import control, eesd, engine, exits, generate, loading, model, prompts, shipped
 
-OUT = pathlib.Path(__file__).parent / "results" / "tree_study.json"
+OUT = pathlib.Path(__file__).parent / "results" / "trees" / "study.json"
 TREES = ("4x4", "8x4", "16x4", "8x2")  # Node budget x nodes per depth.
 
 
