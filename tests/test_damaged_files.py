@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import files_under
 
-from eesd_jax import cli, engine, exits, loading, shipped
+from eesd_jax import cli, engine, exits, gguf_loading, loading, shipped
 
 # A tiny LLaMA: 1 layer, d 8, 2 heads / 1 KV head of 4, ffn 16, vocab 16. Every tensor is a multiple
 # of 32 bytes, so a GGUF file ends with tensor data (no alignment padding): every cut loses data.
@@ -106,7 +106,7 @@ def write_gguf(path):
 
 
 def loads_gguf(path):
-    loading.load_gguf(path, use_cache=False)
+    gguf_loading.load_gguf(path, use_cache=False)
 
 
 def loads_folder(path):
@@ -217,10 +217,10 @@ def test_refuses_impossible_tensor_values(tmp_path, edit, message):
 
 def test_damaged_params_cache_is_rebuilt(tmp_path, cache_dir):
     path = write_gguf(tmp_path / "m.gguf")
-    first = loading.load_gguf(path)
+    first = gguf_loading.load_gguf(path)
     (cached,) = files_under(cache_dir)
     cached.write_bytes(cached.read_bytes()[:100])
-    second = loading.load_gguf(path)
+    second = gguf_loading.load_gguf(path)
     np.testing.assert_array_equal(second.params["embed"], first.params["embed"])
     assert cached.stat().st_size > 100
 

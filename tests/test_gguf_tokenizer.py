@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import GOLDEN, REFERENCE_SOURCES, files_under
 
-from eesd_jax import gguf_tokenizer, loading
+from eesd_jax import gguf_loading, gguf_tokenizer, loading
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -189,7 +189,7 @@ def test_tokenizer_is_cached(tmp_path, cache_dir, monkeypatch):
     write_tokenizer_gguf(path, "gpt2")
     first = loading.load_tokenizer(str(path))
     (cached,) = files_under(cache_dir)
-    assert cached.name == f"{loading.sha256_file(path)}.v{loading.TOKENIZER_CACHE_FORMAT}.json"
+    assert cached.name == f"{loading.sha256_file(path)}.v{gguf_loading.TOKENIZER_CACHE_FORMAT}.json"
     loading.load_tokenizer.cache_clear()
     monkeypatch.setattr(gguf_tokenizer, "build", lambda meta: pytest.fail("rebuilt instead of read from the cache"))
     second = loading.load_tokenizer(str(path))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import files_under, full_forward, golden_smollm, random_tokens
 
-from eesd_jax import loading
+from eesd_jax import gguf_loading, loading
 
 # ----------------------------------------------------------------------------- writing GGUF like llama.cpp
 
@@ -112,14 +112,14 @@ def test_gguf_matches_hf_folder(gguf_files, cache_dir, kind):
 
 def test_gguf_params_are_cached(gguf_files, cache_dir, monkeypatch):
     _, path = gguf_files["llama_gqa"]
-    first = loading.load_gguf(path)
+    first = gguf_loading.load_gguf(path)
     cached = cache_dir / "params" / f"{loading.sha256_file(path)}.safetensors"
     assert files_under(cache_dir) == [cached]
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("the second load converted the GGUF file again instead of reading the cache")
 
-    monkeypatch.setattr(loading, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(gguf_loading, "_convert_gguf", no_conversion)
     second = loading.load_model(path)
     assert second.cfg == first.cfg
     assert second.fingerprint == first.fingerprint
@@ -130,7 +130,7 @@ def test_gguf_params_are_cached(gguf_files, cache_dir, monkeypatch):
 
 def test_gguf_without_cache_writes_nothing(gguf_files, cache_dir):
     _, path = gguf_files["llama_gqa"]
-    loaded = loading.load_gguf(path, use_cache=False)
+    loaded = gguf_loading.load_gguf(path, use_cache=False)
     assert loaded.cfg.n_layers > 0
     assert files_under(cache_dir) == []
 
