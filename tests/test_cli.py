@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from eesd_jax import cli, control, engine, exits
+from eesd_jax import cli, cli_args, control, engine, exits
 
 
 @pytest.mark.parametrize(
@@ -45,7 +45,7 @@ def test_controller_knobs_reach_the_engine(tiny):
     session = engine.Session(types.SimpleNamespace(cfg=cfg, fingerprint="tiny"), params, None, 0.0)
     spec = "calibration-ts:break_even=0.3,n_bins=4"
     args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--exit-layer", "1", "--controller", spec])
-    cli.validate_eesd(args)
+    cli_args.validate_eesd(args)
     ecfg = cli.engine_from_args(session, args).ecfg
     assert ecfg.controller == control.ControllerConfig("calibration-ts", break_even=0.3, n_bins=4)
 

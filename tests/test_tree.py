@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import fast_first
 
-from eesd_jax import cli, control, decoding, eesd, engine, exits, generate, model, tree
+from eesd_jax import cli, cli_args, control, decoding, eesd, engine, exits, generate, model, tree
 from eesd_jax.sampling import SamplingConfig
 from tests import test_eesd_sampling as sampling_tests
 from tests.test_eesd import CFG, EOS, make_prompts, perturbed_exit
@@ -164,7 +164,7 @@ def test_tree_sampling_test_fails_without_the_residual(s_params, monkeypatch):
 def test_cli_tree_reaches_the_engine(params):
     session = engine.Session(types.SimpleNamespace(cfg=CFG, fingerprint="tiny"), params, None, 0.0)
     args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--exit-layer", "1", "--tree", "8"])
-    cli.validate_eesd(args)
+    cli_args.validate_eesd(args)
     assert cli.engine_from_args(session, args).ecfg.tree == 8
 
 

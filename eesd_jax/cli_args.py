@@ -1,0 +1,151 @@
+"""The `eesd` command's shared option groups (`add_*_args`) and their checks (`validate_*`).
+
+Each check runs before any model is loaded and raises UsageError (exit code 2 in cli.main).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class UsageError(ValueError):
+    """Bad command-line input, detected before any model is loaded."""
+
+
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="data=D,model=M",
+        help="shard over a device mesh: rows over 'data', tensor parallel over 'model' (default: one device)",
+    )
+
+
+def validate_mesh(args) -> None:
+    if args.mesh is not None:
+        from eesd_jax import sharding
+
+        try:
+            sharding.parse_mesh(args.mesh)
+        except ValueError as e:
+            raise UsageError(f"--mesh: {e}") from None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH",
+        help="Hugging Face folder (config.json + safetensors) or .gguf file; default: bundled SmolLM2-135M-Instruct",
+    )
+    add_dtype_args(p)
+
+
+def add_dtype_args(p: argparse.ArgumentParser, default: str | None = "float32") -> None:
+    """--dtype; default None: the config's model.dtype (distill, eval-exit)."""
+    from eesd_jax.model import DTYPES
+
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=default,
+        help="params, activations and KV caches (logits and acceptance stay float32); "
+        f"default {default or 'the config model.dtype, float32'}, bfloat16 on GPU/TPU",
+    )
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens; 0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass; 1.0 = off")
+    g.add_argument("--seed", type=int, default=0, metavar="S", help="PRNG seed for sampling (default 0)")
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt; '-' reads it from stdin")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap the prompt in the tokenizer's chat template (default: on when the tokenizer has one)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        metavar="N",
+        help=f"generate at most N tokens (default {DEFAULT_MAX_NEW_TOKENS}); stops earlier at EOS",
+    )
+
+
+def add_eesd_args(p: argparse.ArgumentParser) -> None:
+    from eesd_jax import control
+
+    g = p.add_argument_group("EESD")
+    g.add_argument(
+        "--exit",
+        default=None,
+        metavar="PATH",
+        help="trained exit (.safetensors); default: the shipped exit for the bundled model, "
+        "else an untrained exit (correct but slow)",
+    )
+    g.add_argument(
+        "--exit-layer",
+        type=int,
+        default=None,
+        metavar="N",
+        help="exit after the first N layers: the best shipped exit there (or --exit's, which must match), "
+        "else an untrained one; default: the best shipped exit's N, or L/4 untrained",
+    )
+    g.add_argument(
+        "--controller",
+        default=control.ControllerConfig.kind,
+        metavar="KIND[:KNOB=V,...]",
+        help=f"draft-stop policy and its knobs, e.g. confidence:threshold=0.4 ({', '.join(control.KINDS)}; "
+        f"default {control.ControllerConfig.kind})",
+    )
+    g.add_argument("--max-draft", type=int, default=6, metavar="J", help="draft tokens per round at most (default 6)")
+    g.add_argument(
+        "--tree",
+        type=int,
+        default=0,
+        metavar="N",
+        help="draft a tree of N nodes per round, 4 per depth (a multiple of 4; replaces --max-draft and "
+        "--controller); 0 = a chain (default)",
+    )
+
+
+def validate_eesd(args) -> None:
+    from eesd_jax import control, eesd
+
+    try:
+        control.from_spec(args.controller)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--controller {args.controller}: {e}") from None
+    if args.max_draft < 1:
+        raise UsageError(f"--max-draft must be >= 1, got {args.max_draft}")
+    if args.tree < 0 or args.tree % eesd.EESDConfig.tree_width:
+        raise UsageError(f"--tree must be 0 or a positive multiple of {eesd.EESDConfig.tree_width}, got {args.tree}")
+    if args.exit_layer is not None and args.exit_layer < 1:
+        raise UsageError(f"--exit-layer must be >= 1, got {args.exit_layer}")
+    validate_exit_file(args)
+
+
+def validate_exit_file(args) -> None:
+    """--exit names a whole safetensors file (a truncated one is reported here, before the model loads)."""
+    from eesd_jax import loading
+
+    if args.exit is not None:
+        if not pathlib.Path(args.exit).is_file():
+            raise UsageError(f"--exit {args.exit}: no such file")
+        loading.check_safetensors(args.exit)
+
+
+def sampling_config(args):
+    from eesd_jax.sampling import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
