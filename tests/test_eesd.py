@@ -137,6 +137,7 @@ def test_fused_exit_greedy_eesd_equals_ar(params, ar_outputs, kind, exit_layer, 
     assert any(0 < acc < drafted for acc, drafted in stats), stats  # Accepted and rejected drafts both occur.
 
 
+@pytest.mark.slow
 def test_untrained_fused_exit_drafts_like_the_unfused_one(params):
     """Zero weights on the fused states: the same drafts, the same draft features, round by round."""
 
@@ -198,6 +199,7 @@ def test_context_exit_drafts_what_training_computes(params):
         np.testing.assert_allclose(np.asarray(draft[0, -1]), np.asarray(train_logits[b, t]), atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exit_layer,context_layer,fuse_layers", [(2, 0, (4,)), (1, 3, (1, 2, 4))])
 def test_fused_exit_drafts_what_training_computes(params, exit_layer, context_layer, fuse_layers):
     """After some rounds of decoding, the next round's draft log-probs equal losses.exit_train_logits' over

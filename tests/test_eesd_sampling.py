@@ -123,6 +123,7 @@ def test_eesd_sampling_with_a_context_exit(params):
     assert chi_square_p(eesd_counts(params, sc, ecfg), exact_distribution(params, sc)) > P_VALUE
 
 
+@pytest.mark.slow
 def test_eesd_sampling_with_a_fused_exit(params):
     """An exit fusing the previous position's final and layer-2 states (ExitConfig.fuse_layers) keeps the
     distribution; its fusion weights are nonzero, so the drafts really read them."""
@@ -141,6 +142,7 @@ def always_accept(key, draft_bj, n_draft_b, draft_logp_bjv, target_logits_bjv, c
     return n_draft_b, nxt.astype(jnp.int32).reshape(B)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sc", SAMPLING[:1], ids=["t1.0"])
 def test_mutated_acceptance_rule_is_caught(params, sc, monkeypatch):
     """The losslessness test must fail when the acceptance rule is wrong."""

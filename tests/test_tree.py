@@ -59,6 +59,7 @@ def test_greedy_tree_with_context_exit_equals_ar(params, ar_outputs):
     assert out.stats["accepted"] > 0
 
 
+@pytest.mark.slow
 def test_wider_trees_accept_more_than_chains(params):
     """A tree holding the chain's nodes and more accepts at least as many tokens per round (here: more)."""
     chain = tree_run(params, 3, 2, 4, 1).stats["mean_accepted_per_round"]
@@ -140,7 +141,8 @@ def s_params():
     return model.init_params(S_CFG, jax.random.key(42), scale=0.35)
 
 
-@pytest.mark.parametrize("n_nodes,width", fast_first([(4, 2), (6, 3)]))
+@pytest.mark.slow
+@pytest.mark.parametrize("n_nodes,width", [(4, 2), (6, 3)])
 def test_tree_sampling_has_ar_distribution(s_params, n_nodes, width):
     ecfg = eesd.EESDConfig(1, 4, FIXED, tree=n_nodes, tree_width=width)
     counts = tree_counts(s_params, ecfg)
@@ -148,6 +150,7 @@ def test_tree_sampling_has_ar_distribution(s_params, n_nodes, width):
     assert p > sampling_tests.P_VALUE, p
 
 
+@pytest.mark.slow
 def test_tree_sampling_test_fails_without_the_residual(s_params, monkeypatch):
     """The mutation: a rejected sibling keeps its mass (no zeroing, no renormalizing) -> chi-square fails."""
     monkeypatch.setattr(tree, "reject", lambda r, c: r)
