@@ -79,6 +79,7 @@ def measure(lm, exit_path: pathlib.Path, data_dir: str, val_every: int, round_le
         "exit": str(exit_path),
         "N": exit_cfg.layer,
         "context_layer": exit_cfg.context_layer,
+        "fuse_layers": list(exit_cfg.fuse_layers),
         "draft_vocab": exit_cfg.draft_vocab,
         "val_first_draft_top1": first["top1"],
         "val_kl": first["kl"],
@@ -178,14 +179,15 @@ def _num(x) -> str:
 
 def table(rows: dict) -> str:
     head = (
-        "| variant | N | context | source | trained positions | val first-draft top-1 (best) "
+        "| variant | N | context | fused | source | trained positions | val first-draft top-1 (best) "
         "| by draft position 1..K | draft-vocab coverage | val KL | data dir made in s (responses / text) | train s |"
     )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for name, r in rows.items():
         pos = " / ".join(f"{x:.2f}" for x in r["val_top1_by_draft_position"])
         lines.append(
-            f"| {name} | {r['N']} | {r['context_layer'] or '-'} | {r.get('source', '-')} "
+            f"| {name} | {r['N']} | {r['context_layer'] or '-'} | {'+'.join(map(str, r.get('fuse_layers') or [])) or '-'} "
+            f"| {r.get('source', '-')} "
             f"| {r.get('trained_positions', '-')} | {r['val_first_draft_top1']:.3f} ({best(r):.3f}) | {pos} "
             f"| {_num(r.get('val_draft_vocab_coverage'))} | {r['val_kl']:.3f} "
             f"| {' / '.join(str(v) for v in r['data_seconds'].values()) if 'data_seconds' in r else '-'} "
