@@ -53,9 +53,14 @@ class EESDConfig:
     trace: bool = False
     # Draft trees (tree.py): the node budget per round (0: a chain, the default) and the nodes
     # per depth, W (each expanded node offers its top W children); depth = tree // W. The
-    # controller and max_draft do not apply: every round drafts the whole tree.
+    # controller and max_draft do not apply.
     tree: int = 0
     tree_width: int = 4
+    # > 0: the depth is chosen per round (tree.draft): depth d + 1 is grown while the exit's
+    # expected accepted drafts from it, calibrated by the row's record (EESDState.tree_calib),
+    # reach tree_stop for some row; a good value is a depth's cost in AR steps (costs.tree_round_ms).
+    # 0: every round grows all tree // tree_width depths.
+    tree_stop: float = 0.0
 
     def validate(self, cfg: ModelConfig) -> None:
         exits.ExitConfig(self.exit_layer, context_layer=self.context_layer, fuse_layers=self.fuse_layers).validate(cfg)
@@ -65,6 +70,8 @@ class EESDConfig:
             raise ValueError(f"tree must be >= 0 and tree_width >= 1, got {self.tree} and {self.tree_width}")
         if self.tree and self.tree % self.tree_width:
             raise ValueError(f"tree (node budget {self.tree}) must be a multiple of tree_width ({self.tree_width})")
+        if self.tree_stop < 0 or (self.tree_stop and not self.tree):
+            raise ValueError(f"tree_stop must be >= 0 and needs a tree (tree > 0), got {self.tree_stop}")
         if self.tree and (self.trace or self.recompute_lower):
             raise ValueError("draft trees support neither trace nor recompute_lower")
         if self.tree and self.fuse_layers:
@@ -81,6 +88,13 @@ class EESDConfig:
     def block_len(self) -> int:
         """Cache slots a round writes past the accepted length at most: the block or the tree."""
         return (self.tree or self.max_draft) + 1
+
+    @property
+    def tree_sizes(self) -> tuple[int, ...]:
+        """Tree verification sizes (nodes + root): every depth's with tree_stop, else the whole tree's."""
+        if not self.tree_stop:
+            return (self.tree + 1,)
+        return tuple(1 + d * self.tree_width for d in range(1, self.tree // self.tree_width + 1))
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
@@ -144,6 +158,10 @@ class EESDState:
     # [B, F, D] the LLM's states after the fuse layers at the position before `last` (verified),
     # what a fused exit's first draft of the next round reads; None without fuse layers.
     fuse_prev: jax.Array | None = None
+    # [B, 2] float32 with an adaptive tree (EESDConfig.tree_stop), else None: per row, the draft
+    # tokens accepted and the exit's predicted accepted drafts (tree.draft) summed over its rounds;
+    # their posterior ratio (tree.calibration) scales the exit's probabilities in the depth stop.
+    tree_calib: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -240,6 +258,7 @@ def eesd_init(
         if ecfg.trace
         else None,
         fuse_prev=fuse_prev,
+        tree_calib=jnp.zeros((B, 2), jnp.float32) if ecfg.tree_stop else None,
     )
 
 
@@ -437,14 +456,17 @@ def eesd_decode(
         )
 
     def tree_round(s: EESDState) -> EESDState:
-        pos0 = s.cache.lengths
-        t = tree.draft(cfg, ecfg, params, lower, exit_params, s.last, pos0, s.cache, s.exit_cache)
-        logits, cache, context_bnd = tree.verify(cfg, ecfg, params, segments, t, pos0)
+        pos0, live = s.cache.lengths, ~s.done
+        scale = None if s.tree_calib is None else tree.calibration(*s.tree_calib.T) * live
+        t, n_depth, predicted = tree.draft(
+            cfg, ecfg, params, lower, exit_params, s.last, pos0, s.cache, s.exit_cache, scale
+        )
+        logits, cache, context_bnd = tree.verify(cfg, ecfg, params, segments, t, pos0, n_depth)
         key, k_acc = jax.random.split(s.key)
         if sampling_cfg.greedy:
-            n_acc, nxt, path = tree.accept_greedy(t, logits, ecfg.tree_width)
+            n_acc, nxt, path = tree.accept_greedy(t, logits, ecfg.tree_width, n_depth)
         else:
-            n_acc, nxt, path = tree.accept_sampled(k_acc, t, logits, ecfg.tree_width, sampling_cfg)
+            n_acc, nxt, path = tree.accept_sampled(k_acc, t, logits, ecfg.tree_width, n_depth, sampling_cfg)
         cache, exit_cache = tree.compact(cache, pos0, path), tree.compact(t.exit_cache, pos0, path)
         if ecfg.context_layer:  # As for a chain: the accepted path's context-layer states, now contiguous.
             context = jnp.take_along_axis(context_bnd, path[..., None], 1)
@@ -452,7 +474,12 @@ def eesd_decode(
         drafts = jnp.take_along_axis(t.tokens, path[:, 1:], 1)
         new_bj = jnp.where(jnp.arange(R)[None] < n_acc[:, None], drafts, nxt[:, None])
         new_bj = jnp.concatenate([new_bj, nxt[:, None]], 1)
-        return _advance(s, eos_ids, new_bj, n_acc, cache, exit_cache, key, jnp.full_like(n_acc, ecfg.tree))
+        new = _advance(
+            s, eos_ids, new_bj, n_acc, cache, exit_cache, key, jnp.full_like(n_acc, n_depth * ecfg.tree_width)
+        )
+        if s.tree_calib is None:
+            return new
+        return new.replace(tree_calib=s.tree_calib + jnp.stack([n_acc, predicted], -1) * live[:, None])
 
     stop_at = state.steps + max_steps
     body = tree_round if ecfg.tree else round_

@@ -24,6 +24,8 @@ import numpy as np
 from eesd_jax import exits, model, sampling
 from eesd_jax.kv_cache import KVCache
 
+PRIOR = 4.0  # Pseudo-drafts of the calibration's prior (`calibration`): a few rounds' worth.
+
 
 @flax.struct.dataclass
 class Tree:
@@ -68,20 +70,26 @@ def _run_nodes(cfg, params, lower, exit_params, t: Tree, idx_w, pos0_b, depth, w
     return t, top_logp, top
 
 
-def _expand(top_logp: jax.Array, top_ids: jax.Array, cum_bw: jax.Array, frontier_bw: jax.Array):
-    """The W best children of the frontier nodes: (tokens, parents, cumulative log-probs), each [B, W].
+def _expand(top_logp: jax.Array, top_ids: jax.Array, cum_bf: jax.Array, frontier_bf: jax.Array, width: int):
+    """The `width` best children of the F frontier nodes: (tokens, parents, cumulative log-probs), each [B, width].
 
-    top_logp, top_ids: [B, W, W] each frontier node's W likeliest children (`_run_nodes`)."""
-    B, W, _ = top_logp.shape
-    cum, pick = jax.lax.top_k((cum_bw[..., None] + top_logp).reshape(B, W * W), W)
-    tokens = jnp.take_along_axis(top_ids.reshape(B, W * W), pick, 1).astype(jnp.int32)
-    return tokens, jnp.take_along_axis(frontier_bw, pick // W, 1), cum
+    top_logp, top_ids: [B, F, K] each frontier node's K likeliest children (`_run_nodes`)."""
+    B, F, K = top_logp.shape
+    cum, pick = jax.lax.top_k((cum_bf[..., None] + top_logp).reshape(B, F * K), width)
+    tokens = jnp.take_along_axis(top_ids.reshape(B, F * K), pick, 1).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(frontier_bf, pick // K, 1), cum
 
 
-def draft(cfg, ecfg, params, lower, exit_params, last_b, pos0_b, cache: KVCache, exit_cache: KVCache) -> Tree:
-    """Grow the round's tree depth by depth from the root last_b at positions pos0_b."""
+def draft(cfg, ecfg, params, lower, exit_params, last_b, pos0_b, cache: KVCache, exit_cache: KVCache, scale_b=None):
+    """Grow the round's tree depth by depth from the root last_b at positions pos0_b.
+
+    With ecfg.tree_stop > 0 depth d + 1 is grown only while some row's expected gain from it,
+    scale_b [B] x the summed cumulative exit probability of its W nodes, is >= tree_stop (depth
+    1 always). Returns (tree, n_depth [] depths grown, predicted [B] the exit's expected accepted
+    drafts: the grown nodes' cumulative probabilities summed, see `calibration`).
+    """
     B, W, n = last_b.shape[0], ecfg.tree_width, ecfg.tree
-    n1 = n + 1
+    n1, R = n + 1, n // W
     t = Tree(
         tokens=jnp.zeros((B, n1), jnp.int32).at[:, 0].set(last_b),
         parent=jnp.zeros((B, n1), jnp.int32),
@@ -90,14 +98,12 @@ def draft(cfg, ecfg, params, lower, exit_params, last_b, pos0_b, cache: KVCache,
         cache=cache,
         exit_cache=exit_cache,
     )
-    t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, jnp.zeros((1,), jnp.int32), pos0_b, 0, W)
-    # The root as a frontier of W: its copies past the first have -inf cumulative log-prob.
-    cum = jnp.where(jnp.arange(W)[None] == 0, 0.0, -jnp.inf) * jnp.ones((B, 1))
-    carry = (t, *(jnp.broadcast_to(a, (B, W, W)) for a in (top_logp, top_ids)), cum, jnp.zeros((B, W), jnp.int32))
+    root = jnp.zeros((1,), jnp.int32)
+    t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, root, pos0_b, 0, W)
+    nxt = _expand(top_logp, top_ids, jnp.zeros((B, 1)), jnp.zeros((B, 1), jnp.int32), W)
 
-    def depth_step(d, carry):
-        t, top_logp, top_ids, cum, frontier = carry
-        tokens, parent, cum = _expand(top_logp, top_ids, cum, frontier)
+    def grow(carry):
+        d, t, (tokens, parent, cum), predicted, _ = carry
         idx_w = 1 + (d - 1) * W + jnp.arange(W)
         own = jax.nn.one_hot(idx_w, n1, dtype=bool)[None]
         anc = jnp.take_along_axis(t.ancestors, parent[..., None], 1) | own
@@ -109,26 +115,53 @@ def draft(cfg, ecfg, params, lower, exit_params, last_b, pos0_b, cache: KVCache,
         # The deepest nodes' exit output is unused but their exit cache slots are needed (a fully
         # accepted path is the next round's context).
         t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, idx_w, pos0_b, d, W)
-        return t, top_logp, top_ids, cum, jnp.broadcast_to(idx_w, (B, W))
+        nxt = _expand(top_logp, top_ids, cum, jnp.broadcast_to(idx_w, (B, W)), W)
+        gain_b = jnp.sum(jnp.exp(nxt[2]), -1)  # Depth d + 1's nodes lie on disjoint paths: P(one is accepted).
+        go = (d < R) & (not ecfg.tree_stop or (scale_b * gain_b >= ecfg.tree_stop).any())
+        return d + 1, t, nxt, predicted + jnp.sum(jnp.exp(cum), -1), go
 
-    return jax.lax.fori_loop(1, n // W + 1, depth_step, carry)[0]
+    carry = (jnp.int32(1), t, nxt, jnp.zeros((B,), jnp.float32), jnp.bool_(True))
+    d, t, _, predicted, _ = jax.lax.while_loop(lambda c: c[-1], grow, carry)
+    return t, d - 1, predicted
 
 
-def verify(cfg, ecfg, params, segments, t: Tree, pos0_b):
-    """Layers [N, L) over every node in one pass: ([B, n1, V] logits, cache, [B, n1, D] context-layer states or None).
+def calibration(accepted_b: jax.Array, predicted_b: jax.Array) -> jax.Array:
+    """[B] the posterior mean of how far the exit's predicted accepted drafts over- or undershoot.
 
-    The nodes' keys/values are written at their slots after the pass (model.block_readonly).
+    With accepted ~ Poisson(s x predicted) and a Gamma(PRIOR, PRIOR) prior on s (mean 1):
+    s = (PRIOR + accepted) / (PRIOR + predicted), the running totals of EESDState.tree_calib.
     """
-    n1 = ecfg.tree + 1
+    return (PRIOR + accepted_b) / (PRIOR + predicted_b)
+
+
+def verify(cfg, ecfg, params, segments, t: Tree, pos0_b, n_depth):
+    """Layers [N, L) over the nodes of the n_depth depths grown, in one pass: ([B, n1, V] logits,
+    cache, [B, n1, D] context-layer states or None), padded past the grown nodes.
+
+    The pass runs over the smallest of ecfg.tree_sizes holding the grown nodes (lax.switch; the
+    branches only read the cache, whose keys/values are written after it, as the chain's _verify).
+    """
+    n1, sizes = ecfg.tree + 1, ecfg.tree_sizes
     positions = pos0_b[:, None] + jnp.asarray(depths(ecfg.tree, ecfg.tree_width))[None]
-    x, first, ks, vs, cuts = t.hidden, ecfg.exit_layer, [], [], []
-    for layers in segments[1:]:
-        x, k, v = model.run_layers_readonly(cfg, layers, x, positions, t.cache, first, t.ancestors)
-        first, ks, vs, cuts = first + model.num_layers(layers), ks + [k], vs + [v], cuts + [x]
-    logits = model.lm_head(params, model.final_norm(params, cfg, x))
-    slots = pos0_b[:, None] + jnp.arange(n1)[None]
-    cache = model.write_layers(t.cache, ecfg.exit_layer, jnp.concatenate(ks), jnp.concatenate(vs), slots)
-    return logits, cache, (cuts[0] if len(cuts) > 1 else None)
+
+    def branch(size):
+        def run(hidden, ancestors, cache):
+            x, first, ks, vs, cuts = hidden[:, :size], ecfg.exit_layer, [], [], []
+            for layers in segments[1:]:
+                mask = ancestors[:, :size, :size]
+                x, k, v = model.run_layers_readonly(cfg, layers, x, positions[:, :size], cache, first, mask)
+                first, ks, vs, cuts = first + model.num_layers(layers), ks + [k], vs + [v], cuts + [x]
+            logits = model.lm_head(params, model.final_norm(params, cfg, x))
+            pad = lambda a, axis: jnp.pad(a, [(0, n1 - size if i == axis else 0) for i in range(a.ndim)])  # noqa: E731
+            context = pad(cuts[0], 1) if len(cuts) > 1 else None
+            return pad(logits, 1), pad(jnp.concatenate(ks), 2), pad(jnp.concatenate(vs), 2), context
+
+        return run
+
+    which = jnp.sum(jnp.asarray(sizes) < 1 + n_depth * ecfg.tree_width)
+    logits, k, v, context = jax.lax.switch(which, [branch(n) for n in sizes], t.hidden, t.ancestors, t.cache)
+    slots = pos0_b[:, None] + jnp.arange(n1)[None]  # Slots past the grown nodes: stale, past every length.
+    return logits, model.write_layers(t.cache, ecfg.exit_layer, k, v, slots), context
 
 
 def _children(t: Tree, d: int, W: int):
@@ -137,8 +170,8 @@ def _children(t: Tree, d: int, W: int):
     return idx, t.tokens[:, idx], t.parent[:, idx]
 
 
-def accept_greedy(t: Tree, logits_bnv: jax.Array, width: int):
-    """Walk from the root taking the child equal to the LLM's argmax.
+def accept_greedy(t: Tree, logits_bnv: jax.Array, width: int, n_depth):
+    """Walk from the root through the n_depth depths grown, taking the child equal to the LLM's argmax.
 
     Returns (n_accepted [B], next token [B], path [B, R + 1] of node indices: the root, the
     accepted nodes, then the last one repeated).
@@ -149,7 +182,7 @@ def accept_greedy(t: Tree, logits_bnv: jax.Array, width: int):
     for d in range(1, R + 1):
         idx, tokens, parent = _children(t, d, width)
         want = jnp.take_along_axis(target, cur[:, None], 1)
-        match = (parent == cur[:, None]) & (tokens == want) & (n_acc == d - 1)[:, None]
+        match = (parent == cur[:, None]) & (tokens == want) & ((n_acc == d - 1) & (d <= n_depth))[:, None]
         hit = match.any(-1)
         cur = jnp.where(hit, jnp.asarray(idx)[jnp.argmax(match, -1)], cur)
         n_acc, path = n_acc + hit, path + [cur]
@@ -163,8 +196,8 @@ def reject(r_bv: jax.Array, c_b: jax.Array) -> jax.Array:
     return jnp.where(total > 0, left / jnp.where(total > 0, total, 1.0), r_bv)
 
 
-def accept_sampled(key, t: Tree, logits_bnv: jax.Array, width: int, cfg: sampling.SamplingConfig):
-    """Walk from the root, trying each node's children in order as point masses.
+def accept_sampled(key, t: Tree, logits_bnv: jax.Array, width: int, n_depth, cfg: sampling.SamplingConfig):
+    """Walk from the root through the n_depth depths grown, trying each node's children in order as point masses.
 
     At a node with the LLM's warped distribution p, child c is accepted with probability r(c),
     r = p at first; on rejection r <- `reject`(r, c) and the next child is tried; if none is
@@ -180,7 +213,7 @@ def accept_sampled(key, t: Tree, logits_bnv: jax.Array, width: int, cfg: samplin
     final = p_bnv[:, 0]
     for d in range(1, R + 1):
         idx, tokens, parent = _children(t, d, width)
-        going = n_acc == d - 1
+        going = (n_acc == d - 1) & (d <= n_depth)
         r, nxt, took = p_bnv[rows, cur], cur, jnp.zeros((B,), bool)
         for i in range(width):
             c = tokens[:, i]
@@ -191,7 +224,7 @@ def accept_sampled(key, t: Tree, logits_bnv: jax.Array, width: int, cfg: samplin
             r = jnp.where((child & ~take)[:, None], reject(r, c), r)
         final = jnp.where((going & ~took)[:, None], r, final)
         cur, n_acc, path = nxt, n_acc + took, path + [nxt]
-    final = jnp.where((n_acc == R)[:, None], p_bnv[rows, cur], final)
+    final = jnp.where((n_acc == n_depth)[:, None], p_bnv[rows, cur], final)
     nxt = jax.random.categorical(keys[-1], jnp.log(final), -1).astype(jnp.int32)
     return n_acc, nxt, jnp.stack(path, 1)
 
