@@ -76,9 +76,11 @@ def render(report: dict, path: pathlib.Path) -> None:
         a.plot([r["nodes"] for r in sel], [r["tau"] for r in sel], "o-", label=f"{w} per depth")
         b.plot([r["nodes"] for r in sel], [r["speedup_vs_ar"] for r in sel], "o-", label=f"{w} per depth")
         b.plot([r["nodes"] for r in sel], [r["predicted_speedup_vs_ar"] for r in sel], "x:", label="cost model")
-    for r in (r for r in rows if r.get("tree_stop")):  # Adaptive depth: at its mean nodes per round.
-        a.plot([r["mean_nodes"]], [r["tau"]], "*", ms=12, label=f"{r['mode']} (mean nodes)")
-        b.plot([r["mean_nodes"]], [r["speedup_vs_ar"]], "*", ms=12, label=f"{r['mode']} (mean nodes)")
+    adaptive = [r for r in rows if r.get("tree_stop")]
+    for r, color in zip(adaptive, ("C3", "C4", "C5", "C6")):  # Adaptive depth: at its mean nodes per round.
+        label = f"{r['mode']} (stop {r['tree_stop']}; mean nodes)"
+        a.plot([r["mean_nodes"]], [r["tau"]], "*", ms=12, color=color, label=label)
+        b.plot([r["mean_nodes"]], [r["speedup_vs_ar"]], "*", ms=12, color=color, label=label)
     a.axhline(chain["tau"], color="k", ls="--", label="chain (shipped default)")
     b.axhline(chain["speedup_vs_ar"], color="k", ls="--", label="chain (shipped default)")
     b.axhline(1.0, color="grey", lw=0.5)
