@@ -362,6 +362,7 @@ def run(
         "max_draft": setup.ecfg.max_draft,
         "controller": setup.ecfg.controller.kind,
         "tree": setup.ecfg.tree,
+        "tree_stop": setup.ecfg.tree_stop,
         "n_prompts": len(prompts),
         "batch": batch,
         "max_new_tokens": max_new_tokens,

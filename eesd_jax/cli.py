@@ -83,10 +83,12 @@ class TextStreamer:
 
 
 def engine_from_args(session, args):
-    """engine.eesd_engine from --exit / --exit-layer / --max-draft / --controller / --tree."""
+    """engine.eesd_engine from --exit / --exit-layer / --max-draft / --controller / --tree / --tree-stop."""
     from eesd_jax import engine
 
-    return engine.eesd_engine(session, args.exit, args.exit_layer, args.max_draft, args.controller, args.tree)
+    return engine.eesd_engine(
+        session, args.exit, args.exit_layer, args.max_draft, args.controller, args.tree, args.tree_stop
+    )
 
 
 def run_mode(mode: str, session, prompt_ids: list[int], args, on_tokens: Callable | None):

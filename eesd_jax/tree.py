@@ -37,6 +37,9 @@ class Tree:
     hidden: jax.Array  # [B, n1, D] layer-N hidden state of every node.
     cache: KVCache  # LLM cache, layers [0, N) written at the node slots.
     exit_cache: KVCache  # The exit's cache, written at the node slots.
+    # [B, n1, D] a fused exit's output state at every node (its children's stand-in for the LLM's
+    # fused states, exits.ExitConfig.fuse_layers), else None.
+    exit_out: jax.Array | None = None
 
 
 def depths(n_nodes: int, width: int) -> np.ndarray:
@@ -53,20 +56,25 @@ def _visible(ancestors_btn: jax.Array, pos0_b: jax.Array, n_slots: int) -> jax.A
     return (rel_b1s < 0) | in_tree
 
 
-def _run_nodes(cfg, params, lower, exit_params, t: Tree, idx_w, pos0_b, depth, width):
+def _run_nodes(cfg, params, lower, exit_params, t: Tree, idx_w, pos0_b, depth, width, fused_bwfd=None):
     """Nodes idx_w ([W'], one depth) through layers [0, N) and the exit: (t updated, each node's `width`
-    likeliest children by the exit: log-probs and token ids [B, W', width])."""
+    likeliest children by the exit: log-probs and token ids [B, W', width]).
+
+    fused_bwfd: a fused exit's features of each node's predecessor (exits.fused_input), else None."""
     anc_bwn = t.ancestors[:, idx_w]
     positions = jnp.broadcast_to((pos0_b + depth)[:, None], anc_bwn.shape[:2])
     slots = pos0_b[:, None] + idx_w[None]
     visible = _visible(anc_bwn, pos0_b, t.cache.max_len)
     x = model.embed(params, t.tokens[:, idx_w])
     h_bwd, cache = model.run_layers(cfg, lower, x, positions, t.cache, 0, slots, visible)
-    x_bwd, exit_cache = exits.exit_hidden(cfg, exit_params, h_bwd, positions, t.exit_cache, slots, visible)
+    exit_in = h_bwd if fused_bwfd is None else exits.fused_input(h_bwd, exit_params, fused_bwfd)
+    x_bwd, exit_cache = exits.exit_hidden(cfg, exit_params, exit_in, positions, t.exit_cache, slots, visible)
     # top-k over the draft vocabulary, then its ids mapped to the LLM's (not over a scattered full vocabulary).
     top_logp, top = jax.lax.top_k(jax.nn.log_softmax(exits.draft_vocab_logits(params, exit_params, x_bwd), -1), width)
     top = exit_params["vocab"][top] if "vocab" in exit_params else top
     t = t.replace(hidden=t.hidden.at[:, idx_w].set(h_bwd), cache=cache, exit_cache=exit_cache)
+    if t.exit_out is not None:
+        t = t.replace(exit_out=t.exit_out.at[:, idx_w].set(x_bwd.astype(t.exit_out.dtype)))
     return t, top_logp, top
 
 
@@ -80,8 +88,13 @@ def _expand(top_logp: jax.Array, top_ids: jax.Array, cum_bf: jax.Array, frontier
     return tokens, jnp.take_along_axis(frontier_bf, pick // K, 1), cum
 
 
-def draft(cfg, ecfg, params, lower, exit_params, last_b, pos0_b, cache: KVCache, exit_cache: KVCache, scale_b=None):
+def draft(
+    cfg, ecfg, params, lower, exit_params, last_b, pos0_b, cache: KVCache, exit_cache: KVCache, scale_b=None, fused=None
+):
     """Grow the round's tree depth by depth from the root last_b at positions pos0_b.
+
+    fused: a fused exit's [B, F, D] features of the LLM's states before the root (verified); each
+    deeper node reads its parent's exit output in their place, as a chain's later drafts do.
 
     With ecfg.tree_stop > 0 depth d + 1 is grown only while some row's expected gain from it,
     scale_b [B] x the summed cumulative exit probability of its W nodes, is >= tree_stop (depth
@@ -97,9 +110,11 @@ def draft(cfg, ecfg, params, lower, exit_params, last_b, pos0_b, cache: KVCache,
         hidden=jnp.zeros((B, n1, cfg.d_model), cfg.jnp_dtype),
         cache=cache,
         exit_cache=exit_cache,
+        exit_out=None if fused is None else jnp.zeros((B, n1, cfg.d_model), fused.dtype),
     )
     root = jnp.zeros((1,), jnp.int32)
-    t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, root, pos0_b, 0, W)
+    root_fused = None if fused is None else fused[:, None]
+    t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, root, pos0_b, 0, W, root_fused)
     nxt = _expand(top_logp, top_ids, jnp.zeros((B, 1)), jnp.zeros((B, 1), jnp.int32), W)
 
     def grow(carry):
@@ -114,7 +129,12 @@ def draft(cfg, ecfg, params, lower, exit_params, last_b, pos0_b, cache: KVCache,
         )
         # The deepest nodes' exit output is unused but their exit cache slots are needed (a fully
         # accepted path is the next round's context).
-        t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, idx_w, pos0_b, d, W)
+        from_parent = None
+        if fused is not None:  # No verified predecessor: the parent's exit output stands in for each state.
+            from_parent = jnp.broadcast_to(
+                jnp.take_along_axis(t.exit_out, parent[..., None], 1)[:, :, None], (B, W, *fused.shape[1:])
+            )
+        t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, idx_w, pos0_b, d, W, from_parent)
         nxt = _expand(top_logp, top_ids, cum, jnp.broadcast_to(idx_w, (B, W)), W)
         gain_b = jnp.sum(jnp.exp(nxt[2]), -1)  # Depth d + 1's nodes lie on disjoint paths: P(one is accepted).
         go = (d < R) & (not ecfg.tree_stop or (scale_b * gain_b >= ecfg.tree_stop).any())
@@ -136,7 +156,7 @@ def calibration(accepted_b: jax.Array, predicted_b: jax.Array) -> jax.Array:
 
 def verify(cfg, ecfg, params, segments, t: Tree, pos0_b, n_depth):
     """Layers [N, L) over the nodes of the n_depth depths grown, in one pass: ([B, n1, V] logits,
-    cache, [B, n1, D] context-layer states or None), padded past the grown nodes.
+    cache, the [B, n1, D] states after each of ecfg.state_layers but N), padded past the grown nodes.
 
     The pass runs over the smallest of ecfg.tree_sizes holding the grown nodes (lax.switch; the
     branches only read the cache, whose keys/values are written after it, as the chain's _verify).
@@ -153,15 +173,14 @@ def verify(cfg, ecfg, params, segments, t: Tree, pos0_b, n_depth):
                 first, ks, vs, cuts = first + model.num_layers(layers), ks + [k], vs + [v], cuts + [x]
             logits = model.lm_head(params, model.final_norm(params, cfg, x))
             pad = lambda a, axis: jnp.pad(a, [(0, n1 - size if i == axis else 0) for i in range(a.ndim)])  # noqa: E731
-            context = pad(cuts[0], 1) if len(cuts) > 1 else None
-            return pad(logits, 1), pad(jnp.concatenate(ks), 2), pad(jnp.concatenate(vs), 2), context
+            return pad(logits, 1), pad(jnp.concatenate(ks), 2), pad(jnp.concatenate(vs), 2), [pad(c, 1) for c in cuts]
 
         return run
 
     which = jnp.sum(jnp.asarray(sizes) < 1 + n_depth * ecfg.tree_width)
-    logits, k, v, context = jax.lax.switch(which, [branch(n) for n in sizes], t.hidden, t.ancestors, t.cache)
+    logits, k, v, states = jax.lax.switch(which, [branch(n) for n in sizes], t.hidden, t.ancestors, t.cache)
     slots = pos0_b[:, None] + jnp.arange(n1)[None]  # Slots past the grown nodes: stale, past every length.
-    return logits, model.write_layers(t.cache, ecfg.exit_layer, k, v, slots), context
+    return logits, model.write_layers(t.cache, ecfg.exit_layer, k, v, slots), tuple(states)
 
 
 def _children(t: Tree, d: int, W: int):

@@ -134,6 +134,54 @@ def test_greedy_tree_with_context_exit_equals_ar(params, ar_outputs):
     assert out.stats["accepted"] > 0
 
 
+def fused_exit(params, exit_layer, context_layer, fuse_layers):
+    """A trained-like fused exit (test_eesd's): the fused states really enter its drafts."""
+    exit_cfg = exits.ExitConfig(exit_layer, own_head=True, context_layer=context_layer, fuse_layers=fuse_layers)
+    ep = perturbed_exit(params, exit_cfg)
+    ep["fuse"]["w"] = 0.2 * ep["fuse"]["w"]  # Small enough that drafts are still accepted (an untrained block).
+    assert float(jnp.abs(ep["fuse"]["w"]).min()) > 0
+    return ep
+
+
+# (N, context layer, fuse layers, node budget, width, tree_stop)
+FUSED_GRID = [(2, 0, (2, 4), 12, 3, 0.0), (1, 0, (1, 2, 4), 8, 4, 0.05), (2, 3, (2, 4), 8, 2, 0.0)]
+
+
+@pytest.mark.parametrize("exit_layer,context_layer,fuse_layers,n_nodes,width,stop", fast_first(FUSED_GRID))
+def test_fused_exit_tree_equals_ar(params, ar_outputs, exit_layer, context_layer, fuse_layers, n_nodes, width, stop):
+    ep = fused_exit(params, exit_layer, context_layer, fuse_layers)
+    ecfg = eesd.EESDConfig(
+        exit_layer,
+        4,
+        FIXED,
+        context_layer=context_layer,
+        fuse_layers=fuse_layers,
+        tree=n_nodes,
+        tree_width=width,
+        tree_stop=stop,
+    )
+    out = generate.generate_eesd(CFG, params, ep, ecfg, make_prompts(3), 24, eos_ids=(EOS,))
+    assert out.tokens == ar_outputs[3]
+    assert out.stats["accepted"] > 0
+
+
+@pytest.mark.slow
+def test_a_one_wide_fused_tree_drafts_as_the_fused_chain(params, ar_outputs):
+    """A tree of K nodes, one per depth, is a chain of K drafts: with a fused exit (each node reading
+    its parent's exit output, the verified states rewritten into the exit's cache) the same rounds."""
+    ep = fused_exit(params, 2, 0, (2, 4))
+    outs = []
+    for tree_nodes in (0, 4):
+        ecfg = eesd.EESDConfig(2, 4, FIXED, fuse_layers=(2, 4), tree=tree_nodes, tree_width=1)
+        outs.append(generate.generate_eesd(CFG, params, ep, ecfg, make_prompts(3), 24, eos_ids=(EOS,)))
+    chain, one_wide = outs
+    assert chain.tokens == one_wide.tokens == ar_outputs[3]
+    assert chain.stats["accepted"] > 3
+    # Per-row rounds: the same drafts accepted round by round (accepted counts may differ by the last
+    # round's drafts, which a chain cuts at the token budget and a tree does not).
+    assert chain.stats["per_row"]["rounds"] == one_wide.stats["per_row"]["rounds"]
+
+
 @pytest.mark.slow
 def test_wider_trees_accept_more_than_chains(params):
     """A tree holding the chain's nodes and more accepts at least as many tokens per round (here: more)."""
@@ -243,16 +291,26 @@ def test_tree_sampling_test_fails_without_the_residual(s_params, monkeypatch):
 
 def test_cli_tree_reaches_the_engine(params):
     session = engine.Session(types.SimpleNamespace(cfg=CFG, fingerprint="tiny"), params, None, 0.0)
-    args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--exit-layer", "1", "--tree", "8"])
+    argv = ["generate", "--prompt", "hi", "--exit-layer", "1", "--tree", "8", "--tree-stop", "0.25"]
+    args = cli.build_parser().parse_args(argv)
     cli_args.validate_eesd(args)
-    assert cli.engine_from_args(session, args).ecfg.tree == 8
+    ecfg = cli.engine_from_args(session, args).ecfg
+    assert (ecfg.tree, ecfg.tree_stop) == (8, 0.25)
 
 
-@pytest.mark.parametrize("bad", ["6", "-4"])
-def test_cli_refuses_a_bad_tree_before_loading(monkeypatch, capsys, bad):
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (["--tree", "6"], "--tree must be 0 or a positive multiple of 4"),
+        (["--tree", "-4"], "--tree must be 0 or a positive multiple of 4"),
+        (["--tree-stop", "0.3"], "--tree-stop must be >= 0 and needs --tree"),
+        (["--tree", "8", "--tree-stop", "-1"], "--tree-stop must be >= 0"),
+    ],
+)
+def test_cli_refuses_a_bad_tree_before_loading(monkeypatch, capsys, bad, match):
     monkeypatch.setattr(engine, "load_session", lambda *a, **k: pytest.fail("model loaded despite bad input"))
-    assert cli.main(["generate", "--prompt", "hi", "--tree", bad]) == 2
-    assert "--tree must be 0 or a positive multiple of 4" in capsys.readouterr().err
+    assert cli.main(["generate", "--prompt", "hi", *bad]) == 2
+    assert match in capsys.readouterr().err
 
 
 MESH_SCRIPT = """
