@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from eesd_jax import corpus, generate, prompts, self_prompts
+from eesd_jax import corpus, generate, prompts, self_prompts, sharding
 from eesd_jax.sampling import SamplingConfig
 from eesd_jax.teacher import LM, progress_bar, run_teacher
 
@@ -109,6 +109,7 @@ def generate_data(lm: LM, data_cfg, data_dir, progress: bool = True) -> dict:
             sampling=sampling,
             eos_ids=lm.eos_ids,
             seed=int(data_cfg.seed) * 1_000_003 + b,
+            mesh=sharding.mesh_of(lm.params),  # Rows over 'data', the LLM tensor parallel over 'model'.
         )
         for j, toks in zip(batch, gen.tokens):
             responses[j] = toks
@@ -150,7 +151,7 @@ def _write_sequences(data_dir, seqs, prompt_lens, prompt_index, sample_index, pr
     mask = np.zeros(len(tokens), bool)
     for k in range(len(seqs)):
         mask[offsets[k] + prompt_lens[k] - 1 : offsets[k + 1] - 1] = True  # Predicts a response token.
-    np.savez(
+    _save_npz(
         pathlib.Path(data_dir) / "sequences.npz",
         tokens=tokens,
         offsets=offsets,
@@ -213,9 +214,17 @@ def text_data(lm: LM, text_cfg, docs: Sequence[corpus.Document], data_dir, progr
 
 
 def _write_manifest(data_dir: pathlib.Path, manifest: dict) -> None:
-    tmp = data_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(data_dir / "manifest.json")
+    def write():
+        tmp = data_dir / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        tmp.replace(data_dir / "manifest.json")
+
+    sharding.main_writes("distill_data.manifest", write)
+
+
+def _save_npz(path, **arrays) -> None:
+    """np.savez by process 0 (every process of a multi-host run made the same arrays)."""
+    sharding.main_writes(f"distill_data.{pathlib.Path(path).name}", lambda: np.savez(path, **arrays))
 
 
 def read_manifest(data_dir) -> dict | None:
@@ -243,7 +252,7 @@ def teacher_pass(
     manifest = read_manifest(data_dir)
     if top_k:
         top1 = ids[seq["mask"], 0]
-        np.savez(
+        _save_npz(
             data_dir / "teacher.npz",
             topk_logp=logp,
             topk_ids=ids,
@@ -255,7 +264,7 @@ def teacher_pass(
         )
         manifest["teacher"] = {"top_k": top_k}
     for n, h in hidden.items():
-        np.savez(data_dir / f"hidden_N{n}.npz", hidden=h)
+        _save_npz(data_dir / f"hidden_N{n}.npz", hidden=h)
     manifest.setdefault("hidden_layers", [])
     manifest["hidden_layers"] = sorted(set(manifest["hidden_layers"]) | set(hidden))
     manifest["seconds"][f"teacher_{'_'.join(map(str, sorted(hidden)))}"] = round(time.perf_counter() - t0, 2)

@@ -309,6 +309,19 @@ def shard_batch(tree, mesh: Mesh):
     return put(tree, jax.tree.map(lambda x: named(mesh, ("batch",) + (None,) * (np.ndim(x) - 1), np.shape(x)), tree))
 
 
+def mesh_of(tree) -> Mesh | None:
+    """The mesh a pytree's arrays are placed on (the first NamedSharding found), or None (one device)."""
+    for x in jax.tree.leaves(tree):
+        if isinstance(getattr(x, "sharding", None), NamedSharding):
+            return x.sharding.mesh
+    return None
+
+
+def shard_rows(tree, mesh: Mesh | None):
+    """shard_batch on a mesh; without one, plain device arrays."""
+    return jax.tree.map(jax.numpy.asarray, tree) if mesh is None else shard_batch(tree, mesh)
+
+
 def replicate(tree, mesh: Mesh):
     return put(tree, jax.tree.map(lambda x: NamedSharding(mesh, P()), tree))
 
@@ -403,3 +416,22 @@ def maybe_initialize_distributed(force: bool | None = None) -> bool:
 def is_main_process() -> bool:
     """True on process 0 only: the one that writes logs, results and exports."""
     return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Wait until every process gets here (a no-op in one process); `name` must be the same on all."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def main_writes(name: str, write: Callable[[], Any]) -> None:
+    """Run write() on process 0 only, then wait for it on every process.
+
+    Multi-host runs share one workdir (a bucket or a shared disk): every process computes the
+    same results, one writes them, and no process reads a file before it is whole.
+    """
+    if is_main_process():
+        write()
+    sync(name)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import pathlib
 import time
 
 import jax
@@ -28,8 +27,11 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from eesd_jax import distill_data, exits, losses, teacher
+from eesd_jax import distill_data, exits, losses, model, sharding, teacher
 from eesd_jax.kv_cache import round_up
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.teacher import LM
@@ -80,15 +82,22 @@ def batch_indices(n_seq: int, batch_size: int, seed: int, step: int) -> np.ndarr
 
 
 def make_train_step(
-    cfg: ModelConfig, tx: optax.GradientTransformation, kl_weight: float, ce_weight: float, n_round: int = 1
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    kl_weight: float,
+    ce_weight: float,
+    n_round: int = 1,
+    state_shardings=None,
 ):
     """The jitted AdamW step on the trainable exit params, (head_vd, static, state, vmap_v, batch) -> (state,
     metrics); `state` is donated (updated in place). n_round: the longest simulated round a fused exit
-    runs (losses.exit_train_logits)."""
+    runs (losses.exit_train_logits). The state holds float32 master weights; the exit computes in the
+    LLM's dtype (cfg.dtype). state_shardings: the state's layout on a mesh, kept from step to step
+    (one compile)."""
 
     def train_step(head_vd, static, state, vmap_v, batch):
         def loss_fn(trainable):
-            exit_params = {**static, **trainable}
+            exit_params = {**static, **model.cast_params(trainable, cfg.dtype)}
             head = exit_params.get("head", head_vd)
             logits = losses.exit_train_logits(
                 cfg, head, exit_params, batch.hidden, batch.select, batch.context, batch.start, batch.fuse, n_round
@@ -100,7 +109,10 @@ def make_train_step(
         params = optax.apply_updates(state["params"], updates)
         return {"params": params, "opt": opt}, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(train_step, donate_argnames=("state",))
+    if state_shardings is None:
+        return jax.jit(train_step, donate_argnames=("state",))
+    replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, P())
+    return jax.jit(train_step, donate_argnames=("state",), out_shardings=(state_shardings, replicated))
 
 
 def select_count(*datas: distill_data.Data | None) -> int:
@@ -148,18 +160,32 @@ def train_exit(
     from tqdm.auto import tqdm
 
     t = config.train
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     exit_cfg = exit_config(config)
+    mesh = sharding.mesh_of(lm.params)  # The LLM's mesh (None: one device): the exit trains on it too.
     init = exits.init_exit(lm.cfg, lm.params, exit_cfg, vocab_ids)
     own_head = "head" in init
     trainable, static = split_trainable(init, bool(t.train_head) and own_head)
+    trainable = model.cast_params(trainable, "float32")  # Master weights (and so Adam's moments) in float32.
     head_vd = losses.frozen_head(lm.params, init) if "head" not in trainable else jnp.zeros((0, lm.cfg.d_model))
     vmap = jnp.asarray(distill_data.vocab_map(lm.cfg.vocab_size, vocab_ids))
     tx, schedule = make_optimizer(t)
-    train_step = make_train_step(
-        lm.cfg, tx, float(t.kl_weight), float(t.ce_weight), int(t.max_round) if exit_cfg.fuse_layers else 1
-    )
     state = {"params": trainable, "opt": tx.init(trainable)}
+    state_sh = None
+    if mesh is not None:  # The exit Megatron-sharded like the LLM's layers, its Adam moments alike.
+        state_sh = sharding.tree_shardings(state, mesh, sharding.EXIT_PARAM_AXES)
+        state, static = sharding.put(state, state_sh), sharding.shard_exit_params(static, mesh)
+        vmap = sharding.replicate(vmap, mesh)
+        if sharding.mesh_of(head_vd) is None:  # The placeholder of an exit training its own head.
+            head_vd = sharding.replicate(head_vd, mesh)
+    train_step = make_train_step(
+        lm.cfg,
+        tx,
+        float(t.kl_weight),
+        float(t.ce_weight),
+        int(t.max_round) if exit_cfg.fuse_layers else 1,
+        state_sh,
+    )
 
     ckpt_dir = workdir / "checkpoints"
     identity = _jsonable(_run_identity(config, data_spec or {}, vocab_ids))
@@ -180,12 +206,11 @@ def train_exit(
                 f"{ckpt_dir} holds checkpoints of a different run (config or data differ); "
                 "use another workdir or delete them"
             )
-        state = mngr.restore(start, args=ocp.args.StandardRestore(state))
-        # Restored arrays come back committed to a device, which would recompile the train step.
-        state = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), state)
+        state = mngr.restore(start, args=ocp.args.StandardRestore(state))  # On a mesh: in state's shardings.
+        if mesh is None:  # Restored arrays come back committed to a device, which would recompile the train step.
+            state = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), state)
     else:
-        workdir.mkdir(parents=True, exist_ok=True)
-        ident_path.write_text(json.dumps(identity, indent=1))
+        sharding.main_writes("train.identity", lambda: ident_path.write_text(json.dumps(identity, indent=1)))
 
     n_select = select_count(data, val)
 
@@ -205,10 +230,17 @@ def train_exit(
         return rec
 
     metrics_path = workdir / "metrics.jsonl"
-    kept = []
+    records = []
     if metrics_path.is_file():  # Drop records past the checkpoint we resume from.
-        kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-    metrics_path.write_text("".join(line + "\n" for line in kept))
+        records = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+
+    def log(rec: dict | None = None) -> None:
+        """Append a record to metrics.jsonl (process 0; rewritten whole, as object stores cannot append)."""
+        records.extend([json.dumps(rec)] if rec else [])
+        if sharding.is_main_process():
+            metrics_path.write_text("".join(line + "\n" for line in records))
+
+    log()
 
     steps = int(t.steps)
     end = steps if stop_at is None else min(steps, int(stop_at))
@@ -216,49 +248,42 @@ def train_exit(
     t0 = last_t = time.perf_counter()
     n_tokens = 0
     bar = tqdm(total=steps, initial=start, desc=f"train N={exit_cfg.layer}", disable=not progress, dynamic_ncols=True)
-    with metrics_path.open("a") as log:
-        for step in range(start, end):
-            idx = batch_indices(data.n_seq, int(t.batch_size), int(t.seed), step)
-            rounds = np.random.default_rng([int(t.seed), step])  # Resume-exact, like the batch order.
-            batch = losses.make_batch(
-                data, idx, int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select, rounds, int(t.max_round)
+    for step in range(start, end):
+        idx = batch_indices(data.n_seq, int(t.batch_size), int(t.seed), step)
+        rounds = np.random.default_rng([int(t.seed), step])  # Resume-exact, like the batch order.
+        batch = losses.make_batch(
+            data, idx, int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select, rounds, int(t.max_round)
+        )
+        n_tokens += batch.weights.shape[0] * batch.weights.shape[1]
+        state, m = train_step(head_vd, static, state, vmap, sharding.shard_rows(batch, mesh))
+        acc.append(m)
+        done = step + 1
+        if done % int(t.log_every) == 0 or done == steps:
+            got = sharding.fetch(acc)
+            now = time.perf_counter()
+            rec = {
+                "step": done,
+                **{k: round(float(np.mean([a[k] for a in got])), 6) for k in ("loss", "kl", "ce", "top1", "grad_norm")},
+                "lr": float(schedule(done - 1)),
+                "seconds_per_step": round((now - last_t) / len(got), 4),
+                "positions_per_s": round(n_tokens / (now - last_t), 1),
+            }
+            log(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", top1=f"{rec['top1']:.3f}")
+            bar.write(
+                f"step {done:>6}  loss {rec['loss']:.4f}  kl {rec['kl']:.4f}  top1 {rec['top1']:.3f}"
+                f"  lr {rec['lr']:.2e}  {rec['seconds_per_step']:.3f}s/step"
             )
-            n_tokens += batch.weights.shape[0] * batch.weights.shape[1]
-            state, m = train_step(head_vd, static, state, vmap, losses.to_device(batch))
-            acc.append(m)
-            done = step + 1
-            if done % int(t.log_every) == 0 or done == steps:
-                got = jax.device_get(acc)
-                now = time.perf_counter()
-                rec = {
-                    "step": done,
-                    **{
-                        k: round(float(np.mean([a[k] for a in got])), 6)
-                        for k in ("loss", "kl", "ce", "top1", "grad_norm")
-                    },
-                    "lr": float(schedule(done - 1)),
-                    "seconds_per_step": round((now - last_t) / len(got), 4),
-                    "positions_per_s": round(n_tokens / (now - last_t), 1),
-                }
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", top1=f"{rec['top1']:.3f}")
-                bar.write(
-                    f"step {done:>6}  loss {rec['loss']:.4f}  kl {rec['kl']:.4f}  top1 {rec['top1']:.3f}"
-                    f"  lr {rec['lr']:.2e}  {rec['seconds_per_step']:.3f}s/step"
-                )
-                acc, last_t, n_tokens = [], now, 0
-            if val is not None and (done % int(t.val_every) == 0 or done == steps):
-                val_rec = validate(done, state["params"])
-                log.write(json.dumps(val_rec) + "\n")
-                log.flush()
-            if done % int(t.ckpt_every) == 0 or done == steps:
-                mngr.save(done, args=ocp.args.StandardSave(state), force=True)
-            bar.update(1)
+            acc, last_t, n_tokens = [], now, 0
+        if val is not None and (done % int(t.val_every) == 0 or done == steps):
+            log(validate(done, state["params"]))
+        if done % int(t.ckpt_every) == 0 or done == steps:
+            mngr.save(done, args=ocp.args.StandardSave(state), force=True)
+        bar.update(1)
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
-    exit_params = {**static, **jax.device_get(state["params"])}
+    exit_params = sharding.fetch({**static, **model.cast_params(state["params"], lm.cfg.dtype)})
     summary = {
         "steps_done": end,
         "steps": steps,
@@ -286,12 +311,13 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     default: teacher.load_lm(config.model). stop_at: see train_exit. With config.exit.joint_layers,
     exits at those N too (run_joint); the path returned is still exit.layer's.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if tuple(config.exit.get("joint_layers", ())):
         paths = run_joint(config, workdir, lm, progress, stop_at)
         return None if paths is None else paths[int(config.exit.layer)]
-    (workdir / "config.json").write_text(json.dumps(_jsonable(config.to_dict()), indent=1))
+    config_json = json.dumps(_jsonable(config.to_dict()), indent=1)
+    sharding.main_writes("train.config", lambda: (workdir / "config.json").write_text(config_json))
     seconds = {}
     t0 = time.perf_counter()
     lm = teacher.load_lm(config.model) if lm is None else teacher.as_lm(lm)
@@ -303,9 +329,9 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     t0 = time.perf_counter()
     t = config.train
     if config.data.text.corpus:  # Checked before the responses, which may take hours to make.
-        text_dir = pathlib.Path(config.data.text.dir) if config.data.text.dir else workdir / "text_data"
+        text_dir = epath.Path(config.data.text.dir) if config.data.text.dir else workdir / "text_data"
         prepare_text = distill_data.plan_text_data(lm, config, text_dir)
-    data_dir = pathlib.Path(config.data.dir) if config.data.dir else workdir / "data"
+    data_dir = epath.Path(config.data.dir) if config.data.dir else workdir / "data"
     manifest = distill_data.prepare_data(lm, config, data_dir, progress)
     all_data = distill_data.load_data(
         data_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer, exit_cfg.fuse_layers
@@ -357,10 +383,13 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     }
     file_dtype = str(config.exit.get("file_dtype", "float32"))
     store = {} if file_dtype == "float32" else {"dtype": file_dtype}
+    if not sharding.is_main_process():  # Every process trained the same exit; process 0 exports it.
+        sharding.sync("train.export")
+        return path
     exits.save_exit(path, exit_params, exit_cfg, lm.name, lm.fingerprint, extra=_jsonable(extra), **store)
     run = {
         "exit": str(path),
-        "exit_bytes": path.stat().st_size,
+        "exit_bytes": path.stat().length,
         "seconds": seconds,
         "data_seconds": manifest.get("seconds", {}),
         "metrics": {"untrained": before, "trained": after},
@@ -369,6 +398,7 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
         "train": summary,
     }
     (workdir / "run.json").write_text(json.dumps(run, indent=1))
+    sharding.sync("train.export")
     return path
 
 
@@ -381,7 +411,7 @@ def run_joint(config, workdir, lm: LM | None = None, progress: bool = True, stop
     would give each the same updates as this. Returns {N: path} (None if stopped early);
     WORKDIR/joint.json lists them, and eesd generate / bench --exit-layer N pick one.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     layers = list(dict.fromkeys([int(config.exit.layer), *map(int, config.exit.joint_layers)]))
     lm = teacher.load_lm(config.model) if lm is None else teacher.as_lm(lm)
     for n in layers:  # Every N is checked before any data is made.
@@ -397,5 +427,6 @@ def run_joint(config, workdir, lm: LM | None = None, progress: bool = True, stop
         if (path := run_distill(c, workdir / f"N{n}", lm, progress, stop_at)) is None:
             return None
         paths[n] = path
-    (workdir / "joint.json").write_text(json.dumps({str(n): str(p) for n, p in paths.items()}, indent=1))
+    joint = json.dumps({str(n): str(p) for n, p in paths.items()}, indent=1)
+    sharding.main_writes("train.joint", lambda: (workdir / "joint.json").write_text(joint))
     return paths
