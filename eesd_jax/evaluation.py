@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import bench, control, distill_data, eesd, exits, generate, losses, prompts, teacher
+from eesd_jax import bench, control, distill_data, eesd, exits, generate, losses, prompts, sharding, teacher
 
 
 def eval_exit(
@@ -52,7 +52,9 @@ def eval_exit(
     if not ids:
         raise ValueError("no prompts to evaluate on")
     ecfg = eesd.config_for_exit(exit_cfg, exit_path, max_draft, controller)
-    setup = bench.BenchSetup(cfg, params, exit_params, ecfg, eos)
+    if (mesh := sharding.mesh_of(params)) is not None:  # The LLM on a mesh: the exit beside it, rows over 'data'.
+        exit_params = sharding.shard_exit_params(exit_params, mesh)
+    setup = bench.BenchSetup(cfg, params, exit_params, ecfg, eos, mesh)
     bar = teacher.progress_bar(progress, total=2 * len(ids), desc="eval-exit", unit="run")
     tick = lambda mode, gen: bar.update(1)  # noqa: E731
     timed = bench.run(setup, ids, max_new_tokens, progress=tick, step_costs=False, warmup=warmup)
@@ -146,6 +148,6 @@ def run_eval(config, exit_path, lm=None, progress: bool = True, out: str | pathl
         progress=progress,
     )
     result["sets"] = list(e.sets)
-    if out is not None:
+    if out is not None and sharding.is_main_process():
         pathlib.Path(out).write_text(json.dumps(result, indent=1))
     return result

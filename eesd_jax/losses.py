@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import exits, model
+from eesd_jax import exits, model, sharding
 from eesd_jax.distill_data import Data, vocab_map
 from eesd_jax.kv_cache import init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
@@ -273,12 +273,14 @@ def data_metrics(
     """
     vmap = jnp.asarray(vocab_map(cfg.vocab_size, np.asarray(exit_params["vocab"]) if "vocab" in exit_params else None))
     order = np.argsort(np.diff(data.offsets), kind="stable")
+    mesh = sharding.mesh_of(lm_params)  # The LLM on a mesh: rows over 'data'.
     sums, n = {"kl": 0.0, "ce": 0.0, "top1": 0.0}, 0.0
     by_pos = np.zeros((2, max(round_len, 1)))  # (agreements, positions) per draft position.
     n_select = max(n_select, round_up(max_train_positions(data), 16))
     for i in range(0, len(order), batch_size):
         b = make_batch(data, order[i : i + batch_size], seq_len, bucket, n_select=n_select, rounds=round_len or None)
-        m, agree = jax.device_get(_eval_batch(cfg, lm_params, exit_params, vmap, to_device(b), max(round_len, 1)))
+        b_dev = sharding.shard_rows(b, mesh)
+        m, agree = sharding.fetch(_eval_batch(cfg, lm_params, exit_params, vmap, b_dev, max(round_len, 1)))
         for key in sums:
             sums[key] += float(m[key]) * float(m["n"])
         n += float(m["n"])
