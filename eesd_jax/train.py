@@ -290,6 +290,8 @@ def train_exit(
         "finished": end == steps,
         "resumed_from": start,
         "n_select": n_select,
+        "mesh": None if mesh is None else dict(mesh.shape),
+        "processes": jax.process_count(),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return jax.tree.map(jnp.asarray, exit_params), summary
