@@ -109,7 +109,6 @@ def generate_data(lm: LM, data_cfg, data_dir, progress: bool = True) -> dict:
             sampling=sampling,
             eos_ids=lm.eos_ids,
             seed=int(data_cfg.seed) * 1_000_003 + b,
-            mesh=sharding.mesh_of(lm.params),  # Rows over 'data', the LLM tensor parallel over 'model'.
         )
         for j, toks in zip(batch, gen.tokens):
             responses[j] = toks
