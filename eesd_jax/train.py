@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import pathlib
 import time
 
 import jax
@@ -27,7 +29,6 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -134,6 +135,20 @@ def _run_identity(config, data_spec: dict, vocab_ids) -> dict:
     }
 
 
+def as_path(path: str | os.PathLike) -> pathlib.Path:
+    """A local path as a pathlib.Path; a URL (gs://...) as an etils.epath.Path, which has the same methods."""
+    if "://" in str(path):
+        from etils import epath
+
+        return epath.Path(path)
+    return pathlib.Path(path)
+
+
+def _size(path) -> int:
+    stat = path.stat()
+    return stat.st_size if hasattr(stat, "st_size") else stat.length  # pathlib's or epath's stat.
+
+
 def _jsonable(tree):
     return json.loads(json.dumps(tree, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
@@ -160,7 +175,7 @@ def train_exit(
     from tqdm.auto import tqdm
 
     t = config.train
-    workdir = epath.Path(workdir)
+    workdir = as_path(workdir)
     exit_cfg = exit_config(config)
     mesh = sharding.mesh_of(lm.params)  # The LLM's mesh (None: one device): the exit trains on it too.
     init = exits.init_exit(lm.cfg, lm.params, exit_cfg, vocab_ids)
@@ -313,7 +328,7 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     default: teacher.load_lm(config.model). stop_at: see train_exit. With config.exit.joint_layers,
     exits at those N too (run_joint); the path returned is still exit.layer's.
     """
-    workdir = epath.Path(workdir)
+    workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if tuple(config.exit.get("joint_layers", ())):
         paths = run_joint(config, workdir, lm, progress, stop_at)
@@ -331,9 +346,9 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     t0 = time.perf_counter()
     t = config.train
     if config.data.text.corpus:  # Checked before the responses, which may take hours to make.
-        text_dir = epath.Path(config.data.text.dir) if config.data.text.dir else workdir / "text_data"
+        text_dir = as_path(config.data.text.dir) if config.data.text.dir else workdir / "text_data"
         prepare_text = distill_data.plan_text_data(lm, config, text_dir)
-    data_dir = epath.Path(config.data.dir) if config.data.dir else workdir / "data"
+    data_dir = as_path(config.data.dir) if config.data.dir else workdir / "data"
     manifest = distill_data.prepare_data(lm, config, data_dir, progress)
     all_data = distill_data.load_data(
         data_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer, exit_cfg.fuse_layers
@@ -391,7 +406,7 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     exits.save_exit(path, exit_params, exit_cfg, lm.name, lm.fingerprint, extra=_jsonable(extra), **store)
     run = {
         "exit": str(path),
-        "exit_bytes": path.stat().length,
+        "exit_bytes": _size(path),
         "seconds": seconds,
         "data_seconds": manifest.get("seconds", {}),
         "metrics": {"untrained": before, "trained": after},
@@ -413,7 +428,7 @@ def run_joint(config, workdir, lm: LM | None = None, progress: bool = True, stop
     would give each the same updates as this. Returns {N: path} (None if stopped early);
     WORKDIR/joint.json lists them, and eesd generate / bench --exit-layer N pick one.
     """
-    workdir = epath.Path(workdir)
+    workdir = as_path(workdir)
     layers = list(dict.fromkeys([int(config.exit.layer), *map(int, config.exit.joint_layers)]))
     lm = teacher.load_lm(config.model) if lm is None else teacher.as_lm(lm)
     for n in layers:  # Every N is checked before any data is made.
