@@ -291,7 +291,3 @@ def data_metrics(
     if round_len:
         out["top1_by_draft_position"] = [round(float(a / max(c, 1)), 4) for a, c in by_pos.T]
     return out
-
-
-def to_device(batch: Batch) -> Batch:
-    return jax.tree.map(jnp.asarray, batch)

@@ -233,7 +233,7 @@ def train_exit(
         m = losses.data_metrics(
             lm.cfg,
             lm.params,
-            {**static, **exit_trainable},
+            {**static, **model.cast_params(exit_trainable, lm.cfg.dtype)},
             val,
             int(t.seq_len),
             int(t.batch_size),

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eesd_jax import configs, distill_data, evaluation, exits, losses, model, teacher, train
+from eesd_jax import configs, distill_data, evaluation, exits, losses, model, sharding, teacher, train
 from eesd_jax.kv_cache import init_cache
 
 
@@ -170,8 +170,8 @@ def test_selecting_response_positions_changes_nothing(run, lm):
     full = losses.make_batch(data, idx, 48, 48)
     sel = losses.make_batch(data, idx, 48, 48, n_select=n_select)
     assert sel.select.shape == (4, n_select) and full.select.shape == (4, 48)
-    m_full, _ = losses._eval_batch(lm.cfg, lm.params, params, vmap, losses.to_device(full), 1)
-    m_sel, _ = losses._eval_batch(lm.cfg, lm.params, params, vmap, losses.to_device(sel), 1)
+    m_full, _ = losses._eval_batch(lm.cfg, lm.params, params, vmap, sharding.shard_rows(full, None), 1)
+    m_sel, _ = losses._eval_batch(lm.cfg, lm.params, params, vmap, sharding.shard_rows(sel, None), 1)
     for key in ("kl", "ce", "top1", "n"):
         np.testing.assert_allclose(float(m_full[key]), float(m_sel[key]), rtol=1e-5, err_msg=key)
 

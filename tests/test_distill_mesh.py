@@ -87,6 +87,8 @@ def test_distill_on_a_mesh_trains_the_one_device_exit(mesh_run, one_device):
     one, one_exit = one_device
     run = json.loads((root / "mesh" / "run.json").read_text())
     assert run["train"]["mesh"] == {"data": 4, "model": 2} and run["train"]["finished"]
+    recorded = json.loads((root / "mesh" / "config.json").read_text())  # --mesh / --dtype reach the config.
+    assert recorded["mesh"] == MESH and recorded["model"]["dtype"] == "float32"
     for name in ("sequences.npz", "teacher.npz", "hidden_N1.npz", "hidden_N2.npz"):
         with np.load(root / "mesh" / "data" / name) as m, np.load(one / "data" / name) as o:
             for k in o.files:
