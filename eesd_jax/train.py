@@ -241,12 +241,12 @@ def train_exit(
             n_select,
         )
         rec = {"step": done, **{f"val_{k}": v for k, v in m.items()}}
-        bar.write(f"step {done:>6}  validation: kl {m['kl']:.4f}  top1 {m['top1']:.3f}")
+        say(f"step {done:>6}  validation: kl {m['kl']:.4f}  top1 {m['top1']:.3f}")
         return rec
 
     metrics_path = workdir / "metrics.jsonl"
     records = []
-    if metrics_path.is_file():  # Drop records past the checkpoint we resume from.
+    if sharding.is_main_process() and metrics_path.is_file():  # Drop records past the checkpoint resumed.
         records = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
 
     def log(rec: dict | None = None) -> None:
@@ -262,7 +262,15 @@ def train_exit(
     acc: list[dict] = []
     t0 = last_t = time.perf_counter()
     n_tokens = 0
-    bar = tqdm(total=steps, initial=start, desc=f"train N={exit_cfg.layer}", disable=not progress, dynamic_ncols=True)
+    main = sharding.is_main_process()  # One progress report in a multi-host run.
+    bar = tqdm(
+        total=steps,
+        initial=start,
+        desc=f"train N={exit_cfg.layer}",
+        disable=not (progress and main),
+        dynamic_ncols=True,
+    )
+    say = bar.write if main else lambda text: None
     for step in range(start, end):
         idx = batch_indices(data.n_seq, int(t.batch_size), int(t.seed), step)
         rounds = np.random.default_rng([int(t.seed), step])  # Resume-exact, like the batch order.
@@ -285,7 +293,7 @@ def train_exit(
             }
             log(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", top1=f"{rec['top1']:.3f}")
-            bar.write(
+            say(
                 f"step {done:>6}  loss {rec['loss']:.4f}  kl {rec['kl']:.4f}  top1 {rec['top1']:.3f}"
                 f"  lr {rec['lr']:.2e}  {rec['seconds_per_step']:.3f}s/step"
             )
