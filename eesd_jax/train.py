@@ -12,6 +12,12 @@ exit_N{n}.safetensors. evaluation.eval_exit then measures the exit in real EESD 
 Resume: the batch of step s is a function of (train.seed, s) alone (a fresh permutation
 of the sequences per epoch), and the optimizer state is checkpointed with the params,
 so a run killed mid-way and restarted ends with exactly the params of an uninterrupted one.
+
+Mesh: everything runs where the teacher's params lie (sharding.mesh_of): batch rows over 'data',
+the exit's float32 master weights and Adam moments sharded like one LLM layer, checkpoints of
+those global arrays. Multi-host: every process computes the same; process 0 alone writes files
+(sharding.main_writes), so the workdir must be shared. A URL workdir (gs://) goes through
+etils.epath.
 """
 
 from __future__ import annotations
