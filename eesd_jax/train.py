@@ -9,8 +9,8 @@ WORKDIR holds: data/ (unless config.data.dir), checkpoints/ (orbax), metrics.jso
 (one record per log step), run.json (stage wall times, metrics, the exit's path),
 exit_N{n}.safetensors. evaluation.eval_exit then measures the exit in real EESD decoding.
 
-Resume: the batch of step s is a function of (train.seed, s) alone (a fresh permutation
-of the sequences per epoch), and the optimizer state is checkpointed with the params,
+Resume: the batch of step s is a function of (train.seed, s) alone (shards.batch_stream: a fresh
+shuffle of the sequences per epoch, streamed from the data's shards), and the optimizer state is checkpointed with the params,
 so a run killed mid-way and restarted ends with exactly the params of an uninterrupted one.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from eesd_jax import distill_data, exits, losses, teacher
+from eesd_jax import distill_data, exits, losses, shards, teacher
 from eesd_jax.kv_cache import round_up
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.teacher import LM
@@ -66,17 +66,6 @@ def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
         optax.adamw(schedule, weight_decay=float(tcfg.weight_decay), mask=decay_mask),
     )
     return tx, schedule
-
-
-def batch_indices(n_seq: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """Sequences of step `step`: slots [step*B, (step+1)*B) of a stream of per-epoch permutations."""
-    slots = np.arange(step * batch_size, (step + 1) * batch_size)
-    out = np.empty(batch_size, np.int64)
-    for epoch in np.unique(slots // n_seq):
-        perm = np.random.default_rng([seed, int(epoch)]).permutation(n_seq)
-        sel = slots // n_seq == epoch
-        out[sel] = perm[slots[sel] % n_seq]
-    return out
 
 
 def make_train_step(
@@ -216,13 +205,15 @@ def train_exit(
     t0 = last_t = time.perf_counter()
     n_tokens = 0
     bar = tqdm(total=steps, initial=start, desc=f"train N={exit_cfg.layer}", disable=not progress, dynamic_ncols=True)
+
+    def make_batch(step, idx):
+        rounds = np.random.default_rng([int(t.seed), step, jax.process_index()])  # Resume-exact, like the order.
+        args = (int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select, rounds, int(t.max_round))
+        return losses.make_batch(data, idx, *args)
+
+    stream = shards.batch_stream(data.n_seq, int(t.batch_size), int(t.seed), make_batch)
     with metrics_path.open("a") as log:
-        for step in range(start, end):
-            idx = batch_indices(data.n_seq, int(t.batch_size), int(t.seed), step)
-            rounds = np.random.default_rng([int(t.seed), step])  # Resume-exact, like the batch order.
-            batch = losses.make_batch(
-                data, idx, int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select, rounds, int(t.max_round)
-            )
+        for step, batch in zip(range(start, end), shards.prefetched(stream, start, end)):
             n_tokens += batch.weights.shape[0] * batch.weights.shape[1]
             state, m = train_step(head_vd, static, state, vmap, losses.to_device(batch))
             acc.append(m)
@@ -326,7 +317,9 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
         data_spec = data_spec | {"text": text_manifest["spec"]}  # Checkpoints resume only on the same text.
         data_info["text"] = {k: text_manifest[k] for k in ("spec", "counts", "seconds")}
     vocab_ids = (
-        distill_data.choose_draft_vocab(data, exit_cfg.draft_vocab, lm.eos_ids) if exit_cfg.draft_vocab else None
+        distill_data.choose_draft_vocab(data, exit_cfg.draft_vocab, lm.cfg.vocab_size, lm.eos_ids)
+        if exit_cfg.draft_vocab
+        else None
     )
     seconds["data"] = round(time.perf_counter() - t0, 2)
 
