@@ -24,7 +24,6 @@ next token is a response token (t in [prompt_len - 1, length - 1)).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import pathlib
@@ -35,6 +34,7 @@ import numpy as np
 
 from eesd_jax import corpus, generate, prompts, self_prompts, shards
 from eesd_jax.sampling import SamplingConfig
+from eesd_jax.shards import Data
 from eesd_jax.teacher import LM, progress_bar, run_teacher
 
 DATA_FORMAT = "eesd_jax.distill_data/2"
@@ -344,115 +344,6 @@ def _prepare(lm: LM, config, data_dir, spec: dict, make_sequences, progress: boo
     e, d = config.exit, config.data
     want = {int(e.layer), *map(int, d.feature_layers), *map(int, e.get("fuse_layers", ()))} | {int(e.context_layer)}
     return teacher_pass(lm, data_dir, sorted(want - {0}), int(d.top_k), int(d.batch_size), progress)
-
-
-@dataclasses.dataclass(frozen=True)
-class Seq:
-    """One sequence's arrays, slices of its shard's memmaps (read from disk when used)."""
-
-    tokens: np.ndarray  # [n] int32.
-    mask: np.ndarray  # [n] bool: position predicts a response token.
-    hidden: np.ndarray  # [n, D] layer-N hidden states (float16 on disk).
-    topk_logp: np.ndarray  # [n, C] teacher top-k log-probs (full-vocabulary softmax).
-    topk_ids: np.ndarray  # [n, C] int32.
-    context: np.ndarray | None  # [n, D] context-layer states (ExitConfig.context_layer).
-    fuse: np.ndarray | None  # [n, F, D] states after the fuse layers (ExitConfig.fuse_layers).
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Data:
-    """The sequences training reads for one exit layer, each fetched from its shard when asked for
-    (`sequence`): the per-position arrays stay on disk. Selections (subset, split, take_tokens,
-    concat) only re-index the small per-sequence arrays."""
-
-    parts: tuple[dict, ...]  # Per shard: tokens, hidden, topk_logp, topk_ids[, context][, fuse (a tuple)].
-    part: np.ndarray  # [n_seq] the part holding each sequence.
-    start: np.ndarray  # [n_seq] its first position there.
-    lengths: np.ndarray  # [n_seq]
-    prompt_lens: np.ndarray  # [n_seq]
-    prompt_index: np.ndarray | None  # [n_seq] which prompt each sequence answers.
-    top_k: int  # Teacher log-probs used per position (the first top_k stored).
-
-    @property
-    def n_seq(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def n_train(self) -> np.ndarray:
-        """[n_seq] positions trained on (predicting a response token)."""
-        return self.lengths - self.prompt_lens
-
-    def sequence(self, i: int) -> Seq:
-        p, a = self.parts[self.part[i]], int(self.start[i])
-        n, k = int(self.lengths[i]), self.top_k
-        t = np.arange(n)
-        return Seq(
-            tokens=p["tokens"][a : a + n],
-            mask=(t >= self.prompt_lens[i] - 1) & (t < n - 1),
-            hidden=p["hidden"][a : a + n],
-            topk_logp=p["topk_logp"][a : a + n, :k],
-            topk_ids=p["topk_ids"][a : a + n, :k],
-            context=p["context"][a : a + n] if "context" in p else None,
-            fuse=np.stack([f[a : a + n] for f in p["fuse"]], 1) if "fuse" in p else None,
-        )
-
-    def subset(self, seq_idx: Sequence[int]) -> Data:
-        """The sequences seq_idx, in that order."""
-        idx = np.asarray(seq_idx, np.int64)
-        pick = lambda a: None if a is None else a[idx]  # noqa: E731
-        return dataclasses.replace(
-            self,
-            **{f: pick(getattr(self, f)) for f in ("part", "start", "lengths", "prompt_lens", "prompt_index")},
-        )
-
-    def take_tokens(self, budget: int, seed: int) -> Data:
-        """Sequences in a seeded random order, as many as fit `budget` trained positions (0 = all)."""
-        if not budget:
-            return self
-        order = np.random.default_rng(seed).permutation(self.n_seq)
-        keep = order[np.cumsum(self.n_train[order]) <= budget]
-        if not len(keep):
-            raise ValueError(f"a budget of {budget} trained positions holds no whole sequence")
-        return self.subset(np.sort(keep))
-
-    @staticmethod
-    def concat(datas: Sequence[Data]) -> Data:
-        """The sequences of every one, in order; no prompt index (their indices would collide)."""
-        if len({("context" in d.parts[0], "fuse" in d.parts[0]) for d in datas}) > 1:
-            raise ValueError("cannot mix data with and without context-layer or fuse-layer states")
-        first = np.cumsum([0] + [len(d.parts) for d in datas[:-1]])
-        return Data(
-            parts=sum((d.parts for d in datas), ()),
-            part=np.concatenate([d.part + f for d, f in zip(datas, first)]),
-            start=np.concatenate([d.start for d in datas]),
-            lengths=np.concatenate([d.lengths for d in datas]),
-            prompt_lens=np.concatenate([d.prompt_lens for d in datas]),
-            prompt_index=None,
-            top_k=min(d.top_k for d in datas),
-        )
-
-    def split(self, every: int) -> tuple[Data, Data | None]:
-        """(train, validation): sequences of prompts with index % every == every - 1 validate (every=0: none)."""
-        if not every:
-            return self, None
-        if self.prompt_index is None:
-            raise ValueError("this data has no prompt index to split by")
-        val = self.prompt_index % every == every - 1
-        if val.all() or not val.any():
-            raise ValueError(f"validation split every {every} prompts leaves an empty part")
-        return self.subset(np.flatnonzero(~val)), self.subset(np.flatnonzero(val))
-
-    @staticmethod
-    def from_arrays(tokens, offsets, prompt_lens, hidden, topk_logp, topk_ids, context=None, fuse=None) -> Data:
-        """Data over arrays in memory, flat over sequences like a shard ([total, ...]; fuse [total, F, D])."""
-        lengths = np.diff(offsets)
-        part = {"tokens": tokens, "hidden": hidden, "topk_logp": topk_logp, "topk_ids": topk_ids}
-        part |= {} if context is None else {"context": context}
-        part |= {} if fuse is None else {"fuse": tuple(np.moveaxis(fuse, 1, 0))}
-        n = len(lengths)
-        return Data(
-            (part,), np.zeros(n, np.int64), offsets[:-1], lengths, np.asarray(prompt_lens), None, topk_ids.shape[1]
-        )
 
 
 def load_data(

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import bench, control, distill_data, eesd, exits, generate, losses, prompts, teacher
+from eesd_jax import bench, control, distill_data, eesd, exits, generate, losses, prompts, shards, teacher
 
 
 def eval_exit(
@@ -110,7 +110,7 @@ def greedy_agreement(
     layers = [exit_cfg.layer, *([c] if c else []), *fuse]
     hidden, _, _ = teacher.run_teacher(lm, tokens, offsets, layers, 0, progress=False)
     nxt = np.roll(tokens, -1)[:, None]
-    data = distill_data.Data.from_arrays(
+    data = shards.Data.from_arrays(
         tokens,
         offsets,
         np.array([len(p) for p in ids], np.int32),

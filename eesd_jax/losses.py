@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from eesd_jax import exits, model
-from eesd_jax.distill_data import Data, vocab_map
+from eesd_jax.distill_data import vocab_map
 from eesd_jax.kv_cache import init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
+from eesd_jax.shards import Data
 
 
 @jax.tree_util.register_dataclass

@@ -92,7 +92,7 @@ def make_train_step(
     return jax.jit(train_step, donate_argnames=("state",))
 
 
-def select_count(*datas: distill_data.Data | None) -> int:
+def select_count(*datas: shards.Data | None) -> int:
     """Positions per row the head and loss run on: the most response positions of any sequence,
     rounded up (one fixed count, so few compiled shapes)."""
     return round_up(max(losses.max_train_positions(d) for d in datas if d is not None), 16)
@@ -121,13 +121,13 @@ def _jsonable(tree):
 def train_exit(
     config,
     lm: LM,
-    data: distill_data.Data,
+    data: shards.Data,
     workdir,
     vocab_ids=None,
     progress: bool = True,
     stop_at: int | None = None,
     data_spec: dict | None = None,
-    val: distill_data.Data | None = None,
+    val: shards.Data | None = None,
 ) -> tuple[Params, dict]:
     """Train the exit of config.exit on `data`, resuming from WORKDIR/checkpoints.
 
@@ -313,7 +313,7 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
             text_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer, exit_cfg.fuse_layers
         )
         text = text.take_tokens(int(config.data.text.max_tokens), int(config.data.seed))
-        data = text if config.data.text.only else distill_data.Data.concat([data, text])
+        data = text if config.data.text.only else shards.Data.concat([data, text])
         data_spec = data_spec | {"text": text_manifest["spec"]}  # Checkpoints resume only on the same text.
         data_info["text"] = {k: text_manifest[k] for k in ("spec", "counts", "seconds")}
     vocab_ids = (
