@@ -6,8 +6,8 @@ per-position ones (`tokens`, the teacher pass' `hidden_N{n}`, `topk_logp`, `topk
 position, the shard's sequences one after another. A shard's folder appears by a rename once its
 sequence columns are written, and each column the teacher pass adds later appears by a rename
 too, so whatever is there is complete: a stopped run resumes at the first missing shard or
-column (distill_data). Columns are read back as memmaps, so a reader holds what it slices out,
-never the whole set.
+column (distill_data). Columns are read back as memmaps: `Data` (distill_data.load_data) reads
+a sequence's slices when asked for it, never the whole set.
 
 `batch_stream` is the training order: grain's per-epoch shuffles of the sequences (seeded), cut
 into global batches, each process taking its own rows. It is random access (step -> batch), so
