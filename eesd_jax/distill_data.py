@@ -214,7 +214,10 @@ def text_data(lm: LM, text_cfg, docs: Sequence[corpus.Document], data_dir, progr
             doc_ids.append(doc.id)
     if not seqs:
         raise ValueError(f"text corpus {text_cfg.corpus!r} has no document of {corpus.MIN_TOKENS} tokens or more")
+    done = set(shards.complete(data_dir))  # Left by a stopped run: the same pieces.
     for k, a in enumerate(range(0, len(seqs), TEXT_SHARD)):
+        if k in done:
+            continue
         part = range(a, min(a + TEXT_SHARD, len(seqs)))
         columns = _sequence_columns([seqs[i] for i in part], [1] * len(part), part)
         shards.write_shard(data_dir, k, columns | {"prompt_ids": np.array([doc_ids[i] for i in part])})
