@@ -129,7 +129,10 @@ def generate_data(lm: LM, data_cfg, data_dir, progress: bool = True) -> dict:
             made += [jobs[j] for j in batches[b]]
             bar.update(len(batches[b]))
         columns = _sequence_columns(seqs, [len(encoded[i]) for i, _ in made], [i for i, _ in made])
-        columns |= {"prompt_ids": np.array([plist[i].id for i, _ in made]), "sample_index": np.array(made)[:, 1]}
+        columns |= {
+            "prompt_ids": np.array([plist[i].id for i, _ in made]),
+            "sample_index": np.array(made, np.int32)[:, 1],
+        }
         shards.write_shard(data_dir, k, columns)
     bar.close()
     manifest["seconds"]["generate"] = round(time.perf_counter() - t0, 2)
@@ -165,7 +168,7 @@ def _start(data_dir: pathlib.Path, spec: dict, lm: LM, prompt_info: dict) -> dic
 
 
 def _finish(data_dir: pathlib.Path, manifest: dict, eos_ids) -> dict:
-    """Record the counts of the complete sequences (with each shard's prompt ids) in the manifest."""
+    """Record the counts of the sequences written in the manifest and mark it complete."""
     lengths, prompt_lens, ends = [], [], []
     for k in shards.complete(data_dir):
         n, p = np.asarray(shards.read(data_dir, k, "lengths")), np.asarray(shards.read(data_dir, k, "prompt_lens"))
@@ -263,7 +266,8 @@ def teacher_pass(lm: LM, data_dir, layers: Sequence[int], top_k: int, batch_size
             todo[k] = (need, top_k if stored_k < top_k else 0)
     manifest = read_manifest(data_dir)
     t0 = time.perf_counter()
-    bar = progress_bar(progress and bool(todo), total=len(todo), desc="teacher", unit="shard")
+    n_seq = {k: len(shards.read(data_dir, k, "lengths")) for k in todo}
+    bar = progress_bar(progress and bool(todo), total=sum(n_seq.values()), desc="teacher", unit="seq")
     for k, (need, shard_k) in todo.items():
         lengths = np.asarray(shards.read(data_dir, k, "lengths"))
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -273,7 +277,7 @@ def teacher_pass(lm: LM, data_dir, layers: Sequence[int], top_k: int, batch_size
         shards.add_columns(
             data_dir, k, columns | ({"topk_logp": logp.astype(np.float16), "topk_ids": ids} if shard_k else {})
         )
-        bar.update(1)
+        bar.update(n_seq[k])
     bar.close()
     if todo:
         manifest["teacher"] = {"top_k": max(top_k, manifest.get("teacher", {}).get("top_k", 0))}
