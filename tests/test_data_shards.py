@@ -4,6 +4,9 @@ training order (per-process rows, resumable at a step) and reading without holdi
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -15,6 +18,14 @@ from eesd_jax import configs, distill_data, generate, losses, shards, teacher
 @pytest.fixture(scope="module")
 def lm():
     return teacher.load_lm(configs.load_config("tiny").model)
+
+
+@pytest.fixture(scope="module")
+def whole(lm, tmp_path_factory):
+    """The tiny config's data, made without a stop."""
+    data_dir = tmp_path_factory.mktemp("whole")
+    distill_data.prepare_data(lm, configs.load_config("tiny"), data_dir, progress=False)
+    return data_dir
 
 
 def files(data_dir) -> dict[str, bytes]:
@@ -62,10 +73,8 @@ def stop_on_call(monkeypatch, module, name, n):
     return calls
 
 
-def test_a_stopped_generation_and_teacher_pass_resume_to_the_same_data(lm, tmp_path, monkeypatch):
+def test_a_stopped_generation_and_teacher_pass_resume_to_the_same_data(lm, whole, tmp_path, monkeypatch):
     config = configs.load_config("tiny")
-    whole = tmp_path / "whole"
-    distill_data.prepare_data(lm, config, whole, progress=False)
 
     part = tmp_path / "stopped"
     with monkeypatch.context() as m:  # Killed while generating the second shard.
@@ -89,6 +98,37 @@ def test_a_stopped_generation_and_teacher_pass_resume_to_the_same_data(lm, tmp_p
         len(taught) == 1 and manifest["complete"] and manifest["counts"] == distill_data.read_manifest(whole)["counts"]
     )
     assert files(part) == files(whole)
+
+
+KILLED = """
+import os, signal, sys
+import numpy as np
+from eesd_jax import configs, distill_data, teacher
+real, calls = np.save, []
+def save(*args, **kw):  # SIGKILL (no cleanup) in the middle of writing the n-th column.
+    calls.append(1)
+    if len(calls) == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kw)
+np.save = save
+config = configs.load_config("tiny")
+distill_data.prepare_data(teacher.load_lm(config.model), config, sys.argv[1], progress=False)
+"""
+
+
+@pytest.mark.parametrize("column", [8, 14])  # 6 columns a generated shard, then 4 a teacher shard.
+def test_a_killed_data_run_resumes_to_the_same_data(lm, whole, tmp_path, column):
+    """A process killed while writing a shard's columns (the second shard's in generation, a column of the
+    first in the teacher pass) leaves only complete shards and columns; running again completes the same data."""
+    run = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path), str(column)], capture_output=True, timeout=600)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    in_teacher = column > 12
+    assert shards.complete(tmp_path) == ([0, 1] if in_teacher else [0])
+    assert distill_data.read_manifest(tmp_path)["complete"] == in_teacher  # Generation done.
+    assert shards.has_column(tmp_path, 0, "hidden_N1") == in_teacher and not shards.has_column(tmp_path, 0, "hidden_N2")
+    distill_data.prepare_data(lm, configs.load_config("tiny"), tmp_path, progress=False)
+    assert files(tmp_path) == files(whole)
+    assert not [p for p in (tmp_path / shards.SHARDS).rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_an_older_data_dir_is_refused_with_one_line(lm, tmp_path):
