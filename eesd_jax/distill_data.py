@@ -230,7 +230,7 @@ def text_data(lm: LM, text_cfg, docs: Sequence[corpus.Document], data_dir, progr
 
 
 def _write_manifest(data_dir: pathlib.Path, manifest: dict) -> None:
-    tmp = data_dir / "manifest.json.tmp"
+    tmp = shards.temporary(data_dir / "manifest.json")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(data_dir / "manifest.json")
 

@@ -40,24 +40,36 @@ def complete(data_dir) -> list[int]:
 
 
 def write_shard(data_dir, k: int, columns: dict[str, np.ndarray]) -> None:
-    """Shard k with these columns, appearing at once (written to a temporary folder, then renamed)."""
+    """Shard k with these columns, appearing at once (written to a temporary folder, then renamed).
+
+    Every process of a multi-process run makes the same data and may write it: each writes its own
+    temporary folder, and one that finds the shard there already drops its copy."""
     final = shard_dir(data_dir, k)
-    tmp = final.with_name(f".{final.name}.tmp")
+    tmp = temporary(final)
     shutil.rmtree(tmp, ignore_errors=True)  # Left by a run stopped mid-write.
     tmp.mkdir(parents=True)
     for name, array in columns.items():
         np.save(tmp / f"{name}.npy", array, allow_pickle=False)
-    tmp.rename(final)
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(tmp)  # Another process wrote it first.
 
 
 def add_columns(data_dir, k: int, columns: dict[str, np.ndarray]) -> None:
     """Add (or replace) columns of shard k, each appearing at once."""
     for name, array in columns.items():
         path = shard_dir(data_dir, k) / f"{name}.npy"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("wb") as f:
+        with (tmp := temporary(path)).open("wb") as f:
             np.save(f, array, allow_pickle=False)
         os.replace(tmp, path)
+
+
+def temporary(path: pathlib.Path) -> pathlib.Path:
+    """Where this process writes `path` before renaming it (hidden; one per process)."""
+    return path.with_name(f".{path.name}.p{jax.process_index()}.tmp")
 
 
 def has_column(data_dir, k: int, name: str) -> bool:

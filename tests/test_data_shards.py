@@ -34,14 +34,14 @@ def files(data_dir) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.npy"))}
 
 
-def test_shard_columns_round_trip_exactly(tmp_path):
+def test_shard_columns_round_trip_exactly(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     columns = {
         "tokens": rng.integers(0, 50_000, 100).astype(np.int32),
         "hidden_N1": rng.standard_normal((100, 8)).astype(np.float16),
         "prompt_ids": np.array(["chat/1", "HumanEval/0"]),
     }
-    (tmp_path / shards.SHARDS / ".00003.tmp").mkdir(parents=True)  # As a stop mid-write leaves it.
+    (tmp_path / shards.SHARDS / ".00003.p0.tmp").mkdir(parents=True)  # As a stop mid-write leaves it.
     shards.write_shard(tmp_path, 3, columns)
     shards.add_columns(tmp_path, 3, {"topk_logp": -rng.random((100, 4)).astype(np.float16)})
     assert shards.complete(tmp_path) == [3]
@@ -51,6 +51,11 @@ def test_shard_columns_round_trip_exactly(tmp_path):
         assert isinstance(got, np.memmap) and got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
     assert shards.read(tmp_path, 3, "topk_logp").dtype == np.float16
+    # Another process making the same data writes the shard too: the first copy stays, the second is dropped.
+    monkeypatch.setattr(shards.jax, "process_index", lambda: 1)
+    shards.write_shard(tmp_path, 3, {"tokens": columns["tokens"]})
+    assert sorted(p.name for p in (tmp_path / shards.SHARDS).iterdir()) == ["00003"]
+    assert (shards.shard_dir(tmp_path, 3) / "prompt_ids.npy").is_file()
     with pytest.raises(FileNotFoundError, match="did not store hidden_N2"):
         shards.read(tmp_path, 3, "hidden_N2")
 
