@@ -10,8 +10,9 @@ WORKDIR holds: data/ (unless config.data.dir), checkpoints/ (orbax), metrics.jso
 exit_N{n}.safetensors. evaluation.eval_exit then measures the exit in real EESD decoding.
 
 Resume: the batch of step s is a function of (train.seed, s) alone (shards.batch_stream: a fresh
-shuffle of the sequences per epoch, streamed from the data's shards), and the optimizer state is checkpointed with the params,
-so a run killed mid-way and restarted ends with exactly the params of an uninterrupted one.
+shuffle of the sequences per epoch, read from the data's shards; each process makes its rows),
+and the optimizer state is checkpointed with the params, so a run killed mid-way and restarted
+ends with exactly the params of an uninterrupted one.
 """
 
 from __future__ import annotations
