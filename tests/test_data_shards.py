@@ -12,12 +12,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from eesd_jax import configs, distill_data, generate, losses, shards, teacher
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return teacher.load_lm(configs.load_config("tiny").model)
+from eesd_jax import configs, distill_data, generate, losses, shards
 
 
 @pytest.fixture(scope="module")

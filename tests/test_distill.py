@@ -31,11 +31,6 @@ def tiny_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def lm():
-    return teacher.load_lm(configs.load_config("tiny").model)
-
-
-@pytest.fixture(scope="module")
 def run(lm, tmp_path_factory):
     """An uninterrupted tiny distillation: (config, workdir, exit path)."""
     root = tmp_path_factory.mktemp("distill")
