@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import bench, control, distill_data, eesd, exits, generate, losses, prompts, sharding, teacher
+from eesd_jax import bench, control, distill_data, eesd, exits, generate, losses, prompts, sharding, shards, teacher
 
 
 def eval_exit(
@@ -108,23 +108,17 @@ def greedy_agreement(
     seqs = [p + out for p, out in zip(ids, outputs)]
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
     tokens = np.concatenate([np.asarray(s, np.int32) for s in seqs])
-    mask = np.zeros(len(tokens), bool)
-    for k, p in enumerate(ids):
-        mask[offsets[k] + len(p) - 1 : offsets[k + 1] - 1] = True
     c, fuse = exit_cfg.context_layer, exit_cfg.fuse_layers
     layers = [exit_cfg.layer, *([c] if c else []), *fuse]
     hidden, _, _ = teacher.run_teacher(lm, tokens, offsets, layers, 0, progress=False)
     nxt = np.roll(tokens, -1)[:, None]
-    data = distill_data.Data(
+    data = shards.Data.from_arrays(
         tokens,
         offsets,
         np.array([len(p) for p in ids], np.int32),
-        mask,
         hidden[exit_cfg.layer],
         np.zeros((len(tokens), 1), np.float32),
         nxt.astype(np.int32),
-        np.zeros(cfg.vocab_size, np.int64),
-        np.zeros(cfg.vocab_size),
         context=hidden[c] if c else None,
         fuse=np.stack([hidden[j] for j in fuse], 1).astype(np.float16) if fuse else None,
     )

@@ -322,6 +322,27 @@ def shard_rows(tree, mesh: Mesh | None):
     return jax.tree.map(jax.numpy.asarray, tree) if mesh is None else shard_batch(tree, mesh)
 
 
+def process_rows(tree, mesh: Mesh | None):
+    """This process's rows of a global batch ([B / P, ...] each, P processes) -> global [B, ...] arrays, rows
+    over 'data'. One process: shard_rows. Which global rows a process's rows become is the mesh's
+    choice (a permutation of the batch's rows, the same at every step)."""
+    if jax.process_count() == 1:
+        return shard_rows(tree, mesh)
+    if mesh is None or mesh.shape["data"] % jax.process_count():
+        raise ValueError(
+            f"{jax.process_count()} processes each make their rows of a batch: the mesh's 'data' axis must be a "
+            "multiple of the process count"
+        )
+
+    def one(x):
+        shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+        if shape[0] % mesh.shape["data"]:
+            raise ValueError(f"a batch of {shape[0]} rows cannot be split over data={mesh.shape['data']}")
+        return jax.make_array_from_process_local_data(named(mesh, ("batch",) + (None,) * (x.ndim - 1), shape), x, shape)
+
+    return jax.tree.map(one, tree)
+
+
 def replicate(tree, mesh: Mesh):
     return put(tree, jax.tree.map(lambda x: NamedSharding(mesh, P()), tree))
 

@@ -141,13 +141,11 @@ def run_teacher(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "teacher",
-    half: Sequence[int] = (),
 ):
     """One pass of the frozen LLM over every sequence.
 
     Returns ({n: [total, D] hidden after layer n}, [total, C] top-k log-probs, [total, C] ids),
-    flat like `tokens`; n = L is the final state (before the final norm). The states after
-    the layers in `half` are kept in float16 (fused exits' inputs: storage).
+    flat like `tokens`; n = L is the final state (before the final norm).
     With top_k = 0 only the first max(layers) layers run.
     """
     cfg = lm.cfg
@@ -159,7 +157,7 @@ def run_teacher(
     segments = [jax.tree.map(lambda w, a=a, b=b: w[a:b], lm.params["layers"]) for a, b in zip(starts, bounds)]
     lengths = np.diff(offsets)
     total = int(offsets[-1])
-    hidden = {n: np.zeros((total, cfg.d_model), np.float16 if n in half else np.float32) for n in layers}
+    hidden = {n: np.zeros((total, cfg.d_model), np.float32) for n in layers}
     top_logp = np.zeros((total, top_k), np.float32)
     top_ids = np.zeros((total, top_k), np.int32)
     order = np.argsort(lengths, kind="stable")

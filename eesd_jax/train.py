@@ -9,15 +9,16 @@ WORKDIR holds: data/ (unless config.data.dir), checkpoints/ (orbax), metrics.jso
 (one record per log step), run.json (stage wall times, metrics, the exit's path),
 exit_N{n}.safetensors. evaluation.eval_exit then measures the exit in real EESD decoding.
 
-Resume: the batch of step s is a function of (train.seed, s) alone (a fresh permutation
-of the sequences per epoch), and the optimizer state is checkpointed with the params,
-so a run killed mid-way and restarted ends with exactly the params of an uninterrupted one.
+Resume: the batch of step s is a function of (train.seed, s) alone (shards.batch_stream: a fresh
+shuffle of the sequences per epoch, read from the data's shards; each process makes its rows),
+and the optimizer state is checkpointed with the params, so a run killed mid-way and restarted
+ends with exactly the params of an uninterrupted one.
 
-Mesh: everything runs where the teacher's params lie (sharding.mesh_of): batch rows over 'data',
-the exit's float32 master weights and Adam moments sharded like one LLM layer, checkpoints of
-those global arrays. Multi-host: every process computes the same; process 0 alone writes files
-(sharding.main_writes), so the workdir must be shared. A URL workdir (gs://) goes through
-etils.epath.
+Mesh: everything runs where the teacher's params lie (sharding.mesh_of): batch rows over 'data'
+(each process's rows of a global batch), the exit's float32 master weights and Adam moments
+sharded like one LLM layer, checkpoints of those global arrays. Multi-host: process 0 alone
+writes logs, run.json and the export, so the workdir must be shared. A URL workdir (gs://)
+goes through etils.epath.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from eesd_jax import distill_data, exits, losses, model, sharding, teacher
+from eesd_jax import distill_data, exits, losses, model, sharding, shards, teacher
 from eesd_jax.kv_cache import round_up
 from eesd_jax.model import ModelConfig, Params
 from eesd_jax.teacher import LM
@@ -77,17 +78,6 @@ def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     return tx, schedule
 
 
-def batch_indices(n_seq: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """Sequences of step `step`: slots [step*B, (step+1)*B) of a stream of per-epoch permutations."""
-    slots = np.arange(step * batch_size, (step + 1) * batch_size)
-    out = np.empty(batch_size, np.int64)
-    for epoch in np.unique(slots // n_seq):
-        perm = np.random.default_rng([seed, int(epoch)]).permutation(n_seq)
-        sel = slots // n_seq == epoch
-        out[sel] = perm[slots[sel] % n_seq]
-    return out
-
-
 def make_train_step(
     cfg: ModelConfig,
     tx: optax.GradientTransformation,
@@ -122,7 +112,7 @@ def make_train_step(
     return jax.jit(train_step, donate_argnames=("state",), out_shardings=(state_shardings, replicated))
 
 
-def select_count(*datas: distill_data.Data | None) -> int:
+def select_count(*datas: shards.Data | None) -> int:
     """Positions per row the head and loss run on: the most response positions of any sequence,
     rounded up (one fixed count, so few compiled shapes)."""
     return round_up(max(losses.max_train_positions(d) for d in datas if d is not None), 16)
@@ -165,13 +155,13 @@ def _jsonable(tree):
 def train_exit(
     config,
     lm: LM,
-    data: distill_data.Data,
+    data: shards.Data,
     workdir,
     vocab_ids=None,
     progress: bool = True,
     stop_at: int | None = None,
     data_spec: dict | None = None,
-    val: distill_data.Data | None = None,
+    val: shards.Data | None = None,
 ) -> tuple[Params, dict]:
     """Train the exit of config.exit on `data`, resuming from WORKDIR/checkpoints.
 
@@ -277,14 +267,16 @@ def train_exit(
         dynamic_ncols=True,
     )
     say = bar.write if main else lambda text: None
-    for step in range(start, end):
-        idx = batch_indices(data.n_seq, int(t.batch_size), int(t.seed), step)
-        rounds = np.random.default_rng([int(t.seed), step])  # Resume-exact, like the batch order.
-        batch = losses.make_batch(
-            data, idx, int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select, rounds, int(t.max_round)
-        )
-        n_tokens += batch.weights.shape[0] * batch.weights.shape[1]
-        state, m = train_step(head_vd, static, state, vmap, sharding.shard_rows(batch, mesh))
+
+    def make_batch(step, idx):
+        rounds = np.random.default_rng([int(t.seed), step, jax.process_index()])  # Resume-exact, like the order.
+        args = (int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select, rounds, int(t.max_round))
+        return losses.make_batch(data, idx, *args)
+
+    stream = shards.batch_stream(data.n_seq, int(t.batch_size), int(t.seed), make_batch)
+    for step, batch in zip(range(start, end), shards.prefetched(stream, start, end)):
+        n_tokens += batch.weights.shape[0] * batch.weights.shape[1] * jax.process_count()
+        state, m = train_step(head_vd, static, state, vmap, sharding.process_rows(batch, mesh))
         acc.append(m)
         done = step + 1
         if done % int(t.log_every) == 0 or done == steps:
@@ -379,11 +371,13 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
             text_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer, exit_cfg.fuse_layers
         )
         text = text.take_tokens(int(config.data.text.max_tokens), int(config.data.seed))
-        data = text if config.data.text.only else distill_data.Data.concat([data, text])
+        data = text if config.data.text.only else shards.Data.concat([data, text])
         data_spec = data_spec | {"text": text_manifest["spec"]}  # Checkpoints resume only on the same text.
         data_info["text"] = {k: text_manifest[k] for k in ("spec", "counts", "seconds")}
     vocab_ids = (
-        distill_data.choose_draft_vocab(data, exit_cfg.draft_vocab, lm.eos_ids) if exit_cfg.draft_vocab else None
+        distill_data.choose_draft_vocab(data, exit_cfg.draft_vocab, lm.cfg.vocab_size, lm.eos_ids)
+        if exit_cfg.draft_vocab
+        else None
     )
     seconds["data"] = round(time.perf_counter() - t0, 2)
 

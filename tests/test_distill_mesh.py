@@ -19,7 +19,7 @@ import pytest
 from safetensors.numpy import load_file
 from test_sharding import ROOT, run_two_processes
 
-from eesd_jax import cli, configs, model, train
+from eesd_jax import cli, configs, model, shards, train
 
 SPEC = "tiny:train.steps=8,train.ckpt_every=4,train.log_every=2"  # A checkpoint at 4, one at 8.
 MESH = "data=4,model=2"
@@ -89,13 +89,16 @@ def test_distill_on_a_mesh_trains_the_one_device_exit(mesh_run, one_device):
     assert run["train"]["mesh"] == {"data": 4, "model": 2} and run["train"]["finished"]
     recorded = json.loads((root / "mesh" / "config.json").read_text())  # --mesh / --dtype reach the config.
     assert recorded["mesh"] == MESH and recorded["model"]["dtype"] == "float32"
-    for name in ("sequences.npz", "teacher.npz", "hidden_N1.npz", "hidden_N2.npz"):
-        with np.load(root / "mesh" / "data" / name) as m, np.load(one / "data" / name) as o:
-            for k in o.files:
-                if o[k].dtype.kind in "iub" or o[k].dtype.kind == "U":
-                    np.testing.assert_array_equal(m[k], o[k], err_msg=f"{name}:{k}")
-                else:
-                    np.testing.assert_allclose(m[k], o[k], atol=1e-4, rtol=0, err_msg=f"{name}:{k}")
+    assert shards.complete(root / "mesh" / "data") == shards.complete(one / "data")
+    for k in shards.complete(one / "data"):
+        columns = sorted(p.stem for p in shards.shard_dir(one / "data", k).glob("*.npy"))
+        assert columns == sorted(p.stem for p in shards.shard_dir(root / "mesh" / "data", k).glob("*.npy"))
+        for name in columns:
+            m, o = (shards.read(d / "data", k, name) for d in (root / "mesh", one))
+            if o.dtype.kind == "f":  # Float16 states and log-probs: one rounding step of float16 apart at most.
+                np.testing.assert_allclose(m, o, atol=2e-3, rtol=2e-3, err_msg=f"shard {k}: {name}")
+            else:
+                np.testing.assert_array_equal(m, o, err_msg=f"shard {k}: {name}")
     assert_exits_close(root / "mesh" / "exit_N1.safetensors", one_exit, atol=1e-5)
     # The logs of both: the same losses, step by step.
     lines = [(root / "mesh" / "metrics.jsonl").read_text(), (one / "metrics.jsonl").read_text()]
