@@ -450,8 +450,8 @@ def sync(name: str) -> None:
 def main_writes(name: str, write: Callable[[], Any]) -> None:
     """Run write() on process 0 only, then wait for it on every process.
 
-    Multi-host runs share one workdir (a bucket or a shared disk): every process computes the
-    same results, one writes them, and no process reads a file before it is whole.
+    Multi-host runs share one workdir: every process computes the same results, one writes
+    them, and no process reads a file before it is whole.
     """
     if is_main_process():
         write()

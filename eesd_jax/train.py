@@ -268,9 +268,12 @@ def train_exit(
     )
     say = bar.write if main else lambda text: None
 
+    # Processes make their rows of a batch apart, so they pad to one length without comparing notes.
+    bucket = int(t.seq_bucket) if jax.process_count() == 1 else round_up(int(t.seq_len), int(t.seq_bucket))
+
     def make_batch(step, idx):
         rounds = np.random.default_rng([int(t.seed), step, jax.process_index()])  # Resume-exact, like the order.
-        args = (int(t.seq_len), int(t.seq_bucket), float(t.prompt_weight), n_select, rounds, int(t.max_round))
+        args = (int(t.seq_len), bucket, float(t.prompt_weight), n_select, rounds, int(t.max_round))
         return losses.make_batch(data, idx, *args)
 
     stream = shards.batch_stream(data.n_seq, int(t.batch_size), int(t.seed), make_batch)
