@@ -268,7 +268,7 @@ def train_exit(
     )
     say = bar.write if main else lambda text: None
 
-    # Processes make their rows of a batch apart, so they pad to one length without comparing notes.
+    # Processes make their rows of a batch apart: one padded length, so that they run one SPMD program.
     bucket = int(t.seq_bucket) if jax.process_count() == 1 else round_up(int(t.seq_len), int(t.seq_bucket))
 
     def make_batch(step, idx):

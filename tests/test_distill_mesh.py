@@ -178,7 +178,8 @@ print(json.dumps(dict(process=jax.process_index(), stopped=stopped, code=code, s
 def test_two_process_distill_checkpoints_resumes_and_exports_once(tmp_path, one_device):
     """A 2-process jax.distributed job on localhost: killed after step 6, restarted; every process trains,
     process 0 alone writes the data, logs, run.json and the exit, which equals the one-device exit."""
-    results = run_two_processes(_TWO_PROCESS_SCRIPT, args=[str(tmp_path), SPEC], timeout=600)
+    # Buckets of 8 positions: each process pads its rows to seq_len, whatever their lengths.
+    results = run_two_processes(_TWO_PROCESS_SCRIPT, args=[str(tmp_path), SPEC + ",train.seq_bucket=8"], timeout=600)
     assert [r["process"] for r in results] == [0, 1]
     assert all(r["stopped"] is None and r["code"] == 0 for r in results), results
     assert results[0]["saved"] == [str(tmp_path / "exit_N1.safetensors")] and results[1]["saved"] == []
