@@ -262,7 +262,7 @@ def load_teacher(config):
     """The config's teacher LM in config.model.dtype, its params sharded over config.mesh (if any).
 
     Megatron tensor parallel over 'model', replicated over 'data' (an HF folder read straight onto
-    the mesh); the stages then run on the mesh by sharding propagation (rows not yet split over 'data')."""
+    the mesh); every stage then runs on the params' mesh (sharding.mesh_of), rows over 'data'."""
     from eesd_jax import mesh_loading, model, sharding, teacher
 
     dtype, mesh = config.model.get("dtype", "float32"), sharding.mesh_from_spec(config.get("mesh") or None)
