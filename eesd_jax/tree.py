@@ -1,7 +1,8 @@
 """Draft trees: several candidate continuations per round, verified in one pass (EAGLE-2 style).
 
 A round's tree, for a row whose newest accepted token x sits at position p, has a static
-shape (EESDConfig.tree nodes, tree_width W per depth, depth R = tree // W):
+shape (EESDConfig.tree nodes, tree_width W per depth, depth R = tree // W at most; with
+EESDConfig.tree_stop each round stops growing once a deeper depth is not expected to pay):
   * node 0, the root, is x; depth d = 1..R holds nodes 1 + (d-1)W .. dW;
   * depth d's nodes are the W children with the highest cumulative exit log-probability
     among the top-W children of each of depth d-1's nodes (a deterministic choice);
@@ -127,13 +128,13 @@ def draft(
             parent=t.parent.at[:, idx_w].set(parent),
             ancestors=t.ancestors.at[:, idx_w].set(anc),
         )
-        # The deepest nodes' exit output is unused but their exit cache slots are needed (a fully
-        # accepted path is the next round's context).
         from_parent = None
         if fused is not None:  # No verified predecessor: the parent's exit output stands in for each state.
             from_parent = jnp.broadcast_to(
                 jnp.take_along_axis(t.exit_out, parent[..., None], 1)[:, :, None], (B, W, *fused.shape[1:])
             )
+        # The deepest nodes' exit output is unused but their exit cache slots are needed (a fully
+        # accepted path is the next round's context).
         t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, idx_w, pos0_b, d, W, from_parent)
         nxt = _expand(top_logp, top_ids, cum, jnp.broadcast_to(idx_w, (B, W)), W)
         gain_b = jnp.sum(jnp.exp(nxt[2]), -1)  # Depth d + 1's nodes lie on disjoint paths: P(one is accepted).
