@@ -18,7 +18,7 @@ Mesh: everything runs where the teacher's params lie (sharding.mesh_of): batch r
 (each process's rows of a global batch), the exit's float32 master weights and Adam moments
 sharded like one LLM layer, checkpoints of those global arrays. Multi-host: process 0 alone
 writes logs, run.json and the export, so the workdir must be shared. A URL workdir (gs://)
-goes through etils.epath.
+goes through etils.epath; the data stays on each host's local disk (data.dir, `local_dir`).
 """
 
 from __future__ import annotations
@@ -137,6 +137,19 @@ def as_path(path: str | os.PathLike) -> pathlib.Path:
         from etils import epath
 
         return epath.Path(path)
+    return pathlib.Path(path)
+
+
+def local_dir(configured: str, workdir, name: str, key: str) -> pathlib.Path:
+    """The local folder of distillation data: `configured`, else WORKDIR/name. Shards are memory-mapped,
+    so the data must be on a local (or mounted) disk; with a URL workdir every host keeps its own copy
+    in `key`, a local path (ValueError before any compute otherwise)."""
+    path = str(configured) or f"{workdir}/{name}"
+    if "://" in path:
+        raise ValueError(
+            f"{key}={path!r}: distillation data is memory-mapped from a local disk; set {key} to a local "
+            "path (with a gs:// workdir each host makes and reads its own copy there)"
+        )
     return pathlib.Path(path)
 
 
@@ -338,6 +351,9 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     exits at those N too (run_joint); the path returned is still exit.layer's.
     """
     workdir = as_path(workdir)
+    data_dir = local_dir(config.data.dir, workdir, "data", "data.dir")
+    if config.data.text.corpus:
+        text_dir = local_dir(config.data.text.dir, workdir, "text_data", "data.text.dir")
     workdir.mkdir(parents=True, exist_ok=True)
     if tuple(config.exit.get("joint_layers", ())):
         paths = run_joint(config, workdir, lm, progress, stop_at)
@@ -355,9 +371,7 @@ def run_distill(config, workdir, lm: LM | None = None, progress: bool = True, st
     t0 = time.perf_counter()
     t = config.train
     if config.data.text.corpus:  # Checked before the responses, which may take hours to make.
-        text_dir = as_path(config.data.text.dir) if config.data.text.dir else workdir / "text_data"
         prepare_text = distill_data.plan_text_data(lm, config, text_dir)
-    data_dir = as_path(config.data.dir) if config.data.dir else workdir / "data"
     manifest = distill_data.prepare_data(lm, config, data_dir, progress)
     all_data = distill_data.load_data(
         data_dir, exit_cfg.layer, int(config.data.top_k), exit_cfg.context_layer, exit_cfg.fuse_layers

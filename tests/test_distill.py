@@ -422,6 +422,22 @@ def test_a_bad_text_request_is_refused_before_any_data_is_made(lm, tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize(
+    ("workdir", "overrides", "key"),
+    [
+        ("gs://bucket/run", {}, "data.dir"),  # The default data dir would be under the URL.
+        ("run", {"data.dir": "gs://bucket/data"}, "data.dir"),
+        ("run", {"data.text.corpus": "readmes", "data.text.dir": "gs://bucket/text"}, "data.text.dir"),
+    ],
+)
+def test_a_url_data_dir_is_refused_before_anything_is_written(tmp_path, workdir, overrides, key):
+    """Shards are memory-mapped: the data must be local even when the workdir is a gs:// URL."""
+    workdir = workdir if "://" in workdir else tmp_path / workdir
+    with pytest.raises(ValueError, match=f"{key}=.*local"):
+        train.run_distill(tiny_config(**overrides), workdir, lm=None, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
 def test_joint_run_trains_an_exit_per_layer_on_one_data_preparation(run, lm, tmp_path):
     """exit.joint_layers (COST-EFF multi-exit training): an exit at every N from one run and one data
     preparation. The LLM is frozen, so each exit is the one a run of its own trains on that data."""
