@@ -29,21 +29,37 @@ MESH = "data=4,model=2"
 _MESH_SCRIPT = """
 import contextlib, io, json, pathlib, sys
 import numpy as np
-from eesd_jax import cli, configs, train
+from eesd_jax import cli, configs, distill_data, generate, shards, train
 
 root, spec, mesh = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 # The whole pipeline on the mesh, through the command line: generation, teacher pass, training, export.
 assert cli.main(["distill", "--config", spec, "--mesh", mesh, "--workdir", str(root / "mesh")]) == 0
-# Killed mid-training (after step 6; checkpoint at 4), then restarted: on the mesh's data.
 config = configs.load_config(spec)
-config.mesh, config.data.dir = mesh, str(root / "mesh" / "data")
-stopped = train.run_distill(config, root / "resumed", lm=cli.load_teacher(config), progress=False, stop_at=6)
-resumed = train.run_distill(config, root / "resumed", lm=cli.load_teacher(config), progress=False)
+config.mesh, config.data.dir = mesh, str(root / "resumed" / "data")
+lm = cli.load_teacher(config)
+# Killed mid-generation (in its second batch, after the first shard), then restarted: data of its own.
+real, calls = generate.generate_ar, []
+def generate_until_killed(*args, **kw):
+    calls.append(1)
+    if len(calls) == 2:
+        raise KeyboardInterrupt
+    return real(*args, **kw)
+generate.generate_ar = generate_until_killed
+try:
+    train.run_distill(config, root / "resumed", lm=lm, progress=False)
+    raise AssertionError("generation was not stopped")
+except KeyboardInterrupt:
+    shards_at_kill = shards.complete(config.data.dir)
+generate.generate_ar = real
+# Killed mid-training (after step 6; checkpoint at 4), then restarted.
+stopped = train.run_distill(config, root / "resumed", lm=lm, progress=False, stop_at=6)
+resumed = train.run_distill(config, root / "resumed", lm=lm, progress=False)
 out = io.StringIO()
 with contextlib.redirect_stdout(out):
     exit_file = str(root / "mesh" / "exit_N1.safetensors")
     assert cli.main(["eval-exit", "--exit", exit_file, "--config", "tiny", "--mesh", mesh]) == 0
-print(json.dumps(dict(stopped=stopped, resumed=str(resumed), eval=json.loads(out.getvalue()))))
+result = dict(stopped=stopped, resumed=str(resumed), eval=json.loads(out.getvalue()), shards_at_kill=shards_at_kill)
+print(json.dumps(result))
 """
 
 
@@ -109,7 +125,14 @@ def test_distill_on_a_mesh_trains_the_one_device_exit(mesh_run, one_device):
 
 @pytest.mark.slow
 def test_distill_on_a_mesh_resumes_after_a_kill_to_the_same_exit(mesh_run):
+    """Killed mid-generation, then mid-training: the same data and the same exit as one uninterrupted run."""
     root, result = mesh_run
+    assert result["shards_at_kill"] == [0]  # The first shard was on disk when generation was killed.
+    made = [shards.shard_dir(root / d / "data", k) for d in ("mesh", "resumed") for k in (0, 1)]
+    for once, across in zip(made[:2], made[2:], strict=True):
+        assert sorted(p.name for p in once.iterdir()) == sorted(p.name for p in across.iterdir())
+        for f in once.iterdir():
+            assert f.read_bytes() == (across / f.name).read_bytes(), f
     assert result["stopped"] is None  # Stopped at step 6: nothing exported.
     run = json.loads((root / "resumed" / "run.json").read_text())
     assert run["train"]["resumed_from"] == 4 and run["train"]["mesh"] == {"data": 4, "model": 2}
