@@ -16,7 +16,8 @@ EESD_TARGET void tile(const float* x, const float* tail_x, const W* w, const flo
     Vec wv[C];
     for (int c = 0; c < C; ++c) wv[c] = vload(w + c * D + d);
     for (int r = 0; r < R; ++r) {
-      const Vec xv = vload(x + r * D + d);
+      Vec xv = vload(x + r * D + d);
+      asm("" : "+v"(xv));  // In a register: folded into each FMA, x was loaded C times.
       for (int c = 0; c < C; ++c) acc[r][c] = vfma(xv, wv[c], acc[r][c]);
     }
   }
