@@ -1,6 +1,11 @@
 """The CPU small-block kernel (cpu_kernel.py): XLA's dot within float error, a row's result
 independent of the row count, where model.dense uses it, and the fallback to XLA's dot."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +59,25 @@ def test_a_rows_result_does_not_depend_on_the_row_count(w_dtype):
     for n in range(1, 17):
         for start in {0, 16 - n, (16 - n) // 2}:
             np.testing.assert_array_equal(np.asarray(call(x[start : start + n], w)), full[start : start + n])
+
+
+@needs_kernel
+@pytest.mark.skipif(
+    "avx512f" not in (pathlib.Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""),
+    reason="the CPU has no AVX-512: the AVX2 path is the one the other tests run",
+)
+def test_the_avx2_path_on_an_avx512_cpu():
+    """The tests above, in a process where EESD_CPU_KERNEL_AVX512=0 keeps the kernel on AVX2."""
+    env = {**os.environ, "EESD_CPU_KERNEL_AVX512": "0"}
+    select = "float_error or does_not_depend_on_the_row_count"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout
 
 
 @needs_kernel
