@@ -224,14 +224,23 @@ def dense(x_btd: jax.Array, w_od: jax.Array, out_dtype=None) -> jax.Array:
     """
     B, T, D = x_btd.shape
     if cpu_kernel.applies(B * T, w_od):
-        y_no = cpu_kernel.matmul(x_btd.reshape(B * T, D), w_od)
-        return y_no.reshape(B, T, -1).astype(out_dtype or jnp.result_type(x_btd, w_od))
+        return dense_many(x_btd, [w_od], out_dtype)[0]
     if 1 < B * T <= SMALL_BLOCK:
         return jnp.einsum("od,btd->obt", w_od, x_btd, preferred_element_type=out_dtype).transpose(1, 2, 0)
     return jnp.einsum("btd,od->bto", x_btd, w_od, preferred_element_type=out_dtype)
 
 
 SMALL_BLOCK = 16  # Rows (B * T) up to which dense() uses the CPU kernel, else puts the weight on the left.
+
+
+def dense_many(x_btd: jax.Array, ws_od: Sequence[jax.Array], out_dtype=None) -> list[jax.Array]:
+    """[dense(x_btd, w) for w in ws_od], on the CPU kernel in one call where it applies to all
+    (q/k/v, gate/up: one thread-pool dispatch, the weights' rows balanced together)."""
+    B, T, D = x_btd.shape
+    if len({w.dtype for w in ws_od}) == 1 and all(cpu_kernel.applies(B * T, w) for w in ws_od):
+        ys_no = cpu_kernel.matmul_many(x_btd.reshape(B * T, D), tuple(ws_od))
+        return [y.reshape(B, T, -1).astype(out_dtype or jnp.result_type(x_btd, w)) for y, w in zip(ys_no, ws_od)]
+    return [dense(x_btd, w, out_dtype) for w in ws_od]
 
 
 # ----------------------------------------------------------------------------- one block
@@ -363,9 +372,8 @@ def _qkv(cfg: ModelConfig, p: Params, x_btd: jax.Array, positions_bt: jax.Array)
     # Projections are 2-D matmuls against the stored (out, in) weights: head-shaped
     # einsums made XLA:CPU copy a transposed weight every layer and step.
     h = rms_norm(x_btd, p["attn_norm"], cfg.rms_eps)
-    q_bthe = dense(h, p["wq"].reshape(H * E, D)).reshape(B, T, H, E)
-    k_btke = dense(h, p["wk"].reshape(K * E, D)).reshape(B, T, K, E)
-    v_btke = dense(h, p["wv"].reshape(K * E, D)).reshape(B, T, K, E)
+    q, k, v = dense_many(h, [p["wq"].reshape(H * E, D), p["wk"].reshape(K * E, D), p["wv"].reshape(K * E, D)])
+    q_bthe, k_btke, v_btke = q.reshape(B, T, H, E), k.reshape(B, T, K, E), v.reshape(B, T, K, E)
     if cfg.qkv_bias:
         q_bthe, k_btke, v_btke = q_bthe + p["bq"], k_btke + p["bk"], v_btke + p["bv"]
     rot = lambda x: rope(x, positions_bt, cfg.rope_theta, cfg.rope_scaling)
@@ -395,7 +403,7 @@ def _out_and_mlp(cfg: ModelConfig, p: Params, x_btd: jax.Array, o_btn: jax.Array
     """The attention output projection and the MLP, each with its residual."""
     x_btd = x_btd + dense(o_btn, p["wo"].reshape(x_btd.shape[-1], -1))
     h = rms_norm(x_btd, p["mlp_norm"], cfg.rms_eps)
-    gate_btf, up_btf = dense(h, p["w_gate"]), dense(h, p["w_up"])
+    gate_btf, up_btf = dense_many(h, [p["w_gate"], p["w_up"]])
     return x_btd + dense(jax.nn.silu(gate_btf) * up_btf, p["w_down"])
 
 

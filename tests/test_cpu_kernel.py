@@ -81,6 +81,24 @@ def test_the_avx2_path_on_an_avx512_cpu():
 
 
 @needs_kernel
+@pytest.mark.parametrize("w_dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 3, 8, 16])
+def test_one_call_over_several_weights_equals_a_call_each(n, w_dtype):
+    """Bit for bit, with weights of sizes that split the threads' chunks inside and across weights."""
+    x, _ = _data(n, 72, 1, w_dtype)
+    ws = tuple(_data(1, 72, o, w_dtype, seed=o)[1] for o in (200, 13, 64, 1))
+    many = jax.jit(cpu_kernel.matmul_many)(x, ws)
+    assert len(many) == len(ws)
+    for got, w in zip(many, ws, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(cpu_kernel.matmul)(x, w)))
+    x_btd = x.reshape(1, n, 72)
+    assert _uses_kernel(lambda x, ws: model.dense_many(x, ws), x_btd, ws)
+    mixed = [ws[0], ws[1].astype(jnp.float16)]  # Not one kernel dtype: XLA's dot for each, same values.
+    for got, w in zip(model.dense_many(x_btd, mixed, jnp.float32), mixed, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(model.dense(x_btd, w, jnp.float32)))
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_dense_rows_round_identically_in_ar_and_verify_shapes(dtype):
     x, w = _data(9, 48, 24, dtype)
@@ -137,7 +155,11 @@ def test_load_reports_why_not(tmp_path):
 @needs_kernel
 def test_gradients_flow_through_the_kernel():
     x, w = _data(3, 20, 6, jnp.float32)
-    loss = lambda x, w, use: jnp.sum(jnp.sin(cpu_kernel.matmul(x, w) if use else x @ w.T))
+
+    def loss(x, w, use):
+        ys = cpu_kernel.matmul_many(x, (w, 2 * w)) if use else (x @ w.T, x @ (2 * w).T)
+        return jnp.sum(jnp.sin(ys[0]) * ys[1])
+
     got = jax.grad(loss, argnums=(0, 1))(x, w, True)
     want = jax.grad(loss, argnums=(0, 1))(x, w, False)
     for g, r in zip(got, want):

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -56,6 +57,13 @@ void parallel_for(ffi::ThreadPool& pool, int64_t chunks, int64_t helpers, Fn fn)
   work();
   while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
+
+// One weight of a call and its output: y[N, O] = x . w[O, D]^T (w float32 or bfloat16).
+struct Segment {
+  const void* w;
+  float* y;
+  int64_t O;
+};
 
 // The body (small_matmul_tiles.h) once per instruction set, each compiled for its own target
 // (a template cannot take a target attribute from its parameters). Which one runs depends on
@@ -118,23 +126,38 @@ bool use_avx512() {
 }
 
 template <typename W>
-void matmul(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t N, int64_t D, int64_t O) {
-  if (use_avx512()) return avx512::matmul(pool, x, w, y, N, D, O);
-  avx2::matmul(pool, x, w, y, N, D, O);
+void matmul(ffi::ThreadPool& pool, const float* x, const std::vector<Segment>& segs, int64_t N, int64_t D) {
+  if (use_avx512()) return avx512::matmul<W>(pool, x, segs, N, D);
+  avx2::matmul<W>(pool, x, segs, N, D);
 }
 
-ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                       ffi::ResultBuffer<ffi::F32> y) {
+// y_i = x . w_i^T for one x and one or more weights of one dtype (q/k/v, gate/up): one call,
+// its columns balanced over the threads as one, where separate calls paid the pool's dispatch
+// each and small weights (k, v) ran on fewer threads than there are.
+ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::RemainingRets ys) {
   const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
-    return ffi::Error::InvalidArgument("eesd small_matmul: want x[N, D] and w[O, D]");
+  if (xd.size() != 2 || ws.size() < 1 || ws.size() != ys.size())
+    return ffi::Error::InvalidArgument("eesd small_matmul: want x[N, D], weights w_i[O_i, D] and one output each");
   if (!cpu_supported()) return ffi::Error(ffi::ErrorCode::kUnimplemented, "eesd small_matmul: CPU lacks AVX2/FMA");
-  const int64_t N = xd[0], D = xd[1], O = wd[0];
-  if (w.element_type() == ffi::DataType::F32)
-    matmul(pool, x.typed_data(), static_cast<const float*>(w.untyped_data()), y->typed_data(), N, D, O);
-  else if (w.element_type() == ffi::DataType::BF16)
-    matmul(pool, x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()), y->typed_data(), N, D, O);
+  const int64_t N = xd[0], D = xd[1];
+  std::vector<Segment> segs;
+  ffi::DataType dtype = ffi::DataType::INVALID;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    auto w = ws.get<ffi::AnyBuffer>(i);
+    auto y = ys.get<ffi::Buffer<ffi::F32>>(i);
+    if (!w.has_value() || !y.has_value()) return ffi::Error::InvalidArgument("eesd small_matmul: bad operand");
+    const auto wd = w->dimensions();
+    if (wd.size() != 2 || wd[1] != D || (*y)->element_count() != N * wd[0])
+      return ffi::Error::InvalidArgument("eesd small_matmul: want x[N, D], weights w_i[O_i, D] and y_i[N, O_i]");
+    if (i > 0 && w->element_type() != dtype)
+      return ffi::Error::InvalidArgument("eesd small_matmul: the weights of one call share a dtype");
+    dtype = w->element_type();
+    segs.push_back({w->untyped_data(), (*y)->typed_data(), wd[0]});
+  }
+  if (dtype == ffi::DataType::F32)
+    matmul<float>(pool, x.typed_data(), segs, N, D);
+  else if (dtype == ffi::DataType::BF16)
+    matmul<uint16_t>(pool, x.typed_data(), segs, N, D);
   else
     return ffi::Error::InvalidArgument("eesd small_matmul: weights must be float32 or bfloat16");
   return ffi::Error::Success();
@@ -146,8 +169,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EesdSmallMatmul, SmallMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());
 
 // 1 when this CPU can run the kernel (checked before it is registered).
 extern "C" int eesd_small_matmul_supported() { return cpu_supported() ? 1 : 0; }

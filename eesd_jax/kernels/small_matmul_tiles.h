@@ -86,17 +86,27 @@ EESD_TARGET void columns(const float* x, const float* tail_x, const W* w, float*
 }
 
 template <typename W>
-void matmul(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t N, int64_t D, int64_t O) {
+void matmul(ffi::ThreadPool& pool, const float* x, const std::vector<Segment>& segs, int64_t N, int64_t D) {
   // Each row's zero-padded last chunk, shared by every column.
   const int64_t body = D - D % kLanes;
   std::unique_ptr<float[]> tail_x(new float[N * kLanes]());
   for (int64_t n = 0; n < N; ++n)
     for (int64_t d = body; d < D; ++d) tail_x[n * kLanes + (d - body)] = x[n * D + d];
-  // Chunks of columns (a multiple of 8) small enough to balance, large enough to stream.
+  // The weights' rows one after another: chunks of them (a multiple of 8) small enough to
+  // balance, large enough to stream, each running over the weights it overlaps.
+  int64_t total = 0;
+  for (const Segment& s : segs) total += s.O;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t per = std::max<int64_t>(64, (O / (4 * threads) + 7) / 8 * 8);
-  const int64_t chunks = (O + per - 1) / per;
+  const int64_t per = std::max<int64_t>(64, (total / (4 * threads) + 7) / 8 * 8);
+  const int64_t chunks = (total + per - 1) / per;
   const float* tx = tail_x.get();
-  parallel_for(pool, chunks, std::min(threads, chunks) - 1,
-               [=](int64_t i) { columns(x, tx, w, y, N, D, O, i * per, std::min(O, (i + 1) * per)); });
+  const Segment* sp = segs.data();
+  const size_t n_segs = segs.size();
+  parallel_for(pool, chunks, std::min(threads, chunks) - 1, [=](int64_t i) {
+    int64_t start = 0;  // The first row of segment k among all weights' rows.
+    for (size_t k = 0; k < n_segs; start += sp[k].O, ++k) {
+      const int64_t o0 = std::max<int64_t>(i * per - start, 0), o1 = std::min((i + 1) * per - start, sp[k].O);
+      if (o0 < o1) columns(x, tx, static_cast<const W*>(sp[k].w), sp[k].y, N, D, sp[k].O, o0, o1);
+    }
+  });
 }
