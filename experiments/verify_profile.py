@@ -32,13 +32,14 @@ def op_kinds(hlo: str) -> dict[str, str]:
     """Op name in the compiled program -> its kind."""
     kinds = {}
     for line in hlo.split("ENTRY", 1)[-1].splitlines():
-        m = re.match(r"\s*(?:ROOT )?%(\S+) = (\w+\[[\d,]*\])", line)
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = \(?(\w+\[[\d,]*\])", line)
         if not m:
             continue
         name, shape = m.groups()
         if cpu_kernel.TARGET in line:
-            weight = re.search(r"operand_layout_constraints=\{\w+\[[\d,]+\]\{[\d,]*\}, (\w+\[[\d,]+\])", line)
-            kinds[name] = f"kernel {weight.group(1) if weight else '?'}"
+            operands = re.search(r"operand_layout_constraints=\{([^}]*\}(?:, [^}]*\})*)\}", line)
+            weights = re.findall(r"\w+\[[\d,]+\]", operands.group(1))[1:] if operands else ["?"]
+            kinds[name] = "kernel " + " + ".join(weights)
         elif name.startswith(("ynn", "dot")) or "custom_call_target" in line:
             kinds[name] = "attention dots"
         elif "scatter" in name or "dynamic-update-slice" in name:
