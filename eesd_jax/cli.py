@@ -83,10 +83,12 @@ class TextStreamer:
 
 
 def engine_from_args(session, args):
-    """engine.eesd_engine from --exit / --exit-layer / --max-draft / --controller / --tree."""
+    """engine.eesd_engine from --exit / --exit-layer / --max-draft / --controller / --tree / --tree-stop."""
     from eesd_jax import engine
 
-    return engine.eesd_engine(session, args.exit, args.exit_layer, args.max_draft, args.controller, args.tree)
+    return engine.eesd_engine(
+        session, args.exit, args.exit_layer, args.max_draft, args.controller, args.tree, args.tree_stop
+    )
 
 
 def run_mode(mode: str, session, prompt_ids: list[int], args, on_tokens: Callable | None):
@@ -260,7 +262,7 @@ def load_teacher(config):
     """The config's teacher LM in config.model.dtype, its params sharded over config.mesh (if any).
 
     Megatron tensor parallel over 'model', replicated over 'data' (an HF folder read straight onto
-    the mesh); the stages then run on the mesh by sharding propagation (rows not yet split over 'data')."""
+    the mesh); every stage then runs on the params' mesh (sharding.mesh_of), rows over 'data'."""
     from eesd_jax import mesh_loading, model, sharding, teacher
 
     dtype, mesh = config.model.get("dtype", "float32"), sharding.mesh_from_spec(config.get("mesh") or None)

@@ -117,6 +117,15 @@ def add_eesd_args(p: argparse.ArgumentParser) -> None:
         help="draft a tree of N nodes per round, 4 per depth (a multiple of 4; replaces --max-draft and "
         "--controller); 0 = a chain (default)",
     )
+    g.add_argument(
+        "--tree-stop",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="with --tree: grow a depth only while the exit's expected accepted drafts from it (calibrated "
+        "per row) reach G, so each round picks its depth; about a depth's cost in AR steps, e.g. 0.25 "
+        "(experiments/round_costs.py); 0 = every depth every round (default)",
+    )
 
 
 def validate_eesd(args) -> None:
@@ -130,6 +139,8 @@ def validate_eesd(args) -> None:
         raise UsageError(f"--max-draft must be >= 1, got {args.max_draft}")
     if args.tree < 0 or args.tree % eesd.EESDConfig.tree_width:
         raise UsageError(f"--tree must be 0 or a positive multiple of {eesd.EESDConfig.tree_width}, got {args.tree}")
+    if args.tree_stop < 0 or (args.tree_stop and not args.tree):
+        raise UsageError(f"--tree-stop must be >= 0 and needs --tree, got {args.tree_stop}")
     if args.exit_layer is not None and args.exit_layer < 1:
         raise UsageError(f"--exit-layer must be >= 1, got {args.exit_layer}")
     validate_exit_file(args)

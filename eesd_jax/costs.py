@@ -8,8 +8,14 @@ step per token. So
     round(k) ~= (k + 1) * draft_step + verify(T = k + 1)
     speedup  ~= tau * ar_step / round(k)
 
+A draft tree's round (tree.py) growing d depths of W nodes runs the root's draft step, d draft
+batches of W tokens and one verification of its 1 + d W nodes (a chain is W = 1):
+
+    tree_round(W, d) ~= draft_step + d * draft_batch(W) + verify(T = 1 + d W)
+
 `ms` holds the parts in milliseconds as `bench.step_costs` names them ("ar_step", "exit_step",
-"lower_N{n}", "verify_N{n}_T{t}"); `measure` times them for an exit head of a given size.
+"lower_N{n}", "verify_N{n}_T{t}", and for W tokens at once "exit_step_W{w}", "lower_N{n}_W{w}");
+`measure` times them for an exit head of a given size.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from eesd_jax import bench, exits
 
 
 def measure(
-    cfg, params, exit_layers, tokens, draft_vocab: int, cache_len: int, repeats: int, stat=statistics.median
+    cfg, params, exit_layers, tokens, draft_vocab: int, cache_len: int, repeats: int, stat=statistics.median, widths=()
 ) -> dict[str, float]:
     """bench.step_costs' ms of each part (`stat` of the repeats), with an exit head of draft_vocab rows (0: the shared head).
 
@@ -34,7 +40,7 @@ def measure(
     """
     vocab_ids = np.arange(draft_vocab) if draft_vocab else None
     exit_params = exits.init_exit(cfg, params, exits.ExitConfig(1, draft_vocab=draft_vocab), vocab_ids)
-    return bench.step_costs(cfg, params, exit_params, exit_layers, tokens, cache_len, repeats, stat)
+    return bench.step_costs(cfg, params, exit_params, exit_layers, tokens, cache_len, repeats, stat, widths)
 
 
 def draft_ms(ms: dict, n: int) -> float:
@@ -45,6 +51,32 @@ def draft_ms(ms: dict, n: int) -> float:
 def round_ms(ms: dict, n: int, k: int) -> float:
     """The parts of a round of k drafts at exit layer N: k + 1 draft steps and verification of T = k + 1."""
     return (k + 1) * draft_ms(ms, n) + ms[f"verify_N{n}_T{k + 1}"]
+
+
+def draft_batch_ms(ms: dict, n: int, width: int) -> float:
+    """One depth of a draft tree at exit layer N: `width` tokens at once through layers [0, N) and the exit."""
+    return draft_ms(ms, n) if width == 1 else ms[f"lower_N{n}_W{width}"] + ms[f"exit_step_W{width}"]
+
+
+def tree_round_ms(ms: dict, n: int, width: int, depth: float) -> float:
+    """A tree round growing `depth` depths of `width` nodes: the root's draft step, the depths' draft
+    batches and one verification of 1 + depth x width tokens. A fractional depth (an adaptive
+    tree's mean) interpolates between the rounds of its two neighbouring depths."""
+    lo = int(depth)
+    if depth > lo:
+        return (lo + 1 - depth) * tree_round_ms(ms, n, width, lo) + (depth - lo) * tree_round_ms(ms, n, width, lo + 1)
+    return draft_ms(ms, n) + lo * draft_batch_ms(ms, n, width) + ms[f"verify_N{n}_T{1 + lo * width}"]
+
+
+def depth_cost(ms: dict, n: int, width: int, depth: int) -> float:
+    """AR steps that growing depth `depth` of a tree adds to its round: the break-even expected gain
+    (accepted drafts) of that depth, a natural EESDConfig.tree_stop."""
+    return (tree_round_ms(ms, n, width, depth) - tree_round_ms(ms, n, width, depth - 1)) / ms["ar_step"]
+
+
+def predicted_tree_speedup(ms: dict, n: int, width: int, depth: float, tau: float) -> float:
+    """AR time / EESD time per token for tree rounds of `depth` depths yielding tau tokens each."""
+    return tau * ms["ar_step"] / tree_round_ms(ms, n, width, depth)
 
 
 def predicted_speedup(ms: dict, n: int, k: int, p: float) -> float:

@@ -1,29 +1,30 @@
-"""Self-distillation data: making it, storing it, and the `Data` container training reads
-(docs/design.md, Self-distillation).
+"""Self-distillation data: making it, storing it in shards, and the `Data` view training reads
+(docs/design.md, Self-distillation; the on-disk layout is shards.py's).
 
 Pipeline (train.run_distill drives it):
   1. `generate_data`: prompts from prompts.load_prompts sets, responses sampled from the
-     LLM itself with generate.generate_ar (batched, jitted), stored compactly as
-     DATA/sequences.npz (flat token ids + offsets, a mask of positions to train on)
-     with DATA/manifest.json saying how it was made. Deterministic for a seed.
-     (`text_data` instead cuts a corpus into teacher-forced sequences.)
-  2. `teacher_pass`: one forward of the frozen LLM (teacher.run_teacher) over each sequence,
-     storing the teacher's top-k log-probs and ids per position (DATA/teacher.npz) and the
-     layer-N hidden states for each N asked (DATA/hidden_N{n}.npz): the first N layers are
-     frozen, so the exit trains on these directly.
+     LLM itself with generate.generate_ar (batched, jitted), written shard by shard
+     (DATA/shards/NNNNN: token ids, lengths, prompt lengths and indices) after
+     DATA/manifest.json saying how it is made. Deterministic for a seed; a stopped run
+     resumes after its last complete shard. (`text_data` instead cuts a corpus into
+     teacher-forced sequences.)
+  2. `teacher_pass`: one forward of the frozen LLM (teacher.run_teacher) over each shard,
+     adding the teacher's top-k log-probs and ids per position and the layer-N hidden states
+     for each N asked (float16): the first N layers are frozen, so the exit trains on these
+     directly. Resumes shard by shard too.
   3. `choose_draft_vocab`: the most frequent teacher top-1 tokens (EOS included).
 `prepare_data` / `plan_text_data` reuse a data dir whose manifest matches and refuse one
-made differently. `Data.split` holds out whole prompts for validation. Batches and losses
-over `Data` are in losses.py.
+made differently (or in an older format). `load_data` opens the shards as memmaps: `Data`
+reads a sequence when asked for it, and `Data.split` holds out whole prompts for
+validation. Batches and losses over `Data` are in losses.py.
 
 Position t of a sequence predicts token t+1; the positions trained on are those whose
 next token is a response token (t in [prompt_len - 1, length - 1)).
-All arrays are plain numpy in .npz files (loaded with allow_pickle=False).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -31,11 +32,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from eesd_jax import corpus, generate, prompts, self_prompts
+from eesd_jax import corpus, generate, prompts, self_prompts, shards
 from eesd_jax.sampling import SamplingConfig
+from eesd_jax.shards import Data
 from eesd_jax.teacher import LM, progress_bar, run_teacher
 
-DATA_FORMAT = "eesd_jax.distill_data/1"
+DATA_FORMAT = "eesd_jax.distill_data/2"
+TEXT_SHARD = 1024  # Sequences per shard of teacher-forced text.
 
 
 def prompt_list(sets: Sequence[str], n_per_set: int = 0, lm: LM | None = None) -> list[prompts.Prompt]:
@@ -82,90 +85,106 @@ def data_spec(lm: LM, data_cfg) -> dict:
         "temperature": float(data_cfg.temperature),
         "top_p": float(data_cfg.top_p),
         "batch_size": int(data_cfg.batch_size),
+        "shard_size": int(data_cfg.shard_size),
         "seed": int(data_cfg.seed),
     }
 
 
 def generate_data(lm: LM, data_cfg, data_dir, progress: bool = True) -> dict:
-    """Sample responses from the LLM; write sequences.npz and manifest.json. Returns the manifest."""
+    """Sample responses from the LLM into shards of data.shard_size sequences (whole generation batches),
+    each written when its batches are done; a stopped run resumes after its last complete shard and
+    makes the same data. Returns the manifest."""
     data_dir = pathlib.Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
     spec = data_spec(lm, data_cfg)
     plist = prompt_list(data_cfg.sets, data_cfg.n_per_set, lm)
+    manifest = _start(data_dir, spec, lm, {"sets": list(data_cfg.sets), "count": len(plist)})
+    manifest["sampling"] = {k: spec[k] for k in ("temperature", "top_p", "max_new_tokens", "max_prompt_tokens")}
+    manifest["seed"] = spec["seed"]
     encoded = [lm.encode(p)[-data_cfg.max_prompt_tokens :] for p in plist]
     jobs = [(i, s) for s in range(data_cfg.samples_per_prompt) for i in range(len(plist))]
     order = sorted(range(len(jobs)), key=lambda j: (len(encoded[jobs[j][0]]), j))  # Less padding per batch.
     batches = [order[i : i + data_cfg.batch_size] for i in range(0, len(order), data_cfg.batch_size)]
+    per_shard = -(-int(data_cfg.shard_size) // int(data_cfg.batch_size))
+    groups = [range(g, min(g + per_shard, len(batches))) for g in range(0, len(batches), per_shard)]
     sampling = SamplingConfig(temperature=data_cfg.temperature, top_p=data_cfg.top_p)
-    responses: list[list[int]] = [[] for _ in jobs]
+    done = set(shards.complete(data_dir))
     t0 = time.perf_counter()
     bar = progress_bar(progress, total=len(jobs), desc="generate", unit="seq")
-    for b, batch in enumerate(batches):
-        gen = generate.generate_ar(
-            lm.cfg,
-            lm.params,
-            [encoded[jobs[j][0]] for j in batch],
-            data_cfg.max_new_tokens,
-            sampling=sampling,
-            eos_ids=lm.eos_ids,
-            seed=int(data_cfg.seed) * 1_000_003 + b,
-        )
-        for j, toks in zip(batch, gen.tokens):
-            responses[j] = toks
-        bar.update(len(batch))
+    bar.update(sum(len(batches[b]) for k in done for b in groups[k]))
+    for k, group in enumerate(groups):
+        if k in done:
+            continue
+        seqs, made = [], []  # Sequences and their jobs, in generation order.
+        for b in group:
+            gen = generate.generate_ar(
+                lm.cfg,
+                lm.params,
+                [encoded[jobs[j][0]] for j in batches[b]],
+                data_cfg.max_new_tokens,
+                sampling=sampling,
+                eos_ids=lm.eos_ids,
+                seed=int(data_cfg.seed) * 1_000_003 + b,
+            )
+            seqs += [encoded[jobs[j][0]] + toks for j, toks in zip(batches[b], gen.tokens)]
+            made += [jobs[j] for j in batches[b]]
+            bar.update(len(batches[b]))
+        columns = _sequence_columns(seqs, [len(encoded[i]) for i, _ in made], [i for i, _ in made])
+        columns |= {
+            "prompt_ids": np.array([plist[i].id for i, _ in made]),
+            "sample_index": np.array(made, np.int32)[:, 1],
+        }
+        shards.write_shard(data_dir, k, columns)
     bar.close()
-    seconds = time.perf_counter() - t0
+    manifest["seconds"]["generate"] = round(time.perf_counter() - t0, 2)
+    return _finish(data_dir, manifest, lm.eos_ids)
 
-    seqs = [encoded[i] + responses[j] for j, (i, _) in enumerate(jobs)]
-    counts = _write_sequences(
-        data_dir,
-        seqs,
-        [len(encoded[i]) for i, _ in jobs],
-        [i for i, _ in jobs],
-        [s for _, s in jobs],
-        [plist[i].id for i, _ in jobs],
-    )
-    eos_hit = sum(1 for r in responses if r and r[-1] in lm.eos_ids)
-    manifest = {
+
+def _sequence_columns(seqs, prompt_lens, prompt_index) -> dict[str, np.ndarray]:
+    """A shard's sequence columns (position t of a sequence predicts token t + 1; those predicting a
+    non-prompt token, t in [prompt_len - 1, length - 1), are trained on)."""
+    return {
+        "tokens": np.concatenate([np.asarray(s, np.int32) for s in seqs]),
+        "lengths": np.array([len(s) for s in seqs], np.int32),
+        "prompt_lens": np.asarray(prompt_lens, np.int32),
+        "prompt_index": np.asarray(prompt_index, np.int32),
+    }
+
+
+def _start(data_dir: pathlib.Path, spec: dict, lm: LM, prompt_info: dict) -> dict:
+    """The manifest of data being made in data_dir (refused if made differently); written first, so a
+    stopped run is resumed only with the same spec."""
+    manifest = _check_spec(data_dir, spec) or {
         "format": DATA_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": {"name": lm.name, "fingerprint": lm.fingerprint},
         "spec": spec,
-        "prompts": {"sets": list(data_cfg.sets), "count": len(plist)},
-        "sampling": {k: spec[k] for k in ("temperature", "top_p", "max_new_tokens", "max_prompt_tokens")},
-        "seed": spec["seed"],
-        "counts": counts | {"eos_hit": eos_hit},
-        "seconds": {"generate": round(seconds, 2)},
+        "prompts": prompt_info,
+        "complete": False,
+        "seconds": {},
     }
+    data_dir.mkdir(parents=True, exist_ok=True)
     _write_manifest(data_dir, manifest)
     return manifest
 
 
-def _write_sequences(data_dir, seqs, prompt_lens, prompt_index, sample_index, prompt_ids) -> dict:
-    """DATA/sequences.npz (flat tokens + offsets; positions predicting a non-prompt token are trained)."""
-    lengths = np.array([len(s) for s in seqs], np.int32)
-    prompt_lens = np.asarray(prompt_lens, np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    tokens = np.concatenate([np.asarray(s, np.int32) for s in seqs])
-    mask = np.zeros(len(tokens), bool)
-    for k in range(len(seqs)):
-        mask[offsets[k] + prompt_lens[k] - 1 : offsets[k + 1] - 1] = True  # Predicts a response token.
-    np.savez(
-        pathlib.Path(data_dir) / "sequences.npz",
-        tokens=tokens,
-        offsets=offsets,
-        prompt_lens=prompt_lens,
-        mask=mask,
-        prompt_index=np.asarray(prompt_index, np.int32),
-        sample_index=np.asarray(sample_index, np.int32),
-        prompt_ids=np.array(prompt_ids),
-    )
-    return {
-        "sequences": len(seqs),
+def _finish(data_dir: pathlib.Path, manifest: dict, eos_ids) -> dict:
+    """Record the counts of the sequences written in the manifest and mark it complete."""
+    lengths, prompt_lens, ends = [], [], []
+    for k in shards.complete(data_dir):
+        n, p = np.asarray(shards.read(data_dir, k, "lengths")), np.asarray(shards.read(data_dir, k, "prompt_lens"))
+        tokens = shards.read(data_dir, k, "tokens")
+        lengths.append(n), prompt_lens.append(p), ends.append(np.where(n > p, tokens[np.cumsum(n) - 1], -1))
+    lengths, prompt_lens, ends = map(np.concatenate, (lengths, prompt_lens, ends))
+    manifest["counts"] = {
+        "sequences": len(lengths),
+        "shards": len(shards.complete(data_dir)),
         "tokens": int(lengths.sum()),
         "response_tokens": int((lengths - prompt_lens).sum()),
-        "train_positions": int(mask.sum()),
-    }
+        "train_positions": int((lengths - prompt_lens).sum()),
+    } | ({"eos_hit": int(np.isin(ends, eos_ids).sum())} if eos_ids else {})
+    manifest["complete"] = True
+    _write_manifest(data_dir, manifest)
+    return manifest
 
 
 def text_spec(lm: LM, text_cfg, docs: Sequence[corpus.Document]) -> dict:
@@ -179,14 +198,16 @@ def text_spec(lm: LM, text_cfg, docs: Sequence[corpus.Document]) -> dict:
 
 
 def text_data(lm: LM, text_cfg, docs: Sequence[corpus.Document], data_dir, progress: bool = True) -> dict:
-    """Cut a corpus' documents into sequences of text_cfg.seq_len tokens; write sequences.npz and manifest.json.
+    """Cut a corpus' documents into sequences of text_cfg.seq_len tokens, in shards of TEXT_SHARD; returns
+    the manifest.
 
     Every position but a sequence's last is trained on (prompt_len 1: each predicts the next
     text token); each piece is its own "prompt" (prompt_index), so Data.take_tokens subsamples
     whole pieces.
     """
     data_dir = pathlib.Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    manifest = _start(data_dir, text_spec(lm, text_cfg, docs), lm, {"sets": [f"text:{text_cfg.corpus}"]})
+    manifest |= {"sampling": "teacher-forced", "seed": None}
     t0 = time.perf_counter()
     seqs, doc_ids = [], []
     for doc in progress_bar(progress, iterable=docs, desc="tokenize", unit="doc"):
@@ -196,70 +217,73 @@ def text_data(lm: LM, text_cfg, docs: Sequence[corpus.Document], data_dir, progr
             doc_ids.append(doc.id)
     if not seqs:
         raise ValueError(f"text corpus {text_cfg.corpus!r} has no document of {corpus.MIN_TOKENS} tokens or more")
-    counts = _write_sequences(data_dir, seqs, [1] * len(seqs), range(len(seqs)), [0] * len(seqs), doc_ids)
-    manifest = {
-        "format": DATA_FORMAT,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": {"name": lm.name, "fingerprint": lm.fingerprint},
-        "spec": text_spec(lm, text_cfg, docs),
-        "prompts": {"sets": [f"text:{text_cfg.corpus}"], "count": len(docs)},
-        "sampling": "teacher-forced",
-        "seed": None,
-        "counts": counts,
-        "seconds": {"tokenize": round(time.perf_counter() - t0, 2)},
-    }
-    _write_manifest(data_dir, manifest)
-    return manifest
+    done = set(shards.complete(data_dir))  # Left by a stopped run: the same pieces.
+    for k, a in enumerate(range(0, len(seqs), TEXT_SHARD)):
+        if k in done:
+            continue
+        part = range(a, min(a + TEXT_SHARD, len(seqs)))
+        columns = _sequence_columns([seqs[i] for i in part], [1] * len(part), part)
+        shards.write_shard(data_dir, k, columns | {"prompt_ids": np.array([doc_ids[i] for i in part])})
+    manifest["prompts"]["count"] = len(docs)
+    manifest["seconds"]["tokenize"] = round(time.perf_counter() - t0, 2)
+    return _finish(data_dir, manifest, ())
 
 
 def _write_manifest(data_dir: pathlib.Path, manifest: dict) -> None:
-    tmp = data_dir / "manifest.json.tmp"
+    tmp = shards.temporary(data_dir / "manifest.json")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(data_dir / "manifest.json")
 
 
 def read_manifest(data_dir) -> dict | None:
+    """The data dir's manifest (None if it has none); a dir of another format is refused."""
     path = pathlib.Path(data_dir) / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def load_npz(path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != DATA_FORMAT:
+        raise ValueError(
+            f"{data_dir} holds distillation data of format {manifest.get('format')!r}, not {DATA_FORMAT!r}: "
+            "delete it to make it again"
+        )
+    return manifest
 
 
 # ----------------------------------------------------------------------------- 2. teacher pass
 
 
-def teacher_pass(
-    lm: LM, data_dir, layers: Sequence[int], top_k: int, batch_size: int = 8, progress: bool = True, half=()
-) -> dict:
-    """Store teacher.npz (unless top_k == 0) and hidden_N{n}.npz for each n (float16 for n in `half`);
-    update the manifest."""
+def teacher_pass(lm: LM, data_dir, layers: Sequence[int], top_k: int, batch_size: int = 8, progress: bool = True):
+    """Add to every shard the columns it lacks: hidden_N{n} for each n in layers, and top_k log-probs and
+    ids (topk_logp, topk_ids; unless top_k == 0), states and log-probs in float16. Each shard's
+    columns are written when its pass is done, so a stopped pass resumes. Returns the updated manifest."""
     data_dir = pathlib.Path(data_dir)
-    seq = load_npz(data_dir / "sequences.npz")
-    t0 = time.perf_counter()
-    hidden, logp, ids = run_teacher(lm, seq["tokens"], seq["offsets"], layers, top_k, batch_size, progress, half=half)
+    layers = sorted(set(layers))
+    todo = {}  # shard -> (layers, top_k) still to compute.
+    for k in shards.complete(data_dir):
+        stored_k = shards.read(data_dir, k, "topk_ids").shape[1] if shards.has_column(data_dir, k, "topk_ids") else 0
+        need = [n for n in layers if not shards.has_column(data_dir, k, f"hidden_N{n}")]
+        if need or stored_k < top_k:
+            todo[k] = (need, top_k if stored_k < top_k else 0)
     manifest = read_manifest(data_dir)
-    if top_k:
-        top1 = ids[seq["mask"], 0]
-        np.savez(
-            data_dir / "teacher.npz",
-            topk_logp=logp,
-            topk_ids=ids,
-            # Draft-vocabulary ranking: teacher top-1 counts on train positions, then top-k mass.
-            top1_counts=np.bincount(top1, minlength=lm.cfg.vocab_size).astype(np.int64),
-            topk_mass=np.bincount(
-                ids[seq["mask"]].ravel(), np.exp(logp[seq["mask"]]).ravel(), minlength=lm.cfg.vocab_size
-            ),
+    t0 = time.perf_counter()
+    n_seq = {k: len(shards.read(data_dir, k, "lengths")) for k in todo}
+    bar = progress_bar(progress and bool(todo), total=sum(n_seq.values()), desc="teacher", unit="seq")
+    for k, (need, shard_k) in todo.items():
+        lengths = np.asarray(shards.read(data_dir, k, "lengths"))
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        tokens = np.asarray(shards.read(data_dir, k, "tokens"))
+        hidden, logp, ids = run_teacher(lm, tokens, offsets, need, shard_k, batch_size, progress=False)
+        columns = {f"hidden_N{n}": h.astype(np.float16) for n, h in hidden.items()}
+        shards.add_columns(
+            data_dir, k, columns | ({"topk_logp": logp.astype(np.float16), "topk_ids": ids} if shard_k else {})
         )
-        manifest["teacher"] = {"top_k": top_k}
-    for n, h in hidden.items():
-        np.savez(data_dir / f"hidden_N{n}.npz", hidden=h)
-    manifest.setdefault("hidden_layers", [])
-    manifest["hidden_layers"] = sorted(set(manifest["hidden_layers"]) | set(hidden))
-    manifest["seconds"][f"teacher_{'_'.join(map(str, sorted(hidden)))}"] = round(time.perf_counter() - t0, 2)
-    _write_manifest(data_dir, manifest)
+        bar.update(n_seq[k])
+    bar.close()
+    if todo:
+        manifest["teacher"] = {"top_k": max(top_k, manifest.get("teacher", {}).get("top_k", 0))}
+        manifest["hidden_layers"] = sorted(set(manifest.get("hidden_layers", [])) | set(layers))
+        manifest["seconds"][f"teacher_{'_'.join(map(str, layers))}"] = round(time.perf_counter() - t0, 2)
+        _write_manifest(data_dir, manifest)
     return manifest
 
 
@@ -285,7 +309,7 @@ def plan_text_data(lm: LM, config, data_dir):
     text_cfg, data_dir = config.data.text, pathlib.Path(data_dir)
     if text_cfg.frozen:
         manifest = read_manifest(data_dir)
-        if manifest is None or not (data_dir / "sequences.npz").is_file():
+        if manifest is None or not manifest.get("complete"):
             raise ValueError(f"data.text.frozen: {data_dir} holds no text data to use (run once without frozen)")
         spec = manifest["spec"]
         made_for = {"model_fingerprint": lm.fingerprint, "seq_len": int(text_cfg.seq_len)}
@@ -322,147 +346,77 @@ def _check_spec(data_dir: pathlib.Path, spec: dict) -> dict | None:
 def _prepare(lm: LM, config, data_dir, spec: dict, make_sequences, progress: bool) -> dict:
     data_dir = pathlib.Path(data_dir)
     manifest = _check_spec(data_dir, spec)
-    if manifest is None or not (data_dir / "sequences.npz").is_file():
+    if manifest is None or not manifest.get("complete"):
         manifest = make_sequences()
     e, d = config.exit, config.data
-    read = {int(e.layer), *map(int, d.feature_layers)} | {int(e.context_layer)} - {0}
-    half = {int(n) for n in e.get("fuse_layers", ())} - read  # Fused exits' inputs only: stored in float16.
-    want = sorted(read | half)
-    top_k = int(d.top_k)
-    teacher_ok = manifest.get("teacher", {}).get("top_k", 0) >= top_k and (data_dir / "teacher.npz").is_file()
-    missing = [n for n in want if not (data_dir / f"hidden_N{n}.npz").is_file()]
-    if not teacher_ok:
-        manifest = teacher_pass(lm, data_dir, want, top_k, config.data.batch_size, progress, half)
-    elif missing:
-        manifest = teacher_pass(lm, data_dir, missing, 0, config.data.batch_size, progress, half)
-    return manifest
-
-
-@dataclasses.dataclass
-class Data:
-    """Everything training needs for one exit layer, flat over sequences (see module doc)."""
-
-    tokens: np.ndarray  # [total] int32.
-    offsets: np.ndarray  # [n_seq + 1] int64.
-    prompt_lens: np.ndarray  # [n_seq] int32.
-    mask: np.ndarray  # [total] bool: position predicts a response token.
-    hidden: np.ndarray  # [total, D] float32 layer-N hidden state.
-    topk_logp: np.ndarray  # [total, C] float32 teacher top-k log-probs (full-vocabulary softmax).
-    topk_ids: np.ndarray  # [total, C] int32.
-    top1_counts: np.ndarray  # [V] int64.
-    topk_mass: np.ndarray  # [V] float64.
-    prompt_index: np.ndarray | None = None  # [n_seq] which prompt each sequence answers.
-    context: np.ndarray | None = None  # [total, D] float32 context-layer hidden state (ExitConfig.context_layer).
-    fuse: np.ndarray | None = None  # [total, F, D] float16 states after the fuse layers (ExitConfig.fuse_layers).
-
-    @property
-    def n_seq(self) -> int:
-        return len(self.prompt_lens)
-
-    def subset(self, seq_idx: Sequence[int]) -> Data:
-        """The sequences seq_idx (in that order), vocabulary statistics recomputed from them."""
-        seq_idx = np.asarray(seq_idx, np.int64)
-        pos = np.concatenate([np.arange(self.offsets[k], self.offsets[k + 1]) for k in seq_idx] or [[]]).astype(int)
-        lengths = np.diff(self.offsets)[seq_idx]
-        mask = self.mask[pos]
-        ids, logp = self.topk_ids[pos], self.topk_logp[pos]
-        V = len(self.top1_counts)
-        return Data(
-            tokens=self.tokens[pos],
-            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            prompt_lens=self.prompt_lens[seq_idx],
-            mask=mask,
-            hidden=self.hidden[pos],
-            topk_logp=logp,
-            topk_ids=ids,
-            top1_counts=np.bincount(ids[mask, 0], minlength=V).astype(np.int64),
-            topk_mass=np.bincount(ids[mask].ravel(), np.exp(logp[mask]).ravel(), minlength=V),
-            prompt_index=None if self.prompt_index is None else self.prompt_index[seq_idx],
-            context=None if self.context is None else self.context[pos],
-            fuse=None if self.fuse is None else self.fuse[pos],
-        )
-
-    def take_tokens(self, budget: int, seed: int) -> Data:
-        """Sequences in a seeded random order, as many as fit `budget` trained positions (0 = all)."""
-        if not budget:
-            return self
-        order = np.random.default_rng(seed).permutation(self.n_seq)
-        per_seq = np.add.reduceat(self.mask, self.offsets[:-1])[order]
-        keep = order[np.cumsum(per_seq) <= budget]
-        if not len(keep):
-            raise ValueError(f"a budget of {budget} trained positions holds no whole sequence")
-        return self.subset(np.sort(keep))
-
-    @staticmethod
-    def concat(parts: Sequence[Data]) -> Data:
-        """The sequences of every part, in order; no prompt index (the parts' indices would collide)."""
-        if any((p.context is None) != (parts[0].context is None) for p in parts):
-            raise ValueError("cannot mix data with and without context-layer states")
-        if any((p.fuse is None) != (parts[0].fuse is None) for p in parts):
-            raise ValueError("cannot mix data with and without fuse-layer states")
-        cat = lambda field: (
-            None if getattr(parts[0], field) is None else np.concatenate([getattr(p, field) for p in parts])
-        )  # noqa: E731
-        lengths = np.concatenate([np.diff(p.offsets) for p in parts])
-        return Data(
-            tokens=cat("tokens"),
-            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            prompt_lens=cat("prompt_lens"),
-            mask=cat("mask"),
-            hidden=cat("hidden"),
-            topk_logp=cat("topk_logp"),
-            topk_ids=cat("topk_ids"),
-            top1_counts=sum(p.top1_counts for p in parts),
-            topk_mass=sum(p.topk_mass for p in parts),
-            context=cat("context"),
-            fuse=cat("fuse"),
-        )
-
-    def split(self, every: int) -> tuple[Data, Data | None]:
-        """(train, validation): sequences of prompts with index % every == every - 1 validate (every=0: none)."""
-        if not every:
-            return self, None
-        if self.prompt_index is None:
-            raise ValueError("this data has no prompt index to split by")
-        val = self.prompt_index % every == every - 1
-        if val.all() or not val.any():
-            raise ValueError(f"validation split every {every} prompts leaves an empty part")
-        return self.subset(np.flatnonzero(~val)), self.subset(np.flatnonzero(val))
+    want = {int(e.layer), *map(int, d.feature_layers), *map(int, e.get("fuse_layers", ()))} | {int(e.context_layer)}
+    return teacher_pass(lm, data_dir, sorted(want - {0}), int(d.top_k), int(d.batch_size), progress)
 
 
 def load_data(
     data_dir, layer: int, top_k: int | None = None, context_layer: int = 0, fuse_layers: Sequence[int] = ()
 ) -> Data:
-    data_dir = pathlib.Path(data_dir)
-    seq, teacher = load_npz(data_dir / "sequences.npz"), load_npz(data_dir / "teacher.npz")
-    k = top_k or teacher["topk_ids"].shape[1]
+    """The data dir's sequences for an exit at `layer` (its first top_k teacher log-probs; default all),
+    over memmaps of its shards."""
+    manifest = read_manifest(data_dir)
+    if manifest is None or not manifest.get("complete"):
+        raise ValueError(f"{data_dir} holds no complete distillation data (run eesd distill to make it)")
+    parts, per_seq = [], []
+    for p, k in enumerate(shards.complete(data_dir)):
+        col = functools.partial(shards.read, data_dir, k)
+        parts.append(
+            {"tokens": col("tokens"), "hidden": col(f"hidden_N{layer}"), "topk_logp": col("topk_logp")}
+            | {"topk_ids": col("topk_ids")}
+            | ({"context": col(f"hidden_N{context_layer}")} if context_layer else {})
+            | ({"fuse": tuple(col(f"hidden_N{n}") for n in fuse_layers)} if fuse_layers else {})
+        )
+        lengths = np.asarray(col("lengths"), np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        per_seq.append((np.full(len(lengths), p), starts, lengths, col("prompt_lens"), col("prompt_index")))
+    part, start, lengths, prompt_lens, prompt_index = (np.concatenate(a) for a in zip(*per_seq))
     return Data(
-        tokens=seq["tokens"],
-        offsets=seq["offsets"],
-        prompt_lens=seq["prompt_lens"],
-        mask=seq["mask"],
-        hidden=load_npz(data_dir / f"hidden_N{layer}.npz")["hidden"],
-        topk_logp=teacher["topk_logp"][:, :k],
-        topk_ids=teacher["topk_ids"][:, :k],
-        top1_counts=teacher["top1_counts"],
-        topk_mass=teacher["topk_mass"],
-        prompt_index=seq["prompt_index"],
-        context=load_npz(data_dir / f"hidden_N{context_layer}.npz")["hidden"] if context_layer else None,
-        fuse=np.stack([load_npz(data_dir / f"hidden_N{n}.npz")["hidden"].astype(np.float16) for n in fuse_layers], 1)
-        if fuse_layers
-        else None,
+        tuple(parts),
+        part,
+        start,
+        lengths,
+        prompt_lens.astype(np.int64),
+        prompt_index,
+        top_k or parts[0]["topk_ids"].shape[1],
     )
 
 
 # ----------------------------------------------------------------------------- 3. draft vocabulary
 
 
-def choose_draft_vocab(data: Data, size: int, eos_ids: Sequence[int] = ()) -> np.ndarray:
+def vocab_counts(data: Data, vocab_size: int, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """([V] int64 teacher top-1 counts, [V] float64 teacher top-k mass) over the trained positions,
+    read a sequence at a time (counted every `chunk` positions)."""
+    top1, mass = np.zeros(vocab_size, np.int64), np.zeros(vocab_size)
+    ids, logp = [], []
+
+    def count():
+        if ids:
+            i, lp = np.concatenate(ids), np.concatenate(logp).astype(np.float64)
+            top1[:] += np.bincount(i[:, 0], minlength=vocab_size)
+            mass[:] += np.bincount(i.ravel(), np.exp(lp).ravel(), minlength=vocab_size)
+            ids.clear(), logp.clear()
+
+    for k in range(data.n_seq):
+        s = data.sequence(k)
+        ids.append(s.topk_ids[s.mask]), logp.append(s.topk_logp[s.mask])
+        if sum(len(i) for i in ids) >= chunk:
+            count()
+    count()
+    return top1, mass
+
+
+def choose_draft_vocab(data: Data, size: int, vocab_size: int, eos_ids: Sequence[int] = ()) -> np.ndarray:
     """The `size` most frequent teacher top-1 tokens (ties: top-k mass, then id), EOS included, sorted."""
-    V = len(data.top1_counts)
+    V = vocab_size
     if not 0 < size <= V:
         raise ValueError(f"draft vocabulary size must be in [1, {V}], got {size}")
-    rank = np.lexsort((np.arange(V), -data.topk_mass, -data.top1_counts))  # Last key is primary.
+    top1_counts, topk_mass = vocab_counts(data, V)
+    rank = np.lexsort((np.arange(V), -topk_mass, -top1_counts))  # Last key is primary.
     eos = [int(e) for e in eos_ids if 0 <= int(e) < V][:size]
     rest = [int(t) for t in rank if t not in eos][: size - len(eos)]
     return np.sort(np.array(eos + rest, np.int32))

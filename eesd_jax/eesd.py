@@ -53,9 +53,14 @@ class EESDConfig:
     trace: bool = False
     # Draft trees (tree.py): the node budget per round (0: a chain, the default) and the nodes
     # per depth, W (each expanded node offers its top W children); depth = tree // W. The
-    # controller and max_draft do not apply: every round drafts the whole tree.
+    # controller and max_draft do not apply.
     tree: int = 0
     tree_width: int = 4
+    # > 0: the depth is chosen per round (tree.draft): depth d + 1 is grown while the exit's
+    # expected accepted drafts from it, calibrated by the row's record (EESDState.tree_calib),
+    # reach tree_stop for some row; a good value is a depth's cost in AR steps (costs.tree_round_ms).
+    # 0: every round grows all tree // tree_width depths.
+    tree_stop: float = 0.0
 
     def validate(self, cfg: ModelConfig) -> None:
         exits.ExitConfig(self.exit_layer, context_layer=self.context_layer, fuse_layers=self.fuse_layers).validate(cfg)
@@ -65,10 +70,10 @@ class EESDConfig:
             raise ValueError(f"tree must be >= 0 and tree_width >= 1, got {self.tree} and {self.tree_width}")
         if self.tree and self.tree % self.tree_width:
             raise ValueError(f"tree (node budget {self.tree}) must be a multiple of tree_width ({self.tree_width})")
+        if self.tree_stop < 0 or (self.tree_stop and not self.tree):
+            raise ValueError(f"tree_stop must be >= 0 and needs a tree (tree > 0), got {self.tree_stop}")
         if self.tree and (self.trace or self.recompute_lower):
             raise ValueError("draft trees support neither trace nor recompute_lower")
-        if self.tree and self.fuse_layers:
-            raise ValueError("draft trees do not read fused states yet: use a chain (tree=0) with a fused exit")
         if self.buckets and (sorted(self.buckets) != list(self.buckets) or self.buckets[-1] != self.max_draft + 1):
             raise ValueError(f"buckets must be increasing and end at max_draft + 1, got {self.buckets}")
 
@@ -83,6 +88,13 @@ class EESDConfig:
         return (self.tree or self.max_draft) + 1
 
     @property
+    def tree_sizes(self) -> tuple[int, ...]:
+        """Tree verification sizes (nodes + root): every depth's with tree_stop, else the whole tree's."""
+        if not self.tree_stop:
+            return (self.tree + 1,)
+        return tuple(1 + d * self.tree_width for d in range(1, self.tree // self.tree_width + 1))
+
+    @property
     def block_sizes(self) -> tuple[int, ...]:
         if self.buckets:
             return self.buckets
@@ -93,11 +105,11 @@ class EESDConfig:
 
 
 def config_for_exit(
-    exit_cfg: exits.ExitConfig, exit_path, max_draft: int, controller: str, tree: int = 0
+    exit_cfg: exits.ExitConfig, exit_path, max_draft: int, controller: str, tree: int = 0, tree_stop: float = 0.0
 ) -> EESDConfig:
     """EESD with a loaded exit: its N and context layer, J, and the `controller` spec
     (control.from_spec) completed with what was fitted for that exit (control.for_exit); `tree`
-    nodes per round (0: a chain)."""
+    nodes per round (0: a chain), the depth chosen per round with tree_stop > 0."""
     ctrl = control.for_exit(control.from_spec(controller), exit_path)
     return EESDConfig(
         exit_cfg.layer,
@@ -106,6 +118,7 @@ def config_for_exit(
         context_layer=exit_cfg.context_layer,
         fuse_layers=exit_cfg.fuse_layers,
         tree=tree,
+        tree_stop=tree_stop,
     )
 
 
@@ -144,6 +157,10 @@ class EESDState:
     # [B, F, D] the LLM's states after the fuse layers at the position before `last` (verified),
     # what a fused exit's first draft of the next round reads; None without fuse layers.
     fuse_prev: jax.Array | None = None
+    # [B, 2] float32 with an adaptive tree (EESDConfig.tree_stop), else None: per row, the draft
+    # tokens accepted and the exit's predicted accepted drafts (tree.draft) summed over its rounds;
+    # their posterior ratio (tree.calibration) scales the exit's probabilities in the depth stop.
+    tree_calib: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -240,6 +257,7 @@ def eesd_init(
         if ecfg.trace
         else None,
         fuse_prev=fuse_prev,
+        tree_calib=jnp.zeros((B, 2), jnp.float32) if ecfg.tree_stop else None,
     )
 
 
@@ -402,19 +420,10 @@ def eesd_decode(
         d = _draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s)
         logits, cache, uppers = _verify(cfg, ecfg, params, segments, d, s.last, pos0)
         states = (d.hidden, *uppers)  # The block's states after each of ecfg.state_layers.
-        exit_cache = d.exit_cache
         block_positions = pos0[:, None] + jnp.arange(J + 1)[None]
-        if ecfg.context_layer:  # The block is verified now: its context-layer states replace the drafted ones.
-            context_bjd = _at(cfg, ecfg, states, [ecfg.context_layer])[..., 0, :]
-            exit_cache = exits.write_context(cfg, exit_params, exit_cache, context_bjd, block_positions)
-        if ecfg.fuse_layers:
-            fuse_bjfd = _at(cfg, ecfg, states, ecfg.fuse_layers)
-            if not ecfg.context_layer:  # Verified inputs replace the drafted ones (their own outputs stood in).
-                feats = exits.previous_features(
-                    exits.fuse_features(cfg, exit_params, fuse_bjfd), exits.fuse_features(cfg, exit_params, s.fuse_prev)
-                )
-                exit_in = exits.fused_input(d.hidden, exit_params, feats)
-                exit_cache = exits.write_context(cfg, exit_params, exit_cache, exit_in, block_positions)
+        exit_cache, fuse_bjfd = _rewrite_verified(
+            cfg, ecfg, exit_params, d.exit_cache, states, s.fuse_prev, block_positions
+        )
         key, k_acc = jax.random.split(d.key)
         if sampling_cfg.greedy:
             n_acc, nxt = sampling.accept_greedy(d.tokens, d.n_draft, logits)
@@ -425,38 +434,75 @@ def eesd_decode(
         new_bj = jnp.where(idx < n_acc[:, None], drafts, nxt[:, None])
         live = ~s.done
         new = _advance(s, eos_ids, new_bj, n_acc, cache, exit_cache, key, d.n_draft)
-        fuse_prev = s.fuse_prev
-        if ecfg.fuse_layers:  # `last` sits at pos0 + n_keep: its predecessor is block position n_keep - 1.
-            n_keep = new.n_new - s.n_new
-            kept = jnp.take_along_axis(fuse_bjfd, jnp.maximum(n_keep - 1, 0)[:, None, None, None], axis=1)[:, 0]
-            fuse_prev = jnp.where(live[:, None, None], kept, s.fuse_prev)
         return new.replace(
             ctrl=control.update(ecfg.controller, s.ctrl, d.n_draft, n_acc, d.confidence, live),
             trace=None if s.trace is None else _record(s.trace, s.rounds, live, d, n_acc),
-            fuse_prev=fuse_prev,
+            fuse_prev=_fuse_prev(s, new, fuse_bjfd),
         )
 
     def tree_round(s: EESDState) -> EESDState:
-        pos0 = s.cache.lengths
-        t = tree.draft(cfg, ecfg, params, lower, exit_params, s.last, pos0, s.cache, s.exit_cache)
-        logits, cache, context_bnd = tree.verify(cfg, ecfg, params, segments, t, pos0)
+        pos0, live = s.cache.lengths, ~s.done
+        scale = None if s.tree_calib is None else tree.calibration(*s.tree_calib.T) * live
+        fused = None if s.fuse_prev is None else exits.fuse_features(cfg, exit_params, s.fuse_prev)
+        t, n_depth, predicted = tree.draft(
+            cfg, ecfg, params, lower, exit_params, s.last, pos0, s.cache, s.exit_cache, scale, fused
+        )
+        logits, cache, uppers = tree.verify(cfg, ecfg, params, segments, t, pos0, n_depth)
         key, k_acc = jax.random.split(s.key)
         if sampling_cfg.greedy:
-            n_acc, nxt, path = tree.accept_greedy(t, logits, ecfg.tree_width)
+            n_acc, nxt, path = tree.accept_greedy(t, logits, ecfg.tree_width, n_depth)
         else:
-            n_acc, nxt, path = tree.accept_sampled(k_acc, t, logits, ecfg.tree_width, sampling_cfg)
+            n_acc, nxt, path = tree.accept_sampled(k_acc, t, logits, ecfg.tree_width, n_depth, sampling_cfg)
         cache, exit_cache = tree.compact(cache, pos0, path), tree.compact(t.exit_cache, pos0, path)
-        if ecfg.context_layer:  # As for a chain: the accepted path's context-layer states, now contiguous.
-            context = jnp.take_along_axis(context_bnd, path[..., None], 1)
-            exit_cache = exits.write_context(cfg, exit_params, exit_cache, context, pos0[:, None] + jnp.arange(R + 1))
+        # As for a chain, over the accepted path's states, now contiguous.
+        states = tuple(jnp.take_along_axis(a, path[..., None], 1) for a in (t.hidden, *uppers))
+        positions = pos0[:, None] + jnp.arange(R + 1)
+        exit_cache, fuse_brfd = _rewrite_verified(cfg, ecfg, exit_params, exit_cache, states, s.fuse_prev, positions)
         drafts = jnp.take_along_axis(t.tokens, path[:, 1:], 1)
         new_bj = jnp.where(jnp.arange(R)[None] < n_acc[:, None], drafts, nxt[:, None])
         new_bj = jnp.concatenate([new_bj, nxt[:, None]], 1)
-        return _advance(s, eos_ids, new_bj, n_acc, cache, exit_cache, key, jnp.full_like(n_acc, ecfg.tree))
+        new = _advance(
+            s, eos_ids, new_bj, n_acc, cache, exit_cache, key, jnp.full_like(n_acc, n_depth * ecfg.tree_width)
+        )
+        new = new.replace(fuse_prev=_fuse_prev(s, new, fuse_brfd))
+        if s.tree_calib is None:
+            return new
+        return new.replace(tree_calib=s.tree_calib + jnp.stack([n_acc, predicted], -1) * live[:, None])
 
     stop_at = state.steps + max_steps
     body = tree_round if ecfg.tree else round_
     return jax.lax.while_loop(lambda s: (~s.done).any() & (s.steps < stop_at), body, state)
+
+
+def _rewrite_verified(cfg, ecfg, exit_params, exit_cache, states, fuse_prev, positions_bt):
+    """The exit's cache at a verified block's positions rewritten from its verified states (a chain's
+    block, a tree's accepted path; `states` [B, T, D] after each of ecfg.state_layers): a context
+    exit's from the context layer, a fused exit's inputs from the previous positions' fused states
+    (its own outputs stood in while drafting). Returns (exit_cache, [B, T, F, D] fuse-layer states or None).
+    """
+    fuse_btfd = None
+    if ecfg.context_layer:
+        context_btd = _at(cfg, ecfg, states, [ecfg.context_layer])[..., 0, :]
+        exit_cache = exits.write_context(cfg, exit_params, exit_cache, context_btd, positions_bt)
+    if ecfg.fuse_layers:
+        fuse_btfd = _at(cfg, ecfg, states, ecfg.fuse_layers)
+        if not ecfg.context_layer:  # With a context layer, the context replaced these slots already.
+            feats = exits.previous_features(
+                exits.fuse_features(cfg, exit_params, fuse_btfd), exits.fuse_features(cfg, exit_params, fuse_prev)
+            )
+            exit_in = exits.fused_input(states[0], exit_params, feats)
+            exit_cache = exits.write_context(cfg, exit_params, exit_cache, exit_in, positions_bt)
+    return exit_cache, fuse_btfd
+
+
+def _fuse_prev(s: EESDState, new: EESDState, fuse_btfd) -> jax.Array | None:
+    """EESDState.fuse_prev after a round: the block's fuse-layer states before the new `last`
+    (block position n_keep - 1), for live rows."""
+    if fuse_btfd is None:
+        return s.fuse_prev
+    n_keep = new.n_new - s.n_new
+    kept = jnp.take_along_axis(fuse_btfd, jnp.maximum(n_keep - 1, 0)[:, None, None, None], axis=1)[:, 0]
+    return jnp.where((~s.done)[:, None, None], kept, s.fuse_prev)
 
 
 def _advance(s: EESDState, eos_ids, new_bj, n_acc, cache, exit_cache, key, n_draft) -> EESDState:

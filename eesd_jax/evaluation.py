@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import bench, control, distill_data, eesd, exits, generate, losses, prompts, teacher
+from eesd_jax import bench, control, distill_data, eesd, exits, generate, losses, prompts, sharding, shards, teacher
 
 
 def eval_exit(
@@ -52,7 +52,9 @@ def eval_exit(
     if not ids:
         raise ValueError("no prompts to evaluate on")
     ecfg = eesd.config_for_exit(exit_cfg, exit_path, max_draft, controller)
-    setup = bench.BenchSetup(cfg, params, exit_params, ecfg, eos)
+    if (mesh := sharding.mesh_of(params)) is not None:  # The LLM on a mesh: the exit beside it, rows over 'data'.
+        exit_params = sharding.shard_exit_params(exit_params, mesh)
+    setup = bench.BenchSetup(cfg, params, exit_params, ecfg, eos, mesh)
     bar = teacher.progress_bar(progress, total=2 * len(ids), desc="eval-exit", unit="run")
     tick = lambda mode, gen: bar.update(1)  # noqa: E731
     timed = bench.run(setup, ids, max_new_tokens, progress=tick, step_costs=False, warmup=warmup)
@@ -106,23 +108,17 @@ def greedy_agreement(
     seqs = [p + out for p, out in zip(ids, outputs)]
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
     tokens = np.concatenate([np.asarray(s, np.int32) for s in seqs])
-    mask = np.zeros(len(tokens), bool)
-    for k, p in enumerate(ids):
-        mask[offsets[k] + len(p) - 1 : offsets[k + 1] - 1] = True
     c, fuse = exit_cfg.context_layer, exit_cfg.fuse_layers
     layers = [exit_cfg.layer, *([c] if c else []), *fuse]
     hidden, _, _ = teacher.run_teacher(lm, tokens, offsets, layers, 0, progress=False)
     nxt = np.roll(tokens, -1)[:, None]
-    data = distill_data.Data(
+    data = shards.Data.from_arrays(
         tokens,
         offsets,
         np.array([len(p) for p in ids], np.int32),
-        mask,
         hidden[exit_cfg.layer],
         np.zeros((len(tokens), 1), np.float32),
         nxt.astype(np.int32),
-        np.zeros(cfg.vocab_size, np.int64),
-        np.zeros(cfg.vocab_size),
         context=hidden[c] if c else None,
         fuse=np.stack([hidden[j] for j in fuse], 1).astype(np.float16) if fuse else None,
     )
@@ -146,6 +142,6 @@ def run_eval(config, exit_path, lm=None, progress: bool = True, out: str | pathl
         progress=progress,
     )
     result["sets"] = list(e.sets)
-    if out is not None:
+    if out is not None and sharding.is_main_process():
         pathlib.Path(out).write_text(json.dumps(result, indent=1))
     return result

@@ -221,7 +221,7 @@ def save_exit(
         raise ValueError(f"exit file dtype must be float16 or float32, got {dtype!r}")
     flat = {k: np.asarray(v) for k, v in _flatten(jax.device_get(exit_params)).items()}
     flat = model.cast_params(flat, dtype or "float32")
-    atomic_write(pathlib.Path(path), lambda tmp: save_file(flat, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta))
 
 
 def read_exit_metadata(path: str | os.PathLike) -> dict:

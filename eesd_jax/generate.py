@@ -112,8 +112,11 @@ def generate_ar(
     chunk: int = 4,
     mesh: jax.sharding.Mesh | None = None,
 ) -> Generation:
-    """Vanilla autoregressive decoding of a batch of prompts (token ids)."""
+    """Vanilla autoregressive decoding of a batch of prompts (token ids).
+
+    mesh: rows over its 'data' axis; default: the mesh `params` lie on (sharding.shard_params), if any."""
     req = decoding.make_request(cfg, prompts, max_new_tokens)
+    mesh = sharding.mesh_of(params) if mesh is None else mesh
     eos = tuple(int(e) for e in eos_ids)
 
     def start(tokens_bp, prompt_lens_b, max_new_b):
@@ -167,9 +170,11 @@ def generate_eesd(
 
     `split` = eesd.split_params(params, ecfg.exit_layer, ecfg.context_layer, ecfg.fuse_layers) may be passed to reuse
     the pre-sliced layer stacks across calls. With `mesh`, params and exit params
-    should already be placed (sharding.shard_params / shard_exit_params).
+    should already be placed (sharding.shard_params / shard_exit_params); default: the mesh
+    `params` lie on, if any.
     """
     ecfg.validate(cfg)
+    mesh = sharding.mesh_of(params) if mesh is None else mesh
     req = decoding.make_request(cfg, prompts, max_new_tokens, slack=ecfg.block_len)
     eos = tuple(int(e) for e in eos_ids)
     segments = split or eesd.split_params(params, ecfg.exit_layer, ecfg.context_layer, ecfg.fuse_layers)

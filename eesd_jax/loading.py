@@ -374,8 +374,18 @@ def _unflatten(flat: dict[str, np.ndarray]) -> Params:
     return out
 
 
-def atomic_write(path: pathlib.Path, write) -> None:
-    """Call write(tmp_path) then rename into place, so readers never see half a file."""
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_path) then rename into place, so readers never see half a file.
+
+    A URL (gs://...; etils.epath) is written locally, then copied: an object store shows objects whole."""
+    if "://" in str(path):
+        from etils import epath
+
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            write(tmp := os.path.join(tmp_dir, "file"))
+            epath.Path(tmp).copy(epath.Path(path), overwrite=True)
+        return
+    path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)

@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import exits, model
-from eesd_jax.distill_data import Data, vocab_map
+from eesd_jax import exits, model, sharding
+from eesd_jax.distill_data import vocab_map
 from eesd_jax.kv_cache import init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
+from eesd_jax.shards import Data
 
 
 @jax.tree_util.register_dataclass
@@ -82,13 +83,11 @@ def make_batch(
     positions of each row are selected: R = min(T, n_select). With a context layer in
     `data`, `rounds` and `max_round` choose the draft rounds (round_starts).
     """
-    spans = []
-    for k in seq_idx:
-        a, b = int(data.offsets[k]), int(data.offsets[k + 1])
-        spans.append((max(a, b - seq_len), b))
+    seqs = [data.sequence(int(k)) for k in seq_idx]
+    spans = [(max(0, len(s.tokens) - seq_len), len(s.tokens)) for s in seqs]
     T = min(round_up(max(b - a for a, b in spans), bucket), round_up(seq_len, bucket))
     R = min(T, n_select) if n_select and not prompt_weight else T
-    B, D, C = len(spans), data.hidden.shape[1], data.topk_ids.shape[1]
+    B, (D,), C = len(spans), seqs[0].hidden.shape[1:], seqs[0].topk_ids.shape[1]
     out = Batch(
         hidden=np.zeros((B, T, D), np.float32),
         select=np.zeros((B, R), np.int32),
@@ -98,30 +97,29 @@ def make_batch(
         weights=np.zeros((B, R), np.float32),
         response=np.zeros((B, R), bool),
         start=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
-        context=None if data.context is None else np.zeros((B, T, D), np.float32),
-        fuse=None if data.fuse is None else np.zeros((B, T, *data.fuse.shape[1:]), np.float32),
+        context=None if seqs[0].context is None else np.zeros((B, T, D), np.float32),
+        fuse=None if seqs[0].fuse is None else np.zeros((B, T, *seqs[0].fuse.shape[1:]), np.float32),
     )
-    for r, (a, b) in enumerate(spans):
+    for r, (s, (a, b)) in enumerate(zip(seqs, spans)):
         n = b - a
-        out.hidden[r, :n] = data.hidden[a:b]
-        k = int(seq_idx[r])
-        first_new = int(data.offsets[k]) + int(data.prompt_lens[k]) - a  # The first generated token's index.
+        out.hidden[r, :n] = s.hidden[a:b]
+        first_new = int(data.prompt_lens[seq_idx[r]]) - a  # The first generated token's index.
         out.start[r, :n] = round_starts(n, first_new, rounds, max_round)
-        if data.context is not None:
-            out.context[r, :n] = data.context[a:b]
-        if data.fuse is not None:  # Position a's predecessor is in the data unless a starts the sequence.
-            first = int(a > data.offsets[k])
-            out.fuse[r, 1 - first : n] = data.fuse[a - first : b - 1]
-        mask = data.mask[a:b]
+        if s.context is not None:
+            out.context[r, :n] = s.context[a:b]
+        if s.fuse is not None:  # Position a's predecessor is in the data unless a starts the sequence.
+            first = int(a > 0)
+            out.fuse[r, 1 - first : n] = s.fuse[a - first : b - 1]
+        mask = s.mask[a:b]
         pos = np.arange(n) if R == T else np.flatnonzero(mask)
         if len(pos) > R:
             raise ValueError(f"a sequence has {len(pos)} train positions, more than n_select={R}")
         m = len(pos)
         out.select[r, :m] = pos
-        out.topk_logp[r, :m] = data.topk_logp[a + pos]
-        out.topk_ids[r, :m] = data.topk_ids[a + pos]
+        out.topk_logp[r, :m] = s.topk_logp[a + pos]
+        out.topk_ids[r, :m] = s.topk_ids[a + pos]
         has_next = pos + 1 < n
-        out.next_tokens[r, :m] = np.where(has_next, data.tokens[np.minimum(a + pos + 1, b - 1)], 0)
+        out.next_tokens[r, :m] = np.where(has_next, s.tokens[np.minimum(a + pos + 1, b - 1)], 0)
         out.response[r, :m] = mask[pos]
         out.weights[r, :m] = np.where(mask[pos], 1.0, np.where(has_next, prompt_weight, 0.0))
     return out
@@ -129,8 +127,7 @@ def make_batch(
 
 def max_train_positions(data: Data) -> int:
     """The most train (response) positions any sequence has: n_select for make_batch."""
-    counts = np.add.reduceat(data.mask.astype(np.int64), data.offsets[:-1]) if data.n_seq else np.zeros(1)
-    return int(counts.max())
+    return int(data.n_train.max()) if data.n_seq else 0
 
 
 def exit_train_logits(
@@ -272,13 +269,15 @@ def data_metrics(
     its figures differ only by which positions fall at j).
     """
     vmap = jnp.asarray(vocab_map(cfg.vocab_size, np.asarray(exit_params["vocab"]) if "vocab" in exit_params else None))
-    order = np.argsort(np.diff(data.offsets), kind="stable")
+    order = np.argsort(data.lengths, kind="stable")
+    mesh = sharding.mesh_of(lm_params)  # The LLM on a mesh: rows over 'data'.
     sums, n = {"kl": 0.0, "ce": 0.0, "top1": 0.0}, 0.0
     by_pos = np.zeros((2, max(round_len, 1)))  # (agreements, positions) per draft position.
     n_select = max(n_select, round_up(max_train_positions(data), 16))
     for i in range(0, len(order), batch_size):
         b = make_batch(data, order[i : i + batch_size], seq_len, bucket, n_select=n_select, rounds=round_len or None)
-        m, agree = jax.device_get(_eval_batch(cfg, lm_params, exit_params, vmap, to_device(b), max(round_len, 1)))
+        b_dev = sharding.shard_rows(b, mesh)
+        m, agree = sharding.fetch(_eval_batch(cfg, lm_params, exit_params, vmap, b_dev, max(round_len, 1)))
         for key in sums:
             sums[key] += float(m[key]) * float(m["n"])
         n += float(m["n"])
@@ -289,7 +288,3 @@ def data_metrics(
     if round_len:
         out["top1_by_draft_position"] = [round(float(a / max(c, 1)), 4) for a, c in by_pos.T]
     return out
-
-
-def to_device(batch: Batch) -> Batch:
-    return jax.tree.map(jnp.asarray, batch)

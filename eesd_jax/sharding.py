@@ -309,6 +309,40 @@ def shard_batch(tree, mesh: Mesh):
     return put(tree, jax.tree.map(lambda x: named(mesh, ("batch",) + (None,) * (np.ndim(x) - 1), np.shape(x)), tree))
 
 
+def mesh_of(tree) -> Mesh | None:
+    """The mesh a pytree's arrays are placed on (the first NamedSharding found), or None (one device)."""
+    for x in jax.tree.leaves(tree):
+        if isinstance(getattr(x, "sharding", None), NamedSharding):
+            return x.sharding.mesh
+    return None
+
+
+def shard_rows(tree, mesh: Mesh | None):
+    """shard_batch on a mesh; without one, plain device arrays."""
+    return jax.tree.map(jax.numpy.asarray, tree) if mesh is None else shard_batch(tree, mesh)
+
+
+def process_rows(tree, mesh: Mesh | None):
+    """This process's rows of a global batch ([B / P, ...] each, P processes) -> global [B, ...] arrays, rows
+    over 'data'. One process: shard_rows. Which global rows a process's rows become is the mesh's
+    choice (a permutation of the batch's rows, the same at every step)."""
+    if jax.process_count() == 1:
+        return shard_rows(tree, mesh)
+    if mesh is None or mesh.shape["data"] % jax.process_count():
+        raise ValueError(
+            f"{jax.process_count()} processes each make their rows of a batch: the mesh's 'data' axis must be a "
+            "multiple of the process count"
+        )
+
+    def one(x):
+        shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+        if shape[0] % mesh.shape["data"]:
+            raise ValueError(f"a batch of {shape[0]} rows cannot be split over data={mesh.shape['data']}")
+        return jax.make_array_from_process_local_data(named(mesh, ("batch",) + (None,) * (x.ndim - 1), shape), x, shape)
+
+    return jax.tree.map(one, tree)
+
+
 def replicate(tree, mesh: Mesh):
     return put(tree, jax.tree.map(lambda x: NamedSharding(mesh, P()), tree))
 
@@ -403,3 +437,22 @@ def maybe_initialize_distributed(force: bool | None = None) -> bool:
 def is_main_process() -> bool:
     """True on process 0 only: the one that writes logs, results and exports."""
     return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Wait until every process gets here (a no-op in one process); `name` must be the same on all."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def main_writes(name: str, write: Callable[[], Any]) -> None:
+    """Run write() on process 0 only, then wait for it on every process.
+
+    Multi-host runs share one workdir: every process computes the same results, one writes
+    them, and no process reads a file before it is whole.
+    """
+    if is_main_process():
+        write()
+    sync(name)

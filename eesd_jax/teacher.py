@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eesd_jax import engine, loading, model, prompts
+from eesd_jax import engine, loading, model, prompts, sharding
 from eesd_jax.kv_cache import init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
 
@@ -141,13 +141,11 @@ def run_teacher(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "teacher",
-    half: Sequence[int] = (),
 ):
     """One pass of the frozen LLM over every sequence.
 
     Returns ({n: [total, D] hidden after layer n}, [total, C] top-k log-probs, [total, C] ids),
-    flat like `tokens`; n = L is the final state (before the final norm). The states after
-    the layers in `half` are kept in float16 (fused exits' inputs: storage).
+    flat like `tokens`; n = L is the final state (before the final norm).
     With top_k = 0 only the first max(layers) layers run.
     """
     cfg = lm.cfg
@@ -159,10 +157,11 @@ def run_teacher(
     segments = [jax.tree.map(lambda w, a=a, b=b: w[a:b], lm.params["layers"]) for a, b in zip(starts, bounds)]
     lengths = np.diff(offsets)
     total = int(offsets[-1])
-    hidden = {n: np.zeros((total, cfg.d_model), np.float16 if n in half else np.float32) for n in layers}
+    hidden = {n: np.zeros((total, cfg.d_model), np.float32) for n in layers}
     top_logp = np.zeros((total, top_k), np.float32)
     top_ids = np.zeros((total, top_k), np.int32)
     order = np.argsort(lengths, kind="stable")
+    mesh = sharding.mesh_of(lm.params)
     bar = progress_bar(progress, total=len(order), desc=desc, unit="seq")
     i = 0
     while i < len(order):
@@ -172,7 +171,8 @@ def run_teacher(
         tok = np.zeros((rows, T), np.int32)
         for r, k in enumerate(idx):
             tok[r, : lengths[k]] = tokens[offsets[k] : offsets[k + 1]]
-        hs, logp, ids = jax.device_get(_teacher_batch(cfg, lm.params, segments, jnp.asarray(tok), top_k))
+        tok = sharding.shard_rows(tok, mesh)  # Rows over 'data' (where they divide), the LLM as its params lie.
+        hs, logp, ids = sharding.fetch(_teacher_batch(cfg, lm.params, segments, tok, top_k))
         for r, k in enumerate(idx):
             a, b, n = offsets[k], offsets[k + 1], lengths[k]
             for layer, h in zip(bounds, hs):

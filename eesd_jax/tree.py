@@ -1,7 +1,8 @@
 """Draft trees: several candidate continuations per round, verified in one pass (EAGLE-2 style).
 
 A round's tree, for a row whose newest accepted token x sits at position p, has a static
-shape (EESDConfig.tree nodes, tree_width W per depth, depth R = tree // W):
+shape (EESDConfig.tree nodes, tree_width W per depth, depth R = tree // W at most; with
+EESDConfig.tree_stop each round stops growing once a deeper depth is not expected to pay):
   * node 0, the root, is x; depth d = 1..R holds nodes 1 + (d-1)W .. dW;
   * depth d's nodes are the W children with the highest cumulative exit log-probability
     among the top-W children of each of depth d-1's nodes (a deterministic choice);
@@ -24,6 +25,8 @@ import numpy as np
 from eesd_jax import exits, model, sampling
 from eesd_jax.kv_cache import KVCache
 
+PRIOR = 4.0  # Pseudo-drafts of the calibration's prior (`calibration`): a few rounds' worth.
+
 
 @flax.struct.dataclass
 class Tree:
@@ -35,6 +38,9 @@ class Tree:
     hidden: jax.Array  # [B, n1, D] layer-N hidden state of every node.
     cache: KVCache  # LLM cache, layers [0, N) written at the node slots.
     exit_cache: KVCache  # The exit's cache, written at the node slots.
+    # [B, n1, D] a fused exit's output state at every node (its children's stand-in for the LLM's
+    # fused states, exits.ExitConfig.fuse_layers), else None.
+    exit_out: jax.Array | None = None
 
 
 def depths(n_nodes: int, width: int) -> np.ndarray:
@@ -51,37 +57,53 @@ def _visible(ancestors_btn: jax.Array, pos0_b: jax.Array, n_slots: int) -> jax.A
     return (rel_b1s < 0) | in_tree
 
 
-def _run_nodes(cfg, params, lower, exit_params, t: Tree, idx_w, pos0_b, depth, width):
+def _run_nodes(cfg, params, lower, exit_params, t: Tree, idx_w, pos0_b, depth, width, fused_bwfd=None):
     """Nodes idx_w ([W'], one depth) through layers [0, N) and the exit: (t updated, each node's `width`
-    likeliest children by the exit: log-probs and token ids [B, W', width])."""
+    likeliest children by the exit: log-probs and token ids [B, W', width]).
+
+    fused_bwfd: a fused exit's features of each node's predecessor (exits.fused_input), else None."""
     anc_bwn = t.ancestors[:, idx_w]
     positions = jnp.broadcast_to((pos0_b + depth)[:, None], anc_bwn.shape[:2])
     slots = pos0_b[:, None] + idx_w[None]
     visible = _visible(anc_bwn, pos0_b, t.cache.max_len)
     x = model.embed(params, t.tokens[:, idx_w])
     h_bwd, cache = model.run_layers(cfg, lower, x, positions, t.cache, 0, slots, visible)
-    x_bwd, exit_cache = exits.exit_hidden(cfg, exit_params, h_bwd, positions, t.exit_cache, slots, visible)
+    exit_in = h_bwd if fused_bwfd is None else exits.fused_input(h_bwd, exit_params, fused_bwfd)
+    x_bwd, exit_cache = exits.exit_hidden(cfg, exit_params, exit_in, positions, t.exit_cache, slots, visible)
     # top-k over the draft vocabulary, then its ids mapped to the LLM's (not over a scattered full vocabulary).
     top_logp, top = jax.lax.top_k(jax.nn.log_softmax(exits.draft_vocab_logits(params, exit_params, x_bwd), -1), width)
     top = exit_params["vocab"][top] if "vocab" in exit_params else top
     t = t.replace(hidden=t.hidden.at[:, idx_w].set(h_bwd), cache=cache, exit_cache=exit_cache)
+    if t.exit_out is not None:
+        t = t.replace(exit_out=t.exit_out.at[:, idx_w].set(x_bwd.astype(t.exit_out.dtype)))
     return t, top_logp, top
 
 
-def _expand(top_logp: jax.Array, top_ids: jax.Array, cum_bw: jax.Array, frontier_bw: jax.Array):
-    """The W best children of the frontier nodes: (tokens, parents, cumulative log-probs), each [B, W].
+def _expand(top_logp: jax.Array, top_ids: jax.Array, cum_bf: jax.Array, frontier_bf: jax.Array, width: int):
+    """The `width` best children of the F frontier nodes: (tokens, parents, cumulative log-probs), each [B, width].
 
-    top_logp, top_ids: [B, W, W] each frontier node's W likeliest children (`_run_nodes`)."""
-    B, W, _ = top_logp.shape
-    cum, pick = jax.lax.top_k((cum_bw[..., None] + top_logp).reshape(B, W * W), W)
-    tokens = jnp.take_along_axis(top_ids.reshape(B, W * W), pick, 1).astype(jnp.int32)
-    return tokens, jnp.take_along_axis(frontier_bw, pick // W, 1), cum
+    top_logp, top_ids: [B, F, K] each frontier node's K likeliest children (`_run_nodes`)."""
+    B, F, K = top_logp.shape
+    cum, pick = jax.lax.top_k((cum_bf[..., None] + top_logp).reshape(B, F * K), width)
+    tokens = jnp.take_along_axis(top_ids.reshape(B, F * K), pick, 1).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(frontier_bf, pick // K, 1), cum
 
 
-def draft(cfg, ecfg, params, lower, exit_params, last_b, pos0_b, cache: KVCache, exit_cache: KVCache) -> Tree:
-    """Grow the round's tree depth by depth from the root last_b at positions pos0_b."""
+def draft(
+    cfg, ecfg, params, lower, exit_params, last_b, pos0_b, cache: KVCache, exit_cache: KVCache, scale_b=None, fused=None
+):
+    """Grow the round's tree depth by depth from the root last_b at positions pos0_b.
+
+    fused: a fused exit's [B, F, D] features of the LLM's states before the root (verified); each
+    deeper node reads its parent's exit output in their place, as a chain's later drafts do.
+
+    With ecfg.tree_stop > 0 depth d + 1 is grown only while some row's expected gain from it,
+    scale_b [B] x the summed cumulative exit probability of its W nodes, is >= tree_stop (depth
+    1 always). Returns (tree, n_depth [] depths grown, predicted [B] the exit's expected accepted
+    drafts: the grown nodes' cumulative probabilities summed, see `calibration`).
+    """
     B, W, n = last_b.shape[0], ecfg.tree_width, ecfg.tree
-    n1 = n + 1
+    n1, R = n + 1, n // W
     t = Tree(
         tokens=jnp.zeros((B, n1), jnp.int32).at[:, 0].set(last_b),
         parent=jnp.zeros((B, n1), jnp.int32),
@@ -89,15 +111,15 @@ def draft(cfg, ecfg, params, lower, exit_params, last_b, pos0_b, cache: KVCache,
         hidden=jnp.zeros((B, n1, cfg.d_model), cfg.jnp_dtype),
         cache=cache,
         exit_cache=exit_cache,
+        exit_out=None if fused is None else jnp.zeros((B, n1, cfg.d_model), fused.dtype),
     )
-    t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, jnp.zeros((1,), jnp.int32), pos0_b, 0, W)
-    # The root as a frontier of W: its copies past the first have -inf cumulative log-prob.
-    cum = jnp.where(jnp.arange(W)[None] == 0, 0.0, -jnp.inf) * jnp.ones((B, 1))
-    carry = (t, *(jnp.broadcast_to(a, (B, W, W)) for a in (top_logp, top_ids)), cum, jnp.zeros((B, W), jnp.int32))
+    root = jnp.zeros((1,), jnp.int32)
+    root_fused = None if fused is None else fused[:, None]
+    t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, root, pos0_b, 0, W, root_fused)
+    nxt = _expand(top_logp, top_ids, jnp.zeros((B, 1)), jnp.zeros((B, 1), jnp.int32), W)
 
-    def depth_step(d, carry):
-        t, top_logp, top_ids, cum, frontier = carry
-        tokens, parent, cum = _expand(top_logp, top_ids, cum, frontier)
+    def grow(carry):
+        d, t, (tokens, parent, cum), predicted, _ = carry
         idx_w = 1 + (d - 1) * W + jnp.arange(W)
         own = jax.nn.one_hot(idx_w, n1, dtype=bool)[None]
         anc = jnp.take_along_axis(t.ancestors, parent[..., None], 1) | own
@@ -106,29 +128,60 @@ def draft(cfg, ecfg, params, lower, exit_params, last_b, pos0_b, cache: KVCache,
             parent=t.parent.at[:, idx_w].set(parent),
             ancestors=t.ancestors.at[:, idx_w].set(anc),
         )
+        from_parent = None
+        if fused is not None:  # No verified predecessor: the parent's exit output stands in for each state.
+            from_parent = jnp.broadcast_to(
+                jnp.take_along_axis(t.exit_out, parent[..., None], 1)[:, :, None], (B, W, *fused.shape[1:])
+            )
         # The deepest nodes' exit output is unused but their exit cache slots are needed (a fully
         # accepted path is the next round's context).
-        t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, idx_w, pos0_b, d, W)
-        return t, top_logp, top_ids, cum, jnp.broadcast_to(idx_w, (B, W))
+        t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, idx_w, pos0_b, d, W, from_parent)
+        nxt = _expand(top_logp, top_ids, cum, jnp.broadcast_to(idx_w, (B, W)), W)
+        gain_b = jnp.sum(jnp.exp(nxt[2]), -1)  # Depth d + 1's nodes lie on disjoint paths: P(one is accepted).
+        go = (d < R) & (not ecfg.tree_stop or (scale_b * gain_b >= ecfg.tree_stop).any())
+        return d + 1, t, nxt, predicted + jnp.sum(jnp.exp(cum), -1), go
 
-    return jax.lax.fori_loop(1, n // W + 1, depth_step, carry)[0]
+    carry = (jnp.int32(1), t, nxt, jnp.zeros((B,), jnp.float32), jnp.bool_(True))
+    d, t, _, predicted, _ = jax.lax.while_loop(lambda c: c[-1], grow, carry)
+    return t, d - 1, predicted
 
 
-def verify(cfg, ecfg, params, segments, t: Tree, pos0_b):
-    """Layers [N, L) over every node in one pass: ([B, n1, V] logits, cache, [B, n1, D] context-layer states or None).
+def calibration(accepted_b: jax.Array, predicted_b: jax.Array) -> jax.Array:
+    """[B] the posterior mean of how far the exit's predicted accepted drafts over- or undershoot.
 
-    The nodes' keys/values are written at their slots after the pass (model.block_readonly).
+    With accepted ~ Poisson(s x predicted) and a Gamma(PRIOR, PRIOR) prior on s (mean 1):
+    s = (PRIOR + accepted) / (PRIOR + predicted), the running totals of EESDState.tree_calib.
     """
-    n1 = ecfg.tree + 1
+    return (PRIOR + accepted_b) / (PRIOR + predicted_b)
+
+
+def verify(cfg, ecfg, params, segments, t: Tree, pos0_b, n_depth):
+    """Layers [N, L) over the nodes of the n_depth depths grown, in one pass: ([B, n1, V] logits,
+    cache, the [B, n1, D] states after each of ecfg.state_layers but N), padded past the grown nodes.
+
+    The pass runs over the smallest of ecfg.tree_sizes holding the grown nodes (lax.switch; the
+    branches only read the cache, whose keys/values are written after it, as the chain's _verify).
+    """
+    n1, sizes = ecfg.tree + 1, ecfg.tree_sizes
     positions = pos0_b[:, None] + jnp.asarray(depths(ecfg.tree, ecfg.tree_width))[None]
-    x, first, ks, vs, cuts = t.hidden, ecfg.exit_layer, [], [], []
-    for layers in segments[1:]:
-        x, k, v = model.run_layers_readonly(cfg, layers, x, positions, t.cache, first, t.ancestors)
-        first, ks, vs, cuts = first + model.num_layers(layers), ks + [k], vs + [v], cuts + [x]
-    logits = model.lm_head(params, model.final_norm(params, cfg, x))
-    slots = pos0_b[:, None] + jnp.arange(n1)[None]
-    cache = model.write_layers(t.cache, ecfg.exit_layer, jnp.concatenate(ks), jnp.concatenate(vs), slots)
-    return logits, cache, (cuts[0] if len(cuts) > 1 else None)
+
+    def branch(size):
+        def run(hidden, ancestors, cache):
+            x, first, ks, vs, cuts = hidden[:, :size], ecfg.exit_layer, [], [], []
+            for layers in segments[1:]:
+                mask = ancestors[:, :size, :size]
+                x, k, v = model.run_layers_readonly(cfg, layers, x, positions[:, :size], cache, first, mask)
+                first, ks, vs, cuts = first + model.num_layers(layers), ks + [k], vs + [v], cuts + [x]
+            logits = model.lm_head(params, model.final_norm(params, cfg, x))
+            pad = lambda a, axis: jnp.pad(a, [(0, n1 - size if i == axis else 0) for i in range(a.ndim)])  # noqa: E731
+            return pad(logits, 1), pad(jnp.concatenate(ks), 2), pad(jnp.concatenate(vs), 2), [pad(c, 1) for c in cuts]
+
+        return run
+
+    which = jnp.sum(jnp.asarray(sizes) < 1 + n_depth * ecfg.tree_width)
+    logits, k, v, states = jax.lax.switch(which, [branch(n) for n in sizes], t.hidden, t.ancestors, t.cache)
+    slots = pos0_b[:, None] + jnp.arange(n1)[None]  # Slots past the grown nodes: stale, past every length.
+    return logits, model.write_layers(t.cache, ecfg.exit_layer, k, v, slots), tuple(states)
 
 
 def _children(t: Tree, d: int, W: int):
@@ -137,8 +190,8 @@ def _children(t: Tree, d: int, W: int):
     return idx, t.tokens[:, idx], t.parent[:, idx]
 
 
-def accept_greedy(t: Tree, logits_bnv: jax.Array, width: int):
-    """Walk from the root taking the child equal to the LLM's argmax.
+def accept_greedy(t: Tree, logits_bnv: jax.Array, width: int, n_depth):
+    """Walk from the root through the n_depth depths grown, taking the child equal to the LLM's argmax.
 
     Returns (n_accepted [B], next token [B], path [B, R + 1] of node indices: the root, the
     accepted nodes, then the last one repeated).
@@ -149,7 +202,7 @@ def accept_greedy(t: Tree, logits_bnv: jax.Array, width: int):
     for d in range(1, R + 1):
         idx, tokens, parent = _children(t, d, width)
         want = jnp.take_along_axis(target, cur[:, None], 1)
-        match = (parent == cur[:, None]) & (tokens == want) & (n_acc == d - 1)[:, None]
+        match = (parent == cur[:, None]) & (tokens == want) & ((n_acc == d - 1) & (d <= n_depth))[:, None]
         hit = match.any(-1)
         cur = jnp.where(hit, jnp.asarray(idx)[jnp.argmax(match, -1)], cur)
         n_acc, path = n_acc + hit, path + [cur]
@@ -163,8 +216,8 @@ def reject(r_bv: jax.Array, c_b: jax.Array) -> jax.Array:
     return jnp.where(total > 0, left / jnp.where(total > 0, total, 1.0), r_bv)
 
 
-def accept_sampled(key, t: Tree, logits_bnv: jax.Array, width: int, cfg: sampling.SamplingConfig):
-    """Walk from the root, trying each node's children in order as point masses.
+def accept_sampled(key, t: Tree, logits_bnv: jax.Array, width: int, n_depth, cfg: sampling.SamplingConfig):
+    """Walk from the root through the n_depth depths grown, trying each node's children in order as point masses.
 
     At a node with the LLM's warped distribution p, child c is accepted with probability r(c),
     r = p at first; on rejection r <- `reject`(r, c) and the next child is tried; if none is
@@ -180,7 +233,7 @@ def accept_sampled(key, t: Tree, logits_bnv: jax.Array, width: int, cfg: samplin
     final = p_bnv[:, 0]
     for d in range(1, R + 1):
         idx, tokens, parent = _children(t, d, width)
-        going = n_acc == d - 1
+        going = (n_acc == d - 1) & (d <= n_depth)
         r, nxt, took = p_bnv[rows, cur], cur, jnp.zeros((B,), bool)
         for i in range(width):
             c = tokens[:, i]
@@ -191,7 +244,7 @@ def accept_sampled(key, t: Tree, logits_bnv: jax.Array, width: int, cfg: samplin
             r = jnp.where((child & ~take)[:, None], reject(r, c), r)
         final = jnp.where((going & ~took)[:, None], r, final)
         cur, n_acc, path = nxt, n_acc + took, path + [nxt]
-    final = jnp.where((n_acc == R)[:, None], p_bnv[rows, cur], final)
+    final = jnp.where((n_acc == n_depth)[:, None], p_bnv[rows, cur], final)
     nxt = jax.random.categorical(keys[-1], jnp.log(final), -1).astype(jnp.int32)
     return n_acc, nxt, jnp.stack(path, 1)
 

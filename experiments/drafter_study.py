@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from eesd_jax import configs, distill_data, exits, losses, provenance, teacher, train
+from eesd_jax import configs, distill_data, exits, losses, provenance, shards, teacher, train
 
 # name -> smollm2 config overrides (configs.apply_overrides syntax).
 VARIANTS = {
@@ -62,12 +62,13 @@ def validation(lm, exit_path: pathlib.Path, data_dir: str, val_every: int):
     return exit_cfg, params, val
 
 
-def draft_vocab_coverage(exit_params, val: distill_data.Data) -> float | None:
+def draft_vocab_coverage(exit_params, val: shards.Data) -> float | None:
     """Share of validation positions whose LLM top-1 is in the exit's draft vocabulary: the ceiling of
     its first-draft top-1 (None for a full-vocabulary head)."""
     if "vocab" not in exit_params:
         return None
-    return round(float(np.isin(val.topk_ids[val.mask, 0], np.asarray(exit_params["vocab"])).mean()), 6)
+    top1 = np.concatenate([s.topk_ids[s.mask, 0] for s in map(val.sequence, range(val.n_seq))])
+    return round(float(np.isin(top1, np.asarray(exit_params["vocab"])).mean()), 6)
 
 
 def measure(lm, exit_path: pathlib.Path, data_dir: str, val_every: int, round_len: int) -> dict:

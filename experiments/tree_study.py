@@ -1,12 +1,17 @@
 """Draft trees against the chain: tau and speed by node budget on held-out prompts (bundled model).
 
+Modes: AR, the chain (shipped defaults), trees of a fixed depth and trees whose depth is chosen
+per round (EESDConfig.tree_stop; "auto": the measured cost of a tree's second depth in AR steps,
+costs.depth_cost). Each mode's speedup is also predicted by the round-cost model (costs.py) from
+its measured tau and mean depth and the parts' times measured first in the same process.
+
 Every mode decodes the same held-out prompts greedily in one process, interleaved prompt by
 prompt (AR, the chain, then each tree), after a warm-up that compiles every shape; speedups
 are ratios of those same-process timings (the CPU is shared, so absolute tok/s are noisy;
 ratios measured side by side are what to read). Outputs are checked identical to AR.
 
   python experiments/tree_study.py                                   # default trees, 4 prompts x 64 tokens
-  python experiments/tree_study.py --trees 4x1 8x2 8x4 --n 2         # NODESxWIDTH
+  python experiments/tree_study.py --trees 4x1 8x2 16x4@auto --n 2   # NODESxWIDTH[@STOP]
   python experiments/tree_study.py --render                          # replot from the JSON
 """
 
@@ -20,19 +25,40 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from eesd_jax import control, eesd, engine, exits, generate, loading, model, prompts, shipped
+from eesd_jax import control, costs, eesd, engine, exits, generate, loading, model, prompts, shipped
 
 OUT = pathlib.Path(__file__).parent / "results" / "trees" / "study.json"
-TREES = ("4x4", "8x4", "16x4", "8x2")  # Node budget x nodes per depth.
+TREES = ("4x4", "8x4", "16x4", "16x4@auto", "16x4@0.5")  # Node budget x nodes per depth [@ tree_stop].
 
 
-def modes(ecfg: eesd.EESDConfig, trees) -> dict[str, eesd.EESDConfig | None]:
+def parse_tree(spec: str) -> tuple[int, int, str]:
+    """ "NODESxWIDTH[@STOP]" -> (nodes, width, stop: "" fixed depth, "auto" or a number)."""
+    shape, _, stop = spec.partition("@")
+    n, w = (int(a) for a in shape.split("x"))
+    if stop not in ("", "auto"):
+        float(stop)
+    return n, w, stop
+
+
+def modes(ecfg: eesd.EESDConfig, trees, ms: dict) -> dict[str, eesd.EESDConfig | None]:
     """name -> EESD config (None: AR); the chain is the shipped default (controller, K)."""
     out = {"ar": None, "chain": ecfg}
     for spec in trees:
-        n, w = (int(a) for a in spec.split("x"))
-        out[f"tree {spec}"] = dataclasses.replace(ecfg, tree=n, tree_width=w)
+        n, w, stop = parse_tree(spec)
+        stop = costs.depth_cost(ms, ecfg.exit_layer, w, 2) if stop == "auto" else float(stop or 0)
+        out[f"tree {spec}"] = dataclasses.replace(ecfg, tree=n, tree_width=w, tree_stop=round(stop, 3))
     return out
+
+
+def cost_parts(cfg, params, exit_cfg, configs_trees, max_draft: int, repeats: int) -> dict:
+    """costs.measure's parts for every round the modes can run (chain up to K drafts, every tree depth)."""
+    widths = sorted({parse_tree(s)[1] for s in configs_trees} - {1})
+    tokens = set(range(1, max_draft + 2))
+    for spec in configs_trees:
+        n, w, _ = parse_tree(spec)
+        tokens |= {1 + d * w for d in range(n // w + 1)}
+    N = exit_cfg.layer
+    return costs.measure(cfg, params, [N], sorted(tokens), exit_cfg.draft_vocab, 512, repeats, min, widths)
 
 
 def render(report: dict, path: pathlib.Path) -> None:
@@ -43,17 +69,24 @@ def render(report: dict, path: pathlib.Path) -> None:
 
     rows = [r for r in report["rows"] if r["mode"].startswith("tree")]
     chain = next(r for r in report["rows"] if r["mode"] == "chain")
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for w in sorted({r["width"] for r in rows}):
-        sel = sorted((r for r in rows if r["width"] == w), key=lambda r: r["nodes"])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fixed = [r for r in rows if not r.get("tree_stop")]
+    for w in sorted({r["width"] for r in fixed}):
+        sel = sorted((r for r in fixed if r["width"] == w), key=lambda r: r["nodes"])
         a.plot([r["nodes"] for r in sel], [r["tau"] for r in sel], "o-", label=f"{w} per depth")
         b.plot([r["nodes"] for r in sel], [r["speedup_vs_ar"] for r in sel], "o-", label=f"{w} per depth")
+        b.plot([r["nodes"] for r in sel], [r["predicted_speedup_vs_ar"] for r in sel], "x:", label="cost model")
+    adaptive = [r for r in rows if r.get("tree_stop")]
+    for r, color in zip(adaptive, ("C3", "C4", "C5", "C6")):  # Adaptive depth: at its mean nodes per round.
+        label = f"{r['mode']} (stop {r['tree_stop']}; mean nodes)"
+        a.plot([r["mean_nodes"]], [r["tau"]], "*", ms=12, color=color, label=label)
+        b.plot([r["mean_nodes"]], [r["speedup_vs_ar"]], "*", ms=12, color=color, label=label)
     a.axhline(chain["tau"], color="k", ls="--", label="chain (shipped default)")
     b.axhline(chain["speedup_vs_ar"], color="k", ls="--", label="chain (shipped default)")
     b.axhline(1.0, color="grey", lw=0.5)
     a.set(xlabel="tree nodes per round", ylabel="tau (tokens per round)", title="Mean accepted length")
     b.set(xlabel="tree nodes per round", ylabel="speedup over AR (same process)", title="Speed (CPU)")
-    a.legend(), b.legend()
+    a.legend(fontsize=7), b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=110)
 
@@ -63,7 +96,8 @@ def main() -> None:
     ap.add_argument("--prompts", default="chat,humaneval", help="comma-separated prompt sets (held-out split)")
     ap.add_argument("--n", type=int, default=2, help="prompts per set")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--trees", nargs="+", default=list(TREES), metavar="NODESxWIDTH")
+    ap.add_argument("--trees", nargs="+", default=list(TREES), metavar="NODESxWIDTH[@STOP]")
+    ap.add_argument("--repeats", type=int, default=7, help="of each cost-model part (their min is kept)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--render", action="store_true", help="only replot --out")
     args = ap.parse_args()
@@ -93,7 +127,9 @@ def main() -> None:
             cfg, params, exit_params, ecfg, [prompt], args.max_new_tokens, eos_ids=eos, split=split
         )
 
-    configs = modes(chain, args.trees)
+    ms = cost_parts(cfg, params, exit_cfg, args.trees, chain.max_draft, args.repeats)
+    print("cost parts (ms):", json.dumps({k: round(v, 2) for k, v in ms.items()}), flush=True)
+    configs = modes(chain, args.trees, ms)
     for name, ecfg in configs.items():  # Warm-up: every prompt width, every mode.
         for p in ids:
             run(ecfg, p)
@@ -110,13 +146,20 @@ def main() -> None:
         row = {"mode": name, "new_tokens": new, "tokens_per_second": round(new / seconds[name], 2)}
         if ecfg is not None:
             stats = {k: sum(sum(g.stats["per_row"][k]) for g in gs) for k in ("rounds", "drafted", "accepted")}
+            tau = (stats["accepted"] + stats["rounds"]) / stats["rounds"]
+            width = ecfg.tree_width if ecfg.tree else 1
+            depth = stats["drafted"] / stats["rounds"] / width  # A chain: its mean drafts, one per depth.
             row.update(
                 nodes=ecfg.tree,
                 width=ecfg.tree_width if ecfg.tree else None,
-                tau=round((stats["accepted"] + stats["rounds"]) / stats["rounds"], 3),
+                tree_stop=ecfg.tree_stop,
+                mean_nodes=round(stats["drafted"] / stats["rounds"], 2),
+                tau=round(tau, 3),
                 identical_to_ar=[g.tokens for g in gs] == [g.tokens for g in gens["ar"]],
             )
             row["speedup_vs_ar"] = round(row["tokens_per_second"] / rows[0]["tokens_per_second"], 3)
+            predicted = costs.predicted_tree_speedup(ms, ecfg.exit_layer, width, depth, tau)
+            row["predicted_speedup_vs_ar"] = round(predicted, 3)
             if name != "chain":
                 row["speedup_vs_chain"] = round(row["tokens_per_second"] / rows[1]["tokens_per_second"], 3)
         rows.append(row)
@@ -127,6 +170,7 @@ def main() -> None:
         "n_per_set": args.n,
         "max_new_tokens": args.max_new_tokens,
         "note": "one process, modes interleaved per prompt after warm-up; shared 2-core CPU: read the ratios",
+        "cost_parts_ms": {k: round(v, 3) for k, v in ms.items()},
         "rows": rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,14 @@ def hf_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def lm():
+    """The tiny config's random teacher (teacher.LM): the distillation tests' LLM."""
+    from eesd_jax import configs, teacher
+
+    return teacher.load_lm(configs.load_config("tiny").model)
+
+
+@pytest.fixture(scope="session")
 def tiny_exit(tmp_path_factory) -> str:
     """An exit distilled with the tiny config's recipe (seconds): the experiments scripts' --exit."""
     from eesd_jax import configs, train

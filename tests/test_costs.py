@@ -1,8 +1,10 @@
 """The round-cost model (eesd_jax.costs): its inversions agree with its forward formula."""
 
+import jax
 import pytest
 
-from eesd_jax import costs
+from eesd_jax import bench, costs, exits, model
+from tests.test_eesd import CFG
 
 MS = {"ar_step": 30.0, "exit_step": 2.0, "lower_N2": 2.5, **{f"verify_N2_T{t}": 28.0 + 1.5 * t for t in range(1, 9)}}
 
@@ -22,3 +24,41 @@ def test_acceptance_needed_inverts_the_predicted_speedup(target):
     assert max(costs.predicted_speedup(MS, 2, k, p) for k in ks) == pytest.approx(target, rel=1e-6)
     assert max(costs.predicted_speedup(MS, 2, k, p - 1e-3) for k in ks) < target
     assert costs.acceptance_needed(MS, 2, ks, 100.0) == 1.0  # Out of reach at any acceptance.
+
+
+TREE_MS = {**MS, "lower_N2_W4": 3.0, "exit_step_W4": 2.6, **{f"verify_N2_T{t}": 28.0 + 1.5 * t for t in range(9, 18)}}
+
+
+@pytest.mark.parametrize("depth", [1, 3, 7])
+def test_a_width_one_tree_round_is_a_chain_round(depth):
+    assert costs.tree_round_ms(MS, 2, 1, depth) == pytest.approx(costs.round_ms(MS, 2, depth))
+
+
+def test_a_tree_round_adds_one_draft_batch_and_wider_verification_per_depth():
+    """Each depth's added cost is its draft batch and W more verified tokens; the added costs sum to the round."""
+    for d in range(1, 5):
+        added = TREE_MS["lower_N2_W4"] + TREE_MS["exit_step_W4"]
+        added += TREE_MS[f"verify_N2_T{1 + 4 * d}"] - TREE_MS[f"verify_N2_T{1 + 4 * (d - 1)}"]
+        assert costs.depth_cost(TREE_MS, 2, 4, d) * MS["ar_step"] == pytest.approx(added)
+    total = sum(costs.depth_cost(TREE_MS, 2, 4, d) for d in range(1, 5)) * MS["ar_step"]
+    assert total == pytest.approx(costs.tree_round_ms(TREE_MS, 2, 4, 4) - costs.tree_round_ms(TREE_MS, 2, 4, 0))
+    # Depth 0 is a round that only verifies the root: one token, a plain step's worth of work.
+    assert costs.tree_round_ms(TREE_MS, 2, 4, 0) == costs.draft_ms(MS, 2) + MS["verify_N2_T1"]
+
+
+def test_a_fractional_depth_lies_between_its_neighbours():
+    lo, hi = costs.tree_round_ms(TREE_MS, 2, 4, 2), costs.tree_round_ms(TREE_MS, 2, 4, 3)
+    mid = costs.tree_round_ms(TREE_MS, 2, 4, 2.25)
+    assert lo < mid < hi and mid == pytest.approx(lo + 0.25 * (hi - lo))
+    speed = costs.predicted_tree_speedup(TREE_MS, 2, 4, 2.25, 2.0)
+    assert speed == pytest.approx(2.0 * MS["ar_step"] / mid)
+
+
+def test_step_costs_time_draft_batches_of_each_width():
+    """bench.step_costs with widths: W-token draft parts beside the one-token ones, each a positive time."""
+    params = model.init_params(CFG, jax.random.key(0))
+    ep = exits.init_exit(CFG, params, exits.ExitConfig(1))
+    ms = bench.step_costs(CFG, params, ep, [1], [1, 5], cache_len=32, repeats=2, widths=(4,))
+    want = {"ar_step", "exit_step", "exit_step_W4", "lower_N1", "lower_N1_W4", "verify_N1_T1", "verify_N1_T5"}
+    assert set(ms) == want and all(v > 0 for v in ms.values())
+    assert costs.tree_round_ms(ms, 1, 4, 1) > costs.tree_round_ms(ms, 1, 4, 0) > 0

@@ -6,15 +6,15 @@ so each later run only trains. Everything here is CPU and takes seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eesd_jax import configs, distill_data, evaluation, exits, losses, model, teacher, train
+from eesd_jax import configs, distill_data, evaluation, exits, losses, model, sharding, shards, teacher, train
 from eesd_jax.kv_cache import init_cache
 
 
@@ -31,17 +31,19 @@ def tiny_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def lm():
-    return teacher.load_lm(configs.load_config("tiny").model)
-
-
-@pytest.fixture(scope="module")
 def run(lm, tmp_path_factory):
     """An uninterrupted tiny distillation: (config, workdir, exit path)."""
     root = tmp_path_factory.mktemp("distill")
     config = tiny_config(**{"data.dir": str(root / "data")})
     path = train.run_distill(config, root / "full", lm=lm, progress=False)
     return config, root / "full", path
+
+
+def columns(data_dir) -> dict[str, np.ndarray]:
+    """Every column of a data dir's shards, concatenated over the shards."""
+    ks = shards.complete(data_dir)
+    names = sorted(p.stem for p in shards.shard_dir(data_dir, ks[0]).glob("*.npy"))
+    return {n: np.concatenate([shards.read(data_dir, k, n) for k in ks]) for n in names}
 
 
 def load(path, lm, layer=None):
@@ -51,10 +53,9 @@ def load(path, lm, layer=None):
 def test_data_is_deterministic_for_a_seed(run, lm, tmp_path):
     config, _, _ = run
     again = distill_data.generate_data(lm, config.data, tmp_path / "again", progress=False)
-    first = distill_data.load_npz(f"{config.data.dir}/sequences.npz")
-    second = distill_data.load_npz(tmp_path / "again" / "sequences.npz")
-    assert first.keys() == second.keys()
-    for key in first:
+    first, second = columns(config.data.dir), columns(tmp_path / "again")
+    assert first.keys() - second.keys() == {"hidden_N1", "hidden_N2", "topk_ids", "topk_logp"}  # Teacher pass.
+    for key in second:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
 
     manifest = distill_data.read_manifest(config.data.dir)
@@ -65,6 +66,7 @@ def test_data_is_deterministic_for_a_seed(run, lm, tmp_path):
         "teacher": manifest["teacher"],
         "hidden_layers": manifest["hidden_layers"],
     }
+    assert manifest["complete"] and manifest["counts"]["shards"] == 2  # data.shard_size = one batch of 6.
     assert manifest["model"]["fingerprint"] == lm.fingerprint
     assert manifest["counts"]["sequences"] == 12 and manifest["counts"]["train_positions"] > 200
     assert manifest["hidden_layers"] == [1, 2]  # exit.layer plus data.feature_layers in one pass.
@@ -72,7 +74,7 @@ def test_data_is_deterministic_for_a_seed(run, lm, tmp_path):
     config.data.seed = 1
     other = distill_data.generate_data(lm, config.data, tmp_path / "other", progress=False)
     assert not np.array_equal(
-        distill_data.load_npz(tmp_path / "other" / "sequences.npz")["tokens"][: len(first["tokens"])],
+        columns(tmp_path / "other")["tokens"][: len(first["tokens"])],
         first["tokens"][: other["counts"]["tokens"]],
     )
     config.data.seed = 0
@@ -81,19 +83,20 @@ def test_data_is_deterministic_for_a_seed(run, lm, tmp_path):
 def test_stored_data_layout(run, lm):
     config, _, _ = run
     data = distill_data.load_data(config.data.dir, 1)
-    seq = distill_data.load_npz(f"{config.data.dir}/sequences.npz")
-    lengths = np.diff(data.offsets)
-    assert len(data.tokens) == data.offsets[-1] == lengths.sum()
-    assert data.hidden.shape == (len(data.tokens), lm.cfg.d_model)
-    assert data.topk_ids.shape == data.topk_logp.shape == (len(data.tokens), config.data.top_k)
+    stored = columns(config.data.dir)
+    assert len(stored["tokens"]) == data.lengths.sum() and data.n_seq == len(stored["lengths"]) == 12
+    assert stored["hidden_N1"].shape == (len(stored["tokens"]), lm.cfg.d_model)
+    assert stored["topk_ids"].shape == stored["topk_logp"].shape == (len(stored["tokens"]), config.data.top_k)
+    assert stored["hidden_N1"].dtype == stored["topk_logp"].dtype == np.float16 and stored["topk_ids"].dtype == np.int32
+    assert stored["prompt_ids"].dtype.kind == "U"
     # Mask = positions predicting a response token.
     for k in range(data.n_seq):
-        m = data.mask[data.offsets[k] : data.offsets[k + 1]]
-        assert m.sum() == lengths[k] - data.prompt_lens[k] and m[data.prompt_lens[k] - 1] and not m[-1]
-    assert seq["prompt_ids"].dtype.kind == "U"
-    # Teacher targets and hidden states equal a fresh full forward of one sequence.
-    k = 3
-    toks = jnp.asarray(data.tokens[data.offsets[k] : data.offsets[k + 1]])[None]
+        m = data.sequence(k).mask
+        assert m.sum() == data.lengths[k] - data.prompt_lens[k] == data.n_train[k]
+        assert m[data.prompt_lens[k] - 1] and not m[-1]
+    # Teacher targets and hidden states equal a fresh full forward of one sequence (in float16).
+    seq = data.sequence(3)
+    toks = jnp.asarray(seq.tokens)[None]
     T = toks.shape[1]
 
     @jax.jit
@@ -106,20 +109,22 @@ def test_stored_data_layout(run, lm):
         return h[0], jax.nn.log_softmax(model.lm_head(params, model.final_norm(params, lm.cfg, x))[0])
 
     h, logp = map(np.asarray, reference(lm.params, toks))
-    a = data.offsets[k]
-    np.testing.assert_array_equal(data.topk_ids[a : a + T, 0], logp.argmax(-1))
-    np.testing.assert_allclose(data.topk_logp[a : a + T, 0], logp.max(-1), atol=1e-4)
-    np.testing.assert_allclose(data.hidden[a : a + T], h, atol=1e-4, rtol=1e-4)
+    half_ulp = 2.0**-11  # float16's rounding, relative; atol: the two forwards' float32 difference.
+    np.testing.assert_array_equal(seq.topk_ids[:, 0], logp.argmax(-1))
+    np.testing.assert_allclose(seq.topk_logp[:, 0].astype(np.float32), logp.max(-1), rtol=half_ulp, atol=1e-4)
+    np.testing.assert_allclose(seq.hidden.astype(np.float32), h, rtol=half_ulp, atol=1e-4)
 
 
 def test_draft_vocab(run, lm):
     config, _, _ = run
     data = distill_data.load_data(config.data.dir, 1)
-    ids = distill_data.choose_draft_vocab(data, 48, lm.eos_ids)
+    ids = distill_data.choose_draft_vocab(data, 48, lm.cfg.vocab_size, lm.eos_ids)
     assert len(ids) == len(set(ids.tolist())) == 48 and list(ids) == sorted(ids)
     assert set(lm.eos_ids) <= set(ids.tolist())
-    top = np.argsort(-data.top1_counts, kind="stable")
-    n_seen = int((data.top1_counts > 0).sum())
+    top1_counts, _ = distill_data.vocab_counts(data, lm.cfg.vocab_size)
+    assert top1_counts.sum() == data.n_train.sum()
+    top = np.argsort(-top1_counts, kind="stable")
+    n_seen = int((top1_counts > 0).sum())
     assert set(top[: min(n_seen, 40)].tolist()) <= set(ids.tolist())
     vmap = distill_data.vocab_map(lm.cfg.vocab_size, ids)
     assert (vmap[ids] == np.arange(48)).all() and (vmap >= 0).sum() == 48
@@ -130,12 +135,11 @@ def test_validation_split_by_prompt(run):
     data = distill_data.load_data(config.data.dir, 1)
     train_part, val = data.split(3)
     assert set(val.prompt_index % 3) == {2} and 2 not in set(train_part.prompt_index % 3)
-    assert train_part.n_seq + val.n_seq == data.n_seq and len(train_part.tokens) + len(val.tokens) == len(data.tokens)
+    assert train_part.n_seq + val.n_seq == data.n_seq
+    assert train_part.lengths.sum() + val.lengths.sum() == data.lengths.sum()
     k = int(np.flatnonzero(data.prompt_index % 3 == 2)[1])  # The second validation sequence.
-    a, b = data.offsets[k], data.offsets[k + 1]
-    np.testing.assert_array_equal(val.tokens[val.offsets[1] : val.offsets[2]], data.tokens[a:b])
-    np.testing.assert_array_equal(val.hidden[val.offsets[1] : val.offsets[2]], data.hidden[a:b])
-    assert train_part.top1_counts.sum() == train_part.mask.sum()
+    for field in ("tokens", "hidden", "topk_ids", "mask"):
+        np.testing.assert_array_equal(getattr(val.sequence(1), field), getattr(data.sequence(k), field))
     assert data.split(0) == (data, None)
 
 
@@ -163,15 +167,15 @@ def test_selecting_response_positions_changes_nothing(run, lm):
     config, _, path = run
     data = distill_data.load_data(config.data.dir, 1)
     _, params = load(path, lm)
-    assert losses.max_train_positions(data) == max(int(m.sum()) for m in np.split(data.mask, data.offsets[1:-1]))
+    assert losses.max_train_positions(data) == max(int(data.sequence(k).mask.sum()) for k in range(data.n_seq))
     n_select = train.select_count(data)  # As in training (and the shape compiled there).
     vmap = jnp.asarray(distill_data.vocab_map(lm.cfg.vocab_size, np.asarray(params["vocab"])))
     idx = [0, 5, 7, 11]
     full = losses.make_batch(data, idx, 48, 48)
     sel = losses.make_batch(data, idx, 48, 48, n_select=n_select)
     assert sel.select.shape == (4, n_select) and full.select.shape == (4, 48)
-    m_full, _ = losses._eval_batch(lm.cfg, lm.params, params, vmap, losses.to_device(full), 1)
-    m_sel, _ = losses._eval_batch(lm.cfg, lm.params, params, vmap, losses.to_device(sel), 1)
+    m_full, _ = losses._eval_batch(lm.cfg, lm.params, params, vmap, sharding.shard_rows(full, None), 1)
+    m_sel, _ = losses._eval_batch(lm.cfg, lm.params, params, vmap, sharding.shard_rows(sel, None), 1)
     for key in ("kl", "ce", "top1", "n"):
         np.testing.assert_allclose(float(m_full[key]), float(m_sel[key]), rtol=1e-5, err_msg=key)
 
@@ -254,7 +258,7 @@ def test_loss_variants_shared_head_ce_prompt_positions(run, lm, tmp_path):
     rec = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rec] == [2, 4, 4] and all(np.isfinite(r["loss"]) for r in rec[:2])
     assert rec[0]["loss"] > rec[0]["kl"]  # The CE term is in the loss.
-    assert 0 <= rec[2]["val_top1"] <= 1 and rec[2]["val_positions"] == val.mask.sum()
+    assert 0 <= rec[2]["val_top1"] <= 1 and rec[2]["val_positions"] == val.n_train.sum()
     exits.save_exit(tmp_path / "e.safetensors", params, train.exit_config(c), lm.name, lm.fingerprint)
     assert load(tmp_path / "e.safetensors", lm)[0] == exits.ExitConfig(layer=1)
 
@@ -318,11 +322,11 @@ def test_context_exit_distills_and_decodes_losslessly(run, lm, tmp_path, field, 
     assert len(m["top1_by_draft_position"]) == 3 and m["positions"] == first["positions"]
     # Without its context (fused states) the same exit drafts worse: they carry information.
     if field == "context_layer":
-        blind = distill_data.Data(**{**data.__dict__, "context": data.hidden})
-    else:  # The final state is stored in 16 bits only (no other reader).
-        assert data.fuse.dtype == np.float16 and data.fuse.shape == (len(data.tokens), 2, lm.cfg.d_model)
-        assert np.load(pathlib.Path(config.data.dir) / "hidden_N3.npz")["hidden"].dtype == np.float16
-        blind = distill_data.Data(**{**data.__dict__, "fuse": np.zeros_like(data.fuse)})
+        blind = dataclasses.replace(data, parts=tuple(p | {"context": p["hidden"]} for p in data.parts))
+    else:
+        assert data.sequence(0).fuse.shape == (data.lengths[0], 2, lm.cfg.d_model)
+        zeros = lambda p: p | {"fuse": tuple(np.zeros_like(f) for f in p["fuse"])}  # noqa: E731
+        blind = dataclasses.replace(data, parts=tuple(map(zeros, data.parts)))
     assert losses.data_metrics(lm.cfg, lm.params, params, blind, 48, 4, 48)["top1"] < first["top1"]
 
     plist = distill_data.prompt_list(config.eval.sets, 1)
@@ -343,20 +347,19 @@ def test_context_exit_distills_and_decodes_losslessly(run, lm, tmp_path, field, 
 def test_take_tokens_and_concat(run):
     config, _, _ = run
     data = distill_data.load_data(config.data.dir, 1)
-    per_seq = np.add.reduceat(data.mask, data.offsets[:-1])
     some = data.take_tokens(150, seed=0)
-    assert some.mask.sum() <= 150 < some.mask.sum() + per_seq.max()  # Filled up to one sequence short.
+    assert some.n_train.sum() <= 150 < some.n_train.sum() + data.n_train.max()  # Filled up to one sequence short.
     assert data.take_tokens(0, seed=0) is data and data.take_tokens(150, seed=0).n_seq == some.n_seq
-    assert data.take_tokens(150, seed=1).tokens.tolist() != some.tokens.tolist()
+    assert data.take_tokens(150, seed=1).prompt_index.tolist() != some.prompt_index.tolist()
     with pytest.raises(ValueError, match="no whole sequence"):
         data.take_tokens(1, seed=0)
 
-    both = distill_data.Data.concat([some, data])
+    both = shards.Data.concat([some, data])
     assert both.n_seq == some.n_seq + data.n_seq and both.prompt_index is None
     back = both.subset(range(some.n_seq, both.n_seq))
-    for field in ("tokens", "offsets", "mask", "hidden", "topk_logp", "topk_ids"):
-        np.testing.assert_array_equal(getattr(back, field), getattr(data, field), err_msg=field)
-    np.testing.assert_array_equal(both.top1_counts, some.top1_counts + data.top1_counts)
+    for k in range(data.n_seq):
+        for field in ("tokens", "mask", "hidden", "topk_logp", "topk_ids"):
+            np.testing.assert_array_equal(getattr(back.sequence(k), field), getattr(data.sequence(k), field))
 
 
 def test_teacher_forced_text_trains_the_exit(run, lm, tmp_path):
@@ -373,21 +376,22 @@ def test_teacher_forced_text_trains_the_exit(run, lm, tmp_path):
     )
     path = train.run_distill(c, tmp_path / "run", lm=lm, progress=False)
 
-    seq = distill_data.load_npz(tmp_path / "run" / "text_data" / "sequences.npz")
+    seq = columns(tmp_path / "run" / "text_data")
     want = []  # (document id, tokens) of each expected sequence, in corpus order.
     for name in ("a.md", "sub/b.txt"):
         ids = lm.tokenizer.encode((docs / name).read_text())
         want += [(f"docs/{name}", ids[i : i + 40]) for i in range(0, len(ids), 40) if len(ids[i : i + 40]) >= 32]
     assert seq["prompt_ids"].tolist() == [d for d, _ in want]
-    assert [s.tolist() for s in np.split(seq["tokens"], seq["offsets"][1:-1])] == [w for _, w in want]
-    assert seq["mask"].sum() == sum(len(w) - 1 for _, w in want)  # Every position but each sequence's last.
+    assert [s.tolist() for s in np.split(seq["tokens"], np.cumsum(seq["lengths"])[:-1])] == [w for _, w in want]
+    text = distill_data.load_data(tmp_path / "run" / "text_data", 1)
+    assert text.n_train.sum() == sum(len(w) - 1 for _, w in want)  # Every position but each sequence's last.
 
     report = json.loads((tmp_path / "run" / "run.json").read_text())
     before, after = report["metrics"]["untrained"]["train"], report["metrics"]["trained"]["train"]
-    assert after["positions"] == seq["mask"].sum()  # text.only: the text is all it trained on.
+    assert after["positions"] == text.n_train.sum()  # text.only: the text is all it trained on.
     assert after["kl"] < 0.7 * before["kl"]
     meta = exits.read_exit_metadata(path)
-    assert json.loads(meta["extra"])["data"]["text"]["counts"]["train_positions"] == seq["mask"].sum()
+    assert json.loads(meta["extra"])["data"]["text"]["counts"]["train_positions"] == text.n_train.sum()
 
     text_dir = tmp_path / "run" / "text_data"
     made = distill_data.read_manifest(text_dir)
@@ -416,6 +420,22 @@ def test_a_bad_text_request_is_refused_before_any_data_is_made(lm, tmp_path):
     with pytest.raises(ValueError, match="holds no text data"):
         train.run_distill(c, tmp_path / "run", lm=lm, progress=False)
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("workdir", "overrides", "key"),
+    [
+        ("gs://bucket/run", {}, "data.dir"),  # The default data dir would be under the URL.
+        ("run", {"data.dir": "gs://bucket/data"}, "data.dir"),
+        ("run", {"data.text.corpus": "readmes", "data.text.dir": "gs://bucket/text"}, "data.text.dir"),
+    ],
+)
+def test_a_url_data_dir_is_refused_before_anything_is_written(tmp_path, workdir, overrides, key):
+    """Shards are memory-mapped: the data must be local even when the workdir is a gs:// URL."""
+    workdir = workdir if "://" in workdir else tmp_path / workdir
+    with pytest.raises(ValueError, match=f"{key}=.*local"):
+        train.run_distill(tiny_config(**overrides), workdir, lm=None, progress=False)
+    assert not list(tmp_path.iterdir())
 
 
 def test_joint_run_trains_an_exit_per_layer_on_one_data_preparation(run, lm, tmp_path):

@@ -65,6 +65,7 @@ def run_sh_usage() -> list[tuple[str, str]]:
 
 def eesd_argvs(line: str) -> list[list[str]]:
     """The eesd argument lists a shown line stands for ([] when it runs no eesd command)."""
+    line = re.sub(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+", "", line)  # Leading environment assignments.
     if not any(line.startswith(" ".join(e) + " ") for e in (*ENTRY_POINTS, (RUN_SH,))):
         return []  # Other shell, Python, output.
     words = shlex.split(re.sub(r"(?<=\s)\.\.\.(?=\s|$)", "", line), comments=True)  # A bare ... only.
@@ -127,6 +128,7 @@ def test_the_documented_pod_command_is_found():
     """The extraction sees the commands this test exists for (guards against extracting nothing)."""
     argvs = [a for _, line in all_shown() for a in eesd_argvs(line)]
     assert ["distill", "--mesh", "data=4,model=1"] in argvs
+    assert ["distill", "--config", "tiny", "--mesh", "data=4,model=2", "--workdir", "runs/tiny_mesh"] in argvs
     assert any(a[:1] == ["generate"] for a in argvs) and any(a[:1] == ["eval-exit"] for a in argvs)
 
 

@@ -14,6 +14,8 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -193,9 +195,11 @@ print(json.dumps(dict(
 """
 
 
-def run_two_processes(script: str, timeout: int = 300) -> list[dict]:
-    """Run `script` as 2 CPU processes of one jax.distributed job on localhost; their last JSON lines."""
+def run_two_processes(script: str, timeout: int = 300, args: Sequence[str] = ()) -> list[dict]:
+    """Run `script` (with `args`) as 2 CPU processes of one jax.distributed job on localhost; their last
+    JSON lines. Their output goes to files, not pipes: a full pipe would stall one process in a collective."""
     import socket
+    import tempfile
 
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -211,14 +215,29 @@ def run_two_processes(script: str, timeout: int = 300) -> list[dict]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
         env.pop("XLA_FLAGS", None)
+        out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
         procs.append(
-            subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            (subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=out, stderr=err), out, err)
         )
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=timeout)
-        assert p.returncode == 0, err.decode()[-4000:]
-        results.append(json.loads(out.decode().strip().splitlines()[-1]))
+    deadline = time.monotonic() + timeout
+    try:  # Until both end, one fails (the other would wait in a collective) or time is up.
+        while any(p.poll() is None for p, _, _ in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p, _, _ in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        for p, _, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    logs = []
+    for p, out, err in procs:
+        out.seek(0)
+        err.seek(0)
+        logs.append((p.returncode, out.read().decode(), err.read().decode()))
+    failed = [f"process {i} (rc={rc}):\n{e[-4000:]}" for i, (rc, _, e) in enumerate(logs) if rc != 0]
+    assert not failed, "\n".join(failed)
+    results = [json.loads(o.strip().splitlines()[-1]) for _, o, _ in logs]
     return results
 
 

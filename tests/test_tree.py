@@ -32,24 +32,99 @@ def ar_outputs(params):
     return {b: generate.generate_ar(CFG, params, make_prompts(b), 24, eos_ids=(EOS,)).tokens for b in (1, 3)}
 
 
-def tree_run(params, batch, exit_layer, n_nodes, width, exit_params=None, context_layer=0, max_new=24):
-    ecfg = eesd.EESDConfig(exit_layer, 4, FIXED, context_layer=context_layer, tree=n_nodes, tree_width=width)
+def tree_run(params, batch, exit_layer, n_nodes, width, exit_params=None, context_layer=0, max_new=24, stop=0.0):
+    ecfg = eesd.EESDConfig(
+        exit_layer, 4, FIXED, context_layer=context_layer, tree=n_nodes, tree_width=width, tree_stop=stop
+    )
     if exit_params is None:
         exit_params = perturbed_exit(params, exits.ExitConfig(exit_layer, own_head=True, context_layer=context_layer))
     return generate.generate_eesd(CFG, params, exit_params, ecfg, make_prompts(batch), max_new, eos_ids=(EOS,))
 
 
-# (batch, N, node budget, width): chains (width 1), wide-shallow and narrow-deep trees, every N.
-GRID = [(3, 1, 4, 1), (3, 2, 8, 4), (3, 3, 6, 2), (1, 2, 12, 3), (1, 1, 4, 4), (3, 2, 16, 8)]
+# (batch, N, node budget, width, tree_stop): chains (width 1), wide-shallow and narrow-deep trees,
+# every N; trees whose depth is chosen per round (tree_stop > 0; 0.05 varies it here: see below).
+GRID = [
+    (3, 1, 4, 1, 0.0),
+    (3, 2, 16, 4, 0.05),
+    (3, 2, 8, 4, 0.0),
+    (3, 3, 6, 2, 0.0),
+    (1, 2, 12, 3, 0.0),
+    (1, 1, 4, 4, 0.0),
+    (3, 2, 16, 8, 0.0),
+    (1, 1, 12, 3, 0.05),
+    (3, 3, 6, 2, 0.3),
+]
 
 
-@pytest.mark.parametrize("batch,exit_layer,n_nodes,width", fast_first(GRID))
-def test_greedy_tree_equals_ar(params, ar_outputs, batch, exit_layer, n_nodes, width):
-    out = tree_run(params, batch, exit_layer, n_nodes, width)
+@pytest.mark.parametrize("batch,exit_layer,n_nodes,width,stop", fast_first(GRID, 2))
+def test_greedy_tree_equals_ar(params, ar_outputs, batch, exit_layer, n_nodes, width, stop):
+    out = tree_run(params, batch, exit_layer, n_nodes, width, stop=stop)
     assert out.tokens == ar_outputs[batch]
     assert out.stats["accepted"] > 0  # Paths really were accepted, so compaction was exercised.
     if batch > 1:  # EOS mid-block: the grid's rows stop early (test_eesd checks AR's rows do).
         assert any(len(r) < 24 for r in out.tokens)
+
+
+def test_adaptive_depth_varies_per_round(params, ar_outputs):
+    """tree_stop grows some rounds deeper than others: between one depth and the whole tree on average."""
+    out = tree_run(params, 3, 2, 16, 4, stop=0.05)
+    assert out.tokens == ar_outputs[3]
+    assert 4 < out.stats["mean_draft_length"] < 16, out.stats
+
+
+def test_adaptive_tree_is_a_prefix_of_the_whole_tree(params):
+    """tree.draft with a stop grows the whole tree's first depths (same nodes), fewer as the stop rises."""
+    N, W, n = 2, 4, 16
+    ep = perturbed_exit(params, exits.ExitConfig(N, own_head=True))
+    req = decoding.make_request(CFG, make_prompts(3), 8, slack=n + 1)
+    segments = eesd.split_params(params, N)
+    cache, _, hiddens = decoding.prefill(
+        CFG, params, *(jnp.asarray(a) for a in (req.tokens_bp, req.prompt_lens_b)), req.cache_len, segments
+    )
+    state = eesd.eesd_init(
+        CFG,
+        eesd.EESDConfig(N, 4, FIXED),
+        params,
+        ep,
+        cache,
+        hiddens,
+        jnp.zeros((3, CFG.vocab_size)),
+        jnp.asarray(req.max_new_b),
+        jax.random.key(0),
+        SamplingConfig(),
+        (EOS,),
+        req.max_new,
+    )
+
+    def grow(stop):
+        ecfg = eesd.EESDConfig(N, 4, FIXED, tree=n, tree_width=W, tree_stop=stop)
+        pos0 = state.cache.lengths
+        return tree.draft(
+            CFG, ecfg, params, segments[0], ep, state.last, pos0, state.cache, state.exit_cache, jnp.ones((3,))
+        )
+
+    whole, R, predicted_whole = grow(0.0)
+    assert int(R) == n // W
+    depths_grown, predicted = [], []
+    for stop in (1e-9, 0.02, 0.05, 0.1, 0.3, 1e9):
+        t, n_depth, pred = grow(stop)
+        k = 1 + int(n_depth) * W
+        np.testing.assert_array_equal(np.asarray(t.tokens[:, :k]), np.asarray(whole.tokens[:, :k]))
+        np.testing.assert_array_equal(np.asarray(t.parent[:, :k]), np.asarray(whole.parent[:, :k]))
+        depths_grown.append(int(n_depth))
+        predicted.append(np.asarray(pred))
+    assert depths_grown[0] == n // W and depths_grown[-1] == 1 and len(set(depths_grown)) > 2, depths_grown
+    assert depths_grown == sorted(depths_grown, reverse=True)
+    np.testing.assert_allclose(predicted[0], np.asarray(predicted_whole), rtol=1e-6)
+    assert all((a >= b).all() for a, b in zip(predicted, predicted[1:]))  # Fewer depths, fewer predicted drafts.
+
+
+def test_calibration_starts_at_one_and_follows_the_record():
+    """The posterior ratio is 1 before any round and tends to accepted / predicted with more rounds."""
+    assert float(tree.calibration(jnp.float32(0), jnp.float32(0))) == 1.0
+    low = [float(tree.calibration(jnp.float32(a), jnp.float32(4 * a))) for a in (1, 10, 1000)]
+    assert low == sorted(low, reverse=True) and abs(low[-1] - 0.25) < 0.01
+    assert float(tree.calibration(jnp.float32(30), jnp.float32(10))) > 1
 
 
 @pytest.mark.slow
@@ -57,6 +132,54 @@ def test_greedy_tree_with_context_exit_equals_ar(params, ar_outputs):
     out = tree_run(params, 3, 1, 8, 2, context_layer=3)
     assert out.tokens == ar_outputs[3]
     assert out.stats["accepted"] > 0
+
+
+def fused_exit(params, exit_layer, context_layer, fuse_layers):
+    """A trained-like fused exit (test_eesd's): the fused states really enter its drafts."""
+    exit_cfg = exits.ExitConfig(exit_layer, own_head=True, context_layer=context_layer, fuse_layers=fuse_layers)
+    ep = perturbed_exit(params, exit_cfg)
+    ep["fuse"]["w"] = 0.2 * ep["fuse"]["w"]  # Small enough that drafts are still accepted (an untrained block).
+    assert float(jnp.abs(ep["fuse"]["w"]).min()) > 0
+    return ep
+
+
+# (N, context layer, fuse layers, node budget, width, tree_stop)
+FUSED_GRID = [(2, 0, (2, 4), 12, 3, 0.0), (1, 0, (1, 2, 4), 8, 4, 0.05), (2, 3, (2, 4), 8, 2, 0.0)]
+
+
+@pytest.mark.parametrize("exit_layer,context_layer,fuse_layers,n_nodes,width,stop", fast_first(FUSED_GRID))
+def test_fused_exit_tree_equals_ar(params, ar_outputs, exit_layer, context_layer, fuse_layers, n_nodes, width, stop):
+    ep = fused_exit(params, exit_layer, context_layer, fuse_layers)
+    ecfg = eesd.EESDConfig(
+        exit_layer,
+        4,
+        FIXED,
+        context_layer=context_layer,
+        fuse_layers=fuse_layers,
+        tree=n_nodes,
+        tree_width=width,
+        tree_stop=stop,
+    )
+    out = generate.generate_eesd(CFG, params, ep, ecfg, make_prompts(3), 24, eos_ids=(EOS,))
+    assert out.tokens == ar_outputs[3]
+    assert out.stats["accepted"] > 0
+
+
+@pytest.mark.slow
+def test_a_one_wide_fused_tree_drafts_as_the_fused_chain(params, ar_outputs):
+    """A tree of K nodes, one per depth, is a chain of K drafts: with a fused exit (each node reading
+    its parent's exit output, the verified states rewritten into the exit's cache) the same rounds."""
+    ep = fused_exit(params, 2, 0, (2, 4))
+    outs = []
+    for tree_nodes in (0, 4):
+        ecfg = eesd.EESDConfig(2, 4, FIXED, fuse_layers=(2, 4), tree=tree_nodes, tree_width=1)
+        outs.append(generate.generate_eesd(CFG, params, ep, ecfg, make_prompts(3), 24, eos_ids=(EOS,)))
+    chain, one_wide = outs
+    assert chain.tokens == one_wide.tokens == ar_outputs[3]
+    assert chain.stats["accepted"] > 3
+    # Per-row rounds: the same drafts accepted round by round (accepted counts may differ by the last
+    # round's drafts, which a chain cuts at the token budget and a tree does not).
+    assert chain.stats["per_row"]["rounds"] == one_wide.stats["per_row"]["rounds"]
 
 
 @pytest.mark.slow
@@ -123,6 +246,8 @@ def test_tree_masks_ancestors_only():
         (dict(tree=6, tree_width=4), "multiple of tree_width"),
         (dict(tree=-1), "tree must be >= 0"),
         (dict(tree=4, trace=True), "neither trace"),
+        (dict(tree_stop=0.3), "needs a tree"),
+        (dict(tree=8, tree_stop=-1.0), "tree_stop must be >= 0"),
     ],
 )
 def test_bad_tree_config_is_refused(kwargs, match):
@@ -146,9 +271,9 @@ def s_params():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n_nodes,width", [(4, 2), (6, 3)])
-def test_tree_sampling_has_ar_distribution(s_params, n_nodes, width):
-    ecfg = eesd.EESDConfig(1, 4, FIXED, tree=n_nodes, tree_width=width)
+@pytest.mark.parametrize("n_nodes,width,stop", [(4, 2, 0.0), (6, 3, 0.0), (6, 2, 0.3)])  # 0.3: 1 to 3 depths.
+def test_tree_sampling_has_ar_distribution(s_params, n_nodes, width, stop):
+    ecfg = eesd.EESDConfig(1, 4, FIXED, tree=n_nodes, tree_width=width, tree_stop=stop)
     counts = tree_counts(s_params, ecfg)
     p = sampling_tests.chi_square_p(counts, sampling_tests.exact_distribution(s_params, SC))
     assert p > sampling_tests.P_VALUE, p
@@ -170,16 +295,26 @@ def test_tree_sampling_test_fails_without_the_residual(s_params, monkeypatch):
 
 def test_cli_tree_reaches_the_engine(params):
     session = engine.Session(types.SimpleNamespace(cfg=CFG, fingerprint="tiny"), params, None, 0.0)
-    args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--exit-layer", "1", "--tree", "8"])
+    argv = ["generate", "--prompt", "hi", "--exit-layer", "1", "--tree", "8", "--tree-stop", "0.25"]
+    args = cli.build_parser().parse_args(argv)
     cli_args.validate_eesd(args)
-    assert cli.engine_from_args(session, args).ecfg.tree == 8
+    ecfg = cli.engine_from_args(session, args).ecfg
+    assert (ecfg.tree, ecfg.tree_stop) == (8, 0.25)
 
 
-@pytest.mark.parametrize("bad", ["6", "-4"])
-def test_cli_refuses_a_bad_tree_before_loading(monkeypatch, capsys, bad):
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (["--tree", "6"], "--tree must be 0 or a positive multiple of 4"),
+        (["--tree", "-4"], "--tree must be 0 or a positive multiple of 4"),
+        (["--tree-stop", "0.3"], "--tree-stop must be >= 0 and needs --tree"),
+        (["--tree", "8", "--tree-stop", "-1"], "--tree-stop must be >= 0"),
+    ],
+)
+def test_cli_refuses_a_bad_tree_before_loading(monkeypatch, capsys, bad, match):
     monkeypatch.setattr(engine, "load_session", lambda *a, **k: pytest.fail("model loaded despite bad input"))
-    assert cli.main(["generate", "--prompt", "hi", "--tree", bad]) == 2
-    assert "--tree must be 0 or a positive multiple of 4" in capsys.readouterr().err
+    assert cli.main(["generate", "--prompt", "hi", *bad]) == 2
+    assert match in capsys.readouterr().err
 
 
 MESH_SCRIPT = """

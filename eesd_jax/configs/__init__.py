@@ -228,6 +228,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.temperature = 0.7  # 0 = greedy responses.
     c.data.top_p = 0.95
     c.data.batch_size = 8  # Generation and teacher-pass batch.
+    c.data.shard_size = 1024  # Sequences per data shard (whole generation batches): a stopped run redoes at most one.
     c.data.seed = 0
     c.data.top_k = 64  # Teacher log-probs stored per position.
     c.data.feature_layers = ()  # Extra N whose layer-N hidden states the teacher pass also stores.

@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.temperature = 1.0
     c.data.top_p = 1.0
     c.data.batch_size = 6
+    c.data.shard_size = 6  # Two shards.
     c.data.top_k = 16
     c.data.feature_layers = (2,)
 
