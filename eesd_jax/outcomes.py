@@ -14,20 +14,20 @@ import dataclasses
 
 import numpy as np
 
-from eesd_jax import eesd
+from eesd_jax import chain, eesd
 
 
 @dataclasses.dataclass
 class Drafts:
     """n verified drafts whose round prefix was accepted (see the module docstring)."""
 
-    features: np.ndarray  # [n, len(eesd.TRACED)] float32, in eesd.TRACED order.
+    features: np.ndarray  # [n, len(chain.TRACED)] float32, in chain.TRACED order.
     position: np.ndarray  # [n] int: 0-based draft position in its round (i in DraftFeatures.step).
     accepted: np.ndarray  # [n] bool: the LLM kept it.
     row: np.ndarray  # [n] int: the run (generation) and batch row it came from, numbered in order.
 
     def feature(self, name: str) -> np.ndarray:
-        return self.features[:, eesd.TRACED.index(name)]
+        return self.features[:, chain.TRACED.index(name)]
 
 
 def drafts(traces: list[eesd.RoundTrace], rounds: list) -> Drafts:

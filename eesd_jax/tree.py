@@ -160,7 +160,7 @@ def verify(cfg, ecfg, params, segments, t: Tree, pos0_b, n_depth):
     cache, the [B, n1, D] states after each of ecfg.state_layers but N), padded past the grown nodes.
 
     The pass runs over the smallest of ecfg.tree_sizes holding the grown nodes (lax.switch; the
-    branches only read the cache, whose keys/values are written after it, as the chain's _verify).
+    branches only read the cache, whose keys/values are written after it, as chain.verify's).
     """
     n1, sizes = ecfg.tree + 1, ecfg.tree_sizes
     positions = pos0_b[:, None] + jnp.asarray(depths(ecfg.tree, ecfg.tree_width))[None]

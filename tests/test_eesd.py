@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import fast_first
 
-from eesd_jax import control, decoding, eesd, exits, generate, losses, model
+from eesd_jax import chain, control, decoding, eesd, exits, generate, losses, model
 from eesd_jax.kv_cache import init_cache
 from eesd_jax.sampling import SamplingConfig
 
@@ -227,7 +227,7 @@ def test_fused_exit_drafts_what_training_computes(params, exit_layer, context_la
             CFG, ecfg, params, ep, cache, hiddens, logits, max_new_b, jax.random.key(0), sc, (), req.max_new
         )
         state = eesd.eesd_decode(CFG, ecfg, params, segments, ep, state, sc, (), jnp.int32(rounds))
-        d = eesd._draft(CFG, ecfg, sc, params, segments[0], ep, state)
+        d = chain.draft(CFG, ecfg, sc, params, segments[0], ep, state)
         assert (np.asarray(d.n_draft) == K).all()
         for b, prompt in enumerate(prompts):
             p0 = int(state.cache.lengths[b])  # Position of the round's block token 0.
