@@ -27,7 +27,7 @@ PIP_VERSIONS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),--upgrade --upgrade-strate
 # pip -c does not reach the isolated build environment (pyproject.toml's jaxlib, for the CPU
 # kernel's headers); PIP_CONSTRAINT does.
 PIP_ENV := $(if $(CONSTRAINTS),PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)),)
-KEY := $(shell cat setup.py pyproject.toml eesd_jax/kernels/*.cc $(CONSTRAINTS) | cksum | cut -d' ' -f1)
+KEY := $(shell cat setup.py pyproject.toml eesd_jax/kernels/*.cc eesd_jax/kernels/*.h $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 BASE_STAMP := $(VENV)/.installed-base-$(KEY)
 TEST_STAMP := $(VENV)/.installed-test-$(KEY)
 PARITY_STAMP := $(VENV)/.installed-parity-$(KEY)

@@ -39,6 +39,7 @@ class BuildCpuKernel(build_ext):
 CPU_KERNEL = Extension(
     "eesd_jax._small_matmul",
     sources=["eesd_jax/kernels/small_matmul.cc"],
+    depends=["eesd_jax/kernels/small_matmul_tiles.h"],
     language="c++",
     extra_compile_args=["-std=c++17", "-O3", "-Wno-attributes", "-Wno-return-type"],
     optional=True,
@@ -53,7 +54,15 @@ setup(
     packages=find_namespace_packages(include=["eesd_jax", "eesd_jax.*"]),
     ext_modules=[CPU_KERNEL],
     cmdclass={"build_ext": BuildCpuKernel},
-    package_data={"eesd_jax": ["kernels/*.cc", "data/*.jsonl", "data/exits/*.safetensors", "data/exits/*.gate.json"]},
+    package_data={
+        "eesd_jax": [
+            "kernels/*.cc",
+            "kernels/*.h",
+            "data/*.jsonl",
+            "data/exits/*.safetensors",
+            "data/exits/*.gate.json",
+        ]
+    },
     python_requires=">=3.11",  # jax 0.10
     # Lower bounds: versions the suite has passed with (constraints.txt holds the exact set
     # `make test` installs; jax 0.11-0.12, flax 0.12.10-12 and transformers 5.17 ran elsewhere).

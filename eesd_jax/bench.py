@@ -113,27 +113,24 @@ def random_prompts(n: int, vocab_size: int, seed: int = 0, lengths: tuple[int, i
     return [rng.integers(0, vocab_size, rng.integers(*lengths)).tolist() for _ in range(n)]
 
 
-def step_costs(
+def step_parts(
     cfg: ModelConfig,
     params: Params,
     exit_params: Params,
     exit_layers=(),
     tokens=(),
     cache_len: int = 512,
-    repeats: int = 15,
-    stat=statistics.median,
     widths=(),
-) -> dict[str, float]:
-    """Median milliseconds of each part of decoding, batch 1, at position cache_len // 2.
+) -> dict:
+    """The parts of decoding `step_costs` times, batch 1 at position cache_len // 2: name -> (jitted
+    fn(cache) -> (out, cache), its fresh cache).
 
     Parts: "ar_step" (one token through the whole model + head), "exit_step" (the exit block +
     its head on one token), and for each N in exit_layers "lower_N{N}" (one token through layers
     [0, N)) and for each T in tokens "verify_N{N}_T{T}" (T tokens through layers [N, L) + head);
     for each W in widths also "exit_step_W{W}" and "lower_N{N}_W{W}": W tokens at once (a draft
     tree's depth).
-    Each part is jitted with its cache donated (writes stay in place, as in the decode loops),
-    compiled first, then timed in interleaved repeats so drifting machine load hits all alike.
-    `stat` reduces a part's repeats (statistics.median; min on a machine busy with other work).
+    Each part is jitted with its cache donated (writes stay in place, as in the decode loops).
     """
     S, pos = cache_len, cache_len // 2
     tok, pos_11 = jnp.array([[5]]), jnp.array([[pos]])
@@ -173,10 +170,28 @@ def step_costs(
 
             fn = functools.partial(jax.jit(verify, donate_argnums=2), params, upper)
             parts[f"verify_N{n}_T{t}"] = (fn, cfg.n_layers)
+    return {name: (fn, init_cache(cfg, 1, S, layers=n_layers)) for name, (fn, n_layers) in parts.items()}
 
+
+def step_costs(
+    cfg: ModelConfig,
+    params: Params,
+    exit_params: Params,
+    exit_layers=(),
+    tokens=(),
+    cache_len: int = 512,
+    repeats: int = 15,
+    stat=statistics.median,
+    widths=(),
+) -> dict[str, float]:
+    """Median milliseconds of each of `step_parts`' parts, compiled first, then timed in
+    interleaved repeats so drifting machine load hits all alike. `stat` reduces a part's repeats
+    (statistics.median; min on a machine busy with other work).
+    """
+    parts = step_parts(cfg, params, exit_params, exit_layers, tokens, cache_len, widths)
     caches = {}
-    for name, (fn, n_layers) in parts.items():  # Compile and warm up.
-        out, caches[name] = fn(init_cache(cfg, 1, S, layers=n_layers))
+    for name, (fn, cache) in parts.items():  # Compile and warm up.
+        out, caches[name] = fn(cache)
         jax.block_until_ready(out)
     times = {name: [] for name in parts}
     for _ in range(repeats):

@@ -101,18 +101,27 @@ def applies(rows: int, w_od: jax.Array) -> bool:
     )
 
 
-@jax.custom_jvp
 def matmul(x_nd: jax.Array, w_od: jax.Array) -> jax.Array:
     """x[N, D] . w[O, D]^T -> [N, O] float32 on the kernel (x taken as float32, w float32 or bfloat16)."""
+    return matmul_many(x_nd, (w_od,))[0]
+
+
+@jax.custom_jvp
+def matmul_many(x_nd: jax.Array, ws: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """(x . w^T for w in ws) in one kernel call: [N, O_i] float32 each; the weights share a dtype.
+
+    One call for q/k/v or gate/up: the thread pool is dispatched once and the weights' rows
+    are balanced over its threads together. Each output is bitwise `matmul(x, w)`.
+    """
     if not available():
         raise RuntimeError("the eesd_jax CPU kernel is unavailable (see the log); use model.dense")
-    out = jax.ShapeDtypeStruct((x_nd.shape[0], w_od.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x_nd.astype(jnp.float32), w_od)
+    outs = tuple(jax.ShapeDtypeStruct((x_nd.shape[0], w.shape[0]), jnp.float32) for w in ws)
+    return tuple(jax.ffi.ffi_call(TARGET, outs, vmap_method="sequential")(x_nd.astype(jnp.float32), *ws))
 
 
-@matmul.defjvp
-def _matmul_jvp(primals, tangents):
+@matmul_many.defjvp
+def _matmul_many_jvp(primals, tangents):
     """The product rule through XLA's dot (the kernel has no transpose; gradients rarely reach it)."""
-    (x, w), (dx, dw) = primals, tangents
+    (x, ws), (dx, dws) = primals, tangents
     dot = lambda a, b: jnp.einsum("nd,od->no", a, b, preferred_element_type=jnp.float32)
-    return matmul(x, w), dot(dx, w) + dot(x, dw)
+    return matmul_many(x, ws), tuple(dot(dx, w) + dot(x, dw) for w, dw in zip(ws, dws, strict=True))

@@ -22,19 +22,21 @@ class KVCache:
     draft tokens is just lowering `lengths`.
     """
 
-    k: jax.Array  # [L, B, S, K, E] keys after RoPE.
-    v: jax.Array  # [L, B, S, K, E] values.
+    # Heads before slots: attention's dots read a layer [B, K, S, E] in place (slots before heads
+    # made XLA:CPU copy each layer's keys and values into that order on every step).
+    k: jax.Array  # [L, B, K, S, E] keys after RoPE.
+    v: jax.Array  # [L, B, K, S, E] values.
     lengths: jax.Array  # [B] int32: number of valid slots (positions 0..len-1) per row.
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, layers: int | None = None, dtype=None) -> KVCache:
     """An empty cache of `layers` layers (default: the model's; an exit's own cache has 1), in cfg's dtype
     unless `dtype` says otherwise."""
-    shape = (cfg.n_layers if layers is None else layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    shape = (cfg.n_layers if layers is None else layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     dtype = cfg.jnp_dtype if dtype is None else dtype
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
 

@@ -224,14 +224,23 @@ def dense(x_btd: jax.Array, w_od: jax.Array, out_dtype=None) -> jax.Array:
     """
     B, T, D = x_btd.shape
     if cpu_kernel.applies(B * T, w_od):
-        y_no = cpu_kernel.matmul(x_btd.reshape(B * T, D), w_od)
-        return y_no.reshape(B, T, -1).astype(out_dtype or jnp.result_type(x_btd, w_od))
+        return dense_many(x_btd, [w_od], out_dtype)[0]
     if 1 < B * T <= SMALL_BLOCK:
         return jnp.einsum("od,btd->obt", w_od, x_btd, preferred_element_type=out_dtype).transpose(1, 2, 0)
     return jnp.einsum("btd,od->bto", x_btd, w_od, preferred_element_type=out_dtype)
 
 
 SMALL_BLOCK = 16  # Rows (B * T) up to which dense() uses the CPU kernel, else puts the weight on the left.
+
+
+def dense_many(x_btd: jax.Array, ws_od: Sequence[jax.Array], out_dtype=None) -> list[jax.Array]:
+    """[dense(x_btd, w) for w in ws_od], on the CPU kernel in one call where it applies to all
+    (q/k/v, gate/up: one thread-pool dispatch, the weights' rows balanced together)."""
+    B, T, D = x_btd.shape
+    if len({w.dtype for w in ws_od}) == 1 and all(cpu_kernel.applies(B * T, w) for w in ws_od):
+        ys_no = cpu_kernel.matmul_many(x_btd.reshape(B * T, D), tuple(ws_od))
+        return [y.reshape(B, T, -1).astype(out_dtype or jnp.result_type(x_btd, w)) for y, w in zip(ys_no, ws_od)]
+    return [dense(x_btd, w, out_dtype) for w in ws_od]
 
 
 # ----------------------------------------------------------------------------- one block
@@ -242,8 +251,8 @@ def block(
     p: Params,
     x_btd: jax.Array,
     positions_bt: jax.Array,
-    k_lbske: jax.Array,
-    v_lbske: jax.Array,
+    k_lbkse: jax.Array,
+    v_lbkse: jax.Array,
     layer_idx: jax.Array,
     slots_bt: jax.Array | None = None,
     visible_bts: jax.Array | None = None,
@@ -260,21 +269,21 @@ def block(
     A draft tree (tree.py) passes the slots its nodes live in (`slots_bt`, default: their
     positions) and which slots each sees (`visible_bts` [B, T, S], default: s <= position).
 
-    Returns (x_btd, k_lbske, v_lbske).
+    Returns (x_btd, k_lbkse, v_lbkse).
     """
     B, T, _ = x_btd.shape
     q_bthe, k_btke, v_btke = _qkv(cfg, p, x_btd, positions_bt)
     rows_bt = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
     slots_bt = positions_bt if slots_bt is None else slots_bt
-    k_lbske = k_lbske.at[layer_idx, rows_bt, slots_bt].set(k_btke.astype(k_lbske.dtype), mode="drop")
-    v_lbske = v_lbske.at[layer_idx, rows_bt, slots_bt].set(v_btke.astype(v_lbske.dtype), mode="drop")
-    k_bske, v_bske = k_lbske[layer_idx], v_lbske[layer_idx]
+    # The slice between the indices puts the indexed [B, T] dims first: the update is [B, T, K, E].
+    k_lbkse = k_lbkse.at[layer_idx, rows_bt, :, slots_bt].set(k_btke.astype(k_lbkse.dtype), mode="drop")
+    v_lbkse = v_lbkse.at[layer_idx, rows_bt, :, slots_bt].set(v_btke.astype(v_lbkse.dtype), mode="drop")
+    k_bkse, v_bkse = k_lbkse[layer_idx], v_lbkse[layer_idx]
     if visible_bts is None:
-        visible_bts = jnp.arange(k_bske.shape[1])[None, None, :] <= positions_bt[:, :, None]
-    scores = _scores(cfg, q_bthe, k_bske, visible_bts)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
-    o_btn = jnp.einsum("bkgts,bske->btkge", probs, v_bske).reshape(B, T, -1)
-    return _out_and_mlp(cfg, p, x_btd, o_btn), k_lbske, v_lbske
+        visible_bts = jnp.arange(k_bkse.shape[2])[None, None, :] <= positions_bt[:, :, None]
+    scores = _scores(cfg, q_bthe, k_bkse, visible_bts)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bkse.dtype)
+    return _out_and_mlp(cfg, p, x_btd, _weighted_values(probs, v_bkse)), k_lbkse, v_lbkse
 
 
 def block_readonly(
@@ -282,13 +291,13 @@ def block_readonly(
     p: Params,
     x_btd: jax.Array,
     positions_bt: jax.Array,
-    k_bske: jax.Array,
-    v_bske: jax.Array,
+    k_bkse: jax.Array,
+    v_bkse: jax.Array,
     new_btt: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`block` for a block of consecutive positions that leaves the cache alone.
 
-    The cache layer (k, v: [B, S, K, E]) is only read, for the slots before each
+    The cache layer (k, v: [B, K, S, E]) is only read, for the slots before each
     row's block (s < positions_bt[:, 0]); the block attends to its own keys and
     values causally. The same attention as `block`, but the new keys/values are
     returned ([B, T, K, E]) for the caller to write (`write_layers`): inside a
@@ -300,12 +309,12 @@ def block_readonly(
     """
     B, T, _ = x_btd.shape
     q_bthe, k_btke, v_btke = _qkv(cfg, p, x_btd, positions_bt)
-    old_bts = jnp.arange(k_bske.shape[1])[None, None, :] < positions_bt[:, :1, None]
+    S = k_bkse.shape[2]
+    old_bts = jnp.arange(S)[None, None, :] < positions_bt[:, :1, None]
     if new_btt is None:
         new_btt = positions_bt[:, None, :] <= positions_bt[:, :, None]
-    o_btn = _attend_two(
-        cfg, q_bthe, (k_bske, v_bske, jnp.broadcast_to(old_bts, (B, T, k_bske.shape[1]))), (k_btke, v_btke, new_btt)
-    )
+    new = (heads_major(k_btke), heads_major(v_btke), new_btt)
+    o_btn = _attend_two(cfg, q_bthe, (k_bkse, v_bkse, jnp.broadcast_to(old_bts, (B, T, S))), new)
     return _out_and_mlp(cfg, p, x_btd, o_btn), k_btke, v_btke
 
 
@@ -328,7 +337,8 @@ def block_with_context(
     u_11u = jnp.arange(T)[None, None, :]
     own_btu = (u_11u >= start_bt[:, :, None]) & (u_11u <= positions_bt[:, :, None])
     ctx_btu = u_11u < start_bt[:, :, None]
-    o_btn = _attend_two(cfg, q_bthe, (k_ctx, v_ctx, ctx_btu), (k_btke, v_btke, own_btu))
+    ctx = (heads_major(k_ctx), heads_major(v_ctx), ctx_btu)
+    o_btn = _attend_two(cfg, q_bthe, ctx, (heads_major(k_btke), heads_major(v_btke), own_btu))
     return _out_and_mlp(cfg, p, x_btd, o_btn)
 
 
@@ -338,19 +348,21 @@ def keys_values(cfg: ModelConfig, p: Params, x_btd: jax.Array, positions_bt: jax
     return k_btke, v_btke
 
 
+def heads_major(x_btke: jax.Array) -> jax.Array:
+    """[B, T, K, E] keys or values -> [B, K, T, E], the cache's layout."""
+    return x_btke.transpose(0, 2, 1, 3)
+
+
 def _attend_two(cfg: ModelConfig, q_bthe: jax.Array, source_a, source_b) -> jax.Array:
-    """Attention of q over two (k [B, S, K, E], v, visible [B, T, S]) sources with one softmax: [B, T, H*E].
+    """Attention of q over two (k [B, K, S, E], v, visible [B, T, S]) sources with one softmax: [B, T, H*E].
 
     The [..., Sa + Sb] scores are small; the keys/values themselves are never concatenated.
     """
     (k_a, v_a, vis_a), (k_b, v_b, vis_b) = source_a, source_b
-    B, T = q_bthe.shape[:2]
     scores = jnp.concatenate([_scores(cfg, q_bthe, k_a, vis_a), _scores(cfg, q_bthe, k_b.astype(k_a.dtype), vis_b)], -1)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_a.dtype)
-    S = k_a.shape[1]
-    o = jnp.einsum("bkgts,bske->btkge", probs[..., :S], v_a)
-    o = o + jnp.einsum("bkgtu,buke->btkge", probs[..., S:], v_b.astype(v_a.dtype))
-    return o.reshape(B, T, -1)
+    S = k_a.shape[2]
+    return _weighted_values(probs[..., :S], v_a) + _weighted_values(probs[..., S:], v_b.astype(v_a.dtype))
 
 
 def _qkv(cfg: ModelConfig, p: Params, x_btd: jax.Array, positions_bt: jax.Array):
@@ -360,29 +372,38 @@ def _qkv(cfg: ModelConfig, p: Params, x_btd: jax.Array, positions_bt: jax.Array)
     # Projections are 2-D matmuls against the stored (out, in) weights: head-shaped
     # einsums made XLA:CPU copy a transposed weight every layer and step.
     h = rms_norm(x_btd, p["attn_norm"], cfg.rms_eps)
-    q_bthe = dense(h, p["wq"].reshape(H * E, D)).reshape(B, T, H, E)
-    k_btke = dense(h, p["wk"].reshape(K * E, D)).reshape(B, T, K, E)
-    v_btke = dense(h, p["wv"].reshape(K * E, D)).reshape(B, T, K, E)
+    q, k, v = dense_many(h, [p["wq"].reshape(H * E, D), p["wk"].reshape(K * E, D), p["wv"].reshape(K * E, D)])
+    q_bthe, k_btke, v_btke = q.reshape(B, T, H, E), k.reshape(B, T, K, E), v.reshape(B, T, K, E)
     if cfg.qkv_bias:
         q_bthe, k_btke, v_btke = q_bthe + p["bq"], k_btke + p["bk"], v_btke + p["bv"]
     rot = lambda x: rope(x, positions_bt, cfg.rope_theta, cfg.rope_scaling)
     return rot(q_bthe), rot(k_btke), v_btke
 
 
-def _scores(cfg: ModelConfig, q_bthe: jax.Array, k_bske: jax.Array, visible_bts: jax.Array) -> jax.Array:
+def _scores(cfg: ModelConfig, q_bthe: jax.Array, k_bkse: jax.Array, visible_bts: jax.Array) -> jax.Array:
     """Scaled float32 attention scores [B, K, G, T, S]; invisible slots get the float32 minimum."""
     B, T, H, E = q_bthe.shape
-    K = cfg.n_kv_heads
-    q_btkge = q_bthe.reshape(B, T, K, H // K, E)
-    scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske, preferred_element_type=jnp.float32) * (E**-0.5)
+    K, S = cfg.n_kv_heads, k_bkse.shape[2]
+    # One batched dot over (B, K) with the (G, T) query rows merged: the cache layer is read in
+    # its own layout (a 5-d einsum made XLA:CPU copy it transposed every layer and step).
+    q_bkqe = q_bthe.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4).reshape(B, K, -1, E)
+    scores = jnp.einsum("bkqe,bkse->bkqs", q_bkqe, k_bkse, preferred_element_type=jnp.float32) * (E**-0.5)
+    scores = scores.reshape(B, K, H // K, T, S)
     return jnp.where(visible_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+
+
+def _weighted_values(probs_bkgts: jax.Array, v_bkse: jax.Array) -> jax.Array:
+    """Attention output [B, T, H*E] of probs over the slots' values (the dot as in _scores)."""
+    B, K, G, T, S = probs_bkgts.shape
+    o_bkqe = jnp.einsum("bkqs,bkse->bkqe", probs_bkgts.reshape(B, K, G * T, S), v_bkse)
+    return o_bkqe.reshape(B, K, G, T, -1).transpose(0, 3, 1, 2, 4).reshape(B, T, -1)
 
 
 def _out_and_mlp(cfg: ModelConfig, p: Params, x_btd: jax.Array, o_btn: jax.Array) -> jax.Array:
     """The attention output projection and the MLP, each with its residual."""
     x_btd = x_btd + dense(o_btn, p["wo"].reshape(x_btd.shape[-1], -1))
     h = rms_norm(x_btd, p["mlp_norm"], cfg.rms_eps)
-    gate_btf, up_btf = dense(h, p["w_gate"]), dense(h, p["w_up"])
+    gate_btf, up_btf = dense_many(h, [p["w_gate"], p["w_up"]])
     return x_btd + dense(jax.nn.silu(gate_btf) * up_btf, p["w_down"])
 
 
@@ -406,7 +427,7 @@ def run_layers(
     """Run a contiguous range of layers over T new tokens; the forward primitive.
 
     `layers` are layers first_layer .. first_layer + n - 1 of `cache` (k, v:
-    [L', B, S, K, E]), in one of two layouts with identical results:
+    [L', B, K, S, E]), in one of two layouts with identical results:
       * stacked ([n, ...] leaves, as stored and sharded): one lax.scan, a small
         program that compiles fast;
       * a list of per-layer pytrees (`unstack`): unrolled. XLA:CPU copies a
@@ -455,7 +476,7 @@ def write_layers(
     n = k_nbtke.shape[0]
     layer_n11 = jnp.arange(first_layer, first_layer + n)[:, None, None]
     rows_1b1 = jnp.arange(positions_bt.shape[0])[None, :, None]
-    index = (layer_n11, rows_1b1, positions_bt[None])
+    index = (layer_n11, rows_1b1, slice(None), positions_bt[None])  # The update: [n, B, T, K, E].
     return cache.replace(
         k=cache.k.at[index].set(k_nbtke.astype(cache.k.dtype), mode="drop"),
         v=cache.v.at[index].set(v_nbtke.astype(cache.v.dtype), mode="drop"),

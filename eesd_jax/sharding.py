@@ -62,10 +62,10 @@ LOGICAL_RULES: dict[str, str | None] = {
     "layers": None,  # Stacked layer axis; scanned, so never split.
 }
 
-# Logical axes of the KVCache fields (k, v: [L, B, S, K, E]; lengths: [B]).
+# Logical axes of the KVCache fields (k, v: [L, B, K, S, E]; lengths: [B]).
 CACHE_AXES = {
-    "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
-    "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+    "k": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
+    "v": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
     "lengths": ("batch",),
 }
 
@@ -265,7 +265,7 @@ def exit_param_shardings(exit_params, mesh: Mesh):
 
 
 def cache_shardings(cache: KVCache, mesh: Mesh) -> KVCache:
-    """k, v [L, B, S, K, E]: batch over data, kv heads over model where they divide; lengths by batch."""
+    """k, v [L, B, K, S, E]: batch over data, kv heads over model where they divide; lengths by batch."""
     return tree_shardings(cache, mesh, table={})
 
 

@@ -186,11 +186,10 @@ def verify_step_hlo(cfg, mesh, tokens: int = 8, batch: int = 1, cache_len: int =
     import jax.numpy as jnp
 
     from eesd_jax import model, sharding
-    from eesd_jax.kv_cache import KVCache
+    from eesd_jax.kv_cache import init_cache
 
     params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
-    kv = jax.ShapeDtypeStruct((cfg.n_layers, batch, cache_len, cfg.n_kv_heads, cfg.head_dim), cfg.jnp_dtype)
-    cache = KVCache(k=kv, v=kv, lengths=jax.ShapeDtypeStruct((batch,), jnp.int32))
+    cache = jax.eval_shape(lambda: init_cache(cfg, batch, cache_len))
     ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
     param_sh = sharding.param_shardings(params, mesh)
     cache_sh = sharding.cache_shardings(cache, mesh)

@@ -1,6 +1,11 @@
 """The CPU small-block kernel (cpu_kernel.py): XLA's dot within float error, a row's result
 independent of the row count, where model.dense uses it, and the fallback to XLA's dot."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +59,43 @@ def test_a_rows_result_does_not_depend_on_the_row_count(w_dtype):
     for n in range(1, 17):
         for start in {0, 16 - n, (16 - n) // 2}:
             np.testing.assert_array_equal(np.asarray(call(x[start : start + n], w)), full[start : start + n])
+
+
+@needs_kernel
+@pytest.mark.skipif(
+    "avx512f" not in (pathlib.Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""),
+    reason="the CPU has no AVX-512: the AVX2 path is the one the other tests run",
+)
+def test_the_avx2_path_on_an_avx512_cpu():
+    """The tests above, in a process where EESD_CPU_KERNEL_AVX512=0 keeps the kernel on AVX2."""
+    env = {**os.environ, "EESD_CPU_KERNEL_AVX512": "0"}
+    select = "float_error or does_not_depend_on_the_row_count"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout
+
+
+@needs_kernel
+@pytest.mark.parametrize("w_dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 3, 8, 16])
+def test_one_call_over_several_weights_equals_a_call_each(n, w_dtype):
+    """Bit for bit, with weights of sizes that split the threads' chunks inside and across weights."""
+    x, _ = _data(n, 72, 1, w_dtype)
+    ws = tuple(_data(1, 72, o, w_dtype, seed=o)[1] for o in (200, 13, 64, 1))
+    many = jax.jit(cpu_kernel.matmul_many)(x, ws)
+    assert len(many) == len(ws)
+    for got, w in zip(many, ws, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(cpu_kernel.matmul)(x, w)))
+    x_btd = x.reshape(1, n, 72)
+    assert _uses_kernel(lambda x, ws: model.dense_many(x, ws), x_btd, ws)
+    mixed = [ws[0], ws[1].astype(jnp.float16)]  # Not one kernel dtype: XLA's dot for each, same values.
+    for got, w in zip(model.dense_many(x_btd, mixed, jnp.float32), mixed, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(model.dense(x_btd, w, jnp.float32)))
 
 
 @needs_kernel
@@ -113,7 +155,11 @@ def test_load_reports_why_not(tmp_path):
 @needs_kernel
 def test_gradients_flow_through_the_kernel():
     x, w = _data(3, 20, 6, jnp.float32)
-    loss = lambda x, w, use: jnp.sum(jnp.sin(cpu_kernel.matmul(x, w) if use else x @ w.T))
+
+    def loss(x, w, use):
+        ys = cpu_kernel.matmul_many(x, (w, 2 * w)) if use else (x @ w.T, x @ (2 * w).T)
+        return jnp.sum(jnp.sin(ys[0]) * ys[1])
+
     got = jax.grad(loss, argnums=(0, 1))(x, w, True)
     want = jax.grad(loss, argnums=(0, 1))(x, w, False)
     for g, r in zip(got, want):

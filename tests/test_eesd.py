@@ -176,8 +176,12 @@ def test_context_exit_cache_holds_context_layer_keys_at_every_verified_position(
         assert n == len(prompt) + int(state.n_new[b]) - 1
         _, _, (_, h_c, _) = decoding.prefill(CFG, params, jnp.asarray([seq]), jnp.asarray([n]), n, segments)
         k, v = model.keys_values(CFG, block, h_c, jnp.arange(n)[None])
-        np.testing.assert_allclose(np.asarray(state.exit_cache.k[0, b, :n]), np.asarray(k[0]), atol=2e-5)
-        np.testing.assert_allclose(np.asarray(state.exit_cache.v[0, b, :n]), np.asarray(v[0]), atol=2e-5)
+        np.testing.assert_allclose(
+            np.asarray(state.exit_cache.k[0, b, :, :n]), np.asarray(model.heads_major(k)[0]), atol=2e-5
+        )
+        np.testing.assert_allclose(
+            np.asarray(state.exit_cache.v[0, b, :, :n]), np.asarray(model.heads_major(v)[0]), atol=2e-5
+        )
 
 
 @pytest.mark.slow

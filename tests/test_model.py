@@ -179,8 +179,9 @@ def test_readonly_block_equals_written_block(tiny, layout):
     B, T, first = 2, 4, 1
     _, upper = model.split_layers(layers, first)
     rng = np.random.default_rng(0)
-    shape = (cfg.n_layers, B, CACHE_SLOTS, cfg.n_kv_heads, cfg.head_dim)
-    cache = init_cache(cfg, B, CACHE_SLOTS).replace(
+    cache = init_cache(cfg, B, CACHE_SLOTS)
+    shape = cache.k.shape
+    cache = cache.replace(
         k=jnp.asarray(rng.normal(size=shape), jnp.float32), v=jnp.asarray(rng.normal(size=shape), jnp.float32)
     )
     pos0 = jnp.asarray([7, 3], jnp.int32)

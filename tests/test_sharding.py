@@ -447,7 +447,7 @@ def _exit_train_step(cfg, exit_params, opt_state, hidden_btd, targets_bt):
 
     def loss_fn(p):
         B, T, _ = hidden_btd.shape
-        kv = jnp.zeros((1, B, T, cfg.n_kv_heads, cfg.head_dim), hidden_btd.dtype)
+        kv = init_cache(cfg, B, T, layers=1, dtype=hidden_btd.dtype).k
         pos = jnp.broadcast_to(jnp.arange(T), (B, T))
         x, _, _ = model.block(cfg, jax.tree.map(lambda w: w[0], p["layers"]), hidden_btd, pos, kv, kv, 0)
         logits = model.lm_head(p, model.final_norm(p, cfg, x))

@@ -218,11 +218,15 @@ def test_caches_after_tree_decoding_equal_ar_at_every_accepted_position(params):
             CFG, params, jnp.asarray([seq]), jnp.asarray([n]), n, eesd.split_params(params, N)
         )
         for got, want in ((state.cache.k, ar_cache.k), (state.cache.v, ar_cache.v)):
-            np.testing.assert_allclose(np.asarray(got[:, b, :n]), np.asarray(want[:, 0]), atol=2e-5)
+            np.testing.assert_allclose(np.asarray(got[:, b, :, :n]), np.asarray(want[:, 0]), atol=2e-5)
         block = jax.tree.map(lambda w: w[0], ep["block"])
         k, v = model.keys_values(CFG, block, h_n, jnp.arange(n)[None])
-        np.testing.assert_allclose(np.asarray(state.exit_cache.k[0, b, :n]), np.asarray(k[0]), atol=2e-5)
-        np.testing.assert_allclose(np.asarray(state.exit_cache.v[0, b, :n]), np.asarray(v[0]), atol=2e-5)
+        np.testing.assert_allclose(
+            np.asarray(state.exit_cache.k[0, b, :, :n]), np.asarray(model.heads_major(k)[0]), atol=2e-5
+        )
+        np.testing.assert_allclose(
+            np.asarray(state.exit_cache.v[0, b, :, :n]), np.asarray(model.heads_major(v)[0]), atol=2e-5
+        )
 
 
 def test_tree_masks_ancestors_only():

@@ -1,13 +1,14 @@
 // y[N, O] = x[N, D] . w[O, D]^T for a few rows N (decode / verify / draft shapes) on x86 CPUs
-// with AVX2 + FMA; float32 or bfloat16 weights, float32 inputs, accumulation and outputs.
+// with AVX2 + FMA (AVX-512 where present); float32 or bfloat16 weights, float32 inputs,
+// accumulation and outputs.
 //
 // Why: XLA:CPU's GEMM costs 2.5-3.7x a one-row GEMV for 2-8 rows, while the hardware needs
 // little more than one pass over the weights. Here every weight row is read from memory once
-// for all N input rows (the rows re-read it from L1).
+// for up to 8 input rows (the rows re-read it from registers, x from L1).
 //
 // Contract (what the tests hold): y[n, o] depends only on x[n, :] and w[o, :], through the
-// same arithmetic whatever N is: one 8-lane FMA accumulator per (n, o) running over D in
-// order, a zero-padded last chunk, then a fixed horizontal sum. Work is split over output
+// same arithmetic whatever N is: one 8-lane (AVX-512: 16-lane) FMA accumulator per (n, o)
+// running over D in order, a zero-padded last chunk, then a fixed horizontal sum. Work is split over output
 // columns only, so a row's rounding is identical in a one-row AR step and in a k + 1 row
 // verification, and greedy EESD equals AR bit for bit.
 
@@ -16,9 +17,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -26,92 +29,12 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-#define EESD_TARGET __attribute__((target("avx2,fma")))
-
-// 8 consecutive weights as float32 lanes.
-EESD_TARGET inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-EESD_TARGET inline __m256 load8(const uint16_t* p) {  // bfloat16: the high half of a float32.
-  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-EESD_TARGET inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// R input rows x C weight rows over the whole of D: R * C accumulators, C weight vectors in
-// registers, x read as a memory operand (R * C + C <= 16 ymm registers). `tail_x` holds each
-// row's last D % 8 values zero-padded to 8 and `tail_w` the C weight rows' (as float32).
-template <int R, int C, typename W>
-EESD_TARGET void tile(const float* x, const float* tail_x, const W* w, const float* tail_w, float* y,
-                      int64_t D, int64_t O) {
-  __m256 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  const int64_t body = D - D % 8;
-  for (int64_t d = 0; d < body; d += 8) {
-    __m256 wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = load8(w + c * D + d);
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_loadu_ps(x + r * D + d);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
-    }
-  }
-  if (body < D) {
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_loadu_ps(tail_x + r * 8);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(tail_w + c * 8), acc[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) y[r * O + c] = hsum(acc[r][c]);
-}
-
-template <int C, typename W>
-EESD_TARGET void rows_tile(int64_t rows, const float* x, const float* tail_x, const W* w, const float* tail_w,
-                           float* y, int64_t D, int64_t O) {
-  if (rows == 2) return tile<2, C>(x, tail_x, w, tail_w, y, D, O);
-  return tile<1, C>(x, tail_x, w, tail_w, y, D, O);
-}
-
 inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) {
+inline float to_float(uint16_t v) {  // bfloat16: the high half of a float32.
   uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
-}
-
-// Output columns [o0, o1): four weight rows at a time (two or one at the chunk's end), each
-// streamed from memory once for all N rows, which take them two at a time from L1: 2 x 4
-// independent accumulators keep both FMA units busy. A dot's own arithmetic is the same in
-// every tile shape.
-template <typename W>
-EESD_TARGET void columns(const float* x, const float* tail_x, const W* w, float* y, int64_t N, int64_t D,
-                         int64_t O, int64_t o0, int64_t o1) {
-  const int64_t body = D - D % 8;
-  float tail_w[4 * 8];
-  std::memset(tail_w, 0, sizeof(tail_w));
-  int64_t o = o0;
-  while (o < o1) {
-    const int C = o + 4 <= o1 ? 4 : (o + 2 <= o1 ? 2 : 1);
-    for (int c = 0; c < C; ++c)
-      for (int64_t d = body; d < D; ++d) tail_w[c * 8 + (d - body)] = to_float(w[(o + c) * D + d]);
-    for (int64_t n = 0; n < N; n += 2) {
-      const int64_t rows = std::min<int64_t>(2, N - n);
-      const float* xn = x + n * D;
-      const float* tn = tail_x + n * 8;
-      float* yn = y + n * O + o;
-      const W* wo = w + o * D;
-      if (C == 4) rows_tile<4>(rows, xn, tn, wo, tail_w, yn, D, O);
-      else if (C == 2) rows_tile<2>(rows, xn, tn, wo, tail_w, yn, D, O);
-      else rows_tile<1>(rows, xn, tn, wo, tail_w, yn, D, O);
-    }
-    o += C;
-  }
 }
 
 // Runs fn(chunk) for chunk in [0, chunks) on the calling thread and up to `helpers` tasks of
@@ -135,36 +58,103 @@ void parallel_for(ffi::ThreadPool& pool, int64_t chunks, int64_t helpers, Fn fn)
   while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
+// One weight of a call and its output: y[N, O] = x . w[O, D]^T (w float32 or bfloat16).
+struct Segment {
+  const void* w;
+  float* y;
+  int64_t O;
+};
+
+// The body (small_matmul_tiles.h) once per instruction set, each compiled for its own target
+// (a template cannot take a target attribute from its parameters). Which one runs depends on
+// the CPU only, never on the row count.
+namespace avx2 {
+#define EESD_TARGET __attribute__((target("avx2,fma")))
+using Vec = __m256;
+constexpr int kLanes = 8, kRegs = 16;
+EESD_TARGET inline Vec vzero() { return _mm256_setzero_ps(); }
+EESD_TARGET inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+EESD_TARGET inline Vec vload(const uint16_t* p) {  // bfloat16: the high half of a float32.
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+EESD_TARGET inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+EESD_TARGET inline float vhsum(Vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#include "small_matmul_tiles.h"
+#undef EESD_TARGET
+}  // namespace avx2
+
+// 16 lanes and 32 registers: half the FMAs of AVX2 for the same rows, which is what 4-16 rows
+// are bound by (a one-row call is bound by memory either way).
+namespace avx512 {
+#define EESD_TARGET __attribute__((target("avx512f,avx2,fma")))
+using Vec = __m512;
+constexpr int kLanes = 16, kRegs = 32;
+EESD_TARGET inline Vec vzero() { return _mm512_setzero_ps(); }
+EESD_TARGET inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+EESD_TARGET inline Vec vload(const uint16_t* p) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+EESD_TARGET inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+EESD_TARGET inline float vhsum(Vec v) {  // The two halves' sum, then AVX2's sum of 8.
+  return avx2::vhsum(_mm256_add_ps(_mm512_castps512_ps256(v),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+#include "small_matmul_tiles.h"
+#undef EESD_TARGET
+}  // namespace avx512
+
 bool cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
-template <typename W>
-void matmul(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t N, int64_t D, int64_t O) {
-  // Each row's zero-padded last chunk, shared by every column.
-  const int64_t body = D - D % 8;
-  std::unique_ptr<float[]> tail_x(new float[N * 8]());
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t d = body; d < D; ++d) tail_x[n * 8 + (d - body)] = x[n * D + d];
-  // Chunks of columns (a multiple of 4) small enough to balance, large enough to stream.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t per = std::max<int64_t>(64, (O / (4 * threads) + 3) / 4 * 4);
-  const int64_t chunks = (O + per - 1) / per;
-  const float* tx = tail_x.get();
-  parallel_for(pool, chunks, std::min(threads, chunks) - 1,
-               [=](int64_t i) { columns(x, tx, w, y, N, D, O, i * per, std::min(O, (i + 1) * per)); });
+// AVX-512 where the CPU has it, unless EESD_CPU_KERNEL_AVX512=0 (read once: tests run both
+// paths in subprocesses on such CPUs).
+bool use_avx512() {
+  static const bool use = [] {
+    const char* env = std::getenv("EESD_CPU_KERNEL_AVX512");
+    return __builtin_cpu_supports("avx512f") && !(env && std::strcmp(env, "0") == 0);
+  }();
+  return use;
 }
 
-ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                       ffi::ResultBuffer<ffi::F32> y) {
+template <typename W>
+void matmul(ffi::ThreadPool& pool, const float* x, const std::vector<Segment>& segs, int64_t N, int64_t D) {
+  if (use_avx512()) return avx512::matmul<W>(pool, x, segs, N, D);
+  avx2::matmul<W>(pool, x, segs, N, D);
+}
+
+// y_i = x . w_i^T for one x and one or more weights of one dtype (q/k/v, gate/up): one call,
+// its columns balanced over the threads as one, where separate calls paid the pool's dispatch
+// each and small weights (k, v) ran on fewer threads than there are.
+ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::RemainingRets ys) {
   const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
-    return ffi::Error::InvalidArgument("eesd small_matmul: want x[N, D] and w[O, D]");
+  if (xd.size() != 2 || ws.size() < 1 || ws.size() != ys.size())
+    return ffi::Error::InvalidArgument("eesd small_matmul: want x[N, D], weights w_i[O_i, D] and one output each");
   if (!cpu_supported()) return ffi::Error(ffi::ErrorCode::kUnimplemented, "eesd small_matmul: CPU lacks AVX2/FMA");
-  const int64_t N = xd[0], D = xd[1], O = wd[0];
-  if (w.element_type() == ffi::DataType::F32)
-    matmul(pool, x.typed_data(), static_cast<const float*>(w.untyped_data()), y->typed_data(), N, D, O);
-  else if (w.element_type() == ffi::DataType::BF16)
-    matmul(pool, x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()), y->typed_data(), N, D, O);
+  const int64_t N = xd[0], D = xd[1];
+  std::vector<Segment> segs;
+  ffi::DataType dtype = ffi::DataType::INVALID;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    auto w = ws.get<ffi::AnyBuffer>(i);
+    auto y = ys.get<ffi::Buffer<ffi::F32>>(i);
+    if (!w.has_value() || !y.has_value()) return ffi::Error::InvalidArgument("eesd small_matmul: bad operand");
+    const auto wd = w->dimensions();
+    if (wd.size() != 2 || wd[1] != D || (*y)->element_count() != N * wd[0])
+      return ffi::Error::InvalidArgument("eesd small_matmul: want x[N, D], weights w_i[O_i, D] and y_i[N, O_i]");
+    if (i > 0 && w->element_type() != dtype)
+      return ffi::Error::InvalidArgument("eesd small_matmul: the weights of one call share a dtype");
+    dtype = w->element_type();
+    segs.push_back({w->untyped_data(), (*y)->typed_data(), wd[0]});
+  }
+  if (dtype == ffi::DataType::F32)
+    matmul<float>(pool, x.typed_data(), segs, N, D);
+  else if (dtype == ffi::DataType::BF16)
+    matmul<uint16_t>(pool, x.typed_data(), segs, N, D);
   else
     return ffi::Error::InvalidArgument("eesd small_matmul: weights must be float32 or bfloat16");
   return ffi::Error::Success();
@@ -176,8 +166,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EesdSmallMatmul, SmallMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());
 
 // 1 when this CPU can run the kernel (checked before it is registered).
 extern "C" int eesd_small_matmul_supported() { return cpu_supported() ? 1 : 0; }
