@@ -14,7 +14,10 @@ EESD_TARGET void tile(const float* x, const float* tail_x, const W* w, const flo
   const int64_t body = D - D % kLanes;
   for (int64_t d = 0; d < body; d += kLanes) {
     Vec wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = vload(w + c * D + d);
+    for (int c = 0; c < C; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (C + c) * D + d), _MM_HINT_T0);
+      wv[c] = vload(w + c * D + d);
+    }
     for (int r = 0; r < R; ++r) {
       Vec xv = vload(x + r * D + d);
       asm("" : "+v"(xv));  // In a register: folded into each FMA, x was loaded C times.
