@@ -62,6 +62,12 @@ class EESDConfig:
     # reach tree_stop for some row; a good value is a depth's cost in AR steps (costs.tree_round_ms).
     # 0: every round grows all tree // tree_width depths.
     tree_stop: float = 0.0
+    # > 0: the width is chosen per round (tree.choose_width): only the first w <= tree_width nodes
+    # of each depth are kept (verified, accepted, expanded), w grown while the next rank's expected
+    # accepted drafts, from a posterior over acceptance by rank (EESDState.tree_ranks), reach
+    # tree_width_stop; a good value is a rank's verification cost in AR steps (costs.width_cost).
+    # 0: all tree_width nodes every round.
+    tree_width_stop: float = 0.0
 
     def validate(self, cfg: ModelConfig) -> None:
         exits.ExitConfig(self.exit_layer, context_layer=self.context_layer, fuse_layers=self.fuse_layers).validate(cfg)
@@ -73,6 +79,8 @@ class EESDConfig:
             raise ValueError(f"tree (node budget {self.tree}) must be a multiple of tree_width ({self.tree_width})")
         if self.tree_stop < 0 or (self.tree_stop and not self.tree):
             raise ValueError(f"tree_stop must be >= 0 and needs a tree (tree > 0), got {self.tree_stop}")
+        if self.tree_width_stop < 0 or (self.tree_width_stop and not self.tree):
+            raise ValueError(f"tree_width_stop must be >= 0 and needs a tree (tree > 0), got {self.tree_width_stop}")
         if self.tree and (self.trace or self.recompute_lower):
             raise ValueError("draft trees support neither trace nor recompute_lower")
         if self.buckets and (sorted(self.buckets) != list(self.buckets) or self.buckets[-1] != self.max_draft + 1):
@@ -90,10 +98,12 @@ class EESDConfig:
 
     @property
     def tree_sizes(self) -> tuple[int, ...]:
-        """Tree verification sizes (nodes + root): every depth's with tree_stop, else the whole tree's."""
-        if not self.tree_stop:
-            return (self.tree + 1,)
-        return tuple(1 + d * self.tree_width for d in range(1, self.tree // self.tree_width + 1))
+        """Tree verification sizes (kept nodes + root): 1 + d w for every depth d with tree_stop (else
+        the whole tree's), every width w with tree_width_stop (else tree_width)."""
+        R, W = self.tree // self.tree_width, self.tree_width
+        depths = range(1, R + 1) if self.tree_stop else (R,)
+        widths = range(1, W + 1) if self.tree_width_stop else (W,)
+        return tuple(sorted({1 + d * w for d in depths for w in widths}))
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
@@ -158,6 +168,11 @@ class EESDState:
     # tokens accepted and the exit's predicted accepted drafts (tree.draft) summed over its rounds;
     # their posterior ratio (tree.calibration) scales the exit's probabilities in the depth stop.
     tree_calib: jax.Array | None = None
+    # [B, W, 2] float32 with an adaptive width (EESDConfig.tree_width_stop), else None: per row and
+    # rank (a node's place in its depth), the times the accepted child had that rank and the times
+    # that rank was kept and passed over (tree.rank_counts), summed over its rounds; the posterior
+    # over acceptance by rank that picks each round's width (tree.choose_width).
+    tree_ranks: jax.Array | None = None
 
 
 def split_params(
@@ -236,6 +251,7 @@ def eesd_init(
         else None,
         fuse_prev=fuse_prev,
         tree_calib=jnp.zeros((B, 2), jnp.float32) if ecfg.tree_stop else None,
+        tree_ranks=jnp.zeros((B, ecfg.tree_width, 2), jnp.float32) if ecfg.tree_width_stop else None,
     )
 
 
@@ -295,15 +311,18 @@ def eesd_decode(
         pos0, live = s.cache.lengths, ~s.done
         scale = None if s.tree_calib is None else tree.calibration(*s.tree_calib.T) * live
         fused = None if s.fuse_prev is None else exits.fuse_features(cfg, exit_params, s.fuse_prev)
+        w = ecfg.tree_width
+        if s.tree_ranks is not None:
+            w = tree.choose_width(s.tree_ranks, R, ecfg.tree_width_stop, live)
         t, n_depth, predicted = tree.draft(
-            cfg, ecfg, params, lower, exit_params, s.last, pos0, s.cache, s.exit_cache, scale, fused
+            cfg, ecfg, params, lower, exit_params, s.last, pos0, s.cache, s.exit_cache, scale, fused, w
         )
-        logits, cache, uppers = tree.verify(cfg, ecfg, params, segments, t, pos0, n_depth)
+        logits, cache, uppers = tree.verify(cfg, ecfg, params, segments, t, pos0, n_depth, w)
         key, k_acc = jax.random.split(s.key)
         if sampling_cfg.greedy:
-            n_acc, nxt, path = tree.accept_greedy(t, logits, ecfg.tree_width, n_depth)
+            n_acc, nxt, path = tree.accept_greedy(t, logits, ecfg.tree_width, n_depth, w)
         else:
-            n_acc, nxt, path = tree.accept_sampled(k_acc, t, logits, ecfg.tree_width, n_depth, sampling_cfg)
+            n_acc, nxt, path = tree.accept_sampled(k_acc, t, logits, ecfg.tree_width, n_depth, sampling_cfg, w)
         cache, exit_cache = tree.compact(cache, pos0, path), tree.compact(t.exit_cache, pos0, path)
         # As for a chain, over the accepted path's states, now contiguous.
         states = tuple(jnp.take_along_axis(a, path[..., None], 1) for a in (t.hidden, *uppers))
@@ -312,10 +331,12 @@ def eesd_decode(
         drafts = jnp.take_along_axis(t.tokens, path[:, 1:], 1)
         new_bj = jnp.where(jnp.arange(R)[None] < n_acc[:, None], drafts, nxt[:, None])
         new_bj = jnp.concatenate([new_bj, nxt[:, None]], 1)
-        new = _advance(
-            s, eos_ids, new_bj, n_acc, cache, exit_cache, key, jnp.full_like(n_acc, n_depth * ecfg.tree_width)
-        )
+        new = _advance(s, eos_ids, new_bj, n_acc, cache, exit_cache, key, jnp.full_like(n_acc, n_depth * w))
         new = new.replace(fuse_prev=_fuse_prev(s, new, fuse_brfd))
+        if s.tree_ranks is not None:
+            new = new.replace(
+                tree_ranks=s.tree_ranks + tree.rank_counts(path, n_acc, n_depth, w, ecfg.tree_width, live)
+            )
         if s.tree_calib is None:
             return new
         return new.replace(tree_calib=s.tree_calib + jnp.stack([n_acc, predicted], -1) * live[:, None])

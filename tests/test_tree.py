@@ -32,33 +32,45 @@ def ar_outputs(params):
     return {b: generate.generate_ar(CFG, params, make_prompts(b), 24, eos_ids=(EOS,)).tokens for b in (1, 3)}
 
 
-def tree_run(params, batch, exit_layer, n_nodes, width, exit_params=None, context_layer=0, max_new=24, stop=0.0):
+def tree_run(
+    params, batch, exit_layer, n_nodes, width, exit_params=None, context_layer=0, max_new=24, stop=0.0, wstop=0.0
+):
     ecfg = eesd.EESDConfig(
-        exit_layer, 4, FIXED, context_layer=context_layer, tree=n_nodes, tree_width=width, tree_stop=stop
+        exit_layer,
+        4,
+        FIXED,
+        context_layer=context_layer,
+        tree=n_nodes,
+        tree_width=width,
+        tree_stop=stop,
+        tree_width_stop=wstop,
     )
     if exit_params is None:
         exit_params = perturbed_exit(params, exits.ExitConfig(exit_layer, own_head=True, context_layer=context_layer))
     return generate.generate_eesd(CFG, params, exit_params, ecfg, make_prompts(batch), max_new, eos_ids=(EOS,))
 
 
-# (batch, N, node budget, width, tree_stop): chains (width 1), wide-shallow and narrow-deep trees,
-# every N; trees whose depth is chosen per round (tree_stop > 0; 0.05 varies it here: see below).
+# (batch, N, node budget, width, tree_stop, tree_width_stop): chains (width 1), wide-shallow and
+# narrow-deep trees, every N; trees whose depth is chosen per round (tree_stop > 0; 0.05 varies it
+# here: see below), whose width is (tree_width_stop > 0; 0.3 varies it: see below), or both.
 GRID = [
-    (3, 1, 4, 1, 0.0),
-    (3, 2, 16, 4, 0.05),
-    (3, 2, 8, 4, 0.0),
-    (3, 3, 6, 2, 0.0),
-    (1, 2, 12, 3, 0.0),
-    (1, 1, 4, 4, 0.0),
-    (3, 2, 16, 8, 0.0),
-    (1, 1, 12, 3, 0.05),
-    (3, 3, 6, 2, 0.3),
+    (3, 1, 4, 1, 0.0, 0.0),
+    (3, 2, 16, 4, 0.05, 0.0),
+    (3, 2, 16, 4, 0.0, 0.3),
+    (3, 2, 8, 4, 0.0, 0.0),
+    (3, 3, 6, 2, 0.0, 0.0),
+    (1, 2, 12, 3, 0.0, 0.0),
+    (1, 1, 4, 4, 0.0, 0.0),
+    (3, 2, 16, 8, 0.0, 0.0),
+    (1, 1, 12, 3, 0.05, 0.0),
+    (3, 3, 6, 2, 0.3, 0.0),
+    (3, 1, 12, 3, 0.05, 0.3),
 ]
 
 
-@pytest.mark.parametrize("batch,exit_layer,n_nodes,width,stop", fast_first(GRID, 2))
-def test_greedy_tree_equals_ar(params, ar_outputs, batch, exit_layer, n_nodes, width, stop):
-    out = tree_run(params, batch, exit_layer, n_nodes, width, stop=stop)
+@pytest.mark.parametrize("batch,exit_layer,n_nodes,width,stop,wstop", fast_first(GRID, 3))
+def test_greedy_tree_equals_ar(params, ar_outputs, batch, exit_layer, n_nodes, width, stop, wstop):
+    out = tree_run(params, batch, exit_layer, n_nodes, width, stop=stop, wstop=wstop)
     assert out.tokens == ar_outputs[batch]
     assert out.stats["accepted"] > 0  # Paths really were accepted, so compaction was exercised.
     if batch > 1:  # EOS mid-block: the grid's rows stop early (test_eesd checks AR's rows do).
