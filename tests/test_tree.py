@@ -131,6 +131,109 @@ def test_adaptive_tree_is_a_prefix_of_the_whole_tree(params):
     assert all((a >= b).all() for a, b in zip(predicted, predicted[1:]))  # Fewer depths, fewer predicted drafts.
 
 
+def test_adaptive_width_varies_per_round(params, ar_outputs):
+    """tree_width_stop keeps fewer than W nodes per depth in some rounds: between 1 and W on average."""
+    out = tree_run(params, 3, 2, 16, 4, wstop=0.3)
+    assert out.tokens == ar_outputs[3]
+    assert 4 < out.stats["mean_draft_length"] < 16, out.stats
+
+
+def forced_width_run(params, ranks_w2):
+    """Greedy decoding (N = 2, 16 nodes, W = 4, width stop 0.3) from a rank posterior of `ranks_w2`
+    [W, 2] (accepted, passed) counts for every row; returns (state, tokens per row)."""
+    ecfg = eesd.EESDConfig(2, 4, FIXED, tree=16, tree_width=4, tree_width_stop=0.3)
+    ep = perturbed_exit(params, exits.ExitConfig(2, own_head=True))
+    state = decode_state(params, ecfg, ep, make_prompts(3), 24, ranks=jnp.broadcast_to(ranks_w2, (3, 4, 2)))
+    return state, [np.asarray(state.tokens[b, : int(state.n_new[b])]).tolist() for b in range(3)]
+
+
+def test_width_follows_the_rank_posterior(params, ar_outputs):
+    """A posterior that says ranks > 1 never accept verifies one node per depth every round; one that
+    says ranks 2..4 often accept, all four. Both give AR's tokens."""
+    never = jnp.asarray([[1e6, 0.0]] + [[0.0, 1e6]] * 3)
+    often = jnp.asarray([[0.0, 1e6]] + [[1e6, 1e6]] * 3)
+    for ranks, w in ((never, 1), (often, 4)):
+        state, tokens = forced_width_run(params, ranks)
+        assert tokens == ar_outputs[3]
+        np.testing.assert_array_equal(np.asarray(state.drafted), np.asarray(state.rounds) * 4 * w)
+        assert int(state.accepted.sum()) > 0
+
+
+def test_width_gains_and_choice():
+    """width_gains is E(w + 1) - E(w), E(w) = sum_d A(w)^d = A (1 - A^R) / (1 - A); choose_width keeps
+    the leading ranks whose gain reaches the stop, for the widest live row."""
+    rng = np.random.default_rng(0)
+    ranks = jnp.asarray(rng.integers(0, 20, size=(3, 4, 2)), jnp.float32)
+    q = (1 + np.asarray(ranks[..., 0], np.float64)) / (2 + np.asarray(ranks.sum(-1), np.float64))
+    a = 1 - np.cumprod(1 - q, -1)
+    e = a * (1 - a**5) / (1 - a)
+    # float32 sums of E up to 5 against float64: differences to ~1e-6.
+    np.testing.assert_allclose(np.asarray(tree.width_gains(ranks, 5)), np.diff(e, axis=-1), rtol=1e-5, atol=1e-5)
+    prior = jnp.zeros((1, 4, 2))
+    live = jnp.ones((1,), bool)
+    widths = [int(tree.choose_width(prior, 4, stop, live)) for stop in (0.0, 0.4, 0.6, 1.0, 1e9)]
+    assert widths[0] == 4 and widths[-1] == 1 and widths == sorted(widths, reverse=True) and len(set(widths)) > 2
+    gap = jnp.asarray([[[0, 0], [0, 1e6], [1e6, 0], [1e6, 0]]], jnp.float32)  # Rank 2 never: 3, 4 unreachable.
+    assert int(tree.choose_width(gap, 4, 0.01, live)) == 1
+    both = jnp.concatenate([gap, prior, prior])
+    assert int(tree.choose_width(both, 4, 0.01, jnp.asarray([True, True, False]))) == 4
+    assert int(tree.choose_width(both, 4, 0.01, jnp.asarray([True, False, False]))) == 1
+
+
+def test_rank_counts_follow_the_accepted_path():
+    """At each depth reached: the accepted child's rank counts accepted, the kept ranks before it
+    passed; at the depth where no kept child matched, all kept ranks passed; finished rows nothing."""
+    W, w = 3, 2
+    path = jnp.asarray([[0, 2, 4, 4], [0, 1, 4, 7], [0, 0, 0, 0]])  # Node 2: rank 1 at depth 1, 4: rank 0 at 2.
+    n_acc, live = jnp.asarray([2, 3, 0]), jnp.asarray([True, False, True])
+    got = np.asarray(tree.rank_counts(path, n_acc, 3, w, W, live))
+    want = np.zeros((3, W, 2))
+    want[0, 1, 0] = want[0, 0, 0] = 1  # Accepted: rank 1 at depth 1, rank 0 at depth 2.
+    want[0, 0, 1] += 1  # Depth 1: rank 0 passed before rank 1.
+    want[0, :w, 1] += 1  # Depth 3: reached, none of the w kept matched.
+    want[2, :w, 1] += 1  # Row 2 at depth 1.
+    np.testing.assert_array_equal(got, want)
+    shallow = np.asarray(tree.rank_counts(path, n_acc, 1, w, W, live))  # One depth grown: depth 1 only.
+    np.testing.assert_array_equal(shallow[0], [[0, 1], [1, 0], [0, 0]])
+
+
+def test_a_narrow_round_verifies_only_its_kept_nodes(params):
+    """verify with w < W runs the first w nodes of each depth (a smaller bucket) and gives them the
+    logits and keys the whole tree's verification gives; the other nodes get none."""
+    N, W, n, w = 2, 4, 8, 2
+    ecfg = eesd.EESDConfig(N, 4, FIXED, tree=n, tree_width=W, tree_width_stop=0.3)
+    ep = perturbed_exit(params, exits.ExitConfig(N, own_head=True))
+    req = decoding.make_request(CFG, make_prompts(3), 8, slack=n + 1)
+    segments = eesd.split_params(params, N)
+    cache, _, hiddens = decoding.prefill(
+        CFG, params, *(jnp.asarray(a) for a in (req.tokens_bp, req.prompt_lens_b)), req.cache_len, segments
+    )
+    state = eesd.eesd_init(
+        CFG, ecfg, params, ep, cache, hiddens, jnp.zeros((3, CFG.vocab_size)), jnp.asarray(req.max_new_b),
+        jax.random.key(0), SamplingConfig(), (EOS,), req.max_new,
+    )  # fmt: skip
+    pos0 = state.cache.lengths
+    # Drafted for w: the kept nodes' parents are kept (a whole tree's verification gives the same).
+    t, n_depth, _ = tree.draft(
+        CFG, ecfg, params, segments[0], ep, state.last, pos0, state.cache, state.exit_cache, width=jnp.int32(w)
+    )
+    kept_parents = np.asarray(t.parent)[:, 1:][:, (np.arange(n) % W) < w]
+    assert ((kept_parents - 1) % W < w)[:, w:].all() and (kept_parents[:, :w] == 0).all()
+    kept = np.asarray(tree.kept_nodes(W, n_depth, w, n + 1))
+    depth_of, rank_of = tree.depths(n, W), (np.arange(n + 1) - 1) % W
+    assert set(kept[kept >= 0]) == {0} | {j for j in range(1, n + 1) if depth_of[j] <= n_depth and rank_of[j] < w}
+    narrow, narrow_cache, _ = tree.verify(CFG, ecfg, params, segments, t, pos0, n_depth, jnp.int32(w))
+    wide, wide_cache, _ = tree.verify(CFG, ecfg, params, segments, t, pos0, n_depth, jnp.int32(W))
+    sel = kept[kept >= 0]
+    dropped = np.setdiff1d(np.arange(n + 1), sel)
+    np.testing.assert_allclose(np.asarray(narrow[:, sel]), np.asarray(wide[:, sel]), atol=2e-5)
+    assert not np.asarray(narrow[:, dropped]).any() and np.asarray(wide[:, dropped]).any()
+    slots = np.asarray(pos0)[:, None] + sel[None]
+    rows = np.arange(3)[:, None]
+    for got, want in ((narrow_cache.k, wide_cache.k), (narrow_cache.v, wide_cache.v)):
+        np.testing.assert_allclose(np.asarray(got)[N:, rows, :, slots], np.asarray(want)[N:, rows, :, slots], atol=2e-5)
+
+
 def test_calibration_starts_at_one_and_follows_the_record():
     """The posterior ratio is 1 before any round and tends to accepted / predicted with more rounds."""
     assert float(tree.calibration(jnp.float32(0), jnp.float32(0))) == 1.0
@@ -202,7 +305,7 @@ def test_wider_trees_accept_more_than_chains(params):
     assert wide > chain
 
 
-def decode_state(params, ecfg, ep, prompts, max_new):
+def decode_state(params, ecfg, ep, prompts, max_new, ranks=None):
     req = decoding.make_request(CFG, prompts, max_new, slack=ecfg.block_len)
     segments = eesd.split_params(params, ecfg.exit_layer, ecfg.context_layer)
     tokens_bp, lens_b, max_new_b = (jnp.asarray(a) for a in (req.tokens_bp, req.prompt_lens_b, req.max_new_b))
@@ -211,6 +314,8 @@ def decode_state(params, ecfg, ep, prompts, max_new):
     state = eesd.eesd_init(
         CFG, ecfg, params, ep, cache, hiddens, logits, max_new_b, jax.random.key(0), greedy, (EOS,), req.max_new
     )
+    if ranks is not None:  # A given rank posterior (EESDState.tree_ranks).
+        state = state.replace(tree_ranks=ranks)
     return eesd.eesd_decode(CFG, ecfg, params, segments, ep, state, greedy, (EOS,), jnp.int32(1000))
 
 
@@ -260,6 +365,8 @@ def test_tree_masks_ancestors_only():
         (dict(tree=4, trace=True), "neither trace"),
         (dict(tree_stop=0.3), "needs a tree"),
         (dict(tree=8, tree_stop=-1.0), "tree_stop must be >= 0"),
+        (dict(tree_width_stop=0.3), "tree_width_stop must be >= 0 and needs a tree"),
+        (dict(tree=8, tree_width_stop=-1.0), "tree_width_stop must be >= 0"),
     ],
 )
 def test_bad_tree_config_is_refused(kwargs, match):
@@ -283,9 +390,12 @@ def s_params():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n_nodes,width,stop", [(4, 2, 0.0), (6, 3, 0.0), (6, 2, 0.3)])  # 0.3: 1 to 3 depths.
-def test_tree_sampling_has_ar_distribution(s_params, n_nodes, width, stop):
-    ecfg = eesd.EESDConfig(1, 4, FIXED, tree=n_nodes, tree_width=width, tree_stop=stop)
+# stop 0.3: 1 to 3 depths; width stop 0.4: 2 of 3 nodes per depth in the first round (the prior), then as the counts say.
+@pytest.mark.parametrize(
+    "n_nodes,width,stop,wstop", [(4, 2, 0.0, 0.0), (6, 3, 0.0, 0.0), (6, 2, 0.3, 0.0), (6, 3, 0.0, 0.4)]
+)
+def test_tree_sampling_has_ar_distribution(s_params, n_nodes, width, stop, wstop):
+    ecfg = eesd.EESDConfig(1, 4, FIXED, tree=n_nodes, tree_width=width, tree_stop=stop, tree_width_stop=wstop)
     counts = tree_counts(s_params, ecfg)
     p = sampling_tests.chi_square_p(counts, sampling_tests.exact_distribution(s_params, SC))
     assert p > sampling_tests.P_VALUE, p
