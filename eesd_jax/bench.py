@@ -378,6 +378,7 @@ def run(
         "controller": setup.ecfg.controller.kind,
         "tree": setup.ecfg.tree,
         "tree_stop": setup.ecfg.tree_stop,
+        "tree_width_stop": setup.ecfg.tree_width_stop,
         "n_prompts": len(prompts),
         "batch": batch,
         "max_new_tokens": max_new_tokens,

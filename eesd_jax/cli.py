@@ -83,11 +83,19 @@ class TextStreamer:
 
 
 def engine_from_args(session, args):
-    """engine.eesd_engine from --exit / --exit-layer / --max-draft / --controller / --tree / --tree-stop."""
+    """engine.eesd_engine from --exit / --exit-layer / --max-draft / --controller / --tree / --tree-stop /
+    --tree-width-stop."""
     from eesd_jax import engine
 
     return engine.eesd_engine(
-        session, args.exit, args.exit_layer, args.max_draft, args.controller, args.tree, args.tree_stop
+        session,
+        args.exit,
+        args.exit_layer,
+        args.max_draft,
+        args.controller,
+        args.tree,
+        args.tree_stop,
+        args.tree_width_stop,
     )
 
 

@@ -126,6 +126,15 @@ def add_eesd_args(p: argparse.ArgumentParser) -> None:
         "per row) reach G, so each round picks its depth; about a depth's cost in AR steps, e.g. 0.25 "
         "(experiments/round_costs.py); 0 = every depth every round (default)",
     )
+    g.add_argument(
+        "--tree-width-stop",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="with --tree: keep a depth's next-ranked node (up to 4) only while its expected accepted drafts, "
+        "from each row's record of which ranks the LLM accepts, reach G, so each round picks its width; "
+        "about a node's verification cost per depth in AR steps (costs.width_cost); 0 = 4 per depth (default)",
+    )
 
 
 def validate_eesd(args) -> None:
@@ -141,6 +150,8 @@ def validate_eesd(args) -> None:
         raise UsageError(f"--tree must be 0 or a positive multiple of {eesd.EESDConfig.tree_width}, got {args.tree}")
     if args.tree_stop < 0 or (args.tree_stop and not args.tree):
         raise UsageError(f"--tree-stop must be >= 0 and needs --tree, got {args.tree_stop}")
+    if args.tree_width_stop < 0 or (args.tree_width_stop and not args.tree):
+        raise UsageError(f"--tree-width-stop must be >= 0 and needs --tree, got {args.tree_width_stop}")
     if args.exit_layer is not None and args.exit_layer < 1:
         raise UsageError(f"--exit-layer must be >= 1, got {args.exit_layer}")
     validate_exit_file(args)

@@ -13,6 +13,8 @@ batches of W tokens and one verification of its 1 + d W nodes (a chain is W = 1)
 
     tree_round(W, d) ~= draft_step + d * draft_batch(W) + verify(T = 1 + d W)
 
+(with an adaptive width keeping w <= W nodes per depth, verify(T = 1 + d w): drafting still runs W).
+
 `ms` holds the parts in milliseconds as `bench.step_costs` names them ("ar_step", "exit_step",
 "lower_N{n}", "verify_N{n}_T{t}", and for W tokens at once "exit_step_W{w}", "lower_N{n}_W{w}");
 `measure` times them for an exit head of a given size.
@@ -58,10 +60,20 @@ def draft_batch_ms(ms: dict, n: int, width: int) -> float:
     return draft_ms(ms, n) if width == 1 else ms[f"lower_N{n}_W{width}"] + ms[f"exit_step_W{width}"]
 
 
-def tree_round_ms(ms: dict, n: int, width: int, depth: float) -> float:
+def tree_round_ms(ms: dict, n: int, width: int, depth: float, nodes: float | None = None) -> float:
     """A tree round growing `depth` depths of `width` nodes: the root's draft step, the depths' draft
     batches and one verification of 1 + depth x width tokens. A fractional depth (an adaptive
-    tree's mean) interpolates between the rounds of its two neighbouring depths."""
+    tree's mean) interpolates between the rounds of its two neighbouring depths.
+
+    nodes: the nodes verified per round where an adaptive width keeps fewer than depth x width (a
+    mean: the verification interpolates between its two neighbouring sizes)."""
+    if nodes is not None:
+        t = 1 + nodes
+        lo_t = int(t)
+        verify = ms[f"verify_N{n}_T{lo_t}"]
+        if t > lo_t:
+            verify += (t - lo_t) * (ms[f"verify_N{n}_T{lo_t + 1}"] - verify)
+        return draft_ms(ms, n) + depth * draft_batch_ms(ms, n, width) + verify
     lo = int(depth)
     if depth > lo:
         return (lo + 1 - depth) * tree_round_ms(ms, n, width, lo) + (depth - lo) * tree_round_ms(ms, n, width, lo + 1)
@@ -74,9 +86,18 @@ def depth_cost(ms: dict, n: int, width: int, depth: int) -> float:
     return (tree_round_ms(ms, n, width, depth) - tree_round_ms(ms, n, width, depth - 1)) / ms["ar_step"]
 
 
-def predicted_tree_speedup(ms: dict, n: int, width: int, depth: float, tau: float) -> float:
-    """AR time / EESD time per token for tree rounds of `depth` depths yielding tau tokens each."""
-    return tau * ms["ar_step"] / tree_round_ms(ms, n, width, depth)
+def width_cost(ms: dict, n: int, width: int, depth: int) -> float:
+    """AR steps that keeping the width-th node of each of `depth` depths adds to a tree round: `depth`
+    more verified tokens (drafting runs every depth's whole width anyway). The break-even expected
+    gain of that rank, a natural EESDConfig.tree_width_stop."""
+    grown, fewer = 1 + depth * width, 1 + depth * (width - 1)
+    return (ms[f"verify_N{n}_T{grown}"] - ms[f"verify_N{n}_T{fewer}"]) / ms["ar_step"]
+
+
+def predicted_tree_speedup(ms: dict, n: int, width: int, depth: float, tau: float, nodes: float | None = None) -> float:
+    """AR time / EESD time per token for tree rounds of `depth` depths (verifying `nodes`, see
+    tree_round_ms) yielding tau tokens each."""
+    return tau * ms["ar_step"] / tree_round_ms(ms, n, width, depth, nodes)
 
 
 def predicted_speedup(ms: dict, n: int, k: int, p: float) -> float:

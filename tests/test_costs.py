@@ -54,6 +54,22 @@ def test_a_fractional_depth_lies_between_its_neighbours():
     assert speed == pytest.approx(2.0 * MS["ar_step"] / mid)
 
 
+def test_a_narrower_round_verifies_fewer_tokens():
+    """With w of W nodes kept per depth the round drafts as the whole tree and verifies 1 + d w tokens;
+    each rank's width_cost is the d more verified tokens, and they sum to the whole width's."""
+    whole = costs.tree_round_ms(TREE_MS, 2, 4, 4)
+    assert costs.tree_round_ms(TREE_MS, 2, 4, 4, nodes=16) == pytest.approx(whole)
+    narrow = costs.tree_round_ms(TREE_MS, 2, 4, 4, nodes=8)
+    assert narrow == pytest.approx(whole - TREE_MS["verify_N2_T17"] + TREE_MS["verify_N2_T9"])
+    between = costs.tree_round_ms(TREE_MS, 2, 4, 4, nodes=8.5)
+    assert between == pytest.approx(narrow + 0.5 * (TREE_MS["verify_N2_T10"] - TREE_MS["verify_N2_T9"]))
+    ranks = [costs.width_cost(TREE_MS, 2, w, 4) for w in range(1, 5)]
+    assert ranks[1] * MS["ar_step"] == pytest.approx(TREE_MS["verify_N2_T9"] - TREE_MS["verify_N2_T5"])
+    assert sum(ranks) * MS["ar_step"] == pytest.approx(TREE_MS["verify_N2_T17"] - TREE_MS["verify_N2_T1"])
+    speed = costs.predicted_tree_speedup(TREE_MS, 2, 4, 4, 2.0, nodes=8)
+    assert speed == pytest.approx(2.0 * MS["ar_step"] / narrow)
+
+
 def test_step_costs_time_draft_batches_of_each_width():
     """bench.step_costs with widths: W-token draft parts beside the one-token ones, each a positive time."""
     params = model.init_params(CFG, jax.random.key(0))

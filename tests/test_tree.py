@@ -418,10 +418,10 @@ def test_tree_sampling_test_fails_without_the_residual(s_params, monkeypatch):
 def test_cli_tree_reaches_the_engine(params):
     session = engine.Session(types.SimpleNamespace(cfg=CFG, fingerprint="tiny"), params, None, 0.0)
     argv = ["generate", "--prompt", "hi", "--exit-layer", "1", "--tree", "8", "--tree-stop", "0.25"]
-    args = cli.build_parser().parse_args(argv)
+    args = cli.build_parser().parse_args([*argv, "--tree-width-stop", "0.125"])
     cli_args.validate_eesd(args)
     ecfg = cli.engine_from_args(session, args).ecfg
-    assert (ecfg.tree, ecfg.tree_stop) == (8, 0.25)
+    assert (ecfg.tree, ecfg.tree_stop, ecfg.tree_width_stop) == (8, 0.25, 0.125)
 
 
 @pytest.mark.parametrize(
@@ -431,6 +431,8 @@ def test_cli_tree_reaches_the_engine(params):
         (["--tree", "-4"], "--tree must be 0 or a positive multiple of 4"),
         (["--tree-stop", "0.3"], "--tree-stop must be >= 0 and needs --tree"),
         (["--tree", "8", "--tree-stop", "-1"], "--tree-stop must be >= 0"),
+        (["--tree-width-stop", "0.3"], "--tree-width-stop must be >= 0 and needs --tree"),
+        (["--tree", "8", "--tree-width-stop", "-1"], "--tree-width-stop must be >= 0"),
     ],
 )
 def test_cli_refuses_a_bad_tree_before_loading(monkeypatch, capsys, bad, match):
