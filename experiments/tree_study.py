@@ -2,8 +2,10 @@
 
 Modes: AR, the chain (shipped defaults), trees of a fixed depth and trees whose depth is chosen
 per round (EESDConfig.tree_stop; "auto": the measured cost of a tree's second depth in AR steps,
-costs.depth_cost). Each mode's speedup is also predicted by the round-cost model (costs.py) from
-its measured tau and mean depth and the parts' times measured first in the same process.
+costs.depth_cost) or whose width is (EESDConfig.tree_width_stop; "auto": the measured cost of a
+depth's second-ranked nodes, costs.width_cost). Each mode's speedup is also predicted by the
+round-cost model (costs.py) from its measured tau, mean depth (mean verified nodes with an adaptive
+width) and the parts' times measured first in the same process.
 
 Every mode decodes the same held-out prompts greedily in one process, interleaved prompt by
 prompt (AR, the chain, then each tree), after a warm-up that compiles every shape; speedups
@@ -11,7 +13,7 @@ are ratios of those same-process timings (the CPU is shared, so absolute tok/s a
 ratios measured side by side are what to read). Outputs are checked identical to AR.
 
   python experiments/tree_study.py                                   # default trees, 4 prompts x 64 tokens
-  python experiments/tree_study.py --trees 4x1 8x2 16x4@auto --n 2   # NODESxWIDTH[@STOP]
+  python experiments/tree_study.py --trees 4x1 8x2 16x4@auto --n 2   # NODESxWIDTH[@STOP][/WIDTH_STOP]
   python experiments/tree_study.py --render                          # replot from the JSON
 """
 
@@ -28,25 +30,31 @@ import jax.numpy as jnp
 from eesd_jax import control, costs, eesd, engine, exits, generate, loading, model, prompts, shipped
 
 OUT = pathlib.Path(__file__).parent / "results" / "trees" / "study.json"
-TREES = ("4x4", "8x4", "16x4", "16x4@auto", "16x4@0.5")  # Node budget x nodes per depth [@ tree_stop].
+# Node budget x nodes per depth [@ tree_stop] [/ tree_width_stop].
+TREES = ("4x4", "8x4", "16x4", "16x4@auto", "16x4@0.5", "16x4/auto")
 
 
-def parse_tree(spec: str) -> tuple[int, int, str]:
-    """ "NODESxWIDTH[@STOP]" -> (nodes, width, stop: "" fixed depth, "auto" or a number)."""
+def parse_tree(spec: str) -> tuple[int, int, str, str]:
+    """ "NODESxWIDTH[@STOP][/WIDTH_STOP]" -> (nodes, width, stop, width stop: each "" fixed, "auto" or a number)."""
+    spec, _, wstop = spec.partition("/")
     shape, _, stop = spec.partition("@")
     n, w = (int(a) for a in shape.split("x"))
-    if stop not in ("", "auto"):
-        float(stop)
-    return n, w, stop
+    for g in (stop, wstop):
+        if g not in ("", "auto"):
+            float(g)
+    return n, w, stop, wstop
 
 
 def modes(ecfg: eesd.EESDConfig, trees, ms: dict) -> dict[str, eesd.EESDConfig | None]:
     """name -> EESD config (None: AR); the chain is the shipped default (controller, K)."""
     out = {"ar": None, "chain": ecfg}
     for spec in trees:
-        n, w, stop = parse_tree(spec)
+        n, w, stop, wstop = parse_tree(spec)
         stop = costs.depth_cost(ms, ecfg.exit_layer, w, 2) if stop == "auto" else float(stop or 0)
-        out[f"tree {spec}"] = dataclasses.replace(ecfg, tree=n, tree_width=w, tree_stop=round(stop, 3))
+        wstop = costs.width_cost(ms, ecfg.exit_layer, 2, n // w) if wstop == "auto" else float(wstop or 0)
+        out[f"tree {spec}"] = dataclasses.replace(
+            ecfg, tree=n, tree_width=w, tree_stop=round(stop, 3), tree_width_stop=round(wstop, 3)
+        )
     return out
 
 
@@ -55,8 +63,8 @@ def cost_parts(cfg, params, exit_cfg, configs_trees, max_draft: int, repeats: in
     widths = sorted({parse_tree(s)[1] for s in configs_trees} - {1})
     tokens = set(range(1, max_draft + 2))
     for spec in configs_trees:
-        n, w, _ = parse_tree(spec)
-        tokens |= {1 + d * w for d in range(n // w + 1)}
+        n, w, _, wstop = parse_tree(spec)
+        tokens |= set(range(1, n + 2)) if wstop else {1 + d * w for d in range(n // w + 1)}
     N = exit_cfg.layer
     return costs.measure(cfg, params, [N], sorted(tokens), exit_cfg.draft_vocab, 512, repeats, min, widths)
 
@@ -70,15 +78,15 @@ def render(report: dict, path: pathlib.Path) -> None:
     rows = [r for r in report["rows"] if r["mode"].startswith("tree")]
     chain = next(r for r in report["rows"] if r["mode"] == "chain")
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
-    fixed = [r for r in rows if not r.get("tree_stop")]
+    fixed = [r for r in rows if not r.get("tree_stop") and not r.get("tree_width_stop")]
     for w in sorted({r["width"] for r in fixed}):
         sel = sorted((r for r in fixed if r["width"] == w), key=lambda r: r["nodes"])
         a.plot([r["nodes"] for r in sel], [r["tau"] for r in sel], "o-", label=f"{w} per depth")
         b.plot([r["nodes"] for r in sel], [r["speedup_vs_ar"] for r in sel], "o-", label=f"{w} per depth")
         b.plot([r["nodes"] for r in sel], [r["predicted_speedup_vs_ar"] for r in sel], "x:", label="cost model")
-    adaptive = [r for r in rows if r.get("tree_stop")]
-    for r, color in zip(adaptive, ("C3", "C4", "C5", "C6")):  # Adaptive depth: at its mean nodes per round.
-        label = f"{r['mode']} (stop {r['tree_stop']}; mean nodes)"
+    adaptive = [r for r in rows if r.get("tree_stop") or r.get("tree_width_stop")]
+    for r, color in zip(adaptive, ("C3", "C4", "C5", "C6", "C7")):  # Adaptive depth/width: at its mean nodes.
+        label = f"{r['mode']} (stop {r['tree_stop']}, width stop {r.get('tree_width_stop', 0)}; mean nodes)"
         a.plot([r["mean_nodes"]], [r["tau"]], "*", ms=12, color=color, label=label)
         b.plot([r["mean_nodes"]], [r["speedup_vs_ar"]], "*", ms=12, color=color, label=label)
     a.axhline(chain["tau"], color="k", ls="--", label="chain (shipped default)")
@@ -96,7 +104,7 @@ def main() -> None:
     ap.add_argument("--prompts", default="chat,humaneval", help="comma-separated prompt sets (held-out split)")
     ap.add_argument("--n", type=int, default=2, help="prompts per set")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--trees", nargs="+", default=list(TREES), metavar="NODESxWIDTH[@STOP]")
+    ap.add_argument("--trees", nargs="+", default=list(TREES), metavar="NODESxWIDTH[@STOP][/WIDTH_STOP]")
     ap.add_argument("--repeats", type=int, default=7, help="of each cost-model part (their min is kept)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--render", action="store_true", help="only replot --out")
@@ -148,18 +156,25 @@ def main() -> None:
             stats = {k: sum(sum(g.stats["per_row"][k]) for g in gs) for k in ("rounds", "drafted", "accepted")}
             tau = (stats["accepted"] + stats["rounds"]) / stats["rounds"]
             width = ecfg.tree_width if ecfg.tree else 1
-            depth = stats["drafted"] / stats["rounds"] / width  # A chain: its mean drafts, one per depth.
+            mean_nodes = stats["drafted"] / stats["rounds"]  # Verified (kept) nodes per round.
+            depth = mean_nodes / width  # A chain: its mean drafts, one per depth.
+            nodes = None
+            if ecfg.tree_width_stop:  # Then a fixed depth (with tree_stop too the mean depth is not recorded).
+                depth, nodes = ecfg.tree // width, mean_nodes
             row.update(
                 nodes=ecfg.tree,
                 width=ecfg.tree_width if ecfg.tree else None,
                 tree_stop=ecfg.tree_stop,
-                mean_nodes=round(stats["drafted"] / stats["rounds"], 2),
+                tree_width_stop=ecfg.tree_width_stop,
+                mean_nodes=round(mean_nodes, 2),
                 tau=round(tau, 3),
                 identical_to_ar=[g.tokens for g in gs] == [g.tokens for g in gens["ar"]],
             )
             row["speedup_vs_ar"] = round(row["tokens_per_second"] / rows[0]["tokens_per_second"], 3)
-            predicted = costs.predicted_tree_speedup(ms, ecfg.exit_layer, width, depth, tau)
-            row["predicted_speedup_vs_ar"] = round(predicted, 3)
+            predicted = None
+            if not (ecfg.tree_stop and ecfg.tree_width_stop):
+                predicted = round(costs.predicted_tree_speedup(ms, ecfg.exit_layer, width, depth, tau, nodes), 3)
+            row["predicted_speedup_vs_ar"] = predicted
             if name != "chain":
                 row["speedup_vs_chain"] = round(row["tokens_per_second"] / rows[1]["tokens_per_second"], 3)
         rows.append(row)
