@@ -84,9 +84,8 @@ def test_adaptive_depth_varies_per_round(params, ar_outputs):
     assert 4 < out.stats["mean_draft_length"] < 16, out.stats
 
 
-def test_adaptive_tree_is_a_prefix_of_the_whole_tree(params):
-    """tree.draft with a stop grows the whole tree's first depths (same nodes), fewer as the stop rises."""
-    N, W, n = 2, 4, 16
+def first_round_state(params, N: int, n: int):
+    """(state after prefill of 3 prompts, segments, exit params) for tree.draft at exit layer N, n nodes."""
     ep = perturbed_exit(params, exits.ExitConfig(N, own_head=True))
     req = decoding.make_request(CFG, make_prompts(3), 8, slack=n + 1)
     segments = eesd.split_params(params, N)
@@ -94,19 +93,16 @@ def test_adaptive_tree_is_a_prefix_of_the_whole_tree(params):
         CFG, params, *(jnp.asarray(a) for a in (req.tokens_bp, req.prompt_lens_b)), req.cache_len, segments
     )
     state = eesd.eesd_init(
-        CFG,
-        eesd.EESDConfig(N, 4, FIXED),
-        params,
-        ep,
-        cache,
-        hiddens,
-        jnp.zeros((3, CFG.vocab_size)),
-        jnp.asarray(req.max_new_b),
-        jax.random.key(0),
-        SamplingConfig(),
-        (EOS,),
-        req.max_new,
-    )
+        CFG, eesd.EESDConfig(N, 4, FIXED), params, ep, cache, hiddens, jnp.zeros((3, CFG.vocab_size)),
+        jnp.asarray(req.max_new_b), jax.random.key(0), SamplingConfig(), (EOS,), req.max_new,
+    )  # fmt: skip
+    return state, segments, ep
+
+
+def test_adaptive_tree_is_a_prefix_of_the_whole_tree(params):
+    """tree.draft with a stop grows the whole tree's first depths (same nodes), fewer as the stop rises."""
+    N, W, n = 2, 4, 16
+    state, segments, ep = first_round_state(params, N, n)
 
     def grow(stop):
         ecfg = eesd.EESDConfig(N, 4, FIXED, tree=n, tree_width=W, tree_stop=stop)
@@ -202,16 +198,7 @@ def test_a_narrow_round_verifies_only_its_kept_nodes(params):
     logits and keys the whole tree's verification gives; the other nodes get none."""
     N, W, n, w = 2, 4, 8, 2
     ecfg = eesd.EESDConfig(N, 4, FIXED, tree=n, tree_width=W, tree_width_stop=0.3)
-    ep = perturbed_exit(params, exits.ExitConfig(N, own_head=True))
-    req = decoding.make_request(CFG, make_prompts(3), 8, slack=n + 1)
-    segments = eesd.split_params(params, N)
-    cache, _, hiddens = decoding.prefill(
-        CFG, params, *(jnp.asarray(a) for a in (req.tokens_bp, req.prompt_lens_b)), req.cache_len, segments
-    )
-    state = eesd.eesd_init(
-        CFG, ecfg, params, ep, cache, hiddens, jnp.zeros((3, CFG.vocab_size)), jnp.asarray(req.max_new_b),
-        jax.random.key(0), SamplingConfig(), (EOS,), req.max_new,
-    )  # fmt: skip
+    state, segments, ep = first_round_state(params, N, n)
     pos0 = state.cache.lengths
     # Drafted for w: the kept nodes' parents are kept (a whole tree's verification gives the same).
     t, n_depth, _ = tree.draft(
