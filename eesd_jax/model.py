@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eesd_jax import cpu_kernel
-from eesd_jax.kv_cache import KVCache, init_cache
+from eesd_jax.kv_cache import KVCache, init_cache, set_slots
 
 Params = dict[str, Any]
 
@@ -276,8 +276,8 @@ def block(
     rows_bt = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
     slots_bt = positions_bt if slots_bt is None else slots_bt
     # The slice between the indices puts the indexed [B, T] dims first: the update is [B, T, K, E].
-    k_lbkse = k_lbkse.at[layer_idx, rows_bt, :, slots_bt].set(k_btke.astype(k_lbkse.dtype), mode="drop")
-    v_lbkse = v_lbkse.at[layer_idx, rows_bt, :, slots_bt].set(v_btke.astype(v_lbkse.dtype), mode="drop")
+    k_lbkse = set_slots(k_lbkse, (layer_idx, rows_bt, slice(None), slots_bt), k_btke)
+    v_lbkse = set_slots(v_lbkse, (layer_idx, rows_bt, slice(None), slots_bt), v_btke)
     k_bkse, v_bkse = k_lbkse[layer_idx], v_lbkse[layer_idx]
     if visible_bts is None:
         visible_bts = jnp.arange(k_bkse.shape[2])[None, None, :] <= positions_bt[:, :, None]
@@ -477,10 +477,7 @@ def write_layers(
     layer_n11 = jnp.arange(first_layer, first_layer + n)[:, None, None]
     rows_1b1 = jnp.arange(positions_bt.shape[0])[None, :, None]
     index = (layer_n11, rows_1b1, slice(None), positions_bt[None])  # The update: [n, B, T, K, E].
-    return cache.replace(
-        k=cache.k.at[index].set(k_nbtke.astype(cache.k.dtype), mode="drop"),
-        v=cache.v.at[index].set(v_nbtke.astype(cache.v.dtype), mode="drop"),
-    )
+    return cache.replace(k=set_slots(cache.k, index, k_nbtke), v=set_slots(cache.v, index, v_nbtke))
 
 
 def _over_layers(layers: Layers, first_layer: int, cache: KVCache, step, carry):
