@@ -1,0 +1,255 @@
+// Attention of a few query rows (decode / verify / draft shapes) over one layer of the stacked
+// KV cache and, in a verification, the block's own new keys/values, with one softmax, on x86
+// CPUs with AVX2 + FMA; float32 or bfloat16 keys/values, float32 arithmetic and outputs.
+//
+// Why: XLA copies the layer out of the stacked cache for its dots (a copy per layer and step),
+// its batched dots read every slot, visible or not, and its bfloat16 dots are slow on CPU. Here
+// the cache is read in place, and only the slots a row sees.
+//
+// Contract (what the tests hold): out[b, t, h] depends only on q[b, t, h] and the keys/values
+// of the slots that row sees, taken in order (cache slots ascending, then new tokens
+// ascending), through the same arithmetic whatever B, T or the threads: each score one 8-lane
+// FMA chain over E and a fixed horizontal sum; the max; exp lane by lane; the sum and the
+// weighted values accumulated over the visible list in order. A query sees the same list in an
+// AR step (all its slots in the cache) and in a verification (the earlier ones in the cache,
+// the block's own new), so AR and EESD round identically. One row never spans threads.
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernel_common.h"
+
+namespace eesd {
+namespace {
+
+using avx2::kLanes;
+using avx2::Vec;
+using avx2::vfma;
+using avx2::vhsum;
+using avx2::vload;
+using avx2::vzero;
+
+// exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n).
+EESD_AVX2 inline Vec vexp(Vec x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));  // Below: 2^n is no longer a normal float.
+  Vec n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  Vec r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  Vec y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+}
+
+// The operands of one call. Cache layer: [B, K, S, E] at `layer` of [L, B, K, S, E]; new: [B, Tn, K, E].
+template <typename W>
+struct Operands {
+  const float* q;                // [B, T, H, E]
+  const W *k_cache, *v_cache;    // the layer's [B, K, S, E]
+  const bool* visible;           // [B, T, S]
+  const W *k_new, *v_new;        // [B, Tn, K, E]; Tn = 0 when there are none
+  const bool* visible_new;       // [B, T, Tn]
+  float* out;                    // [B, T, H, E]
+  int64_t B, T, H, K, S, E, Tn;
+  float scale;
+};
+
+// Per-thread scratch: the visible keys and values of a row, its scores and probabilities.
+template <typename W>
+struct Scratch {
+  std::vector<const W*> keys, values;
+  std::vector<float> p;
+};
+
+// The E / 8 (<= 8) output vectors of columns [c0, c0 + 8 * NC) of one row: sum_i p_i v_i in order.
+template <int NC, typename W>
+EESD_AVX2 void weighted_values(const float* p, const W* const* values, int64_t n, int64_t c0, float* out) {
+  Vec acc[NC];
+  for (int c = 0; c < NC; ++c) acc[c] = vzero();
+  for (int64_t i = 0; i < n; ++i) {
+    const Vec pi = _mm256_broadcast_ss(p + i);
+    const W* v = values[i] + c0;
+    for (int c = 0; c < NC; ++c) acc[c] = vfma(pi, vload(v + c * kLanes), acc[c]);
+  }
+  for (int c = 0; c < NC; ++c) _mm256_storeu_ps(out + c0 + c * kLanes, acc[c]);
+}
+
+template <typename W>
+EESD_AVX2 void attend_row(const Operands<W>& a, int64_t b, int64_t t, int64_t h, Scratch<W>& sc) {
+  const int64_t E = a.E, kh = h / (a.H / a.K), bt = b * a.T + t;
+  // The visible keys/values, in order: the cache layer's slots, then the block's own.
+  sc.keys.clear();
+  sc.values.clear();
+  const int64_t head = (b * a.K + kh) * a.S * E;
+  const bool* vis = a.visible + bt * a.S;
+  for (int64_t s = 0; s < a.S; ++s)
+    if (vis[s]) sc.keys.push_back(a.k_cache + head + s * E), sc.values.push_back(a.v_cache + head + s * E);
+  const bool* vis_new = a.visible_new + bt * a.Tn;
+  for (int64_t u = 0; u < a.Tn; ++u)
+    if (vis_new[u]) {
+      const int64_t at = ((b * a.Tn + u) * a.K + kh) * E;
+      sc.keys.push_back(a.k_new + at), sc.values.push_back(a.v_new + at);
+    }
+  // Nothing visible: XLA's masked softmax is uniform over every slot (all scores the minimum).
+  const bool none = sc.keys.empty();
+  if (none) {
+    for (int64_t s = 0; s < a.S; ++s) sc.values.push_back(a.v_cache + head + s * E);
+    for (int64_t u = 0; u < a.Tn; ++u) sc.values.push_back(a.v_new + ((b * a.Tn + u) * a.K + kh) * E);
+  }
+  const int64_t n = sc.values.size(), padded = (n + kLanes - 1) / kLanes * kLanes;
+  sc.p.assign(padded, 0.0f);
+  float* p = sc.p.data();
+  const float* q = a.q + (bt * a.H + h) * E;
+  if (!none) {
+    // Scores, four keys at a time (independent FMA chains); each key's arithmetic is its own.
+    const W* const* keys = sc.keys.data();
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      Vec s0 = vzero(), s1 = vzero(), s2 = vzero(), s3 = vzero();
+      for (int64_t e = 0; e < E; e += kLanes) {
+        const Vec qe = vload(q + e);
+        s0 = vfma(qe, vload(keys[i] + e), s0);
+        s1 = vfma(qe, vload(keys[i + 1] + e), s1);
+        s2 = vfma(qe, vload(keys[i + 2] + e), s2);
+        s3 = vfma(qe, vload(keys[i + 3] + e), s3);
+      }
+      p[i] = vhsum(s0) * a.scale, p[i + 1] = vhsum(s1) * a.scale;
+      p[i + 2] = vhsum(s2) * a.scale, p[i + 3] = vhsum(s3) * a.scale;
+    }
+    for (; i < n; ++i) {
+      Vec s0 = vzero();
+      for (int64_t e = 0; e < E; e += kLanes) s0 = vfma(vload(q + e), vload(keys[i] + e), s0);
+      p[i] = vhsum(s0) * a.scale;
+    }
+  }
+  // Softmax: the max (exact in any order), exp lane by lane, the sum over the list in 8 lanes.
+  Vec m8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) m8 = _mm256_max_ps(m8, vload(p + i));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  float top = std::max(_mm_cvtss_f32(m4), _mm_cvtss_f32(_mm_movehdup_ps(m4)));
+  for (; i < n; ++i) top = std::max(top, p[i]);
+  const Vec m = _mm256_set1_ps(top);
+  Vec sum8 = vzero();
+  for (i = 0; i < padded; i += kLanes) {
+    Vec e = vexp(_mm256_sub_ps(vload(p + i), m));
+    if (i + kLanes > n) {  // The padding lanes count nothing.
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - i), lane)));
+    }
+    _mm256_storeu_ps(p + i, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  const Vec sum = _mm256_set1_ps(vhsum(sum8));
+  for (i = 0; i < padded; i += kLanes) _mm256_storeu_ps(p + i, _mm256_div_ps(vload(p + i), sum));
+  // The weighted values, 64 columns at a time (their accumulators in registers).
+  float* out = a.out + (bt * a.H + h) * E;
+  const W* const* values = sc.values.data();
+  int64_t c0 = 0;
+  for (; c0 + 8 * kLanes <= E; c0 += 8 * kLanes) weighted_values<8>(p, values, n, c0, out);
+  switch ((E - c0) / kLanes) {
+    case 1: weighted_values<1>(p, values, n, c0, out); break;
+    case 2: weighted_values<2>(p, values, n, c0, out); break;
+    case 3: weighted_values<3>(p, values, n, c0, out); break;
+    case 4: weighted_values<4>(p, values, n, c0, out); break;
+    case 5: weighted_values<5>(p, values, n, c0, out); break;
+    case 6: weighted_values<6>(p, values, n, c0, out); break;
+    case 7: weighted_values<7>(p, values, n, c0, out); break;
+    default: break;
+  }
+}
+
+// Visible (row, key) pairs below which a call runs on the calling thread alone: the pool's
+// dispatch would cost more than the work (about a microsecond per 500 pairs of E = 64).
+constexpr int64_t kInlinePairs = 2048;
+
+template <typename W>
+void attend(ffi::ThreadPool& pool, const Operands<W>& a) {
+  int64_t pairs = 0;
+  for (int64_t i = 0; i < a.B * a.T * a.S; ++i) pairs += a.visible[i];
+  for (int64_t i = 0; i < a.B * a.T * a.Tn; ++i) pairs += a.visible_new[i];
+  const int64_t rows = a.B * a.T * a.H;
+  const int64_t helpers = pairs * a.H < kInlinePairs ? 0 : std::min<int64_t>(pool.num_threads(), rows) - 1;
+  // Rows ordered (b, h, t): neighbours share a kv head, so its keys/values are read once.
+  parallel_for(pool, rows, std::max<int64_t>(helpers, 0), [&a](int64_t r) {
+    thread_local Scratch<W> sc;
+    const int64_t t = r % a.T, h = (r / a.T) % a.H, b = r / (a.T * a.H);
+    attend_row(a, b, t, h, sc);
+  });
+}
+
+template <typename W>
+ffi::Error run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::AnyBuffer& k, ffi::AnyBuffer& v, int64_t layer,
+               ffi::Buffer<ffi::PRED>& visible, ffi::AnyBuffer& k_new, ffi::AnyBuffer& v_new,
+               ffi::Buffer<ffi::PRED>& visible_new, ffi::Result<ffi::Buffer<ffi::F32>>& out) {
+  const auto qd = q.dimensions(), cd = k.dimensions(), nd = k_new.dimensions();
+  Operands<W> a;
+  a.B = qd[0], a.T = qd[1], a.H = qd[2], a.E = qd[3], a.K = cd[2], a.S = cd[3], a.Tn = nd[1];
+  const int64_t layer_size = a.B * a.K * a.S * a.E;
+  a.q = q.typed_data();
+  a.k_cache = static_cast<const W*>(k.untyped_data()) + layer * layer_size;
+  a.v_cache = static_cast<const W*>(v.untyped_data()) + layer * layer_size;
+  a.visible = visible.typed_data();
+  a.k_new = static_cast<const W*>(k_new.untyped_data());
+  a.v_new = static_cast<const W*>(v_new.untyped_data());
+  a.visible_new = visible_new.typed_data();
+  a.out = out->typed_data();
+  a.scale = static_cast<float>(std::pow(static_cast<double>(a.E), -0.5));  // As Python's E**-0.5.
+  attend(pool, a);
+  return ffi::Error::Success();
+}
+
+template <typename Dims>
+bool same(const Dims& a, std::initializer_list<int64_t> b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+// out[B, T, H, E] = softmax over the visible slots of layer `layer` of k/v [L, B, K, S, E]
+// (visible [B, T, S]) and of k_new/v_new [B, Tn, K, E] (visible_new [B, T, Tn]; Tn may be 0).
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                     ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::PRED> visible, ffi::AnyBuffer k_new,
+                     ffi::AnyBuffer v_new, ffi::Buffer<ffi::PRED> visible_new,
+                     ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  if (!cpu_supported()) return ffi::Error(ffi::ErrorCode::kUnimplemented, "eesd attention: CPU lacks AVX2/FMA");
+  const auto qd = q.dimensions(), cd = k.dimensions(), nd = k_new.dimensions();
+  if (qd.size() != 4 || cd.size() != 5 || nd.size() != 4)
+    return ffi::Error::InvalidArgument("eesd attention: want q[B, T, H, E], k/v[L, B, K, S, E], k/v_new[B, Tn, K, E]");
+  const int64_t B = qd[0], T = qd[1], H = qd[2], E = qd[3], L = cd[0], K = cd[2], S = cd[3], Tn = nd[1];
+  if (cd[1] != B || cd[4] != E || K < 1 || H % K || E % kLanes || !same(v.dimensions(), {L, B, K, S, E}) ||
+      !same(nd, {B, Tn, K, E}) || !same(v_new.dimensions(), {B, Tn, K, E}) || !same(visible.dimensions(), {B, T, S}) ||
+      !same(visible_new.dimensions(), {B, T, Tn}) || !same(out->dimensions(), {B, T, H, E}) ||
+      layer.element_count() != 1)
+    return ffi::Error::InvalidArgument("eesd attention: operand shapes disagree (H a multiple of K, E of 8)");
+  const auto dtype = k.element_type();
+  if (v.element_type() != dtype || k_new.element_type() != dtype || v_new.element_type() != dtype)
+    return ffi::Error::InvalidArgument("eesd attention: keys and values share one dtype");
+  const int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= L) return ffi::Error::InvalidArgument("eesd attention: layer index outside the cache");
+  if (dtype == ffi::DataType::F32) return run<float>(pool, q, k, v, l, visible, k_new, v_new, visible_new, out);
+  if (dtype == ffi::DataType::BF16) return run<uint16_t>(pool, q, k, v, l, visible, k_new, v_new, visible_new, out);
+  return ffi::Error::InvalidArgument("eesd attention: keys/values must be float32 or bfloat16");
+}
+
+}  // namespace
+}  // namespace eesd
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EesdAttention, eesd::Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::AnyBuffer>()          // k cache
+                                  .Arg<ffi::AnyBuffer>()          // v cache
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // visible
+                                  .Arg<ffi::AnyBuffer>()          // k new
+                                  .Arg<ffi::AnyBuffer>()          // v new
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // visible new
+                                  .Ret<ffi::Buffer<ffi::F32>>());
