@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 TARGET = "eesd_small_matmul"
 ATTENTION_TARGET = "eesd_attention"
+WRITE_TARGET = "eesd_write_slots"
 LIBRARY = "_small_matmul"  # setup.py's extension eesd_jax._small_matmul.
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16)
 
@@ -58,6 +59,7 @@ def load(path: pathlib.Path | None) -> str | None:
         return "this CPU lacks AVX2/FMA"
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.EesdSmallMatmul), platform="cpu")
     jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.EesdAttention), platform="cpu")
+    jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(lib.EesdWriteSlots), platform="cpu")
     return None
 
 
@@ -102,12 +104,17 @@ def attention_applies(q_bthe: jax.Array, k_lbkse: jax.Array) -> bool:
     return k_lbkse.dtype in WEIGHT_DTYPES and E % 8 == 0 and H % K == 0 and _runs_here(B * T)
 
 
-def _runs_here(rows: int) -> bool:
-    """A small block on one CPU device without a mesh, the kernel loaded and not turned off."""
+def write_applies(cache_lbkse: jax.Array) -> bool:
+    """Whether `write_slots` writes this cache: bfloat16 (XLA:CPU scatters it through float32)."""
+    return cache_lbkse.dtype == jnp.bfloat16 and cache_lbkse.ndim == 5 and _runs_here(None)
+
+
+def _runs_here(rows: int | None) -> bool:
+    """A small block (any size for rows=None) on one CPU device without a mesh, the kernel loaded and not off."""
     from eesd_jax import model  # The threshold lives with dense(); model imports this module.
 
     return (
-        1 <= rows <= model.SMALL_BLOCK
+        (rows is None or 1 <= rows <= model.SMALL_BLOCK)
         and enabled()
         and jax.default_backend() == "cpu"
         and jax.device_count() == 1
@@ -158,3 +165,14 @@ def _matmul_many_jvp(primals, tangents):
     (x, ws), (dx, dws) = primals, tangents
     dot = lambda a, b: jnp.einsum("nd,od->no", a, b, preferred_element_type=jnp.float32)
     return matmul_many(x, ws), tuple(dot(dx, w) + dot(x, dw) for w, dw in zip(ws, dws, strict=True))
+
+
+def write_slots(cache_lbkse, layer, rows, slots, update) -> jax.Array:
+    """cache.at[layer, rows, :, slots].set(update, mode="drop") written in place (the output aliases the
+    cache): the indices broadcast together, update [*their shape, K, E] in the cache's dtype."""
+    L, B, K, S, E = cache_lbkse.shape
+    index = [i.astype(jnp.int32).reshape(-1) for i in jnp.broadcast_arrays(layer, rows, slots)]
+    update = update.astype(cache_lbkse.dtype).reshape(-1, K, E)
+    out = jax.ShapeDtypeStruct(cache_lbkse.shape, cache_lbkse.dtype)
+    call = jax.ffi.ffi_call(WRITE_TARGET, out, input_output_aliases={0: 0}, vmap_method="sequential")
+    return call(cache_lbkse, *index, update)

@@ -253,3 +253,51 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EesdAttention, eesd::Attention,
                                   .Arg<ffi::AnyBuffer>()          // v new
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // visible new
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// The KV-cache write for a bfloat16 cache: XLA:CPU scatters bfloat16 through float32, converting
+// the whole cache there and back on every write; here only the written slots are touched.
+namespace eesd {
+namespace {
+
+// The index in [0, n) that jnp's scatter (mode="drop") writes, or -1 when it drops it.
+int64_t in_range(int64_t i, int64_t n) {
+  if (i < 0) i += n;
+  return i >= 0 && i < n ? i : -1;
+}
+
+// out = cache with out[layer[i], row[i], :, slot[i]] = update[i] for each i (update [N, K, E]); out
+// aliases the cache (written in place), indices outside the cache are dropped.
+ffi::Error WriteSlots(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> row,
+                      ffi::Buffer<ffi::S32> slot, ffi::AnyBuffer update, ffi::Result<ffi::AnyBuffer> out) {
+  const auto cd = cache.dimensions(), ud = update.dimensions();
+  const int64_t N = layer.element_count();
+  if (cd.size() != 5 || ud.size() != 3 || row.element_count() != N || slot.element_count() != N || ud[0] != N ||
+      ud[1] != cd[2] || ud[2] != cd[4] || update.element_type() != cache.element_type() ||
+      out->element_type() != cache.element_type() || out->size_bytes() != cache.size_bytes())
+    return ffi::Error::InvalidArgument("eesd write_slots: want cache[L, B, K, S, E], N indices and update[N, K, E]");
+  const int64_t L = cd[0], B = cd[1], K = cd[2], S = cd[3], E = cd[4];
+  const int64_t row_bytes = E * (update.size_bytes() / std::max<int64_t>(update.element_count(), 1));
+  char* dst = static_cast<char*>(out->untyped_data());
+  if (dst != cache.untyped_data()) std::memcpy(dst, cache.untyped_data(), cache.size_bytes());
+  const char* src = static_cast<const char*>(update.untyped_data());
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t l = in_range(layer.typed_data()[i], L), b = in_range(row.typed_data()[i], B);
+    const int64_t s = in_range(slot.typed_data()[i], S);
+    if (l < 0 || b < 0 || s < 0) continue;
+    for (int64_t k = 0; k < K; ++k)
+      std::memcpy(dst + (((l * B + b) * K + k) * S + s) * row_bytes, src + (i * K + k) * row_bytes, row_bytes);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace eesd
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EesdWriteSlots, eesd::WriteSlots,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()         // cache
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // row
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slot
+                                  .Arg<ffi::AnyBuffer>()         // update
+                                  .Ret<ffi::AnyBuffer>());
