@@ -529,6 +529,10 @@ def write_slots(cache_lbkse: jax.Array, layer, rows, slots, update: jax.Array) -
     update = update.astype(cache_lbkse.dtype)
     if cpu_kernel.write_applies(cache_lbkse):
         return _write_on_kernel(cache_lbkse, layer, rows, slots, update)
+    return _write_xla(cache_lbkse, layer, rows, slots, update)
+
+
+def _write_xla(cache_lbkse, layer, rows, slots, update):
     return cache_lbkse.at[layer, rows, :, slots].set(update, mode="drop")
 
 
@@ -539,11 +543,8 @@ def _write_on_kernel(cache_lbkse, layer, rows, slots, update):
 
 @_write_on_kernel.defjvp
 def _write_on_kernel_jvp(primals, tangents):
-    """The write is linear in the cache and the update: their tangents are written alike (training runs an
-    exit over a fresh cache)."""
-    cache, layer, rows, slots, update = primals
-    d_cache, d_update = tangents[0], tangents[4]
-    return _write_on_kernel(*primals), d_cache.at[layer, rows, :, slots].set(d_update, mode="drop")
+    """Tangents through XLA's scatter (training runs an exit over a fresh cache)."""
+    return _write_on_kernel(*primals), jax.jvp(_write_xla, primals, tangents)[1]
 
 
 def _over_layers(layers: Layers, first_layer: int, cache: KVCache, step, carry):
