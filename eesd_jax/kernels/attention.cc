@@ -61,75 +61,46 @@ struct Operands {
   float scale;
 };
 
-// Per-thread scratch: the visible keys and values of a row, its scores and probabilities.
+// Per-thread scratch: the keys and values a unit's heads see, their scores and probabilities.
 template <typename W>
 struct Scratch {
   std::vector<const W*> keys, values;
-  std::vector<float> p;
+  std::vector<float> p;  // [heads][padded]
 };
 
-// The E / 8 (<= 8) output vectors of columns [c0, c0 + 8 * NC) of one row: sum_i p_i v_i in order.
-template <int NC, typename W>
-EESD_AVX2 void weighted_values(const float* p, const W* const* values, int64_t n, int64_t c0, float* out) {
-  Vec acc[NC];
-  for (int c = 0; c < NC; ++c) acc[c] = vzero();
-  for (int64_t i = 0; i < n; ++i) {
-    const Vec pi = _mm256_broadcast_ss(p + i);
-    const W* v = values[i] + c0;
-    for (int c = 0; c < NC; ++c) acc[c] = vfma(pi, vload(v + c * kLanes), acc[c]);
+// Scores p[g * stride + i] = q_g . key_i * scale of NG query heads (rows of q at stride E), two
+// keys at a time (2 * NG independent FMA chains), each key loaded once for the NG heads. A
+// (head, key) pair's arithmetic is its own: one FMA chain over E from zero, a fixed horizontal sum.
+template <int NG, typename W>
+EESD_AVX2 void scores(const float* q, const W* const* keys, int64_t n, int64_t E, float scale, float* p,
+                      int64_t stride) {
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2) {
+    Vec s0[NG], s1[NG];
+    for (int g = 0; g < NG; ++g) s0[g] = vzero(), s1[g] = vzero();
+    for (int64_t e = 0; e < E; e += kLanes) {
+      const Vec k0 = vload(keys[i] + e), k1 = vload(keys[i + 1] + e);
+      for (int g = 0; g < NG; ++g) {
+        const Vec qg = vload(q + g * E + e);
+        s0[g] = vfma(qg, k0, s0[g]), s1[g] = vfma(qg, k1, s1[g]);
+      }
+    }
+    for (int g = 0; g < NG; ++g) p[g * stride + i] = vhsum(s0[g]) * scale, p[g * stride + i + 1] = vhsum(s1[g]) * scale;
   }
-  for (int c = 0; c < NC; ++c) _mm256_storeu_ps(out + c0 + c * kLanes, acc[c]);
+  for (; i < n; ++i) {
+    Vec s0[NG];
+    for (int g = 0; g < NG; ++g) s0[g] = vzero();
+    for (int64_t e = 0; e < E; e += kLanes) {
+      const Vec k0 = vload(keys[i] + e);
+      for (int g = 0; g < NG; ++g) s0[g] = vfma(vload(q + g * E + e), k0, s0[g]);
+    }
+    for (int g = 0; g < NG; ++g) p[g * stride + i] = vhsum(s0[g]) * scale;
+  }
 }
 
-template <typename W>
-EESD_AVX2 void attend_row(const Operands<W>& a, int64_t b, int64_t t, int64_t h, Scratch<W>& sc) {
-  const int64_t E = a.E, kh = h / (a.H / a.K), bt = b * a.T + t;
-  // The visible keys/values, in order: the cache layer's slots, then the block's own.
-  sc.keys.clear();
-  sc.values.clear();
-  const int64_t head = (b * a.K + kh) * a.S * E;
-  const bool* vis = a.visible + bt * a.S;
-  for (int64_t s = 0; s < a.S; ++s)
-    if (vis[s]) sc.keys.push_back(a.k_cache + head + s * E), sc.values.push_back(a.v_cache + head + s * E);
-  const bool* vis_new = a.visible_new + bt * a.Tn;
-  for (int64_t u = 0; u < a.Tn; ++u)
-    if (vis_new[u]) {
-      const int64_t at = ((b * a.Tn + u) * a.K + kh) * E;
-      sc.keys.push_back(a.k_new + at), sc.values.push_back(a.v_new + at);
-    }
-  // Nothing visible: XLA's masked softmax is uniform over every slot (all scores the minimum).
-  const bool none = sc.keys.empty();
-  if (none) {
-    for (int64_t s = 0; s < a.S; ++s) sc.values.push_back(a.v_cache + head + s * E);
-    for (int64_t u = 0; u < a.Tn; ++u) sc.values.push_back(a.v_new + ((b * a.Tn + u) * a.K + kh) * E);
-  }
-  const int64_t n = sc.values.size(), padded = (n + kLanes - 1) / kLanes * kLanes;
-  sc.p.assign(padded, 0.0f);
-  float* p = sc.p.data();
-  const float* q = a.q + (bt * a.H + h) * E;
-  if (!none) {
-    // Scores, four keys at a time (independent FMA chains); each key's arithmetic is its own.
-    const W* const* keys = sc.keys.data();
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-      Vec s0 = vzero(), s1 = vzero(), s2 = vzero(), s3 = vzero();
-      for (int64_t e = 0; e < E; e += kLanes) {
-        const Vec qe = vload(q + e);
-        s0 = vfma(qe, vload(keys[i] + e), s0);
-        s1 = vfma(qe, vload(keys[i + 1] + e), s1);
-        s2 = vfma(qe, vload(keys[i + 2] + e), s2);
-        s3 = vfma(qe, vload(keys[i + 3] + e), s3);
-      }
-      p[i] = vhsum(s0) * a.scale, p[i + 1] = vhsum(s1) * a.scale;
-      p[i + 2] = vhsum(s2) * a.scale, p[i + 3] = vhsum(s3) * a.scale;
-    }
-    for (; i < n; ++i) {
-      Vec s0 = vzero();
-      for (int64_t e = 0; e < E; e += kLanes) s0 = vfma(vload(q + e), vload(keys[i] + e), s0);
-      p[i] = vhsum(s0) * a.scale;
-    }
-  }
-  // Softmax: the max (exact in any order), exp lane by lane, the sum over the list in 8 lanes.
+// Scores p[0, n) -> probabilities in place (zero past n, up to `padded`): the max (exact in any
+// order), exp lane by lane, the sum over the list in 8 lanes and a fixed horizontal sum.
+EESD_AVX2 void softmax(float* p, int64_t n, int64_t padded) {
   Vec m8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) m8 = _mm256_max_ps(m8, vload(p + i));
@@ -150,19 +121,71 @@ EESD_AVX2 void attend_row(const Operands<W>& a, int64_t b, int64_t t, int64_t h,
   }
   const Vec sum = _mm256_set1_ps(vhsum(sum8));
   for (i = 0; i < padded; i += kLanes) _mm256_storeu_ps(p + i, _mm256_div_ps(vload(p + i), sum));
-  // The weighted values, 64 columns at a time (their accumulators in registers).
-  float* out = a.out + (bt * a.H + h) * E;
-  const W* const* values = sc.values.data();
+}
+
+// Columns [c0, c0 + 8 * NC) of NG heads' outputs (rows of out at stride E): sum_i p_i v_i in
+// order, each value vector loaded once for the NG heads; NG * NC accumulators in registers.
+template <int NG, int NC, typename W>
+EESD_AVX2 void weighted_values(const float* p, int64_t stride, const W* const* values, int64_t n, int64_t c0,
+                               float* out, int64_t E) {
+  Vec acc[NG][NC];
+  for (int g = 0; g < NG; ++g)
+    for (int c = 0; c < NC; ++c) acc[g][c] = vzero();
+  for (int64_t i = 0; i < n; ++i) {
+    Vec pi[NG];
+    for (int g = 0; g < NG; ++g) pi[g] = _mm256_broadcast_ss(p + g * stride + i);
+    const W* v = values[i] + c0;
+    for (int c = 0; c < NC; ++c) {
+      const Vec vc = vload(v + c * kLanes);
+      for (int g = 0; g < NG; ++g) acc[g][c] = vfma(pi[g], vc, acc[g][c]);
+    }
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int c = 0; c < NC; ++c) _mm256_storeu_ps(out + g * E + c0 + c * kLanes, acc[g][c]);
+}
+
+// Query heads h0 .. h0 + NG - 1 (one kv head kh, so the same visible slots) of row (b, t).
+template <int NG, typename W>
+EESD_AVX2 void attend_heads(const Operands<W>& a, int64_t b, int64_t t, int64_t h0, Scratch<W>& sc) {
+  const int64_t E = a.E, kh = h0 / (a.H / a.K), bt = b * a.T + t;
+  // The visible keys/values, in order: the cache layer's slots, then the block's own.
+  sc.keys.resize(a.S + a.Tn);
+  sc.values.resize(a.S + a.Tn);
+  const W** keys = sc.keys.data();
+  const W** values = sc.values.data();
+  const W *kc = a.k_cache + (b * a.K + kh) * a.S * E, *vc = a.v_cache + (b * a.K + kh) * a.S * E;
+  const bool* vis = a.visible + bt * a.S;
+  int64_t n = 0;
+  for (int64_t s = 0; s < a.S; ++s) {
+    keys[n] = kc + s * E, values[n] = vc + s * E;
+    n += vis[s];
+  }
+  const bool* vis_new = a.visible_new + bt * a.Tn;
+  for (int64_t u = 0; u < a.Tn; ++u) {
+    const int64_t at = ((b * a.Tn + u) * a.K + kh) * E;
+    keys[n] = a.k_new + at, values[n] = a.v_new + at;
+    n += vis_new[u];
+  }
+  // Nothing visible: XLA's masked softmax is uniform over every slot (all scores the minimum).
+  const bool none = n == 0;
+  if (none) {
+    for (int64_t s = 0; s < a.S; ++s) values[n++] = vc + s * E;
+    for (int64_t u = 0; u < a.Tn; ++u) values[n++] = a.v_new + ((b * a.Tn + u) * a.K + kh) * E;
+  }
+  const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+  sc.p.assign(NG * padded, 0.0f);
+  float* p = sc.p.data();
+  const float* q = a.q + (bt * a.H + h0) * E;
+  if (!none) scores<NG>(q, keys, n, E, a.scale, p, padded);
+  for (int g = 0; g < NG; ++g) softmax(p + g * padded, n, padded);
+  // The weighted values, 32 columns at a time (NG * 4 accumulators and a value vector fit 16 registers).
+  float* out = a.out + (bt * a.H + h0) * E;
   int64_t c0 = 0;
-  for (; c0 + 8 * kLanes <= E; c0 += 8 * kLanes) weighted_values<8>(p, values, n, c0, out);
+  for (; c0 + 4 * kLanes <= E; c0 += 4 * kLanes) weighted_values<NG, 4>(p, padded, values, n, c0, out, E);
   switch ((E - c0) / kLanes) {
-    case 1: weighted_values<1>(p, values, n, c0, out); break;
-    case 2: weighted_values<2>(p, values, n, c0, out); break;
-    case 3: weighted_values<3>(p, values, n, c0, out); break;
-    case 4: weighted_values<4>(p, values, n, c0, out); break;
-    case 5: weighted_values<5>(p, values, n, c0, out); break;
-    case 6: weighted_values<6>(p, values, n, c0, out); break;
-    case 7: weighted_values<7>(p, values, n, c0, out); break;
+    case 1: weighted_values<NG, 1>(p, padded, values, n, c0, out, E); break;
+    case 2: weighted_values<NG, 2>(p, padded, values, n, c0, out, E); break;
+    case 3: weighted_values<NG, 3>(p, padded, values, n, c0, out, E); break;
     default: break;
   }
 }
@@ -176,13 +199,24 @@ void attend(ffi::ThreadPool& pool, const Operands<W>& a) {
   int64_t pairs = 0;
   for (int64_t i = 0; i < a.B * a.T * a.S; ++i) pairs += a.visible[i];
   for (int64_t i = 0; i < a.B * a.T * a.Tn; ++i) pairs += a.visible_new[i];
-  const int64_t rows = a.B * a.T * a.H;
-  const int64_t helpers = pairs * a.H < kInlinePairs ? 0 : std::min<int64_t>(pool.num_threads(), rows) - 1;
-  // Rows ordered (b, h, t): neighbours share a kv head, so its keys/values are read once.
-  parallel_for(pool, rows, std::max<int64_t>(helpers, 0), [&a](int64_t r) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t helpers = pairs * a.H < kInlinePairs ? 0 : threads - 1;
+  // Units: up to 4 query heads of one kv head in one row (they share its slots, so each key and
+  // value is loaded once for them), or single heads when that leaves too few units to balance
+  // over the threads. A head's arithmetic is the same either way.
+  const int64_t G = a.H / a.K, rows = a.B * a.T;
+  const int64_t group = rows * a.K * ((G + 3) / 4) >= 2 * threads || helpers == 0 ? std::min<int64_t>(G, 4) : 1;
+  const int64_t per_kv = (G + group - 1) / group, units = rows * a.K * per_kv;
+  parallel_for(pool, units, std::min(helpers, units - 1), [&a, group, per_kv, G](int64_t u) {
     thread_local Scratch<W> sc;
-    const int64_t t = r % a.T, h = (r / a.T) % a.H, b = r / (a.T * a.H);
-    attend_row(a, b, t, h, sc);
+    const int64_t bt = u / (a.K * per_kv), kh = (u / per_kv) % a.K, h0 = kh * G + (u % per_kv) * group;
+    const int64_t b = bt / a.T, t = bt % a.T;
+    switch (std::min(group, kh * G + G - h0)) {
+      case 1: attend_heads<1>(a, b, t, h0, sc); break;
+      case 2: attend_heads<2>(a, b, t, h0, sc); break;
+      case 3: attend_heads<3>(a, b, t, h0, sc); break;
+      default: attend_heads<4>(a, b, t, h0, sc); break;
+    }
   });
 }
 
