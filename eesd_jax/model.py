@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eesd_jax import cpu_kernel
-from eesd_jax.kv_cache import KVCache, init_cache
+from eesd_jax.kv_cache import KVCache, init_cache, set_slots
 
 Params = dict[str, Any]
 
@@ -276,8 +276,8 @@ def block(
     rows_bt = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
     slots_bt = positions_bt if slots_bt is None else slots_bt
     # The slice between the indices puts the indexed [B, T] dims first: the update is [B, T, K, E].
-    k_lbkse = write_slots(k_lbkse, layer_idx, rows_bt, slots_bt, k_btke)
-    v_lbkse = write_slots(v_lbkse, layer_idx, rows_bt, slots_bt, v_btke)
+    k_lbkse = set_slots(k_lbkse, (layer_idx, rows_bt, slice(None), slots_bt), k_btke)
+    v_lbkse = set_slots(v_lbkse, (layer_idx, rows_bt, slice(None), slots_bt), v_btke)
     if visible_bts is None:
         visible_bts = jnp.arange(k_lbkse.shape[3])[None, None, :] <= positions_bt[:, :, None]
     o_btn = attend_cache(q_bthe, k_lbkse, v_lbkse, layer_idx, visible_bts)
@@ -511,40 +511,8 @@ def write_layers(
     n = k_nbtke.shape[0]
     layer_n11 = jnp.arange(first_layer, first_layer + n)[:, None, None]
     rows_1b1 = jnp.arange(positions_bt.shape[0])[None, :, None]
-    slots_1bt = positions_bt[None]  # The update: [n, B, T, K, E].
-    return cache.replace(
-        k=write_slots(cache.k, layer_n11, rows_1b1, slots_1bt, k_nbtke),
-        v=write_slots(cache.v, layer_n11, rows_1b1, slots_1bt, v_nbtke),
-    )
-
-
-def write_slots(cache_lbkse: jax.Array, layer, rows, slots, update: jax.Array) -> jax.Array:
-    """cache.at[layer, rows, :, slots].set(update, mode="drop") (the indices broadcast together; the
-    update is [*their shape, K, E]), in place; slots past the cache are dropped.
-
-    On CPU a bfloat16 cache is written by the kernel (cpu_kernel.write_slots): XLA:CPU scatters
-    bfloat16 through float32, converting the whole cache there and back on every write (~2 ms a
-    layer of SmolLM2's 512 slots, most of a bfloat16 verification).
-    """
-    update = update.astype(cache_lbkse.dtype)
-    if cpu_kernel.write_applies(cache_lbkse):
-        return _write_on_kernel(cache_lbkse, layer, rows, slots, update)
-    return _write_xla(cache_lbkse, layer, rows, slots, update)
-
-
-def _write_xla(cache_lbkse, layer, rows, slots, update):
-    return cache_lbkse.at[layer, rows, :, slots].set(update, mode="drop")
-
-
-@jax.custom_jvp
-def _write_on_kernel(cache_lbkse, layer, rows, slots, update):
-    return cpu_kernel.write_slots(cache_lbkse, layer, rows, slots, update)
-
-
-@_write_on_kernel.defjvp
-def _write_on_kernel_jvp(primals, tangents):
-    """Tangents through XLA's scatter (training runs an exit over a fresh cache)."""
-    return _write_on_kernel(*primals), jax.jvp(_write_xla, primals, tangents)[1]
+    index = (layer_n11, rows_1b1, slice(None), positions_bt[None])  # The update: [n, B, T, K, E].
+    return cache.replace(k=set_slots(cache.k, index, k_nbtke), v=set_slots(cache.v, index, v_nbtke))
 
 
 def _over_layers(layers: Layers, first_layer: int, cache: KVCache, step, carry):

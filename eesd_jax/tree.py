@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eesd_jax import exits, model, sampling
-from eesd_jax.kv_cache import KVCache
+from eesd_jax.kv_cache import KVCache, set_slots
 
 PRIOR = 4.0  # Pseudo-drafts of the calibration's prior (`calibration`): a few rounds' worth.
 
@@ -253,5 +253,5 @@ def compact(cache: KVCache, pos0_b: jax.Array, path_bk: jax.Array) -> KVCache:
     """Move the path's keys/values from slots p + path[i] to p + i (one gather-scatter of R + 1 slots per row)."""
     rows = jnp.arange(path_bk.shape[0])[:, None]
     src, dst = pos0_b[:, None] + path_bk, pos0_b[:, None] + jnp.arange(path_bk.shape[1])[None]
-    move = lambda a: a.at[:, rows, :, dst].set(a[:, rows, :, src], mode="drop")  # noqa: E731
+    move = lambda a: set_slots(a, (slice(None), rows, slice(None), dst), a[:, rows, :, src])  # noqa: E731
     return cache.replace(k=move(cache.k), v=move(cache.v))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from eesd_jax import cpu_kernel, model, sharding
+from eesd_jax.kv_cache import set_slots
 
 needs_kernel = pytest.mark.skipif(
     jax.default_backend() != "cpu" or not cpu_kernel.available(),
@@ -194,12 +195,11 @@ def test_fallback_is_xlas_attention(monkeypatch, why):
 
 
 @needs_kernel
-def test_bfloat16_cache_writes_equal_xlas_scatter():
+def test_bfloat16_cache_writes_on_the_kernel_equal_xlas_scatter():
     """Bit for bit, as `block` (one layer, [B, T] slots: consecutive, a tree's, past the cache and
     negative) and `write_layers` ([n, B, T]) write; gradients as through XLA's scatter."""
     rng = np.random.default_rng(0)
     cache = jnp.asarray(rng.standard_normal((L, 2, 3, 20, 16)), jnp.bfloat16)
-    xla = jax.jit(lambda c, l, r, s, u: c.at[l, r, :, s].set(u.astype(c.dtype), mode="drop"))
     rows = jnp.arange(2)[:, None]
     cases = [
         (1, rows, jnp.asarray([[4, 5, 6], [0, 1, 2]])),
@@ -207,22 +207,20 @@ def test_bfloat16_cache_writes_equal_xlas_scatter():
         (0, rows, jnp.asarray([[-1, 2, 3], [5, -3, 7]])),  # Negative: from the end, as jnp indexes.
         (jnp.arange(1, 3)[:, None, None], rows[None], jnp.asarray([[[4, 5, 6], [0, 1, 2]]])),
     ]
-    write = jax.jit(model.write_slots)
+    write = lambda c, layer, r, s, u: set_slots(c, (layer, r, slice(None), s), u)
+    xla = lambda c, layer, r, s, u: c.at[layer, r, :, s].set(u.astype(c.dtype), mode="drop")
     for layer, r, slots in cases:
         shape = jnp.broadcast_shapes(jnp.shape(layer), r.shape, slots.shape) + (3, 16)
         update = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-        assert cpu_kernel.WRITE_TARGET in jax.jit(model.write_slots).lower(cache, layer, r, slots, update).as_text()
+        assert cpu_kernel.WRITE_TARGET in jax.jit(write).lower(cache, layer, r, slots, update).as_text()
         np.testing.assert_array_equal(
-            np.asarray(write(cache, layer, r, slots, update)), np.asarray(xla(cache, layer, r, slots, update))
+            np.asarray(jax.jit(write)(cache, layer, r, slots, update)),
+            np.asarray(jax.jit(xla)(cache, layer, r, slots, update)),
         )
-    layer, r, slots = cases[0]
     update = jnp.asarray(rng.standard_normal((2, 3, 3, 16)), jnp.bfloat16)
-    loss = lambda w: lambda c, u: jnp.sum(jnp.sin(w(c, layer, r, slots, u).astype(jnp.float32)) * 1.5)
-    got = jax.grad(loss(model.write_slots), argnums=(0, 1))(cache, update)
+    loss = lambda w: lambda c, u: jnp.sum(jnp.sin(w(c, *cases[0], u).astype(jnp.float32)) * 1.5)
+    got = jax.grad(loss(write), argnums=(0, 1))(cache, update)
     want = jax.grad(loss(xla), argnums=(0, 1))(cache, update)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-    assert (
-        cpu_kernel.WRITE_TARGET
-        not in jax.jit(model.write_slots).lower(cache.astype(jnp.float32), *cases[0], update).as_text()
-    )
+    assert cpu_kernel.WRITE_TARGET not in jax.jit(write).lower(cache.astype(jnp.float32), *cases[0], update).as_text()

@@ -21,7 +21,7 @@ from helpers import (
 )
 
 from eesd_jax import decoding, loading, model
-from eesd_jax.kv_cache import init_cache
+from eesd_jax.kv_cache import init_cache, set_slots
 
 # ----------------------------------------------------------------------------- vs transformers
 
@@ -196,6 +196,22 @@ def test_readonly_block_equals_written_block(tiny, layout):
     np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(want_cache.k), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(got_cache.v), np.asarray(want_cache.v), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(got_cache.k[:first]), np.asarray(cache.k[:first]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_set_slots_writes_like_a_scatter_and_drops_out_of_range_slots(dtype):
+    """The cache write (16-bit floats through their bits) equals `.at[].set(mode="drop")`, bit for bit."""
+    rng = np.random.default_rng(0)
+    cache_lbkse = jnp.asarray(rng.standard_normal((3, 2, 2, 8, 4)), dtype)
+    new_btke = jnp.asarray(rng.standard_normal((2, 3, 2, 4)), jnp.float32)  # Cast to the cache's dtype.
+    slots_bt = jnp.asarray([[1, 2, 3], [6, 7, 8]])  # Row 1's last slot is past the cache: dropped.
+    index = (1, jnp.arange(2)[:, None], slice(None), slots_bt)
+    got = jax.jit(lambda c, u: set_slots(c, index, u))(cache_lbkse, new_btke)
+    want = cache_lbkse.at[index].set(new_btke.astype(dtype), mode="drop")
+    assert got.dtype == cache_lbkse.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert not np.array_equal(np.asarray(got, np.float32), np.asarray(cache_lbkse, np.float32))
+    np.testing.assert_array_equal(np.asarray(got[1, 1, :, 7]), np.asarray(new_btke[1, 1].astype(dtype)))
 
 
 def test_run_layers_rejects_layers_outside_cache(tiny):
