@@ -6,7 +6,9 @@ verifying a few tokens costs about one AR step. A row's result depends only on t
 the same arithmetic whatever the row count: AR (one row) and verification (k + 1 rows) round
 identically. The attention kernel (kernels/attention.cc) reads one layer of the stacked KV cache
 in place (XLA copied it out for its dots) and only the slots a query sees, with the same
-arithmetic for a query whatever the block: in an AR step and in a verification alike.
+arithmetic for a query whatever the block: in an AR step and in a verification alike. The
+same library writes a bfloat16 cache's new slots in place (`write_slots`; XLA:CPU's bfloat16
+scatter converts the whole cache to float32 and back).
 
 The library is built by setup.py at install time (an optional extension: no compiler, no
 kernel). It is used only when all of these hold, else `model.dense` and the attention keep XLA:
