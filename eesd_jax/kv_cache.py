@@ -56,10 +56,17 @@ def set_slots(a: jax.Array, index, update: jax.Array) -> jax.Array:
     if len(index) == 4 and _is_slice(index[2]) and not any(map(_is_slice, index[:2] + index[3:])):
         if cpu_kernel.write_applies(a):
             return _write_on_kernel(a, index[0], index[1], index[3], update)
+    scatter = lambda a, update: a.at[index].set(update, mode="drop")  # noqa: E731
     if a.dtype.itemsize != 2 or not jnp.issubdtype(a.dtype, jnp.floating):
-        return a.at[index].set(update, mode="drop")
-    bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)  # noqa: E731
-    return jax.lax.bitcast_convert_type(bits(a).at[index].set(bits(update), mode="drop"), a.dtype)
+        return scatter(a, update)
+
+    @jax.custom_jvp  # Integer bits carry no tangents: the write's own, as XLA's scatter's.
+    def write_bits(a, update):
+        bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)  # noqa: E731
+        return jax.lax.bitcast_convert_type(bits(a).at[index].set(bits(update), mode="drop"), a.dtype)
+
+    write_bits.defjvp(lambda primals, tangents: (write_bits(*primals), jax.jvp(scatter, primals, tangents)[1]))
+    return write_bits(a, update)
 
 
 def _is_slice(i) -> bool:
