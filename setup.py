@@ -38,8 +38,8 @@ class BuildCpuKernel(build_ext):
 
 CPU_KERNEL = Extension(
     "eesd_jax._small_matmul",
-    sources=["eesd_jax/kernels/small_matmul.cc"],
-    depends=["eesd_jax/kernels/small_matmul_tiles.h"],
+    sources=["eesd_jax/kernels/small_matmul.cc", "eesd_jax/kernels/attention.cc"],
+    depends=["eesd_jax/kernels/small_matmul_tiles.h", "eesd_jax/kernels/kernel_common.h"],
     language="c++",
     extra_compile_args=["-std=c++17", "-O3", "-Wno-attributes", "-Wno-return-type"],
     optional=True,

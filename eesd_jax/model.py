@@ -278,12 +278,10 @@ def block(
     # The slice between the indices puts the indexed [B, T] dims first: the update is [B, T, K, E].
     k_lbkse = set_slots(k_lbkse, (layer_idx, rows_bt, slice(None), slots_bt), k_btke)
     v_lbkse = set_slots(v_lbkse, (layer_idx, rows_bt, slice(None), slots_bt), v_btke)
-    k_bkse, v_bkse = k_lbkse[layer_idx], v_lbkse[layer_idx]
     if visible_bts is None:
-        visible_bts = jnp.arange(k_bkse.shape[2])[None, None, :] <= positions_bt[:, :, None]
-    scores = _scores(cfg, q_bthe, k_bkse, visible_bts)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bkse.dtype)
-    return _out_and_mlp(cfg, p, x_btd, _weighted_values(probs, v_bkse)), k_lbkse, v_lbkse
+        visible_bts = jnp.arange(k_lbkse.shape[3])[None, None, :] <= positions_bt[:, :, None]
+    o_btn = attend_cache(q_bthe, k_lbkse, v_lbkse, layer_idx, visible_bts)
+    return _out_and_mlp(cfg, p, x_btd, o_btn), k_lbkse, v_lbkse
 
 
 def block_readonly(
@@ -291,13 +289,14 @@ def block_readonly(
     p: Params,
     x_btd: jax.Array,
     positions_bt: jax.Array,
-    k_bkse: jax.Array,
-    v_bkse: jax.Array,
+    k_lbkse: jax.Array,
+    v_lbkse: jax.Array,
+    layer_idx: jax.Array,
     new_btt: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`block` for a block of consecutive positions that leaves the cache alone.
 
-    The cache layer (k, v: [B, K, S, E]) is only read, for the slots before each
+    Layer `layer_idx` of the stacked cache (k, v: [L, B, K, S, E]) is only read, for the slots before each
     row's block (s < positions_bt[:, 0]); the block attends to its own keys and
     values causally. The same attention as `block`, but the new keys/values are
     returned ([B, T, K, E]) for the caller to write (`write_layers`): inside a
@@ -309,12 +308,12 @@ def block_readonly(
     """
     B, T, _ = x_btd.shape
     q_bthe, k_btke, v_btke = _qkv(cfg, p, x_btd, positions_bt)
-    S = k_bkse.shape[2]
+    S = k_lbkse.shape[3]
     old_bts = jnp.arange(S)[None, None, :] < positions_bt[:, :1, None]
     if new_btt is None:
         new_btt = positions_bt[:, None, :] <= positions_bt[:, :, None]
-    new = (heads_major(k_btke), heads_major(v_btke), new_btt)
-    o_btn = _attend_two(cfg, q_bthe, (k_bkse, v_bkse, jnp.broadcast_to(old_bts, (B, T, S))), new)
+    old_bts = jnp.broadcast_to(old_bts, (B, T, S))
+    o_btn = attend_cache(q_bthe, k_lbkse, v_lbkse, layer_idx, old_bts, (k_btke, v_btke, new_btt))
     return _out_and_mlp(cfg, p, x_btd, o_btn), k_btke, v_btke
 
 
@@ -338,7 +337,7 @@ def block_with_context(
     own_btu = (u_11u >= start_bt[:, :, None]) & (u_11u <= positions_bt[:, :, None])
     ctx_btu = u_11u < start_bt[:, :, None]
     ctx = (heads_major(k_ctx), heads_major(v_ctx), ctx_btu)
-    o_btn = _attend_two(cfg, q_bthe, ctx, (heads_major(k_btke), heads_major(v_btke), own_btu))
+    o_btn = _attend_two(q_bthe, ctx, (heads_major(k_btke), heads_major(v_btke), own_btu))
     return _out_and_mlp(cfg, p, x_btd, o_btn)
 
 
@@ -353,13 +352,49 @@ def heads_major(x_btke: jax.Array) -> jax.Array:
     return x_btke.transpose(0, 2, 1, 3)
 
 
-def _attend_two(cfg: ModelConfig, q_bthe: jax.Array, source_a, source_b) -> jax.Array:
+def attend_cache(q_bthe, k_lbkse, v_lbkse, layer_idx, visible_bts, new=None) -> jax.Array:
+    """Attention of q [B, T, H, E] over layer `layer_idx` of the stacked cache k, v [L, B, K, S, E]
+    (visible_bts [B, T, S]) and, given new = (k, v [B, T, K, E], visible [B, T, T]), the block's own
+    keys/values, with one softmax: [B, T, H*E] in the cache's dtype.
+
+    On CPU for small blocks (cpu_kernel.attention_applies) the attention kernel reads the layer in
+    place and only the visible slots, with a query's arithmetic the same in an AR step and in a
+    verification; elsewhere XLA's dots over the layer sliced out.
+    """
+    if cpu_kernel.attention_applies(q_bthe, k_lbkse):
+        return _attend_on_kernel(q_bthe, k_lbkse, v_lbkse, layer_idx, visible_bts, new)
+    return _attend_xla(q_bthe, k_lbkse, v_lbkse, layer_idx, visible_bts, new)
+
+
+def _attend_xla(q_bthe, k_lbkse, v_lbkse, layer_idx, visible_bts, new):
+    k_bkse, v_bkse = k_lbkse[layer_idx], v_lbkse[layer_idx]
+    if new is None:
+        probs = jax.nn.softmax(_scores(q_bthe, k_bkse, visible_bts), axis=-1).astype(v_bkse.dtype)
+        return _weighted_values(probs, v_bkse)
+    k_btke, v_btke, new_btt = new
+    return _attend_two(q_bthe, (k_bkse, v_bkse, visible_bts), (heads_major(k_btke), heads_major(v_btke), new_btt))
+
+
+@jax.custom_jvp
+def _attend_on_kernel(q_bthe, k_lbkse, v_lbkse, layer_idx, visible_bts, new):
+    B, T, H, E = q_bthe.shape
+    o_bthe = cpu_kernel.attention(q_bthe, k_lbkse, v_lbkse, layer_idx, visible_bts, new)
+    return o_bthe.reshape(B, T, H * E).astype(v_lbkse.dtype)
+
+
+@_attend_on_kernel.defjvp
+def _attend_on_kernel_jvp(primals, tangents):
+    """Tangents through XLA's attention (the kernel has no transpose; gradients rarely reach it)."""
+    return _attend_on_kernel(*primals), jax.jvp(_attend_xla, primals, tangents)[1]
+
+
+def _attend_two(q_bthe: jax.Array, source_a, source_b) -> jax.Array:
     """Attention of q over two (k [B, K, S, E], v, visible [B, T, S]) sources with one softmax: [B, T, H*E].
 
     The [..., Sa + Sb] scores are small; the keys/values themselves are never concatenated.
     """
     (k_a, v_a, vis_a), (k_b, v_b, vis_b) = source_a, source_b
-    scores = jnp.concatenate([_scores(cfg, q_bthe, k_a, vis_a), _scores(cfg, q_bthe, k_b.astype(k_a.dtype), vis_b)], -1)
+    scores = jnp.concatenate([_scores(q_bthe, k_a, vis_a), _scores(q_bthe, k_b.astype(k_a.dtype), vis_b)], -1)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_a.dtype)
     S = k_a.shape[2]
     return _weighted_values(probs[..., :S], v_a) + _weighted_values(probs[..., S:], v_b.astype(v_a.dtype))
@@ -380,10 +415,10 @@ def _qkv(cfg: ModelConfig, p: Params, x_btd: jax.Array, positions_bt: jax.Array)
     return rot(q_bthe), rot(k_btke), v_btke
 
 
-def _scores(cfg: ModelConfig, q_bthe: jax.Array, k_bkse: jax.Array, visible_bts: jax.Array) -> jax.Array:
+def _scores(q_bthe: jax.Array, k_bkse: jax.Array, visible_bts: jax.Array) -> jax.Array:
     """Scaled float32 attention scores [B, K, G, T, S]; invisible slots get the float32 minimum."""
     B, T, H, E = q_bthe.shape
-    K, S = cfg.n_kv_heads, k_bkse.shape[2]
+    _, K, S, _ = k_bkse.shape
     # One batched dot over (B, K) with the (G, T) query rows merged: the cache layer is read in
     # its own layout (a 5-d einsum made XLA:CPU copy it transposed every layer and step).
     q_bkqe = q_bthe.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4).reshape(B, K, -1, E)
@@ -462,7 +497,7 @@ def run_layers_readonly(
     """
 
     def step(x, p, layer_idx):
-        x, k_btke, v_btke = block_readonly(cfg, p, x, positions_bt, cache.k[layer_idx], cache.v[layer_idx], new_btt)
+        x, k_btke, v_btke = block_readonly(cfg, p, x, positions_bt, cache.k, cache.v, layer_idx, new_btt)
         return x, (k_btke, v_btke)
 
     x_btd, (k_nbtke, v_nbtke) = _over_layers(layers, first_layer, cache, step, x_btd)

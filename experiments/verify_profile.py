@@ -6,7 +6,7 @@ The parts are bench.step_parts' (the bundled SmolLM2, batch 1, cache 512, at pos
 AR step and verification of T tokens through layers [N, L) + the LM head. Each is run under
 jax.profiler; every op of the compiled program (a thunk of XLA:CPU's executor) is timed by the
 minimum of its repeats, which a machine busy with other work inflates least, and the ops are
-summed by kind: the small-block kernel by weight shape, attention's dots, copies (a cache layer
+summed by kind: the small-block kernel by weight shape, the attention kernel or attention's dots, copies (a cache layer
 copied or transposed), cache writes, the rest. Also the step's minimum wall time; the ops' sum
 is below it by the executor's gaps between ops. Prints a table, and JSON with --json.
 """
@@ -40,6 +40,8 @@ def op_kinds(hlo: str) -> dict[str, str]:
             operands = re.search(r"operand_layout_constraints=\{([^}]*\}(?:, [^}]*\})*)\}", line)
             weights = re.findall(r"\w+\[[\d,]+\]", operands.group(1))[1:] if operands else ["?"]
             kinds[name] = "kernel " + " + ".join(weights)
+        elif cpu_kernel.ATTENTION_TARGET in line:
+            kinds[name] = "attention kernel"
         elif name.startswith(("ynn", "dot")) or "custom_call_target" in line:
             kinds[name] = "attention dots"
         elif "scatter" in name or "dynamic-update-slice" in name:

@@ -214,6 +214,24 @@ def test_set_slots_writes_like_a_scatter_and_drops_out_of_range_slots(dtype):
     np.testing.assert_array_equal(np.asarray(got[1, 1, :, 7]), np.asarray(new_btke[1, 1].astype(dtype)))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_set_slots_gradients_equal_the_scatters(dtype, monkeypatch):
+    """16-bit floats are written through integer bits, which carry no tangents: the write's own are
+    XLA's scatter's (training runs an exit over a fresh cache), repeated and dropped slots included."""
+    monkeypatch.setenv("EESD_CPU_KERNEL", "0")  # The bits path; the CPU kernel's write has its own test.
+    rng = np.random.default_rng(0)
+    cache_lbkse = jnp.asarray(rng.standard_normal((2, 2, 1, 4, 2)), dtype)
+    new_btke = jnp.asarray(rng.standard_normal((2, 3, 1, 2)), dtype)
+    index = (1, jnp.arange(2)[:, None], slice(None), jnp.asarray([[0, 1, 1], [2, 3, 9]]))
+    loss = lambda write: lambda c, u: jnp.sum(jnp.sin(write(c, u).astype(jnp.float32)))
+    got = jax.jit(jax.grad(loss(lambda c, u: set_slots(c, index, u)), argnums=(0, 1)))(cache_lbkse, new_btke)
+    want = jax.jit(jax.grad(loss(lambda c, u: c.at[index].set(u, mode="drop")), argnums=(0, 1)))(cache_lbkse, new_btke)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype == cache_lbkse.dtype
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    assert np.abs(np.asarray(got[1], np.float32)).sum() > 0
+
+
 def test_run_layers_rejects_layers_outside_cache(tiny):
     cfg, params = tiny
     cache = init_cache(cfg, 1, 8)

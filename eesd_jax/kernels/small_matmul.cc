@@ -12,51 +12,13 @@
 // columns only, so a row's rounding is identical in a one-row AR step and in a k + 1 row
 // verification, and greedy EESD equals AR bit for bit.
 
-#include <immintrin.h>
-
 #include <algorithm>
-#include <atomic>
-#include <cstdint>
 #include <cstdlib>
-#include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "kernel_common.h"
 
-namespace ffi = xla::ffi;
-
-namespace {
-
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) {  // bfloat16: the high half of a float32.
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// Runs fn(chunk) for chunk in [0, chunks) on the calling thread and up to `helpers` tasks of
-// XLA's intra-op pool (no threads of our own: XLA's are sized to the cores). Chunks are
-// claimed from a shared counter, so the caller never waits on a task that has not started;
-// tasks that start late find nothing left and only drop their reference to the shared state.
-template <typename Fn>
-void parallel_for(ffi::ThreadPool& pool, int64_t chunks, int64_t helpers, Fn fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, chunks, fn]() {
-    for (int64_t i; (i = state->next.fetch_add(1)) < chunks;) {
-      fn(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
-  work();
-  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
-}
+namespace eesd {
 
 // One weight of a call and its output: y[N, O] = x . w[O, D]^T (w float32 or bfloat16).
 struct Segment {
@@ -69,22 +31,7 @@ struct Segment {
 // (a template cannot take a target attribute from its parameters). Which one runs depends on
 // the CPU only, never on the row count.
 namespace avx2 {
-#define EESD_TARGET __attribute__((target("avx2,fma")))
-using Vec = __m256;
-constexpr int kLanes = 8, kRegs = 16;
-EESD_TARGET inline Vec vzero() { return _mm256_setzero_ps(); }
-EESD_TARGET inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
-EESD_TARGET inline Vec vload(const uint16_t* p) {  // bfloat16: the high half of a float32.
-  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-EESD_TARGET inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-EESD_TARGET inline float vhsum(Vec v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+#define EESD_TARGET EESD_AVX2
 #include "small_matmul_tiles.h"
 #undef EESD_TARGET
 }  // namespace avx2
@@ -110,7 +57,7 @@ EESD_TARGET inline float vhsum(Vec v) {  // The two halves' sum, then AVX2's sum
 #undef EESD_TARGET
 }  // namespace avx512
 
-bool cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+namespace {
 
 // AVX-512 where the CPU has it, unless EESD_CPU_KERNEL_AVX512=0 (read once: tests run both
 // paths in subprocesses on such CPUs).
@@ -161,8 +108,9 @@ ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
 }
 
 }  // namespace
+}  // namespace eesd
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EesdSmallMatmul, SmallMatmul,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EesdSmallMatmul, eesd::SmallMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -170,4 +118,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EesdSmallMatmul, SmallMatmul,
                                   .RemainingRets());
 
 // 1 when this CPU can run the kernel (checked before it is registered).
-extern "C" int eesd_small_matmul_supported() { return cpu_supported() ? 1 : 0; }
+extern "C" int eesd_small_matmul_supported() { return eesd::cpu_supported() ? 1 : 0; }
