@@ -173,22 +173,11 @@ def step_parts(
     return {name: (fn, init_cache(cfg, 1, S, layers=n_layers)) for name, (fn, n_layers) in parts.items()}
 
 
-def step_costs(
-    cfg: ModelConfig,
-    params: Params,
-    exit_params: Params,
-    exit_layers=(),
-    tokens=(),
-    cache_len: int = 512,
-    repeats: int = 15,
-    stat=statistics.median,
-    widths=(),
-) -> dict[str, float]:
-    """Median milliseconds of each of `step_parts`' parts, compiled first, then timed in
-    interleaved repeats so drifting machine load hits all alike. `stat` reduces a part's repeats
-    (statistics.median; min on a machine busy with other work).
+def step_costs(parts: dict, repeats: int = 15, stat=statistics.median) -> dict[str, float]:
+    """Milliseconds of each of `step_parts`' parts (`stat` of the repeats: statistics.median; min on a
+    machine busy with other work), compiled first, then timed in interleaved repeats so drifting
+    machine load hits all alike.
     """
-    parts = step_parts(cfg, params, exit_params, exit_layers, tokens, cache_len, widths)
     caches = {}
     for name, (fn, cache) in parts.items():  # Compile and warm up.
         out, caches[name] = fn(cache)
@@ -206,7 +195,7 @@ def step_costs(
 def cost_ratio(setup: BenchSetup, cache_len: int = 512, repeats: int = 20) -> dict:
     """Measured ms of one draft step (layers [0, N) + exit) and one target step (batch 1, one token)."""
     n = setup.ecfg.exit_layer
-    ms = step_costs(setup.cfg, setup.params, setup.exit_params, [n], (), cache_len, repeats)
+    ms = step_costs(step_parts(setup.cfg, setup.params, setup.exit_params, [n], (), cache_len), repeats)
     draft = ms[f"lower_N{n}"] + ms["exit_step"]
     return {"draft_step_ms": draft, "target_step_ms": ms["ar_step"], "cost_ratio": draft / ms["ar_step"]}
 

@@ -42,7 +42,8 @@ def measure(
     """
     vocab_ids = np.arange(draft_vocab) if draft_vocab else None
     exit_params = exits.init_exit(cfg, params, exits.ExitConfig(1, draft_vocab=draft_vocab), vocab_ids)
-    return bench.step_costs(cfg, params, exit_params, exit_layers, tokens, cache_len, repeats, stat, widths)
+    parts = bench.step_parts(cfg, params, exit_params, exit_layers, tokens, cache_len, widths)
+    return bench.step_costs(parts, repeats, stat)
 
 
 def draft_ms(ms: dict, n: int) -> float:

@@ -57,7 +57,7 @@ def measure(cfg, params, n: int, args) -> dict:
     """Every figure of one model (see the module docstring)."""
     params = model.decode_layout(params)
     exit_params = exits.init_exit(cfg, params, exits.ExitConfig(n))
-    ms = bench.step_costs(cfg, params, exit_params, [n], args.tokens, args.cache_len, args.repeats)
+    ms = bench.step_costs(bench.step_parts(cfg, params, exit_params, [n], args.tokens, args.cache_len), args.repeats)
     ar, draft = ms["ar_step"], costs.draft_ms(ms, n)
     loops = loop_costs(cfg, params, exit_params, n, args.max_draft, args.max_new)
     # A fixed-K round drafts k = mean draft length tokens: k + 1 draft steps and one verify of the
