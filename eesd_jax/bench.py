@@ -127,10 +127,12 @@ def step_parts(
 
     Parts: "ar_step" (one token through the whole model + head), "exit_step" (the exit block +
     its head on one token), and for each N in exit_layers "lower_N{N}" (one token through layers
-    [0, N)) and for each T in tokens "verify_N{N}_T{T}" (T tokens through layers [N, L) + head);
-    for each W in widths also "exit_step_W{W}" and "lower_N{N}_W{W}": W tokens at once (a draft
-    tree's depth).
-    Each part is jitted with its cache donated (writes stay in place, as in the decode loops).
+    [0, N)), "draft_N{N}" (a draft step: both in one program, as the decode loop runs them) and
+    for each T in tokens "verify_N{N}_T{T}" (T tokens through layers [N, L) + head); for each W in
+    widths also "exit_step_W{W}", "lower_N{N}_W{W}" and "draft_N{N}_W{W}": W tokens at once (a
+    draft tree's depth).
+    Each part is jitted with its cache donated (writes stay in place, as in the decode loops); a
+    draft part's cache is the pair (LLM cache, exit cache).
     """
     S, pos = cache_len, cache_len // 2
     tok, pos_11 = jnp.array([[5]]), jnp.array([[pos]])
@@ -161,6 +163,14 @@ def step_parts(
 
             fn = functools.partial(jax.jit(lower_step, donate_argnums=2), params, lower)
             parts[f"lower_N{n}{suffix}"] = (fn, cfg.n_layers)
+
+            def draft_step(params, lower, ep, caches, tok_bw=tok_bw, pos_bw=pos_bw):
+                x, cache = model.run_layers(cfg, lower, model.embed(params, tok_bw), pos_bw, caches[0])
+                logits, exit_cache = exits.exit_logits(cfg, params, ep, x, pos_bw, caches[1])
+                return jnp.argmax(logits, -1), (cache, exit_cache)
+
+            fn = functools.partial(jax.jit(draft_step, donate_argnums=3), params, lower, exit_params)
+            parts[f"draft_N{n}{suffix}"] = (fn, (cfg.n_layers, 1))
         for t in tokens:
 
             def verify(params, upper, cache, t=t, n=n):
@@ -170,7 +180,11 @@ def step_parts(
 
             fn = functools.partial(jax.jit(verify, donate_argnums=2), params, upper)
             parts[f"verify_N{n}_T{t}"] = (fn, cfg.n_layers)
-    return {name: (fn, init_cache(cfg, 1, S, layers=n_layers)) for name, (fn, n_layers) in parts.items()}
+    fresh = lambda n_layers: init_cache(cfg, 1, S, layers=n_layers)  # noqa: E731
+    return {
+        name: (fn, tuple(map(fresh, n_layers)) if isinstance(n_layers, tuple) else fresh(n_layers))
+        for name, (fn, n_layers) in parts.items()
+    }
 
 
 def step_costs(parts: dict, repeats: int = 15, stat=statistics.median) -> dict[str, float]:
@@ -196,7 +210,7 @@ def cost_ratio(setup: BenchSetup, cache_len: int = 512, repeats: int = 20) -> di
     """Measured ms of one draft step (layers [0, N) + exit) and one target step (batch 1, one token)."""
     n = setup.ecfg.exit_layer
     ms = step_costs(step_parts(setup.cfg, setup.params, setup.exit_params, [n], (), cache_len), repeats)
-    draft = ms[f"lower_N{n}"] + ms["exit_step"]
+    draft = ms[f"draft_N{n}"]
     return {"draft_step_ms": draft, "target_step_ms": ms["ar_step"], "cost_ratio": draft / ms["ar_step"]}
 
 

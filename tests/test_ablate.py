@@ -74,7 +74,7 @@ def test_depth_predicts_from_the_measured_parts(studies):
     (r,) = result["rows"]
     ms = result["part_ms"]
     assert (r["N"], r["K"], r["exit"]) == (1, 2, "trained")
-    assert r["round_ms"] == pytest.approx(3 * (ms["lower_N1"] + ms["exit_step"]) + ms["verify_N1_T3"], abs=0.01)
+    assert r["round_ms"] == pytest.approx(3 * ms["draft_N1"] + ms["verify_N1_T3"], abs=0.01)
     # Both are rounded to 3 decimals in the JSON.
     assert r["predicted"] == pytest.approx(r["tau"] * ms["ar_step"] / r["round_ms"], rel=1e-2, abs=1e-3)
     assert result["predicted_over_measured_median"] == pytest.approx(r["predicted"] / r["speedup"], abs=2e-3)

@@ -6,11 +6,11 @@ import pytest
 from eesd_jax import bench, costs, exits, model
 from tests.test_eesd import CFG
 
-MS = {"ar_step": 30.0, "exit_step": 2.0, "lower_N2": 2.5, **{f"verify_N2_T{t}": 28.0 + 1.5 * t for t in range(1, 9)}}
+MS = {"ar_step": 30.0, "draft_N2": 4.5, **{f"verify_N2_T{t}": 28.0 + 1.5 * t for t in range(1, 9)}}
 
 
 def test_a_round_is_its_draft_steps_plus_one_verification():
-    assert costs.draft_ms(MS, 2) == MS["lower_N2"] + MS["exit_step"]
+    assert costs.draft_ms(MS, 2) == MS["draft_N2"]
     assert costs.round_ms(MS, 2, 3) == 4 * costs.draft_ms(MS, 2) + MS["verify_N2_T4"]
     # Nothing accepted: one token per round, so the speedup is an AR step over the round.
     assert costs.predicted_speedup(MS, 2, 3, 0.0) == pytest.approx(MS["ar_step"] / costs.round_ms(MS, 2, 3))
@@ -26,7 +26,7 @@ def test_acceptance_needed_inverts_the_predicted_speedup(target):
     assert costs.acceptance_needed(MS, 2, ks, 100.0) == 1.0  # Out of reach at any acceptance.
 
 
-TREE_MS = {**MS, "lower_N2_W4": 3.0, "exit_step_W4": 2.6, **{f"verify_N2_T{t}": 28.0 + 1.5 * t for t in range(9, 18)}}
+TREE_MS = {**MS, "draft_N2_W4": 5.6, **{f"verify_N2_T{t}": 28.0 + 1.5 * t for t in range(9, 18)}}
 
 
 @pytest.mark.parametrize("depth", [1, 3, 7])
@@ -37,7 +37,7 @@ def test_a_width_one_tree_round_is_a_chain_round(depth):
 def test_a_tree_round_adds_one_draft_batch_and_wider_verification_per_depth():
     """Each depth's added cost is its draft batch and W more verified tokens; the added costs sum to the round."""
     for d in range(1, 5):
-        added = TREE_MS["lower_N2_W4"] + TREE_MS["exit_step_W4"]
+        added = TREE_MS["draft_N2_W4"]
         added += TREE_MS[f"verify_N2_T{1 + 4 * d}"] - TREE_MS[f"verify_N2_T{1 + 4 * (d - 1)}"]
         assert costs.depth_cost(TREE_MS, 2, 4, d) * MS["ar_step"] == pytest.approx(added)
     total = sum(costs.depth_cost(TREE_MS, 2, 4, d) for d in range(1, 5)) * MS["ar_step"]
@@ -75,8 +75,9 @@ def test_step_costs_time_draft_batches_of_each_width():
     params = model.init_params(CFG, jax.random.key(0))
     ep = exits.init_exit(CFG, params, exits.ExitConfig(1))
     ms = bench.step_costs(bench.step_parts(CFG, params, ep, [1], [1, 5], cache_len=32, widths=(4,)), repeats=2)
-    want = {"ar_step", "exit_step", "exit_step_W4", "lower_N1", "lower_N1_W4", "verify_N1_T1", "verify_N1_T5"}
+    want = {"ar_step", "exit_step", "exit_step_W4", "lower_N1", "lower_N1_W4", "draft_N1", "draft_N1_W4"}
+    want |= {"verify_N1_T1", "verify_N1_T5"}
     assert set(ms) == want and all(v > 0 for v in ms.values())
     # The model reads the measured W-token parts (an identity, not a timing: times can be in any order).
-    added = ms["lower_N1_W4"] + ms["exit_step_W4"] + ms["verify_N1_T5"] - ms["verify_N1_T1"]
+    added = ms["draft_N1_W4"] + ms["verify_N1_T5"] - ms["verify_N1_T1"]
     assert costs.tree_round_ms(ms, 1, 4, 1) - costs.tree_round_ms(ms, 1, 4, 0) == pytest.approx(added)
