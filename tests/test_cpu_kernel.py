@@ -19,8 +19,8 @@ needs_kernel = pytest.mark.skipif(
 )
 DTYPES = [jnp.float32, jnp.bfloat16]
 # (rows N, D, O): odd D and O (a zero-padded last chunk, a lone last weight row), D < 8, the
-# bundled model's widths, and 16 rows (several 4-row tiles).
-SHAPES = [(1, 5, 3), (2, 13, 7), (3, 64, 41), (7, 576, 33), (8, 1536, 9), (16, 33, 17), (1, 96, 130)]
+# bundled model's widths, and 12-16 rows (two row groups, over blocks of weight rows and a part block).
+SHAPES = [(1, 5, 3), (2, 13, 7), (3, 64, 41), (7, 576, 33), (8, 1536, 9), (16, 33, 17), (1, 96, 130), (12, 70, 131)]
 
 
 def _data(n, d, o, w_dtype, seed=0):
@@ -53,7 +53,7 @@ def test_kernel_matches_xla_dot_within_float_error(shape, w_dtype):
 @pytest.mark.parametrize("w_dtype", DTYPES)
 def test_a_rows_result_does_not_depend_on_the_row_count(w_dtype):
     """Bit for bit: row i of a call of n rows equals the same row alone or in any other block."""
-    x, w = _data(16, 100, 37, w_dtype)
+    x, w = _data(16, 100, 131, w_dtype)  # Over 8 rows: weight rows in blocks, the last one part full.
     call = jax.jit(cpu_kernel.matmul)
     full = np.asarray(call(x, w))
     for n in range(1, 17):

@@ -66,24 +66,32 @@ EESD_TARGET void row_group(const float* x, const float* tail_x, const W* w, floa
   }
 }
 
+// Weight rows whose every group of 8 input rows runs before the next such block: more than 8 rows
+// then read the block from memory once and again from L2 (a multiple of most tiles' C).
+constexpr int64_t kBlockRows = 48;
+
 // Output columns [o0, o1) for all N rows, in groups of up to 8 rows. A dot's own arithmetic is
 // the same in every tile shape.
 template <typename W>
 EESD_TARGET void columns(const float* x, const float* tail_x, const W* w, float* y, int64_t N, int64_t D,
                          int64_t O, int64_t o0, int64_t o1) {
-  for (int64_t n = 0; n < N; n += 8) {
-    const float* xn = x + n * D;
-    const float* tn = tail_x + n * kLanes;
-    float* yn = y + n * O;
-    switch (std::min<int64_t>(8, N - n)) {
-      case 1: row_group<1>(xn, tn, w, yn, D, O, o0, o1); break;
-      case 2: row_group<2>(xn, tn, w, yn, D, O, o0, o1); break;
-      case 3: row_group<3>(xn, tn, w, yn, D, O, o0, o1); break;
-      case 4: row_group<4>(xn, tn, w, yn, D, O, o0, o1); break;
-      case 5: row_group<5>(xn, tn, w, yn, D, O, o0, o1); break;
-      case 6: row_group<6>(xn, tn, w, yn, D, O, o0, o1); break;
-      case 7: row_group<7>(xn, tn, w, yn, D, O, o0, o1); break;
-      default: row_group<8>(xn, tn, w, yn, D, O, o0, o1); break;
+  const int64_t block = N > 8 ? kBlockRows : o1 - o0;
+  for (int64_t b0 = o0; b0 < o1; b0 += block) {
+    const int64_t b1 = std::min(o1, b0 + block);
+    for (int64_t n = 0; n < N; n += 8) {
+      const float* xn = x + n * D;
+      const float* tn = tail_x + n * kLanes;
+      float* yn = y + n * O;
+      switch (std::min<int64_t>(8, N - n)) {
+        case 1: row_group<1>(xn, tn, w, yn, D, O, b0, b1); break;
+        case 2: row_group<2>(xn, tn, w, yn, D, O, b0, b1); break;
+        case 3: row_group<3>(xn, tn, w, yn, D, O, b0, b1); break;
+        case 4: row_group<4>(xn, tn, w, yn, D, O, b0, b1); break;
+        case 5: row_group<5>(xn, tn, w, yn, D, O, b0, b1); break;
+        case 6: row_group<6>(xn, tn, w, yn, D, O, b0, b1); break;
+        case 7: row_group<7>(xn, tn, w, yn, D, O, b0, b1); break;
+        default: row_group<8>(xn, tn, w, yn, D, O, b0, b1); break;
+      }
     }
   }
 }
