@@ -100,22 +100,6 @@ def test_eesd_samples_have_the_ar_distribution(params, sc):
 
 
 @pytest.mark.slow
-def test_eesd_sampling_with_thompson_control(params):
-    sc = SAMPLING[0]
-    ecfg = eesd.EESDConfig(exit_layer=2, max_draft=3, controller=control.ControllerConfig("beta-ts"))
-    assert chi_square_p(eesd_counts(params, sc, ecfg), exact_distribution(params, sc)) > P_VALUE
-
-
-@pytest.mark.parametrize("kind", [k for k in control.KINDS if k not in ("fixed", "beta-ts")])
-@pytest.mark.slow
-def test_eesd_sampling_with_every_policy(params, kind):
-    """Every other registered policy keeps the distribution too (one sampling config each)."""
-    sc = SAMPLING[0]
-    ecfg = eesd.EESDConfig(exit_layer=1, max_draft=2, controller=control.ControllerConfig(kind))
-    assert chi_square_p(eesd_counts(params, sc, ecfg), exact_distribution(params, sc)) > P_VALUE
-
-
-@pytest.mark.slow
 def test_eesd_sampling_with_a_context_exit(params):
     """An exit whose verified context comes from layer 2 (ExitConfig.context_layer) keeps the distribution."""
     sc = SAMPLING[1]

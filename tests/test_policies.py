@@ -1,7 +1,7 @@
 """Draft-stop policies: the registry's contract for every policy, and each new policy's own rule.
 
 (The paper's controllers have theirs in test_control.py; losslessness of every registered
-policy is checked in test_eesd.py and test_eesd_sampling.py.)
+policy is checked in test_eesd.py and test_eesd_sampling_policies.py.)
 """
 
 import dataclasses
