@@ -230,7 +230,7 @@ def dense(x_btd: jax.Array, w_od: jax.Array, out_dtype=None) -> jax.Array:
     return jnp.einsum("btd,od->bto", x_btd, w_od, preferred_element_type=out_dtype)
 
 
-SMALL_BLOCK = 16  # Rows (B * T) up to which dense() uses the CPU kernel, else puts the weight on the left.
+SMALL_BLOCK = 32  # Rows (B * T) up to which dense() uses the CPU kernel, else puts the weight on the left.
 
 
 def dense_many(x_btd: jax.Array, ws_od: Sequence[jax.Array], out_dtype=None) -> list[jax.Array]:

@@ -53,11 +53,12 @@ def test_kernel_matches_xla_dot_within_float_error(shape, w_dtype):
 @pytest.mark.parametrize("w_dtype", DTYPES)
 def test_a_rows_result_does_not_depend_on_the_row_count(w_dtype):
     """Bit for bit: row i of a call of n rows equals the same row alone or in any other block."""
-    x, w = _data(16, 100, 131, w_dtype)  # Over 8 rows: weight rows in blocks, the last one part full.
+    rows = model.SMALL_BLOCK
+    x, w = _data(rows, 100, 131, w_dtype)  # Over 8 rows: weight rows in blocks, the last one part full.
     call = jax.jit(cpu_kernel.matmul)
     full = np.asarray(call(x, w))
-    for n in range(1, 17):
-        for start in {0, 16 - n, (16 - n) // 2}:
+    for n in range(1, rows + 1):
+        for start in {0, rows - n, (rows - n) // 2}:
             np.testing.assert_array_equal(np.asarray(call(x[start : start + n], w)), full[start : start + n])
 
 
@@ -118,7 +119,7 @@ def test_dense_picks_the_kernel_only_for_small_blocks_on_one_device(monkeypatch)
     w = jnp.ones((24, 16), jnp.float32)
     dense = lambda x, w: model.dense(x, w)
     assert _uses_kernel(dense, jnp.ones((1, 1, 16)), w)  # AR / draft step.
-    assert _uses_kernel(dense, jnp.ones((2, 8, 16)), w)  # SMALL_BLOCK rows.
+    assert _uses_kernel(dense, jnp.ones((2, model.SMALL_BLOCK // 2, 16)), w)  # SMALL_BLOCK rows.
     assert not _uses_kernel(dense, jnp.ones((1, model.SMALL_BLOCK + 1, 16)), w)  # Prefill.
     assert not _uses_kernel(dense, jnp.ones((1, 2, 16)), w.astype(jnp.float16))  # Not a kernel dtype.
     with jax.set_mesh(sharding.make_mesh()):  # A mesh: XLA's dot, which the partitioner can shard.
