@@ -49,15 +49,16 @@ def set_slots(a: jax.Array, index, update: jax.Array) -> jax.Array:
     XLA:CPU has no bfloat16 / float16 scatter: it converted the whole cache to float32 and back
     around every write (~1.4 ms per write for SmolLM2's cache, 60 writes per AR step). On one CPU
     a bfloat16 cache's (layer, rows, :, slots) write runs on the kernel (cpu_kernel.write_slots),
-    which touches only the written slots; elsewhere a scatter of the same bits as 16-bit integers
-    is exact (XLA:CPU still copies the cache around that bitcast).
+    which touches only the written slots; elsewhere on CPU a scatter of the same bits as 16-bit
+    integers is exact (XLA:CPU still copies the cache around that bitcast); other backends scatter.
     """
     update = update.astype(a.dtype)
     if len(index) == 4 and _is_slice(index[2]) and not any(map(_is_slice, index[:2] + index[3:])):
         if cpu_kernel.write_applies(a):
             return _write_on_kernel(a, index[0], index[1], index[3], update)
     scatter = lambda a, update: a.at[index].set(update, mode="drop")  # noqa: E731
-    if a.dtype.itemsize != 2 or not jnp.issubdtype(a.dtype, jnp.floating):
+    # Accelerators scatter 16-bit floats natively: the bits' round trip is XLA:CPU's workaround only.
+    if a.dtype.itemsize != 2 or not jnp.issubdtype(a.dtype, jnp.floating) or jax.default_backend() != "cpu":
         return scatter(a, update)
 
     @jax.custom_jvp  # Integer bits carry no tangents: the write's own, as XLA's scatter's.
