@@ -24,7 +24,7 @@ import numpy as np
 from eesd_jax import eesd, exits, generate, model, outcomes, provenance, shapes, sharding
 from eesd_jax.kv_cache import init_cache, round_up
 from eesd_jax.model import ModelConfig, Params
-from eesd_jax.sampling import SamplingConfig
+from eesd_jax.sampling import SamplingConfig, argmax
 
 
 @dataclasses.dataclass
@@ -127,10 +127,11 @@ def step_parts(
 
     Parts: "ar_step" (one token through the whole model + head), "exit_step" (the exit block +
     its head on one token), and for each N in exit_layers "lower_N{N}" (one token through layers
-    [0, N)), "draft_N{N}" (a draft step: both in one program, as the decode loop runs them) and
+    [0, N)), "draft_N{N}" (a draft step: both in one program, as the decode loop runs them),
+    "leaf_N{N}" (layers [0, N) and only the exit's keys/values: a draft tree's deepest depth) and
     for each T in tokens "verify_N{N}_T{T}" (T tokens through layers [N, L) + head); for each W in
-    widths also "exit_step_W{W}", "lower_N{N}_W{W}" and "draft_N{N}_W{W}": W tokens at once (a
-    draft tree's depth).
+    widths also "exit_step_W{W}", "lower_N{N}_W{W}", "draft_N{N}_W{W}" and "leaf_N{N}_W{W}": W
+    tokens at once (a draft tree's depth).
     Each part is jitted with its cache donated (writes stay in place, as in the decode loops); a
     draft part's cache is the pair (LLM cache, exit cache).
     """
@@ -142,7 +143,7 @@ def step_parts(
 
     def ar_step(params, cache):
         logits, cache = model.forward(cfg, params, tok, pos_11, cache)
-        return jnp.argmax(logits, -1), cache
+        return argmax(logits), cache
 
     parts["ar_step"] = (functools.partial(jax.jit(ar_step, donate_argnums=1), params), cfg.n_layers)
 
@@ -151,7 +152,7 @@ def step_parts(
         def exit_step(params, ep, cache, pos_bw=pos_bw):
             h = jnp.ones((1, pos_bw.shape[1], cfg.d_model), cfg.jnp_dtype)
             logits, cache = exits.exit_logits(cfg, params, ep, h, pos_bw, cache)
-            return jnp.argmax(logits, -1), cache
+            return argmax(logits), cache
 
         parts[f"exit_step{suffix}"] = (functools.partial(jax.jit(exit_step, donate_argnums=2), params, exit_params), 1)
     for n in exit_layers:
@@ -167,16 +168,24 @@ def step_parts(
             def draft_step(params, lower, ep, caches, tok_bw=tok_bw, pos_bw=pos_bw):
                 x, cache = model.run_layers(cfg, lower, model.embed(params, tok_bw), pos_bw, caches[0])
                 logits, exit_cache = exits.exit_logits(cfg, params, ep, x, pos_bw, caches[1])
-                return jnp.argmax(logits, -1), (cache, exit_cache)
+                return argmax(logits), (cache, exit_cache)
 
             fn = functools.partial(jax.jit(draft_step, donate_argnums=3), params, lower, exit_params)
             parts[f"draft_N{n}{suffix}"] = (fn, (cfg.n_layers, 1))
+
+            def leaf_step(params, lower, ep, caches, tok_bw=tok_bw, pos_bw=pos_bw):
+                x, cache = model.run_layers(cfg, lower, model.embed(params, tok_bw), pos_bw, caches[0])
+                _, exit_cache = exits.exit_write(cfg, ep, x, pos_bw, caches[1])
+                return x, (cache, exit_cache)
+
+            fn = functools.partial(jax.jit(leaf_step, donate_argnums=3), params, lower, exit_params)
+            parts[f"leaf_N{n}{suffix}"] = (fn, (cfg.n_layers, 1))
         for t in tokens:
 
             def verify(params, upper, cache, t=t, n=n):
                 x = jnp.ones((1, t, cfg.d_model), cfg.jnp_dtype)
                 x, cache = model.run_layers(cfg, upper, x, pos + jnp.arange(t)[None], cache, n)
-                return jnp.argmax(model.lm_head(params, model.final_norm(params, cfg, x)), -1), cache
+                return argmax(model.lm_head(params, model.final_norm(params, cfg, x))), cache
 
             fn = functools.partial(jax.jit(verify, donate_argnums=2), params, upper)
             parts[f"verify_N{n}_T{t}"] = (fn, cfg.n_layers)

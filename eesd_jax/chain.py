@@ -52,7 +52,7 @@ def draft(cfg, ecfg, sampling_cfg, params, lower, exit_params, s) -> Draft:
         key, k_tok, k_ctrl = jax.random.split(d.key, 3)
         if sampling_cfg.greedy:
             logp = jax.nn.log_softmax(logits)
-            tok = jnp.argmax(logits, -1).astype(jnp.int32)
+            tok = sampling.argmax(logits)
         else:
             logp = sampling.warp(logits, sampling_cfg)
             tok = jax.random.categorical(k_tok, logp).astype(jnp.int32)

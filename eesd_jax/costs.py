@@ -13,10 +13,14 @@ batches of W tokens and one verification of its 1 + d W nodes (a chain is W = 1)
 
     tree_round(W, d) ~= draft_step + d * draft_batch(W) + verify(T = 1 + d W)
 
+where a tree's full depth R, once grown, costs a leaf batch instead (layers [0, N) and the exit's
+keys/values: its children would never be verified), so a fixed tree of R depths costs
+draft_step + (R - 1) draft_batch(W) + leaf_batch(W) + verify(T = 1 + R W).
+
 (with an adaptive width keeping w <= W nodes per depth, verify(T = 1 + d w): drafting still runs W).
 
 `ms` holds the parts in milliseconds as `bench.step_costs` names them ("ar_step", "draft_N{n}",
-"verify_N{n}_T{t}", and for W tokens at once "draft_N{n}_W{w}"). A draft step is timed as one
+"verify_N{n}_T{t}", "leaf_N{n}", and for W tokens at once "draft_N{n}_W{w}", "leaf_N{n}_W{w}"). A draft step is timed as one
 program, as the decode loop runs it: its two halves timed as separate calls ("lower_N{n}",
 "exit_step") each pay a call's fixed cost (their sum was ~0.5 ms, a sixth, above it on CPU);
 `measure` times them for an exit head of a given size.
@@ -63,24 +67,34 @@ def draft_batch_ms(ms: dict, n: int, width: int) -> float:
     return draft_ms(ms, n) if width == 1 else ms[f"draft_N{n}_W{width}"]
 
 
-def tree_round_ms(ms: dict, n: int, width: int, depth: float, nodes: float | None = None) -> float:
+def leaf_batch_ms(ms: dict, n: int, width: int) -> float:
+    """A tree's deepest depth at exit layer N: `width` tokens through layers [0, N) and the exit's keys/values."""
+    return ms[f"leaf_N{n}"] if width == 1 else ms[f"leaf_N{n}_W{width}"]
+
+
+def tree_round_ms(
+    ms: dict, n: int, width: int, depth: float, nodes: float | None = None, full_depth: int | None = None
+) -> float:
     """A tree round growing `depth` depths of `width` nodes: the root's draft step, the depths' draft
-    batches and one verification of 1 + depth x width tokens. A fractional depth (an adaptive
-    tree's mean) interpolates between the rounds of its two neighbouring depths.
+    batches (a leaf batch for the tree's `full_depth` R, once grown; None: R not known, none) and
+    one verification of 1 + depth x width tokens. A fractional depth (an adaptive tree's mean)
+    interpolates between the rounds of its two neighbouring depths.
 
     nodes: the nodes verified per round where an adaptive width keeps fewer than depth x width (a
     mean: the verification interpolates between its two neighbouring sizes)."""
-    if nodes is not None:
-        t = 1 + nodes
-        lo_t = int(t)
-        verify = ms[f"verify_N{n}_T{lo_t}"]
-        if t > lo_t:
-            verify += (t - lo_t) * (ms[f"verify_N{n}_T{lo_t + 1}"] - verify)
-        return draft_ms(ms, n) + depth * draft_batch_ms(ms, n, width) + verify
     lo = int(depth)
-    if depth > lo:
-        return (lo + 1 - depth) * tree_round_ms(ms, n, width, lo) + (depth - lo) * tree_round_ms(ms, n, width, lo + 1)
-    return draft_ms(ms, n) + lo * draft_batch_ms(ms, n, width) + ms[f"verify_N{n}_T{1 + lo * width}"]
+    if depth > lo and nodes is None:
+        lo_ms, hi_ms = (tree_round_ms(ms, n, width, d, None, full_depth) for d in (lo, lo + 1))
+        return (lo + 1 - depth) * lo_ms + (depth - lo) * hi_ms
+    drafting = draft_ms(ms, n) + depth * draft_batch_ms(ms, n, width)
+    if full_depth and depth == full_depth:
+        drafting += leaf_batch_ms(ms, n, width) - draft_batch_ms(ms, n, width)
+    t = 1 + (depth * width if nodes is None else nodes)
+    lo_t = int(t)
+    verify = ms[f"verify_N{n}_T{lo_t}"]
+    if t > lo_t:
+        verify += (t - lo_t) * (ms[f"verify_N{n}_T{lo_t + 1}"] - verify)
+    return drafting + verify
 
 
 def depth_cost(ms: dict, n: int, width: int, depth: int) -> float:
@@ -97,10 +111,12 @@ def width_cost(ms: dict, n: int, width: int, depth: int) -> float:
     return (ms[f"verify_N{n}_T{grown}"] - ms[f"verify_N{n}_T{fewer}"]) / ms["ar_step"]
 
 
-def predicted_tree_speedup(ms: dict, n: int, width: int, depth: float, tau: float, nodes: float | None = None) -> float:
-    """AR time / EESD time per token for tree rounds of `depth` depths (verifying `nodes`, see
-    tree_round_ms) yielding tau tokens each."""
-    return tau * ms["ar_step"] / tree_round_ms(ms, n, width, depth, nodes)
+def predicted_tree_speedup(
+    ms: dict, n: int, width: int, depth: float, tau: float, nodes: float | None = None, full_depth: int | None = None
+) -> float:
+    """AR time / EESD time per token for tree rounds of `depth` depths (verifying `nodes`; the tree's
+    `full_depth`: see tree_round_ms) yielding tau tokens each."""
+    return tau * ms["ar_step"] / tree_round_ms(ms, n, width, depth, nodes, full_depth)
 
 
 def predicted_speedup(ms: dict, n: int, k: int, p: float) -> float:

@@ -233,7 +233,7 @@ def eesd_init(
             cfg, exit_params, exit_cache, _at(cfg, ecfg, hiddens, [ecfg.context_layer])[..., 0, :], positions
         )
     else:
-        _, exit_cache = model.run_layers(cfg, exit_params["block"], exit_in, positions, exit_cache)
+        _, exit_cache = exits.exit_write(cfg, exit_params, exit_in, positions, exit_cache)  # Keys/values only.
     tokens, n_new, last, done, key = start_state(first_logits_bv, max_new_b, key, max_new, sampling_cfg, eos_ids)
     zeros = jnp.zeros((B,), jnp.int32)
     return EESDState(

@@ -129,10 +129,30 @@ def exit_hidden(
     """The exit block and its norm over layer-N hidden states: ([B, T, D], the exit's cache written).
 
     slots_bt, visible_bts: a draft tree's node slots and masks (model.block)."""
-    x, exit_cache = model.run_layers(
-        cfg, exit_params["block"], hidden_btd, positions_bt, exit_cache, 0, slots_bt, visible_bts
+    q_bthe, exit_cache = exit_write(cfg, exit_params, hidden_btd, positions_bt, exit_cache, slots_bt)
+    return exit_read(cfg, exit_params, hidden_btd, q_bthe, positions_bt, exit_cache, visible_bts), exit_cache
+
+
+def exit_write(cfg, exit_params, hidden_btd, positions_bt, exit_cache: KVCache, slots_bt=None):
+    """`exit_hidden`'s first half (model.block_write): (the queries [B, T, H, E], the exit's cache
+    with the tokens' keys/values written)."""
+    q_bthe, k, v = model.block_write(
+        cfg, block_params(exit_params), hidden_btd, positions_bt, exit_cache.k, exit_cache.v, 0, slots_bt
     )
-    return model.rms_norm(x, exit_params["norm"], cfg.rms_eps), exit_cache
+    return q_bthe, exit_cache.replace(k=k, v=v)
+
+
+def exit_read(cfg, exit_params, hidden_btd, q_bthe, positions_bt, exit_cache: KVCache, visible_bts=None):
+    """`exit_hidden`'s second half (model.block_read, the cache only read) and the exit's norm: [B, T, D]."""
+    x = model.block_read(
+        cfg, block_params(exit_params), hidden_btd, q_bthe, positions_bt, exit_cache.k, exit_cache.v, 0, visible_bts
+    )
+    return model.rms_norm(x, exit_params["norm"], cfg.rms_eps)
+
+
+def block_params(exit_params: Params) -> Params:
+    """The exit block's weights, without the stacked [1, ...] axis."""
+    return jax.tree.map(lambda w: w[0], exit_params["block"])
 
 
 def fuse_features(cfg: ModelConfig, exit_params: Params, states_btfd: jax.Array) -> jax.Array:
@@ -165,8 +185,7 @@ def write_context(
 
     (ExitConfig.context_layer: they replace the layer-N ones written while drafting.)
     """
-    block = jax.tree.map(lambda w: w[0], exit_params["block"])
-    k_btke, v_btke = model.keys_values(cfg, block, context_btd, positions_bt)
+    k_btke, v_btke = model.keys_values(cfg, block_params(exit_params), context_btd, positions_bt)
     return model.write_layers(exit_cache, 0, k_btke[None], v_btke[None], positions_bt)
 
 

@@ -163,7 +163,7 @@ def exit_train_logits(
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
         x, _ = exits.exit_hidden(cfg, exit_params, hidden_btd, positions, cache)
     else:
-        block = jax.tree.map(lambda w: w[0], exit_params["block"])
+        block = exits.block_params(exit_params)
         start_bt = jnp.broadcast_to(jnp.arange(T), (B, T)) if start_bt is None else start_bt
         exit_in, verified = hidden_btd, None
         if fuse_btfd is not None:

@@ -271,6 +271,13 @@ def block(
 
     Returns (x_btd, k_lbkse, v_lbkse).
     """
+    q_bthe, k_lbkse, v_lbkse = block_write(cfg, p, x_btd, positions_bt, k_lbkse, v_lbkse, layer_idx, slots_bt)
+    return block_read(cfg, p, x_btd, q_bthe, positions_bt, k_lbkse, v_lbkse, layer_idx, visible_bts), k_lbkse, v_lbkse
+
+
+def block_write(cfg: ModelConfig, p: Params, x_btd, positions_bt, k_lbkse, v_lbkse, layer_idx, slots_bt=None):
+    """`block`'s first half: the new tokens' queries [B, T, H, E], their keys/values written at
+    slots_bt (default: their positions). Returns (q_bthe, k_lbkse, v_lbkse)."""
     B, T, _ = x_btd.shape
     q_bthe, k_btke, v_btke = _qkv(cfg, p, x_btd, positions_bt)
     rows_bt = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
@@ -278,10 +285,19 @@ def block(
     # The slice between the indices puts the indexed [B, T] dims first: the update is [B, T, K, E].
     k_lbkse = set_slots(k_lbkse, (layer_idx, rows_bt, slice(None), slots_bt), k_btke)
     v_lbkse = set_slots(v_lbkse, (layer_idx, rows_bt, slice(None), slots_bt), v_btke)
+    return q_bthe, k_lbkse, v_lbkse
+
+
+def block_read(
+    cfg: ModelConfig, p: Params, x_btd, q_bthe, positions_bt, k_lbkse, v_lbkse, layer_idx, visible_bts=None
+) -> jax.Array:
+    """`block`'s second half, reading the cache only: attention over the visible slots (default:
+    s <= position), output projection and MLP ([B, T, D]). A draft tree's deepest nodes need
+    only the first half (tree.draft)."""
     if visible_bts is None:
         visible_bts = jnp.arange(k_lbkse.shape[3])[None, None, :] <= positions_bt[:, :, None]
     o_btn = attend_cache(q_bthe, k_lbkse, v_lbkse, layer_idx, visible_bts)
-    return _out_and_mlp(cfg, p, x_btd, o_btn), k_lbkse, v_lbkse
+    return _out_and_mlp(cfg, p, x_btd, o_btn)
 
 
 def block_readonly(

@@ -79,17 +79,37 @@ def _bisect(pred, batch_shape) -> jax.Array:
     return jax.lax.fori_loop(0, 32, step, (lo, hi))[1]
 
 
+def argmax(logits_xv: jax.Array, chunk: int = 128) -> jax.Array:
+    """jnp.argmax over the last axis, int32 [...]: the first index of the maximum (of the first NaN,
+    if any), found in two passes over chunks of `chunk` logits.
+
+    XLA:CPU runs jnp.argmax's (value, index) reduce one lane at a time: 0.54 ms for a 5-token
+    verification over a 49k vocabulary, where the chunks' maxima (a plain max), a NaN check and
+    one chunk's argmax take 0.22 ms. The first chunk holding the maximum holds its first index.
+    """
+    V = logits_xv.shape[-1]
+    pad = -V % chunk
+    if pad:  # -inf never wins (all -inf: index 0 either way).
+        widths = [(0, 0)] * (logits_xv.ndim - 1) + [(0, pad)]
+        logits_xv = jnp.pad(logits_xv, widths, constant_values=-jnp.inf)
+    x_xcl = logits_xv.reshape(*logits_xv.shape[:-1], -1, chunk)
+    # XLA:CPU's max reduce may drop NaN: a chunk holding one gets NaN, which jnp.argmax picks first.
+    c = jnp.argmax(jnp.where(jnp.isnan(x_xcl).any(-1), jnp.nan, jnp.max(x_xcl, -1)), -1)
+    within = jnp.argmax(jnp.take_along_axis(x_xcl, c[..., None, None], -2)[..., 0, :], -1)
+    return (c * chunk + within).astype(jnp.int32)
+
+
 def probs(logits_xv: jax.Array, cfg: SamplingConfig) -> jax.Array:
     """The distribution tokens are drawn from; one-hot of the argmax when greedy."""
     if cfg.greedy:
-        return jax.nn.one_hot(jnp.argmax(logits_xv, axis=-1), logits_xv.shape[-1], dtype=jnp.float32)
+        return jax.nn.one_hot(argmax(logits_xv), logits_xv.shape[-1], dtype=jnp.float32)
     return jnp.exp(warp(logits_xv, cfg))
 
 
 def choose(key: jax.Array, logits_xv: jax.Array, cfg: SamplingConfig) -> jax.Array:
     """Next token ids [...] from logits [..., V]."""
     if cfg.greedy:
-        return jnp.argmax(logits_xv, axis=-1).astype(jnp.int32)
+        return argmax(logits_xv)
     return jax.random.categorical(key, warp(logits_xv, cfg), axis=-1).astype(jnp.int32)
 
 
@@ -106,7 +126,7 @@ def accept_greedy(draft_bj: jax.Array, n_draft_b: jax.Array, target_logits_bjv: 
     Returns (n_accepted [B], next_token [B]): the longest prefix where d_{i+1}
     equals the target's argmax at i, and the target's token after it.
     """
-    target_bj1 = jnp.argmax(target_logits_bjv, axis=-1).astype(jnp.int32)
+    target_bj1 = argmax(target_logits_bjv)
     J = draft_bj.shape[1]
     ok = (draft_bj == target_bj1[:, :J]) & (jnp.arange(J)[None] < n_draft_b[:, None])
     n_acc = leading_true(ok)

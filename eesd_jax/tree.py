@@ -9,7 +9,8 @@ EESDConfig.tree_width_stop it keeps only the first w <= W nodes of each depth, `
     among the top-W children of each of depth d-1's nodes (a deterministic choice);
   * node j lives in cache slot p + j (scratch past the accepted length) at RoPE position
     p + depth(j), and sees the cache below p and its ancestors (itself included).
-Drafting runs each depth as one batch through layers [0, N) and the exit; verification runs
+Drafting runs each depth as one batch through layers [0, N) and the exit (the deepest depth grown
+only writes the exit's keys/values: its children would never be verified); verification runs
 the kept nodes through layers [N, L) at once from the stored layer-N states (`verify`). The
 accepted path is walked from the root (`accept_greedy`, `accept_sampled`), then its keys and
 values move to the contiguous slots p, p+1, ... (`compact`: one gather-scatter of R + 1
@@ -59,11 +60,14 @@ def _visible(ancestors_btn: jax.Array, pos0_b: jax.Array, n_slots: int) -> jax.A
     return (rel_b1s < 0) | in_tree
 
 
-def _run_nodes(cfg, params, lower, exit_params, t: Tree, idx_w, pos0_b, depth, width, fused_bwfd=None):
+def _run_nodes(cfg, params, lower, exit_params, t: Tree, idx_w, pos0_b, depth, width, fused_bwfd=None, children=True):
     """Nodes idx_w ([W'], one depth) through layers [0, N) and the exit: (t updated, each node's `width`
     likeliest children by the exit: log-probs and token ids [B, W', width]).
 
-    fused_bwfd: a fused exit's features of each node's predecessor (exits.fused_input), else None."""
+    fused_bwfd: a fused exit's features of each node's predecessor (exits.fused_input), else None.
+    children: [] bool, False for the deepest depth grown: its nodes only write their keys/values
+    (layers [0, N) and the exit's); the exit's attention, MLP and head are skipped (zero children).
+    """
     anc_bwn = t.ancestors[:, idx_w]
     positions = jnp.broadcast_to((pos0_b + depth)[:, None], anc_bwn.shape[:2])
     slots = pos0_b[:, None] + idx_w[None]
@@ -71,10 +75,18 @@ def _run_nodes(cfg, params, lower, exit_params, t: Tree, idx_w, pos0_b, depth, w
     x = model.embed(params, t.tokens[:, idx_w])
     h_bwd, cache = model.run_layers(cfg, lower, x, positions, t.cache, 0, slots, visible)
     exit_in = h_bwd if fused_bwfd is None else exits.fused_input(h_bwd, exit_params, fused_bwfd)
-    x_bwd, exit_cache = exits.exit_hidden(cfg, exit_params, exit_in, positions, t.exit_cache, slots, visible)
-    # top-k over the draft vocabulary, then its ids mapped to the LLM's (not over a scattered full vocabulary).
-    top_logp, top = jax.lax.top_k(jax.nn.log_softmax(exits.draft_vocab_logits(params, exit_params, x_bwd), -1), width)
-    top = exit_params["vocab"][top] if "vocab" in exit_params else top
+    # Both caches are written outside the cond: a cache written inside a branch is copied whole by XLA.
+    q, exit_cache = exits.exit_write(cfg, exit_params, exit_in, positions, t.exit_cache, slots)
+
+    def head(_):
+        x_bwd = exits.exit_read(cfg, exit_params, exit_in, q, positions, exit_cache, visible)
+        # top-k over the draft vocabulary, then its ids mapped to the LLM's (not over a scattered full vocabulary).
+        logits = exits.draft_vocab_logits(params, exit_params, x_bwd)
+        top_logp, top = jax.lax.top_k(jax.nn.log_softmax(logits, -1), width)
+        return x_bwd, top_logp, exit_params["vocab"][top] if "vocab" in exit_params else top
+
+    none = lambda _: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(head, None))  # noqa: E731
+    x_bwd, top_logp, top = head(None) if children is True else jax.lax.cond(children, head, none, None)
     t = t.replace(hidden=t.hidden.at[:, idx_w].set(h_bwd), cache=cache, exit_cache=exit_cache)
     if t.exit_out is not None:
         t = t.replace(exit_out=t.exit_out.at[:, idx_w].set(x_bwd.astype(t.exit_out.dtype)))
@@ -151,9 +163,9 @@ def draft(
             from_parent = jnp.broadcast_to(
                 jnp.take_along_axis(t.exit_out, parent[..., None], 1)[:, :, None], (B, W, *fused.shape[1:])
             )
-        # The deepest nodes' exit output is unused but their exit cache slots are needed (a fully
-        # accepted path is the next round's context).
-        t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, idx_w, pos0_b, d, W, from_parent)
+        # The deepest nodes get no children, but their exit cache slots are needed (a fully accepted
+        # path is the next round's context).
+        t, top_logp, top_ids = _run_nodes(cfg, params, lower, exit_params, t, idx_w, pos0_b, d, W, from_parent, d < R)
         # Dropped nodes have no children: depth d + 1's W best come from the w kept ones (w x W candidates).
         nxt = _expand(top_logp, top_ids, jnp.where(kept_w, cum, -jnp.inf), jnp.broadcast_to(idx_w, (B, W)), W)
         # Depth d + 1's nodes lie on disjoint paths: P(one of its kept nodes is accepted).
@@ -278,7 +290,7 @@ def accept_greedy(t: Tree, logits_bnv: jax.Array, width: int, n_depth, w=None):
     Returns (n_accepted [B], next token [B], path [B, R + 1] of node indices: the root, the
     accepted nodes, then the last one repeated).
     """
-    target = jnp.argmax(logits_bnv, -1).astype(jnp.int32)
+    target = sampling.argmax(logits_bnv)
     B, R = target.shape[0], (target.shape[1] - 1) // width
     kept = jnp.arange(width)[None] < (width if w is None else w)
     cur, n_acc, path = jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32), [jnp.zeros((B,), jnp.int32)]

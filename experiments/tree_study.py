@@ -173,7 +173,11 @@ def main() -> None:
             row["speedup_vs_ar"] = round(row["tokens_per_second"] / rows[0]["tokens_per_second"], 3)
             predicted = None
             if not (ecfg.tree_stop and ecfg.tree_width_stop):
-                predicted = round(costs.predicted_tree_speedup(ms, ecfg.exit_layer, width, depth, tau, nodes), 3)
+                full = (
+                    ecfg.tree // width if ecfg.tree else None
+                )  # A chain's last draft has a head (the controller reads it).
+                predicted = costs.predicted_tree_speedup(ms, ecfg.exit_layer, width, depth, tau, nodes, full)
+                predicted = round(predicted, 3)
             row["predicted_speedup_vs_ar"] = predicted
             if name != "chain":
                 row["speedup_vs_chain"] = round(row["tokens_per_second"] / rows[1]["tokens_per_second"], 3)

@@ -307,6 +307,22 @@ def test_greedy_is_argmax(random_logits):
     np.testing.assert_array_equal(np.asarray(sampling.probs(logits, scfg)), np.eye(60)[random_logits.argmax(-1)])
 
 
+@pytest.mark.parametrize("vocab", [49152, 1000, 5, 128])
+def test_chunked_argmax_is_numpys_first_index_of_the_maximum(vocab):
+    """Ties (the first index wins, across and within chunks), a maximum in the padded last chunk,
+    -inf everywhere, and NaN (argmax's first NaN) give numpy's argmax."""
+    rng = np.random.default_rng(vocab)
+    x = rng.standard_normal((6, vocab)).astype(np.float32)
+    x[1, [vocab // 3, vocab - 1]] = 9.0  # Tie across chunks (or within one, for small vocabularies).
+    x[2, -1] = 9.0  # The last token: the padded chunk's for a vocabulary not a multiple of 128.
+    x[3] = -np.inf
+    x[4, [vocab // 2, vocab - 1]] = np.nan
+    x[5] = np.round(x[5])  # Many ties.
+    got = np.asarray(jax.jit(sampling.argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, x.argmax(-1))
+    np.testing.assert_array_equal(np.asarray(sampling.argmax(jnp.asarray(x[None]))), x.argmax(-1)[None])
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -26,7 +26,7 @@ def test_acceptance_needed_inverts_the_predicted_speedup(target):
     assert costs.acceptance_needed(MS, 2, ks, 100.0) == 1.0  # Out of reach at any acceptance.
 
 
-TREE_MS = {**MS, "draft_N2_W4": 5.6, **{f"verify_N2_T{t}": 28.0 + 1.5 * t for t in range(9, 18)}}
+TREE_MS = {**MS, "draft_N2_W4": 5.6, "leaf_N2_W4": 2.5, **{f"verify_N2_T{t}": 28.0 + 1.5 * t for t in range(9, 18)}}
 
 
 @pytest.mark.parametrize("depth", [1, 3, 7])
@@ -54,6 +54,22 @@ def test_a_fractional_depth_lies_between_its_neighbours():
     assert speed == pytest.approx(2.0 * MS["ar_step"] / mid)
 
 
+def test_a_full_tree_drafts_its_deepest_depth_as_a_leaf_batch():
+    """A tree grown to its full depth R pays a leaf batch, not a draft batch, for depth R; shallower
+    rounds (an adaptive tree stopping early) pay draft batches only."""
+    for R in (1, 4):
+        full = costs.tree_round_ms(TREE_MS, 2, 4, R, full_depth=R)
+        assert full == pytest.approx(costs.tree_round_ms(TREE_MS, 2, 4, R) - 5.6 + 2.5)
+        assert costs.tree_round_ms(TREE_MS, 2, 4, R - 1, full_depth=R) == costs.tree_round_ms(TREE_MS, 2, 4, R - 1)
+    mid = costs.tree_round_ms(TREE_MS, 2, 4, 3.5, full_depth=4)
+    ends = [costs.tree_round_ms(TREE_MS, 2, 4, d, full_depth=4) for d in (3, 4)]
+    assert mid == pytest.approx(sum(ends) / 2)
+    narrow = costs.tree_round_ms(TREE_MS, 2, 4, 4, nodes=8, full_depth=4)
+    assert narrow == pytest.approx(costs.tree_round_ms(TREE_MS, 2, 4, 4, nodes=8) - 5.6 + 2.5)
+    speed = costs.predicted_tree_speedup(TREE_MS, 2, 4, 4, 2.0, full_depth=4)
+    assert speed == pytest.approx(2.0 * MS["ar_step"] / costs.tree_round_ms(TREE_MS, 2, 4, 4, full_depth=4))
+
+
 def test_a_narrower_round_verifies_fewer_tokens():
     """With w of W nodes kept per depth the round drafts as the whole tree and verifies 1 + d w tokens;
     each rank's width_cost is the d more verified tokens, and they sum to the whole width's."""
@@ -76,8 +92,11 @@ def test_step_costs_time_draft_batches_of_each_width():
     ep = exits.init_exit(CFG, params, exits.ExitConfig(1))
     ms = bench.step_costs(bench.step_parts(CFG, params, ep, [1], [1, 5], cache_len=32, widths=(4,)), repeats=2)
     want = {"ar_step", "exit_step", "exit_step_W4", "lower_N1", "lower_N1_W4", "draft_N1", "draft_N1_W4"}
+    want |= {"leaf_N1", "leaf_N1_W4"}
     want |= {"verify_N1_T1", "verify_N1_T5"}
     assert set(ms) == want and all(v > 0 for v in ms.values())
     # The model reads the measured W-token parts (an identity, not a timing: times can be in any order).
     added = ms["draft_N1_W4"] + ms["verify_N1_T5"] - ms["verify_N1_T1"]
     assert costs.tree_round_ms(ms, 1, 4, 1) - costs.tree_round_ms(ms, 1, 4, 0) == pytest.approx(added)
+    leaf = ms["leaf_N1_W4"] + ms["verify_N1_T5"] - ms["verify_N1_T1"]
+    assert costs.tree_round_ms(ms, 1, 4, 1, full_depth=1) - costs.tree_round_ms(ms, 1, 4, 0) == pytest.approx(leaf)

@@ -127,6 +127,28 @@ def test_adaptive_tree_is_a_prefix_of_the_whole_tree(params):
     assert all((a >= b).all() for a, b in zip(predicted, predicted[1:]))  # Fewer depths, fewer predicted drafts.
 
 
+def test_the_deepest_depth_writes_what_a_full_draft_step_writes(params):
+    """The deepest depth drafts as a leaf (no exit attention, MLP or head: zero children) and writes
+    the same keys/values into both caches as running its nodes with children does."""
+    N, W, n = 2, 4, 8
+    state, segments, ep = first_round_state(params, N, n)
+    ecfg = eesd.EESDConfig(N, 4, FIXED, tree=n, tree_width=W)
+    pos0 = state.cache.lengths
+    t, n_depth, _ = tree.draft(CFG, ecfg, params, segments[0], ep, state.last, pos0, state.cache, state.exit_cache)
+    assert int(n_depth) == n // W
+    deepest = 1 + W + jnp.arange(W)
+    full, logp, _ = tree._run_nodes(CFG, params, segments[0], ep, t, deepest, pos0, 2, W)
+    leaf, leaf_logp, leaf_ids = tree._run_nodes(
+        CFG, params, segments[0], ep, t, deepest, pos0, 2, W, None, jnp.bool_(False)
+    )
+    for a, b, c in ((t.cache, full.cache, leaf.cache), (t.exit_cache, full.exit_cache, leaf.exit_cache)):
+        for field in ("k", "v"):
+            # The draft ran jitted in its loop, the reruns eagerly: equal up to float error.
+            np.testing.assert_allclose(np.asarray(getattr(a, field)), np.asarray(getattr(b, field)), atol=2e-5)
+            np.testing.assert_array_equal(np.asarray(getattr(b, field)), np.asarray(getattr(c, field)))
+    assert np.asarray(logp).any() and not np.asarray(leaf_logp).any() and not np.asarray(leaf_ids).any()
+
+
 def test_adaptive_width_varies_per_round(params, ar_outputs):
     """tree_width_stop keeps fewer than W nodes per depth in some rounds: between 1 and W on average."""
     out = tree_run(params, 3, 2, 16, 4, wstop=0.3)
