@@ -235,7 +235,8 @@ def kept_nodes(width: int, n_depth, w, size: int) -> jax.Array:
 def verify(cfg, ecfg, params, segments, t: Tree, pos0_b, n_depth, w=None):
     """Layers [N, L) over the kept nodes (the first w = ecfg.tree_width or `w` of each of the n_depth
     depths grown) in one pass: ([B, n1, V] logits, cache, the [B, n1, D] states after each of
-    ecfg.state_layers but N), zero at the nodes not kept.
+    ecfg.state_layers but N), zero at the nodes not kept with an adaptive width (with a fixed one:
+    unspecified past the depths grown, which nothing reads).
 
     The kept nodes are gathered to the front (`kept_nodes`) and the pass runs over the smallest
     of ecfg.tree_sizes holding them (lax.switch; the branches only read the cache, whose
@@ -269,9 +270,15 @@ def verify(cfg, ecfg, params, segments, t: Tree, pos0_b, n_depth, w=None):
         return run
 
     which = jnp.sum(jnp.asarray(sizes) < 1 + n_depth * w)
-    node, logits, k, v, states = jax.lax.switch(which, [branch(n) for n in sizes], t.hidden, t.ancestors, t.cache)
+    branches = [branch(n) for n in sizes]
+    # One size (a fixed tree): a switch over one branch is inlined, and XLA then copied the whole
+    # cache twice a round around the keys/values' write; as a conditional it writes in place.
+    branches = branches * 2 if len(branches) == 1 else branches
+    node, logits, k, v, states = jax.lax.switch(which, branches, t.hidden, t.ancestors, t.cache)
     to_node = jnp.where(node >= 0, node, n1)  # Out of range: dropped by the scatters.
     unpack = lambda a: jnp.zeros_like(a).at[:, to_node].set(a, mode="drop")  # noqa: E731  [B, n1, ...] by node.
+    if not ecfg.tree_width_stop:  # Every depth kept whole: rows are nodes already (past the grown ones: unread).
+        unpack = lambda a: a  # noqa: E731
     slots = pos0_b[:, None] + to_node[None]  # Nodes not kept: stale slots, past every length.
     cache = model.write_layers(t.cache, ecfg.exit_layer, k, v, jnp.where(node >= 0, slots, t.cache.max_len))
     return unpack(logits), cache, tuple(unpack(c) for c in states)
