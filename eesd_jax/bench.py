@@ -389,6 +389,7 @@ def run(
         "max_draft": setup.ecfg.max_draft,
         "controller": setup.ecfg.controller.kind,
         "tree": setup.ecfg.tree,
+        "tree_width": setup.ecfg.tree_width,
         "tree_stop": setup.ecfg.tree_stop,
         "tree_width_stop": setup.ecfg.tree_width_stop,
         "n_prompts": len(prompts),

@@ -84,7 +84,7 @@ class TextStreamer:
 
 def engine_from_args(session, args):
     """engine.eesd_engine from --exit / --exit-layer / --max-draft / --controller / --tree / --tree-stop /
-    --tree-width-stop."""
+    --tree-width-stop / --tree-width."""
     from eesd_jax import engine
 
     return engine.eesd_engine(
@@ -96,6 +96,7 @@ def engine_from_args(session, args):
         args.tree,
         args.tree_stop,
         args.tree_width_stop,
+        args.tree_width,
     )
 
 

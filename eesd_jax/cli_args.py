@@ -114,8 +114,16 @@ def add_eesd_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="draft a tree of N nodes per round, 4 per depth (a multiple of 4; replaces --max-draft and "
-        "--controller); 0 = a chain (default)",
+        help="draft a tree of N nodes per round, --tree-width per depth (a multiple of it; replaces "
+        "--max-draft and --controller); 0 = a chain (default)",
+    )
+    g.add_argument(
+        "--tree-width",
+        type=int,
+        default=4,
+        metavar="W",
+        help="with --tree: nodes per depth, the W children likeliest by the exit (default 4); "
+        "--tree 3 --tree-width 3 (one depth of 3) measured fastest on CPU",
     )
     g.add_argument(
         "--tree-stop",
@@ -131,14 +139,15 @@ def add_eesd_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         metavar="G",
-        help="with --tree: keep a depth's next-ranked node (up to 4) only while its expected accepted drafts, "
-        "from each row's record of which ranks the LLM accepts, reach G, so each round picks its width; "
-        "about a node's verification cost per depth in AR steps (costs.width_cost); 0 = 4 per depth (default)",
+        help="with --tree: keep a depth's next-ranked node (up to --tree-width) only while its expected "
+        "accepted drafts, from each row's record of which ranks the LLM accepts, reach G, so each round picks "
+        "its width; about a node's verification cost per depth in AR steps (costs.width_cost); 0 = all "
+        "--tree-width per depth (default)",
     )
 
 
 def validate_eesd(args) -> None:
-    from eesd_jax import control, eesd
+    from eesd_jax import control
 
     try:
         control.from_spec(args.controller)
@@ -146,8 +155,10 @@ def validate_eesd(args) -> None:
         raise UsageError(f"--controller {args.controller}: {e}") from None
     if args.max_draft < 1:
         raise UsageError(f"--max-draft must be >= 1, got {args.max_draft}")
-    if args.tree < 0 or args.tree % eesd.EESDConfig.tree_width:
-        raise UsageError(f"--tree must be 0 or a positive multiple of {eesd.EESDConfig.tree_width}, got {args.tree}")
+    if args.tree_width < 1:
+        raise UsageError(f"--tree-width must be >= 1, got {args.tree_width}")
+    if args.tree < 0 or args.tree % args.tree_width:
+        raise UsageError(f"--tree must be 0 or a positive multiple of --tree-width {args.tree_width}, got {args.tree}")
     if args.tree_stop < 0 or (args.tree_stop and not args.tree):
         raise UsageError(f"--tree-stop must be >= 0 and needs --tree, got {args.tree_stop}")
     if args.tree_width_stop < 0 or (args.tree_width_stop and not args.tree):

@@ -123,11 +123,12 @@ def config_for_exit(
     tree: int = 0,
     tree_stop: float = 0.0,
     tree_width_stop: float = 0.0,
+    tree_width: int = 4,
 ) -> EESDConfig:
     """EESD with a loaded exit: its N and context layer, J, and the `controller` spec
     (control.from_spec) completed with what was fitted for that exit (control.for_exit); `tree`
-    nodes per round (0: a chain), the depth chosen per round with tree_stop > 0, the width with
-    tree_width_stop > 0."""
+    nodes per round (0: a chain), tree_width per depth, the depth chosen per round with tree_stop > 0,
+    the width with tree_width_stop > 0."""
     ctrl = control.for_exit(control.from_spec(controller), exit_path)
     return EESDConfig(
         exit_cfg.layer,
@@ -136,6 +137,7 @@ def config_for_exit(
         context_layer=exit_cfg.context_layer,
         fuse_layers=exit_cfg.fuse_layers,
         tree=tree,
+        tree_width=tree_width,
         tree_stop=tree_stop,
         tree_width_stop=tree_width_stop,
     )

@@ -102,11 +102,12 @@ def eesd_engine(
     tree: int = 0,
     tree_stop: float = 0.0,
     tree_width_stop: float = 0.0,
+    tree_width: int = 4,
 ) -> Engine:
     """The EESD engine for an exit file (default: the shipped exit for the model, at exit_layer if given;
     none shipped: an untrained exit at exit_layer, default L/4), a draft cap and a controller spec, or
-    a draft tree of `tree` nodes per round (its depth chosen per round with tree_stop > 0, its width
-    with tree_width_stop > 0)."""
+    a draft tree of `tree` nodes per round, tree_width per depth (its depth chosen per round with
+    tree_stop > 0, its width with tree_width_stop > 0)."""
     exit_path = exit_path or shipped.default_exit(session.lm, exit_layer)
     if exit_path:
         exit_cfg, exit_params = exits.load_exit(exit_path, session.cfg, session.lm.fingerprint, exit_layer)
@@ -115,7 +116,9 @@ def eesd_engine(
         exit_params = exits.init_exit(session.cfg, session.params, exit_cfg)
     if session.mesh is not None:
         exit_params = sharding.shard_exit_params(exit_params, session.mesh)
-    ecfg = eesd.config_for_exit(exit_cfg, exit_path, max_draft, controller, tree, tree_stop, tree_width_stop)
+    ecfg = eesd.config_for_exit(
+        exit_cfg, exit_path, max_draft, controller, tree, tree_stop, tree_width_stop, tree_width
+    )
     ecfg.validate(session.cfg)
     split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer, ecfg.fuse_layers)
     return Engine(ecfg, exit_params, split, str(exit_path) if exit_path else None)

@@ -430,14 +430,20 @@ def test_cli_tree_reaches_the_engine(params):
     args = cli.build_parser().parse_args([*argv, "--tree-width-stop", "0.125"])
     cli_args.validate_eesd(args)
     ecfg = cli.engine_from_args(session, args).ecfg
-    assert (ecfg.tree, ecfg.tree_stop, ecfg.tree_width_stop) == (8, 0.25, 0.125)
+    assert (ecfg.tree, ecfg.tree_width, ecfg.tree_stop, ecfg.tree_width_stop) == (8, 4, 0.25, 0.125)
+    args = cli.build_parser().parse_args([*argv[:-2], "--tree", "6", "--tree-width", "3"])
+    cli_args.validate_eesd(args)
+    ecfg = cli.engine_from_args(session, args).ecfg
+    assert (ecfg.tree, ecfg.tree_width) == (6, 3)
 
 
 @pytest.mark.parametrize(
     "bad,match",
     [
-        (["--tree", "6"], "--tree must be 0 or a positive multiple of 4"),
-        (["--tree", "-4"], "--tree must be 0 or a positive multiple of 4"),
+        (["--tree", "6"], "--tree must be 0 or a positive multiple of --tree-width 4"),
+        (["--tree", "-4"], "--tree must be 0 or a positive multiple of --tree-width 4"),
+        (["--tree", "4", "--tree-width", "3"], "--tree must be 0 or a positive multiple of --tree-width 3"),
+        (["--tree", "4", "--tree-width", "0"], "--tree-width must be >= 1"),
         (["--tree-stop", "0.3"], "--tree-stop must be >= 0 and needs --tree"),
         (["--tree", "8", "--tree-stop", "-1"], "--tree-stop must be >= 0"),
         (["--tree-width-stop", "0.3"], "--tree-width-stop must be >= 0 and needs --tree"),
