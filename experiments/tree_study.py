@@ -31,7 +31,7 @@ from eesd_jax import control, costs, eesd, engine, exits, generate, loading, mod
 
 OUT = pathlib.Path(__file__).parent / "results" / "trees" / "study.json"
 # Node budget x nodes per depth [@ tree_stop] [/ tree_width_stop].
-TREES = ("4x4", "8x4", "16x4", "16x4@auto", "16x4@0.5", "16x4/auto")
+TREES = ("2x2", "3x3", "4x4", "4x2", "6x3", "16x4", "16x4@auto", "16x4/auto")
 
 
 def parse_tree(spec: str) -> tuple[int, int, str, str]:
