@@ -327,7 +327,7 @@ def validate_bench(args) -> None:
     if args.random_shape and (args.model or args.exit):
         raise UsageError("--random-shape makes random weights and an untrained exit: drop --model / --exit")
     if args.by_position and args.tree:
-        raise UsageError("--by-position traces chain rounds: drop --tree")
+        raise UsageError("--by-position traces chain rounds: add --tree 0")
 
 
 def validate_prompt_set(args) -> None:
@@ -400,7 +400,11 @@ def compare(session, prompt_ids: list[int], args) -> int:
     for mode in ("ar", "eesd"):
         print(f"--- {mode} ---\n{results[mode]['text']}")
     exit_path = eng.exit_path or "untrained (LLM's last block)"
-    print(f"\nexit: {exit_path}, N={eng.ecfg.exit_layer}, controller {args.controller}, J={args.max_draft}")
+    e = eng.ecfg
+    drafts = (
+        f"tree {e.tree}, {e.tree_width} per depth" if e.tree else f"controller {args.controller}, J={args.max_draft}"
+    )
+    print(f"\nexit: {exit_path}, N={e.exit_layer}, {drafts}")
     print(f"AR   {ar['tokens_per_second']:7.2f} tok/s   ({ar['new_tokens']} tokens)")
     print(
         f"EESD {es['tokens_per_second']:7.2f} tok/s   alpha={es['acceptance_rate']:.2f} "

@@ -82,6 +82,10 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+TREE = (3, 3)  # The default draft: a tree of 3 nodes, 3 per depth (the study's fastest on CPU).
+MAX_DRAFT = 6  # A chain's default draft cap (--tree 0).
+
+
 def add_eesd_args(p: argparse.ArgumentParser) -> None:
     from eesd_jax import control
 
@@ -102,28 +106,34 @@ def add_eesd_args(p: argparse.ArgumentParser) -> None:
         "else an untrained one; default: the best shipped exit's N, or L/4 untrained",
     )
     g.add_argument(
-        "--controller",
-        default=control.ControllerConfig.kind,
-        metavar="KIND[:KNOB=V,...]",
-        help=f"draft-stop policy and its knobs, e.g. confidence:threshold=0.4 ({', '.join(control.KINDS)}; "
-        f"default {control.ControllerConfig.kind})",
-    )
-    g.add_argument("--max-draft", type=int, default=6, metavar="J", help="draft tokens per round at most (default 6)")
-    g.add_argument(
         "--tree",
         type=int,
-        default=0,
+        default=TREE[0],
         metavar="N",
-        help="draft a tree of N nodes per round, --tree-width per depth (a multiple of it; replaces "
-        "--max-draft and --controller); 0 = a chain (default)",
+        help=f"draft a tree of N nodes per round, --tree-width per depth (a multiple of it); 0 = a chain "
+        f"(--controller, --max-draft). Default {TREE[0]}: one depth of the exit's {TREE[1]} likeliest tokens, "
+        "the fastest measured on CPU",
     )
     g.add_argument(
         "--tree-width",
         type=int,
-        default=4,
+        default=TREE[1],
         metavar="W",
-        help="with --tree: nodes per depth, the W children likeliest by the exit (default 4); "
-        "--tree 3 --tree-width 3 (one depth of 3) measured fastest on CPU",
+        help=f"with --tree: nodes per depth, the W children likeliest by the exit (default {TREE[1]})",
+    )
+    g.add_argument(
+        "--controller",
+        default=None,
+        metavar="KIND[:KNOB=V,...]",
+        help=f"with --tree 0 (a chain): draft-stop policy and its knobs, e.g. confidence:threshold=0.4 "
+        f"({', '.join(control.KINDS)}; default {control.ControllerConfig.kind})",
+    )
+    g.add_argument(
+        "--max-draft",
+        type=int,
+        default=None,
+        metavar="J",
+        help=f"with --tree 0 (a chain): draft tokens per round at most (default {MAX_DRAFT})",
     )
     g.add_argument(
         "--tree-stop",
@@ -147,8 +157,16 @@ def add_eesd_args(p: argparse.ArgumentParser) -> None:
 
 
 def validate_eesd(args) -> None:
+    """Checks the EESD flags, then fills a chain's defaults (--controller, --max-draft), which only a chain takes."""
     from eesd_jax import control
 
+    chain_flags = [f for f, v in (("--controller", args.controller), ("--max-draft", args.max_draft)) if v is not None]
+    if args.tree and chain_flags:
+        raise UsageError(
+            f"{' and '.join(chain_flags)} shape a chain's drafts, and --tree {args.tree} drafts a tree: add --tree 0"
+        )
+    args.controller = control.ControllerConfig.kind if args.controller is None else args.controller
+    args.max_draft = MAX_DRAFT if args.max_draft is None else args.max_draft
     try:
         control.from_spec(args.controller)
     except (ValueError, TypeError) as e:

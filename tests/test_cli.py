@@ -16,10 +16,14 @@ from eesd_jax import cli, cli_args, control, engine, exits
         (["generate", "--prompt", "   "], "the prompt is empty"),
         (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["generate", "--prompt", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
-        (["generate", "--prompt", "hi", "--max-draft", "0"], "--max-draft must be >= 1"),
-        (["generate", "--prompt", "hi", "--controller", "greedy"], "--controller greedy: unknown controller"),
-        (["bench", "--controller", "confidence:threshold=2"], "threshold must be in [0, 1]"),
-        (["bench", "--controller", "confidence:thresh=0.4"], "'thresh=0.4' is not knob=value"),
+        (["generate", "--prompt", "hi", "--tree", "0", "--max-draft", "0"], "--max-draft must be >= 1"),
+        (
+            ["generate", "--prompt", "hi", "--tree", "0", "--controller", "greedy"],
+            "--controller greedy: unknown controller",
+        ),
+        (["bench", "--tree", "0", "--controller", "confidence:threshold=2"], "threshold must be in [0, 1]"),
+        (["bench", "--tree", "0", "--controller", "confidence:thresh=0.4"], "'thresh=0.4' is not knob=value"),
+        (["bench", "--n", "2", "--by-position"], "--by-position traces chain rounds: add --tree 0"),
         (["generate", "--prompt", "hi", "--exit", "/nonexistent.safetensors"], "no such file"),
         (["generate", "--prompt", "hi", "--mesh", "data=two"], "--mesh"),
         (["bench", "--modes", "ar,fast"], "--modes must name some of"),
@@ -39,7 +43,8 @@ def test_controller_knobs_reach_the_engine(tiny):
     cfg, params = tiny
     session = engine.Session(types.SimpleNamespace(cfg=cfg, fingerprint="tiny"), params, None, 0.0)
     spec = "calibration-ts:break_even=0.3,n_bins=4"
-    args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--exit-layer", "1", "--controller", spec])
+    argv = ["generate", "--prompt", "hi", "--exit-layer", "1", "--tree", "0", "--controller", spec]
+    args = cli.build_parser().parse_args(argv)
     cli_args.validate_eesd(args)
     ecfg = cli.engine_from_args(session, args).ecfg
     assert ecfg.controller == control.ControllerConfig("calibration-ts", break_even=0.3, n_bins=4)

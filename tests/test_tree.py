@@ -426,31 +426,40 @@ def test_tree_sampling_test_fails_without_the_residual(s_params, monkeypatch):
 
 def test_cli_tree_reaches_the_engine(params):
     session = engine.Session(types.SimpleNamespace(cfg=CFG, fingerprint="tiny"), params, None, 0.0)
-    argv = ["generate", "--prompt", "hi", "--exit-layer", "1", "--tree", "8", "--tree-stop", "0.25"]
-    args = cli.build_parser().parse_args([*argv, "--tree-width-stop", "0.125"])
-    cli_args.validate_eesd(args)
-    ecfg = cli.engine_from_args(session, args).ecfg
-    assert (ecfg.tree, ecfg.tree_width, ecfg.tree_stop, ecfg.tree_width_stop) == (8, 4, 0.25, 0.125)
-    args = cli.build_parser().parse_args([*argv[:-2], "--tree", "6", "--tree-width", "3"])
-    cli_args.validate_eesd(args)
-    ecfg = cli.engine_from_args(session, args).ecfg
-    assert (ecfg.tree, ecfg.tree_width) == (6, 3)
+    argv = ["generate", "--prompt", "hi", "--exit-layer", "1"]
+
+    def ecfg(*flags):
+        args = cli.build_parser().parse_args([*argv, *flags])
+        cli_args.validate_eesd(args)
+        return cli.engine_from_args(session, args).ecfg
+
+    e = ecfg("--tree", "8", "--tree-width", "4", "--tree-stop", "0.25", "--tree-width-stop", "0.125")
+    assert (e.tree, e.tree_width, e.tree_stop, e.tree_width_stop) == (8, 4, 0.25, 0.125)
+    assert (ecfg("--tree", "6").tree, ecfg("--tree", "6").tree_width) == (6, 3)
+    assert (ecfg().tree, ecfg().tree_width) == cli_args.TREE == (3, 3)  # The default: one depth of 3.
+    chain = ecfg("--tree", "0", "--max-draft", "5", "--controller", "fixed")
+    assert (chain.tree, chain.max_draft, chain.controller.kind) == (0, 5, "fixed")
+    assert (ecfg("--tree", "0").max_draft, ecfg("--tree", "0").controller.kind) == (6, "confidence")
 
 
 @pytest.mark.parametrize(
     "bad,match",
     [
-        (["--tree", "6"], "--tree must be 0 or a positive multiple of --tree-width 4"),
-        (["--tree", "-4"], "--tree must be 0 or a positive multiple of --tree-width 4"),
-        (["--tree", "4", "--tree-width", "3"], "--tree must be 0 or a positive multiple of --tree-width 3"),
+        (["--tree", "6", "--tree-width", "4"], "--tree must be 0 or a positive multiple of --tree-width 4"),
+        (["--tree", "-3"], "--tree must be 0 or a positive multiple of --tree-width 3"),
+        (["--tree", "4"], "--tree must be 0 or a positive multiple of --tree-width 3"),  # The default width.
         (["--tree", "4", "--tree-width", "0"], "--tree-width must be >= 1"),
-        (["--tree-stop", "0.3"], "--tree-stop must be >= 0 and needs --tree"),
-        (["--tree", "8", "--tree-stop", "-1"], "--tree-stop must be >= 0"),
-        (["--tree-width-stop", "0.3"], "--tree-width-stop must be >= 0 and needs --tree"),
-        (["--tree", "8", "--tree-width-stop", "-1"], "--tree-width-stop must be >= 0"),
+        (["--tree", "0", "--tree-stop", "0.3"], "--tree-stop must be >= 0 and needs --tree"),
+        (["--tree", "8", "--tree-width", "4", "--tree-stop", "-1"], "--tree-stop must be >= 0"),
+        (["--tree", "0", "--tree-width-stop", "0.3"], "--tree-width-stop must be >= 0 and needs --tree"),
+        (["--controller", "fixed"], "--controller shape a chain's drafts, and --tree 3 drafts a tree: add --tree 0"),
+        (["--tree", "4", "--tree-width", "4", "--max-draft", "3"], "--max-draft shape a chain's drafts"),
+        (["--controller", "fixed", "--max-draft", "3"], "--controller and --max-draft shape a chain's drafts"),
+        (["--tree", "8", "--tree-width", "4", "--tree-width-stop", "-1"], "--tree-width-stop must be >= 0"),
     ],
 )
 def test_cli_refuses_a_bad_tree_before_loading(monkeypatch, capsys, bad, match):
+    """Also: a chain's flags (--controller, --max-draft, --by-position) with a tree, the default."""
     monkeypatch.setattr(engine, "load_session", lambda *a, **k: pytest.fail("model loaded despite bad input"))
     assert cli.main(["generate", "--prompt", "hi", *bad]) == 2
     assert match in capsys.readouterr().err
