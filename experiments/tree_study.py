@@ -79,18 +79,29 @@ def render(report: dict, path: pathlib.Path) -> None:
     chain = next(r for r in report["rows"] if r["mode"] == "chain")
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
     fixed = [r for r in rows if not r.get("tree_stop") and not r.get("tree_width_stop")]
-    for w in sorted({r["width"] for r in fixed}):
+    for i, w in enumerate(sorted({r["width"] for r in fixed})):  # One color per width in both panels.
         sel = sorted((r for r in fixed if r["width"] == w), key=lambda r: r["nodes"])
-        a.plot([r["nodes"] for r in sel], [r["tau"] for r in sel], "o-", label=f"{w} per depth")
-        b.plot([r["nodes"] for r in sel], [r["speedup_vs_ar"] for r in sel], "o-", label=f"{w} per depth")
-        b.plot([r["nodes"] for r in sel], [r["predicted_speedup_vs_ar"] for r in sel], "x:", label="cost model")
+        nodes, color = [r["nodes"] for r in sel], f"C{i}"
+        a.plot(nodes, [r["tau"] for r in sel], "o-", color=color, label=f"{w} per depth")
+        b.plot(nodes, [r["speedup_vs_ar"] for r in sel], "o-", color=color, label=f"{w} per depth")
+        b.plot(nodes, [r["predicted_speedup_vs_ar"] for r in sel], "x:", color=color, label="its cost model")
     adaptive = [r for r in rows if r.get("tree_stop") or r.get("tree_width_stop")]
-    for r, color in zip(adaptive, ("C3", "C4", "C5", "C6", "C7")):  # Adaptive depth/width: at its mean nodes.
+    for r, color in zip(adaptive, ("C6", "C7", "C8", "C9", "k")):  # Adaptive depth/width: at its mean nodes.
         label = f"{r['mode']} (stop {r['tree_stop']}, width stop {r.get('tree_width_stop', 0)}; mean nodes)"
         a.plot([r["mean_nodes"]], [r["tau"]], "*", ms=12, color=color, label=label)
         b.plot([r["mean_nodes"]], [r["speedup_vs_ar"]], "*", ms=12, color=color, label=label)
-    a.axhline(chain["tau"], color="k", ls="--", label="chain (shipped default)")
-    b.axhline(chain["speedup_vs_ar"], color="k", ls="--", label="chain (shipped default)")
+    a.axhline(
+        chain["tau"],
+        color="k",
+        ls="--",
+        label=f"chain ({report['chain']['controller']}, K = {report['chain']['max_draft']})",
+    )
+    b.axhline(
+        chain["speedup_vs_ar"],
+        color="k",
+        ls="--",
+        label=f"chain ({report['chain']['controller']}, K = {report['chain']['max_draft']})",
+    )
     b.axhline(1.0, color="grey", lw=0.5)
     a.set(xlabel="tree nodes per round", ylabel="tau (tokens per round)", title="Mean accepted length")
     b.set(xlabel="tree nodes per round", ylabel="speedup over AR (same process)", title="Speed (CPU)")
