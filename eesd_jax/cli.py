@@ -34,6 +34,7 @@ from eesd_jax.cli_args import (
     add_model_args,
     add_prompt_args,
     add_sampling_args,
+    chain_flags,
     sampling_config,
     validate_eesd,
     validate_exit_file,
@@ -91,12 +92,11 @@ def engine_from_args(session, args):
         session,
         args.exit,
         args.exit_layer,
-        args.max_draft,
-        args.controller,
+        *reversed(chain_flags(args)),  # max_draft, controller
         args.tree,
         args.tree_stop,
         args.tree_width_stop,
-        args.tree_width,
+        tree_width=args.tree_width,
     )
 
 
@@ -402,7 +402,7 @@ def compare(session, prompt_ids: list[int], args) -> int:
     exit_path = eng.exit_path or "untrained (LLM's last block)"
     e = eng.ecfg
     drafts = (
-        f"tree {e.tree}, {e.tree_width} per depth" if e.tree else f"controller {args.controller}, J={args.max_draft}"
+        f"tree {e.tree}, {e.tree_width} per depth" if e.tree else f"controller {e.controller.kind}, J={e.max_draft}"
     )
     print(f"\nexit: {exit_path}, N={e.exit_layer}, {drafts}")
     print(f"AR   {ar['tokens_per_second']:7.2f} tok/s   ({ar['new_tokens']} tokens)")

@@ -157,22 +157,22 @@ def add_eesd_args(p: argparse.ArgumentParser) -> None:
 
 
 def validate_eesd(args) -> None:
-    """Checks the EESD flags, then fills a chain's defaults (--controller, --max-draft), which only a chain takes."""
+    """Checks the EESD flags (without changing them: a chain's --controller / --max-draft stay None
+    when not given, `chain_flags` fills them)."""
     from eesd_jax import control
 
-    chain_flags = [f for f, v in (("--controller", args.controller), ("--max-draft", args.max_draft)) if v is not None]
-    if args.tree and chain_flags:
+    given = [f for f, v in (("--controller", args.controller), ("--max-draft", args.max_draft)) if v is not None]
+    if args.tree and given:
         raise UsageError(
-            f"{' and '.join(chain_flags)} shape a chain's drafts, and --tree {args.tree} drafts a tree: add --tree 0"
+            f"{' and '.join(given)} shape a chain's drafts, and --tree {args.tree} drafts a tree: add --tree 0"
         )
-    args.controller = control.ControllerConfig.kind if args.controller is None else args.controller
-    args.max_draft = MAX_DRAFT if args.max_draft is None else args.max_draft
+    controller, max_draft = chain_flags(args)
     try:
-        control.from_spec(args.controller)
+        control.from_spec(controller)
     except (ValueError, TypeError) as e:
-        raise UsageError(f"--controller {args.controller}: {e}") from None
-    if args.max_draft < 1:
-        raise UsageError(f"--max-draft must be >= 1, got {args.max_draft}")
+        raise UsageError(f"--controller {controller}: {e}") from None
+    if max_draft < 1:
+        raise UsageError(f"--max-draft must be >= 1, got {max_draft}")
     if args.tree_width < 1:
         raise UsageError(f"--tree-width must be >= 1, got {args.tree_width}")
     if args.tree < 0 or args.tree % args.tree_width:
@@ -184,6 +184,14 @@ def validate_eesd(args) -> None:
     if args.exit_layer is not None and args.exit_layer < 1:
         raise UsageError(f"--exit-layer must be >= 1, got {args.exit_layer}")
     validate_exit_file(args)
+
+
+def chain_flags(args) -> tuple[str, int]:
+    """(--controller, --max-draft) with a chain's defaults where not given."""
+    from eesd_jax import control
+
+    controller = control.ControllerConfig.kind if args.controller is None else args.controller
+    return controller, MAX_DRAFT if args.max_draft is None else args.max_draft
 
 
 def validate_exit_file(args) -> None:

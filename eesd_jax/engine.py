@@ -117,7 +117,7 @@ def eesd_engine(
     if session.mesh is not None:
         exit_params = sharding.shard_exit_params(exit_params, session.mesh)
     ecfg = eesd.config_for_exit(
-        exit_cfg, exit_path, max_draft, controller, tree, tree_stop, tree_width_stop, tree_width
+        exit_cfg, exit_path, max_draft, controller, tree, tree_stop, tree_width_stop, tree_width=tree_width
     )
     ecfg.validate(session.cfg)
     split = eesd.split_params(session.params, ecfg.exit_layer, ecfg.context_layer, ecfg.fuse_layers)

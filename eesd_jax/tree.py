@@ -9,8 +9,8 @@ EESDConfig.tree_width_stop it keeps only the first w <= W nodes of each depth, `
     among the top-W children of each of depth d-1's nodes (a deterministic choice);
   * node j lives in cache slot p + j (scratch past the accepted length) at RoPE position
     p + depth(j), and sees the cache below p and its ancestors (itself included).
-Drafting runs each depth as one batch through layers [0, N) and the exit (the deepest depth grown
-only writes the exit's keys/values: its children would never be verified); verification runs
+Drafting runs each depth as one batch through layers [0, N) and the exit (the tree's full depth R,
+once grown, only writes the exit's keys/values: its children would never be verified); verification runs
 the kept nodes through layers [N, L) at once from the stored layer-N states (`verify`). The
 accepted path is walked from the root (`accept_greedy`, `accept_sampled`), then its keys and
 values move to the contiguous slots p, p+1, ... (`compact`: one gather-scatter of R + 1
@@ -65,7 +65,7 @@ def _run_nodes(cfg, params, lower, exit_params, t: Tree, idx_w, pos0_b, depth, w
     likeliest children by the exit: log-probs and token ids [B, W', width]).
 
     fused_bwfd: a fused exit's features of each node's predecessor (exits.fused_input), else None.
-    children: [] bool, False for the deepest depth grown: its nodes only write their keys/values
+    children: [] bool, False for the tree's full depth R: its nodes only write their keys/values
     (layers [0, N) and the exit's); the exit's attention, MLP and head are skipped (zero children).
     """
     anc_bwn = t.ancestors[:, idx_w]
@@ -277,7 +277,7 @@ def verify(cfg, ecfg, params, segments, t: Tree, pos0_b, n_depth, w=None):
     node, logits, k, v, states = jax.lax.switch(which, branches, t.hidden, t.ancestors, t.cache)
     to_node = jnp.where(node >= 0, node, n1)  # Out of range: dropped by the scatters.
     unpack = lambda a: jnp.zeros_like(a).at[:, to_node].set(a, mode="drop")  # noqa: E731  [B, n1, ...] by node.
-    if not ecfg.tree_width_stop:  # Every depth kept whole: rows are nodes already (past the grown ones: unread).
+    if not ecfg.tree_width_stop and isinstance(w, int) and w == W:  # Whole depths: rows are nodes already.
         unpack = lambda a: a  # noqa: E731
     slots = pos0_b[:, None] + to_node[None]  # Nodes not kept: stale slots, past every length.
     cache = model.write_layers(t.cache, ecfg.exit_layer, k, v, jnp.where(node >= 0, slots, t.cache.max_len))

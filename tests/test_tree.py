@@ -431,6 +431,7 @@ def test_cli_tree_reaches_the_engine(params):
     def ecfg(*flags):
         args = cli.build_parser().parse_args([*argv, *flags])
         cli_args.validate_eesd(args)
+        cli_args.validate_eesd(args)  # Checks only: a second call sees the same flags.
         return cli.engine_from_args(session, args).ecfg
 
     e = ecfg("--tree", "8", "--tree-width", "4", "--tree-stop", "0.25", "--tree-width-stop", "0.125")

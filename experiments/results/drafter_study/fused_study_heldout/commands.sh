@@ -8,7 +8,7 @@ for ex in shipped runs/drafter_study/tok-55k/exit_N2.safetensors runs/drafter_st
   for src in chat humaneval; do
     name=$(basename "$(dirname "$ex")")_$src; arg=(--exit "$ex")
     [ "$ex" = shipped ] && name=shipped_$src && arg=()
-    eesd bench --prompts $src --split heldout --n 8 --max-new-tokens 64 --controller fixed --max-draft 1 \
+    eesd bench --prompts $src --split heldout --n 8 --max-new-tokens 64 --tree 0 --controller fixed --max-draft 1 \
       --modes eesd --repeats 1 --by-position --json "${arg[@]}" > $out/$name.json
   done
 done
